@@ -1,0 +1,5 @@
+import sys
+
+from lnm_auto.cli import main
+
+sys.exit(main())

@@ -1,0 +1,132 @@
+"""Command-line entry points. Argument parsing only: the work is done by library functions."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+from lnm_auto.utils.errors import LNMError
+from lnm_auto.utils.paths import base_folder
+
+
+def _run(prog: str, fn: Callable[[argparse.Namespace], int | None], parser: argparse.ArgumentParser,
+         argv: list[str] | None) -> int:
+    args = parser.parse_args(argv)
+    try:
+        return int(fn(args) or 0)
+    except LNMError as e:
+        for line in str(e).splitlines():
+            print(f"{prog}: error: {line}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _add_location_flags(p: argparse.ArgumentParser, *kinds: str) -> None:
+    for kind in kinds:
+        p.add_argument(f"--{kind}", default=None, metavar="DIR",
+                       help=f"{kind} data folder (default: $LNM_{kind})")
+
+
+# ---- lnm_make_phantom -----------------------------------------------------------------------------
+def make_phantom_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lnm_make_phantom",
+                                description="Write a synthetic CT/MRI lymph node dataset in the raw dataset convention.")
+    p.add_argument("-d", "--dataset_id", type=int, default=999)
+    p.add_argument("--name", default="Phantom")
+    p.add_argument("--cases", type=int, default=40, help="training cases")
+    p.add_argument("--test-cases", type=int, default=10, help="test cases (imagesTs/nodesTs)")
+    p.add_argument("--modality", choices=["CT", "MRI"], default="CT")
+    p.add_argument("--labeled-fraction", type=float, default=1.0,
+                   help="fraction of training cases that keep their node labels (the rest: station/patient only)")
+    p.add_argument("--difficulty", type=float, default=0.5, help="0 easy .. 1 hard")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--oblique-deg", type=float, default=0.0, help="rotate the image axes by this angle")
+    _add_location_flags(p, "raw")
+    return p
+
+
+def _make_phantom(args: argparse.Namespace) -> int:
+    from lnm_auto.datasets.phantom import PhantomConfig, make_phantom_dataset
+    if not 0.0 <= args.labeled_fraction <= 1.0:
+        raise LNMError(f"--labeled-fraction must be within [0, 1], got {args.labeled_fraction}")
+    if args.cases < 2:
+        raise LNMError(f"--cases must be at least 2, got {args.cases}")
+    config = PhantomConfig(n_cases=args.cases, n_test_cases=args.test_cases, modality=args.modality,
+                           labeled_fraction=args.labeled_fraction, difficulty=args.difficulty, seed=args.seed,
+                           oblique_deg=args.oblique_deg)
+    out = make_phantom_dataset(base_folder("raw", args.raw), args.dataset_id, args.name, config, progress=True)
+    print(f"phantom dataset written to {out}")
+    return 0
+
+
+def make_phantom_entry(argv: list[str] | None = None) -> int:
+    return _run("lnm_make_phantom", _make_phantom, make_phantom_parser(), argv)
+
+
+# ---- lnm_plan_and_preprocess ----------------------------------------------------------------------
+def plan_and_preprocess_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lnm_plan_and_preprocess",
+                                description="Verify a raw dataset, fingerprint it, plan every configuration and "
+                                            "write the npz crop caches.")
+    p.add_argument("-d", "--dataset", nargs="+", required=True, help="dataset id(s): 001, 1 or Dataset001_Name")
+    p.add_argument("-pl", "--planner", default=None, choices=["LNMPlanner", "LNMPlannerCPU"],
+                   help="LNMPlanner: GPU-sized networks; LNMPlannerCPU: CPU-sized (default: CPU unless CUDA is present)")
+    p.add_argument("-p", "--plans_name", default="LNMPlans", help="name of the plans file (default LNMPlans)")
+    p.add_argument("-np", "--num_processes", type=int, default=2, help="worker processes (default 2)")
+    verify = p.add_mutually_exclusive_group()
+    verify.add_argument("--verify", dest="verify", action="store_true", default=True,
+                        help="check the whole dataset first (default)")
+    verify.add_argument("--no-verify", dest="verify", action="store_false", help="skip the dataset check")
+    p.add_argument("--clean", action="store_true", help="redo every case and the folds, even if up to date")
+    p.add_argument("--no_pp", action="store_true", help="plan only, do not write the crop caches")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_location_flags(p, "raw", "preprocessed")
+    return p
+
+
+def _plan_and_preprocess(args: argparse.Namespace) -> int:
+    from lnm_auto.planning.plan_and_preprocess import plan_and_preprocess
+    raw, pre = base_folder("raw", args.raw), base_folder("preprocessed", args.preprocessed)
+    for d in args.dataset:
+        r = plan_and_preprocess(d, raw, pre, args.planner, args.plans_name, max(1, args.num_processes),
+                                args.verify, args.clean, not args.no_pp, not args.quiet)
+        g = r.plans.scales["global"]
+        print(f"{r.preprocessed_dataset.name}: plans {r.plans_file} ({r.plans.planner}); target spacing "
+              f"{_mm(r.plans.target_spacing_mm)} mm; ROI {'x'.join(map(str, g.roi_shape))} voxels = "
+              f"{_mm(g.roi_size_mm)} mm; configurations {', '.join(r.plans.configurations)}"
+              + (f"; crops in {r.crops_dir}" if r.crops_dir else ""))
+    return 0
+
+
+def _mm(values) -> str:
+    return " x ".join(f"{v:.3g}" for v in values)
+
+
+def plan_and_preprocess_entry(argv: list[str] | None = None) -> int:
+    return _run("lnm_plan_and_preprocess", _plan_and_preprocess, plan_and_preprocess_parser(), argv)
+
+
+COMMANDS: dict[str, Callable[[list[str] | None], int]] = {
+    "make_phantom": make_phantom_entry,
+    "plan_and_preprocess": plan_and_preprocess_entry,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0].removeprefix("lnm_") not in COMMANDS:
+        names = ", ".join(COMMANDS)
+        print(f"usage: python -m lnm_auto COMMAND [args]\ncommands: {names}", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return COMMANDS[argv[0].removeprefix("lnm_")](argv[1:])
+
+
+def make_phantom_cli() -> None:
+    sys.exit(make_phantom_entry())
+
+
+def plan_and_preprocess_cli() -> None:
+    sys.exit(plan_and_preprocess_entry())

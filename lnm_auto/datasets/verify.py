@@ -1,0 +1,228 @@
+"""Dataset verification: report *every* problem, one line each, naming the file and what to fix.
+
+Run before planning (``lnm_plan_and_preprocess --verify``, on by default). Nothing here raises on
+bad data; ``verify_dataset`` returns the list of problems and the CLI turns it into a non-zero exit.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+from tqdm import tqdm
+
+from lnm_auto.datasets.raw_dataset import SAFE_CASE_ID, RawCase, RawDataset, parse_label
+from lnm_auto.utils.errors import LNMError
+
+# Geometry tolerances: scanners and converters round differently; these catch real mismatches only.
+SPACING_RTOL = 1e-4
+ORIGIN_ATOL_MM = 1e-3
+DIRECTION_ATOL = 1e-4
+
+REQUIRED_COLUMNS = {
+    "nodes.csv": ("case", "node", "station", "label"),
+    "stations.csv": ("case", "station", "label"),
+    "patients.csv": ("case", "label"),
+}
+
+
+@dataclass
+class CaseCheck:
+    case_id: str
+    problems: list[str] = field(default_factory=list)
+    mask_node_ids: set[int] = field(default_factory=set)
+
+
+def geometry_mismatches(reference: sitk.Image, other: sitk.Image) -> list[str]:
+    """Human-readable differences in size/spacing/origin/direction (empty if the grids agree)."""
+    out = []
+    if reference.GetSize() != other.GetSize():
+        out.append(f"size {other.GetSize()} != image size {reference.GetSize()}")
+    if not np.allclose(reference.GetSpacing(), other.GetSpacing(), rtol=SPACING_RTOL, atol=0):
+        out.append(f"spacing {_fmt(other.GetSpacing())} != image spacing {_fmt(reference.GetSpacing())}")
+    if not np.allclose(reference.GetOrigin(), other.GetOrigin(), rtol=0, atol=ORIGIN_ATOL_MM):
+        out.append(f"origin {_fmt(other.GetOrigin())} != image origin {_fmt(reference.GetOrigin())}")
+    if not np.allclose(reference.GetDirection(), other.GetDirection(), rtol=0, atol=DIRECTION_ATOL):
+        out.append("direction differs from the image's direction")
+    return out
+
+
+def _fmt(values) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+
+def _read(path: Path, problems: list[str]) -> sitk.Image | None:
+    if not path.is_file():
+        problems.append(f"{path}: file missing")
+        return None
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable"
+        problems.append(f"{path}: cannot be read by SimpleITK ({msg[:160]})")
+        return None
+
+
+def check_case(case: RawCase) -> CaseCheck:
+    """Every per-file check of one case: files present, readable, finite, same geometry, integer mask."""
+    result = CaseCheck(case.case_id)
+    p = result.problems
+    if not SAFE_CASE_ID.match(case.case_id):
+        p.append(f"{case.node_mask_file.parent}: case id '{case.case_id}' is not a safe file name "
+                 "(use letters, digits, '_', '-', '.'; no spaces, no leading '.' or '-')")
+    reference = None
+    for image_file in case.image_files:
+        img = _read(image_file, p)
+        if img is None:
+            continue
+        if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
+            p.append(f"{image_file}: must be a 3D single-component image, got {img.GetDimension()}D with "
+                     f"{img.GetNumberOfComponentsPerPixel()} component(s)")
+            continue
+        arr = sitk.GetArrayViewFromImage(img)
+        if np.issubdtype(arr.dtype, np.floating):
+            n_bad = int(np.count_nonzero(~np.isfinite(arr)))
+            if n_bad:
+                p.append(f"{image_file}: {n_bad} NaN/Inf voxel(s); replace them with a finite value")
+        if reference is None:
+            reference = img
+        else:
+            for m in geometry_mismatches(reference, img):
+                p.append(f"{image_file}: {m} of channel 0; all channels must share one grid")
+    mask = _read(case.node_mask_file, p)
+    if mask is not None:
+        arr = sitk.GetArrayViewFromImage(mask)
+        if np.issubdtype(arr.dtype, np.floating):
+            if not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.round(arr)):
+                p.append(f"{case.node_mask_file}: node mask must hold integer node ids, found non-integer values")
+        if arr.size and arr.min() < 0:
+            p.append(f"{case.node_mask_file}: node mask has negative values; use 0 for background and k > 0 for node k")
+        ids = np.unique(arr)
+        result.mask_node_ids = {int(i) for i in ids if i > 0 and float(i).is_integer()}
+        if reference is not None:
+            for m in geometry_mismatches(reference, mask):
+                p.append(f"{case.node_mask_file}: {m}; the node mask must have the image's geometry")
+    if case.region_file is not None:
+        region = _read(case.region_file, p)
+        if region is not None and reference is not None:
+            for m in geometry_mismatches(reference, region):
+                p.append(f"{case.region_file}: {m}; the region map must have the image's geometry")
+    return result
+
+
+def _check_columns(df: pd.DataFrame, path: Path, problems: list[str]) -> bool:
+    missing = [c for c in REQUIRED_COLUMNS[path.name] if c not in df.columns]
+    if missing:
+        problems.append(f"{path}: missing column(s) {missing}; expected header {','.join(REQUIRED_COLUMNS[path.name])}")
+        return False
+    return True
+
+
+def _check_labels(df: pd.DataFrame, path: Path, problems: list[str]) -> pd.Series:
+    """Parsed labels (NaN where invalid), reporting each invalid one."""
+    parsed = []
+    for i, text in enumerate(df["label"]):
+        try:
+            parsed.append(parse_label(text))
+        except ValueError:
+            problems.append(f"{path}: line {i + 2}: label '{text}' is not 1, 0 or empty")
+            parsed.append(np.nan)
+    return pd.Series(parsed, index=df.index, dtype=float)
+
+
+def check_tables(ds: RawDataset, case_checks: dict[str, CaseCheck]) -> list[str]:
+    """nodes.csv / stations.csv / patients.csv: columns, labels, ids against the masks, consistency."""
+    problems: list[str] = []
+    nodes_path = ds.root / "nodes.csv"
+    nodes = ds.read_csv_text("nodes.csv")
+    if nodes is None:
+        return [f"{nodes_path}: missing; list every node as case,node,station,label"]
+    if not _check_columns(nodes, nodes_path, problems):
+        return problems
+    nodes = nodes.assign(case=nodes["case"].str.strip(), station=nodes["station"].str.strip())
+    nodes["label_value"] = _check_labels(nodes, nodes_path, problems)
+    node_ids = pd.to_numeric(nodes["node"], errors="coerce")
+    for i in np.flatnonzero(node_ids.isna() | (node_ids <= 0) | (node_ids % 1 != 0)):
+        problems.append(f"{nodes_path}: line {i + 2}: node id '{nodes['node'].iloc[i]}' must be a positive integer")
+    nodes["node_id"] = node_ids
+    dup = nodes[nodes.duplicated(["case", "node_id"], keep="first") & node_ids.notna()]
+    for _, row in dup.iterrows():
+        problems.append(f"{nodes_path}: node {int(row.node_id)} of case '{row.case}' is listed more than once")
+
+    for case_id, group in nodes.groupby("case"):
+        if case_id not in case_checks:
+            problems.append(f"{nodes_path}: case '{case_id}' has no image in imagesTr/ and no mask in nodesTr/")
+            continue
+        listed = {int(v) for v in group["node_id"].dropna() if float(v).is_integer()}
+        in_mask = case_checks[case_id].mask_node_ids
+        mask_file = ds.case(case_id).node_mask_file
+        for k in sorted(listed - in_mask):
+            if mask_file.is_file():
+                problems.append(f"{nodes_path}: node {k} of case '{case_id}' does not occur in {mask_file}")
+        for k in sorted(in_mask - listed):
+            problems.append(f"{mask_file}: node id {k} is not listed in {nodes_path}")
+    for case_id in sorted(set(case_checks) - set(nodes["case"])):
+        if case_checks[case_id].mask_node_ids:
+            problems.append(f"{nodes_path}: case '{case_id}' has nodes in its mask but no rows")
+
+    stations_path = ds.root / "stations.csv"
+    stations = ds.read_csv_text("stations.csv")
+    if stations is not None and _check_columns(stations, stations_path, problems):
+        stations = stations.assign(case=stations["case"].str.strip(), station=stations["station"].str.strip())
+        stations["label_value"] = _check_labels(stations, stations_path, problems)
+        for _, row in stations[stations.duplicated(["case", "station"])].iterrows():
+            problems.append(f"{stations_path}: station '{row.station}' of case '{row.case}' is listed more than once")
+        node_max = nodes.groupby(["case", "station"])["label_value"].max()
+        for _, row in stations.iterrows():
+            if row.case not in case_checks:
+                problems.append(f"{stations_path}: case '{row.case}' has no image in imagesTr/")
+                continue
+            if row.label_value == 0 and node_max.get((row.case, row.station), 0) == 1:
+                problems.append(f"{stations_path}: station '{row.station}' of case '{row.case}' is labelled 0 "
+                                f"but holds a node labelled 1 in nodes.csv; fix one of them")
+
+    patients_path = ds.root / "patients.csv"
+    patients = ds.read_csv_text("patients.csv")
+    if patients is not None and _check_columns(patients, patients_path, problems):
+        patients = patients.assign(case=patients["case"].str.strip())
+        patients["label_value"] = _check_labels(patients, patients_path, problems)
+        for case_id in patients.loc[patients.duplicated("case"), "case"]:
+            problems.append(f"{patients_path}: case '{case_id}' is listed more than once")
+        node_case_max = nodes.groupby("case")["label_value"].max()
+        for _, row in patients.iterrows():
+            if row.case not in case_checks:
+                problems.append(f"{patients_path}: case '{row.case}' has no image in imagesTr/")
+            elif row.label_value == 0 and node_case_max.get(row.case, 0) == 1:
+                problems.append(f"{patients_path}: case '{row.case}' is labelled N0 (0) but has a node labelled 1")
+    return problems
+
+
+def verify_dataset(ds: RawDataset, num_processes: int = 1, progress: bool = True) -> list[str]:
+    """All problems of the training part of a dataset (empty list = fine)."""
+    case_ids = ds.case_ids("Tr")
+    if not case_ids:
+        return [f"{ds.root / 'imagesTr'}: no training cases found (expected <case>_0000{ds.file_ending} files)"]
+    problems: list[str] = []
+    lower: dict[str, str] = {}
+    for c in case_ids:
+        if c.lower() in lower:
+            problems.append(f"{ds.root / 'imagesTr'}: case ids '{lower[c.lower()]}' and '{c}' differ only in "
+                            "upper/lower case; they collide on many file systems")
+        lower[c.lower()] = c
+    cases = [ds.case(c) for c in case_ids]
+    if num_processes > 1:
+        with ProcessPoolExecutor(num_processes) as pool:
+            checks = list(tqdm(pool.map(check_case, cases), total=len(cases), desc="verify", disable=not progress))
+    else:
+        checks = [check_case(c) for c in tqdm(cases, desc="verify", disable=not progress)]
+    by_case = {c.case_id: c for c in checks}
+    for c in checks:
+        problems.extend(c.problems)
+    try:
+        problems.extend(check_tables(ds, by_case))
+    except LNMError as e:
+        problems.append(str(e))
+    return problems

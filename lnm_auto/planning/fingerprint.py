@@ -1,0 +1,141 @@
+"""Dataset fingerprint: what planning needs to know about a dataset, and nothing it has to re-read.
+
+Per case: spacing, shape, direction, slice axis, node count. Per node: physical extent, voxel count,
+short/long axis, station and labels. Per channel: intensity statistics sampled from the nodes and a
+margin of surrounding tissue (the classifier never looks further than that). Label counts per level.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+from scipy import ndimage
+from tqdm import tqdm
+
+from lnm_auto.datasets.raw_dataset import UNKNOWN, RawCase, RawDataset, read_image
+from lnm_auto.preprocessing.geometry import measure_nodes, sitk_spacing_zyx, slice_axis
+
+FINGERPRINT_VERSION = 1
+INTENSITY_MARGIN_MM = 10.0          # tissue around each node that counts as "node surroundings"
+INTENSITY_SAMPLES_PER_CASE = 10_000  # per channel; pooled over cases like nnU-Net's foreground samples
+
+
+def node_neighbourhood(mask_arr: np.ndarray, spacing_zyx, margin_mm: float = INTENSITY_MARGIN_MM) -> np.ndarray:
+    """Boolean array: voxels inside the bounding box of any node, grown by ``margin_mm`` per axis."""
+    region = np.zeros(mask_arr.shape, dtype=bool)
+    margin = np.ceil(margin_mm / np.asarray(spacing_zyx)).astype(int)
+    for sl in ndimage.find_objects((mask_arr > 0).astype(np.uint8)):
+        if sl is None:
+            continue
+        grown = tuple(slice(max(s.start - m, 0), min(s.stop + m, n)) for s, m, n in zip(sl, margin, mask_arr.shape))
+        region[grown] = True
+    return region
+
+
+def intensity_samples(channels: list[np.ndarray], region: np.ndarray, n: int, rng: np.random.Generator) -> list[np.ndarray]:
+    idx = np.flatnonzero(region)
+    if len(idx) > n:
+        idx = rng.choice(idx, n, replace=False)
+    return [c.ravel()[idx].astype(np.float64) for c in channels]
+
+
+def case_fingerprint(case: RawCase, seed: int = 0) -> tuple[dict, list[dict], list[np.ndarray]]:
+    """(case entry, node entries, intensity samples per channel) of one case."""
+    images = [read_image(f) for f in case.image_files]
+    mask = read_image(case.node_mask_file)
+    spacing = sitk_spacing_zyx(images[0])
+    mask_arr = sitk.GetArrayViewFromImage(mask)
+    nodes = measure_nodes(mask)
+    region = node_neighbourhood(np.asarray(mask_arr), spacing)
+    rng = np.random.default_rng(_stable_seed(case.case_id, seed))  # hash() is salted per process
+    samples = intensity_samples([sitk.GetArrayViewFromImage(i) for i in images], region,
+                                INTENSITY_SAMPLES_PER_CASE, rng)
+    entry = {
+        "spacing_zyx_mm": list(spacing),
+        "shape_zyx": list(images[0].GetSize()[::-1]),
+        "direction": list(images[0].GetDirection()),
+        "origin": list(images[0].GetOrigin()),
+        "slice_axis": slice_axis(spacing),
+        "n_nodes": len(nodes),
+    }
+    node_entries = [{"case": case.case_id, **asdict(m)} for m in nodes]
+    return entry, node_entries, samples
+
+
+def _stable_seed(case_id: str, seed: int) -> int:
+    import zlib
+    return (zlib.crc32(case_id.encode()) + seed) % (2**32)
+
+
+def channel_statistics(samples: np.ndarray) -> dict:
+    if samples.size == 0:
+        return {k: float("nan") for k in ("mean", "median", "std", "min", "max", "percentile_00_5", "percentile_99_5")}
+    return {
+        "mean": float(np.mean(samples)), "median": float(np.median(samples)), "std": float(np.std(samples)),
+        "min": float(np.min(samples)), "max": float(np.max(samples)),
+        "percentile_00_5": float(np.percentile(samples, 0.5)),
+        "percentile_99_5": float(np.percentile(samples, 99.5)),
+        "n_samples": int(samples.size),
+    }
+
+
+def label_counts(labels) -> dict:
+    labels = list(labels)
+    return {"positive": sum(1 for v in labels if v == 1), "negative": sum(1 for v in labels if v == 0),
+            "unknown": sum(1 for v in labels if v == UNKNOWN)}
+
+
+def compute_fingerprint(ds: RawDataset, num_processes: int = 1, progress: bool = True) -> dict:
+    """Fingerprint of the training cases of a verified dataset (a JSON-able dict)."""
+    cases = ds.cases("Tr")
+    work = _case_fingerprint_seeded
+    if num_processes > 1:
+        with ProcessPoolExecutor(num_processes) as pool:
+            results = list(tqdm(pool.map(work, cases), total=len(cases), desc="fingerprint", disable=not progress))
+    else:
+        results = [work(c) for c in tqdm(cases, desc="fingerprint", disable=not progress)]
+
+    node_table = ds.node_table().set_index(["case", "node"])
+    station_table = ds.station_table()
+    patient_table = ds.patient_table()
+    station_labels = ({(r.case, r.station): r.label for r in station_table.itertuples()} if station_table is not None else {})
+    patient_labels = ({r.case: r.label for r in patient_table.itertuples()} if patient_table is not None else {})
+
+    cases_out, nodes_out = {}, []
+    pooled: list[list[np.ndarray]] = [[] for _ in range(ds.num_channels)]
+    patient_ids = ({r.case: r.patient for r in patient_table.itertuples()} if patient_table is not None else {})
+    for case, (entry, nodes, samples) in zip(cases, results):
+        entry["patient"] = str(patient_ids.get(case.case_id, case.case_id))
+        entry["patient_label"] = int(patient_labels.get(case.case_id, UNKNOWN))
+        cases_out[case.case_id] = entry
+        for n in nodes:
+            row = node_table.loc[(case.case_id, n["node"])]
+            n["station"] = str(row["station"])
+            n["label"] = int(row["label"])
+            n["station_label"] = int(station_labels.get((case.case_id, n["station"]), UNKNOWN))
+            n["patient_label"] = int(patient_labels.get(case.case_id, UNKNOWN))
+            nodes_out.append(n)
+        for c, s in enumerate(samples):
+            pooled[c].append(s)
+    intensity = {str(c): channel_statistics(np.concatenate(p) if p else np.zeros(0)) for c, p in enumerate(pooled)}
+    return {
+        "fingerprint_version": FINGERPRINT_VERSION,
+        "dataset_name": ds.root.name,
+        "channel_names": {str(k): v for k, v in ds.channel_names.items()},
+        "file_ending": ds.file_ending,
+        "cases": cases_out,
+        "nodes": nodes_out,
+        "intensity_statistics": intensity,
+        "label_counts": {
+            "node": label_counts(n["label"] for n in nodes_out),
+            "station": label_counts(station_labels.values()),
+            "patient": label_counts(patient_labels.values()),
+        },
+    }
+
+
+def _case_fingerprint_seeded(case: RawCase) -> tuple[dict, list[dict], list[np.ndarray]]:
+    return case_fingerprint(case, seed=0)

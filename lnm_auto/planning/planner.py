@@ -1,0 +1,224 @@
+"""Planning rules: every decision is a pure function of the fingerprint (and the compute budget).
+
+Nothing here reads images; the unit tests drive each rule with hand-made fingerprints.
+Axes are canonical (slice, row, col): see lnm_auto.preprocessing.geometry.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from lnm_auto.planning.network_topology import (CPU_BUDGET, GPU_BUDGET, ComputeBudget,
+                                                plan_resenc_topology, plan_two_stream_topology)
+from lnm_auto.planning.plans import (DEFAULT_PLANS_NAME, PLANS_VERSION, ChannelNormalization,
+                                     ConfigurationPlan, CropScale, Plans, TrainingRecipe)
+from lnm_auto.utils.errors import LNMError
+
+# nnU-Net's anisotropy rule: the slice axis is "anisotropic" when its spacing is > 3x the in-plane one.
+ANISOTROPY_THRESHOLD = 3.0
+# Node ROI: the field of view is CONTEXT_FACTOR x the 95th-percentile node extent (the node plus as much
+# surrounding tissue again), never less than MIN_FOV_MM in-plane or MIN_SLICES through-plane.
+CONTEXT_FACTOR = 2.0
+NODE_EXTENT_PERCENTILE = 95.0
+MIN_FOV_MM = 24.0
+MIN_INPLANE_VOXELS = 32
+INPLANE_MULTIPLE = 8          # in-plane ROI divisible by 8 so 2D backbones pool cleanly
+MAX_INPLANE_VOXELS = 128      # larger fields are sampled coarser instead (cost grows with voxels)
+MIN_SLICES = 3                # one 2.5D slice group
+MAX_SLICES = 32
+# The zoom-in (local) view: the node itself with a 25% margin, between 1x and 2x zoom of the global view.
+LOCAL_MARGIN_FACTOR = 1.25
+MAX_ZOOM = 2.0
+# Caches hold a larger crop so in-plane rotation/scaling augmentation does not sample outside it.
+AUGMENTATION_MARGIN = 1.25
+# Oversampling: at least a third of each batch positive (like nnU-Net's 33% foreground oversampling).
+MIN_POSITIVE_FRACTION = 0.33
+MAX_POSITIVE_FRACTION = 0.5
+MIN_STEPS_PER_EPOCH = 4
+
+
+# Per planner: the compute budget that sizes the networks, and the recipe's batch / epochs / lr.
+# GPU: the paper's recipe (batch 32, 300 epochs). CPU: smaller batches and fewer epochs so a fold of a
+# few hundred nodes trains in minutes on a laptop-class CPU.
+PLANNERS = {
+    "LNMPlanner": (GPU_BUDGET, {"batch_size": 32, "num_epochs": 300, "initial_lr": 1e-2}),
+    "LNMPlannerCPU": (CPU_BUDGET, {"batch_size": 16, "num_epochs": 50, "initial_lr": 1e-2}),
+}
+
+
+def budget_for_planner(planner: str) -> ComputeBudget:
+    return _planner(planner)[0]
+
+
+def _planner(planner: str):
+    if planner not in PLANNERS:
+        raise LNMError(f"unknown planner '{planner}': use one of {', '.join(PLANNERS)}")
+    return PLANNERS[planner]
+
+
+# ---- spacing ----------------------------------------------------------------------------------------
+def canonical_case_spacings(fingerprint: dict) -> np.ndarray:
+    """(n_cases, 3) spacings in canonical (slice, row, col) order."""
+    rows = []
+    for case in fingerprint["cases"].values():
+        sp = np.asarray(case["spacing_zyx_mm"], dtype=float)
+        a = int(case["slice_axis"])
+        rest = [i for i in range(3) if i != a]
+        rows.append(sp[[a] + rest])
+    if not rows:
+        raise LNMError("the fingerprint has no cases; the dataset is empty")
+    return np.asarray(rows)
+
+
+def canonical_case_shapes(fingerprint: dict) -> np.ndarray:
+    rows = []
+    for case in fingerprint["cases"].values():
+        sh = np.asarray(case["shape_zyx"], dtype=float)
+        a = int(case["slice_axis"])
+        rows.append(sh[[a] + [i for i in range(3) if i != a]])
+    return np.asarray(rows)
+
+
+def plan_target_spacing(spacings: np.ndarray, shapes: np.ndarray) -> tuple[tuple[float, float, float], bool]:
+    """Per-axis median spacing; for anisotropic data nnU-Net's rule keeps the slice axis coarse:
+    if the median slice spacing is > 3x the in-plane spacing and the median slice count x 3 is below the
+    smallest in-plane size, use the 10th percentile of slice spacings (never finer than in-plane)."""
+    target = np.median(spacings, axis=0)
+    median_shape = np.median(shapes, axis=0)
+    anisotropic = bool(target[0] > ANISOTROPY_THRESHOLD * max(target[1], target[2])
+                       and median_shape[0] * ANISOTROPY_THRESHOLD < min(median_shape[1], median_shape[2]))
+    if anisotropic:
+        target[0] = max(float(np.percentile(spacings[:, 0], 10)), float(max(target[1], target[2])))
+    return tuple(float(v) for v in target), anisotropic
+
+
+# ---- ROI --------------------------------------------------------------------------------------------
+def node_extent_percentiles(fingerprint: dict) -> tuple[float, float]:
+    """95th percentile of node extent (mm) through-plane and in-plane (the larger in-plane axis)."""
+    ext = np.asarray([n["extent_mm"] for n in fingerprint["nodes"]], dtype=float)
+    if ext.size == 0:
+        raise LNMError("the fingerprint has no nodes: every node mask is empty")
+    return (float(np.percentile(ext[:, 0], NODE_EXTENT_PERCENTILE)),
+            float(np.percentile(ext[:, 1:].max(axis=1), NODE_EXTENT_PERCENTILE)))
+
+
+def _round_up(x: float, multiple: int) -> int:
+    return int(math.ceil(x / multiple - 1e-9) * multiple)
+
+
+def plan_global_scale(target_spacing, slice_extent_mm: float, inplane_extent_mm: float) -> tuple[CropScale, list[str]]:
+    notes = []
+    spacing = list(target_spacing)
+    fov_inplane = max(MIN_FOV_MM, CONTEXT_FACTOR * inplane_extent_mm)
+    n_inplane = max(MIN_INPLANE_VOXELS, _round_up(fov_inplane / spacing[1], INPLANE_MULTIPLE))
+    if n_inplane > MAX_INPLANE_VOXELS:
+        n_inplane = MAX_INPLANE_VOXELS
+        spacing[1] = spacing[2] = fov_inplane / n_inplane
+        notes.append(f"in-plane field {fov_inplane:.1f} mm needs more than {MAX_INPLANE_VOXELS} voxels: "
+                     f"sampled at {spacing[1]:.3f} mm instead")
+    fov_slice = CONTEXT_FACTOR * slice_extent_mm
+    n_slices = max(MIN_SLICES, int(math.ceil(fov_slice / spacing[0] - 1e-9)))
+    if n_slices > MAX_SLICES:
+        n_slices = MAX_SLICES
+        spacing[0] = fov_slice / n_slices
+        notes.append(f"through-plane field {fov_slice:.1f} mm needs more than {MAX_SLICES} slices: "
+                     f"sampled at {spacing[0]:.3f} mm instead")
+    shape = (n_slices, n_inplane, n_inplane)
+    scale = CropScale("global", tuple(float(s) for s in spacing), shape,
+                      tuple(float(n * s) for n, s in zip(shape, spacing)), cache_shape_for(shape))
+    return scale, notes
+
+
+def plan_local_scale(global_scale: CropScale, inplane_extent_mm: float) -> CropScale:
+    """The zoom-in view (two-stream 2.5D): same voxels as the global view, a smaller in-plane field
+    (the node plus 25%), zoom between 1x and 2x; through-plane unchanged."""
+    fov_global = global_scale.roi_size_mm[1]
+    fov_local = min(fov_global, max(fov_global / MAX_ZOOM, LOCAL_MARGIN_FACTOR * inplane_extent_mm))
+    n = global_scale.roi_shape[1]
+    spacing = (global_scale.spacing_mm[0], fov_local / n, fov_local / n)
+    shape = global_scale.roi_shape
+    return CropScale("local", spacing, shape, tuple(float(a * b) for a, b in zip(shape, spacing)), cache_shape_for(shape))
+
+
+def cache_shape_for(roi_shape) -> tuple[int, int, int]:
+    inplane = [_round_up(s * AUGMENTATION_MARGIN, 2) for s in roi_shape[1:]]
+    return (int(roi_shape[0]), inplane[0], inplane[1])
+
+
+# ---- normalization ----------------------------------------------------------------------------------
+def plan_normalization(fingerprint: dict) -> list[ChannelNormalization]:
+    """'CT' channels: clip to the dataset's 0.5/99.5 percentiles (node neighbourhoods), z-score with the
+    dataset's statistics. Everything else (MRI, PET ...): z-score per case."""
+    out = []
+    for key, name in sorted(fingerprint["channel_names"].items(), key=lambda kv: int(kv[0])):
+        if name.strip().upper() == "CT":
+            st = fingerprint["intensity_statistics"][key]
+            out.append(ChannelNormalization(int(key), name, "CT", st["percentile_00_5"], st["percentile_99_5"],
+                                            st["mean"], max(st["std"], 1e-8)))
+        else:
+            out.append(ChannelNormalization(int(key), name, "zscore"))
+    return out
+
+
+# ---- training recipe --------------------------------------------------------------------------------
+def labelled_node_counts(fingerprint: dict) -> tuple[int, int]:
+    labels = [n["label"] for n in fingerprint["nodes"]]
+    return sum(1 for v in labels if v == 1), sum(1 for v in labels if v == 0)
+
+
+def plan_batch_size(n_labelled_nodes: int, n_folds: int, preferred: int) -> int:
+    """The planner's batch, capped so one epoch of a fold's training nodes has several steps."""
+    per_fold_train = n_labelled_nodes * (n_folds - 1) / max(n_folds, 1)
+    cap = int(per_fold_train // MIN_STEPS_PER_EPOCH)
+    return int(max(2, min(preferred, cap)))
+
+
+def plan_positive_fraction(n_pos: int, n_neg: int) -> float:
+    prevalence = n_pos / max(n_pos + n_neg, 1)
+    return float(min(MAX_POSITIVE_FRACTION, max(MIN_POSITIVE_FRACTION, prevalence)))
+
+
+def plan_recipe(fingerprint: dict, n_folds: int, planner: str) -> TrainingRecipe:
+    preset = _planner(planner)[1]
+    n_pos, n_neg = labelled_node_counts(fingerprint)
+    return TrainingRecipe(
+        batch_size=plan_batch_size(n_pos + n_neg, n_folds, preset["batch_size"]),
+        positive_fraction=plan_positive_fraction(n_pos, n_neg),
+        num_epochs=preset["num_epochs"],
+        initial_lr=preset["initial_lr"],
+        momentum=0.9,
+        weight_decay=3e-5,
+    )
+
+
+# ---- the whole plan ---------------------------------------------------------------------------------
+def plan_experiment(fingerprint: dict, planner: str = "LNMPlannerCPU", plans_name: str = DEFAULT_PLANS_NAME,
+                    n_folds: int = 5, split_seed: int = 12345) -> Plans:
+    budget = budget_for_planner(planner)
+    spacings = canonical_case_spacings(fingerprint)
+    target, anisotropic = plan_target_spacing(spacings, canonical_case_shapes(fingerprint))
+    slice_extent, inplane_extent = node_extent_percentiles(fingerprint)
+    global_scale, notes = plan_global_scale(target, slice_extent, inplane_extent)
+    local_scale = plan_local_scale(global_scale, inplane_extent)
+    recipe = plan_recipe(fingerprint, n_folds, planner)
+    n_channels = len(fingerprint["channel_names"]) + 1  # + node mask channel
+
+    two_stream = plan_two_stream_topology(global_scale.roi_shape, local_scale.roi_shape, budget)
+    resenc = plan_resenc_topology(global_scale.roi_shape, global_scale.spacing_mm, budget)
+    configurations = {
+        "2d25": ConfigurationPlan("2d25", two_stream, ("global", "local"), True, recipe),
+        "3d_resenc": ConfigurationPlan("3d_resenc", resenc, ("global",), True, recipe),
+    }
+    notes_out = {
+        "target_spacing": f"per-axis median of {len(spacings)} cases" + (
+            "; anisotropic: slice spacing = 10th percentile of slice spacings" if anisotropic else ""),
+        "roi": f"field of view = {CONTEXT_FACTOR} x the {NODE_EXTENT_PERCENTILE:.0f}th percentile node extent "
+               f"({slice_extent:.1f} mm through-plane, {inplane_extent:.1f} mm in-plane)",
+        "input_channels": f"{n_channels - 1} image channel(s) + the node mask",
+    }
+    if notes:
+        notes_out["roi_capped"] = "; ".join(notes)
+    return Plans(PLANS_VERSION, plans_name, planner, fingerprint["dataset_name"], budget, target, anisotropic,
+                 plan_normalization(fingerprint), {"global": global_scale, "local": local_scale}, configurations,
+                 n_folds, split_seed, notes_out)

@@ -1,0 +1,105 @@
+"""The plans: a typed, versioned JSON file — the one contract between planning, preprocessing,
+training and inference (like nnU-Net's nnUNetPlans.json). All axes are canonical (slice, row, col),
+see lnm_auto.preprocessing.geometry."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lnm_auto.planning.network_topology import ComputeBudget, ResEncTopology, TwoStreamTopology
+from lnm_auto.utils.dataclass_json import from_dict, to_dict
+from lnm_auto.utils.errors import LNMError
+from lnm_auto.utils.io import load_json, save_json
+
+PLANS_VERSION = 1
+DEFAULT_PLANS_NAME = "LNMPlans"
+
+
+@dataclass
+class ChannelNormalization:
+    channel: int
+    channel_name: str
+    scheme: str                       # "CT" (global clip + z-score) or "zscore" (per case)
+    clip_low: float | None = None     # CT only: dataset 0.5th percentile of node-neighbourhood intensities
+    clip_high: float | None = None    # CT only: 99.5th percentile
+    mean: float | None = None         # CT only: dataset mean (of the same samples)
+    std: float | None = None          # CT only: dataset std
+
+
+@dataclass
+class CropScale:
+    """One resampled view of a node: the network input and the (larger) crop kept in the caches."""
+    name: str
+    spacing_mm: tuple[float, float, float]   # (slice, row, col)
+    roi_shape: tuple[int, int, int]          # voxels the network sees
+    roi_size_mm: tuple[float, float, float]
+    cache_shape: tuple[int, int, int]        # voxels stored: ROI + room for rotation/scaling augmentation
+
+
+@dataclass
+class TrainingRecipe:
+    batch_size: int
+    positive_fraction: float        # minimum share of positive nodes per training batch (oversampling)
+    num_epochs: int
+    initial_lr: float
+    momentum: float
+    weight_decay: float
+    optimizer: str = "SGD"
+    lr_schedule: str = "cosine"
+
+
+@dataclass
+class ConfigurationPlan:
+    name: str
+    network: TwoStreamTopology | ResEncTopology
+    scales: tuple[str, ...]          # CropScale names the network consumes, in input order
+    use_mask_channel: bool           # feed the node's own mask as an extra input channel
+    recipe: TrainingRecipe
+    estimated_gflops_per_sample: float = 0.0
+
+
+@dataclass
+class Plans:
+    plans_version: int
+    plans_name: str
+    planner: str
+    dataset_name: str
+    compute_budget: ComputeBudget
+    target_spacing_mm: tuple[float, float, float]   # (slice, row, col)
+    anisotropic: bool
+    normalization: list[ChannelNormalization]
+    scales: dict[str, CropScale]
+    configurations: dict[str, ConfigurationPlan]
+    n_folds: int = 5
+    split_seed: int = 12345
+    notes: dict[str, str] = field(default_factory=dict)   # why each decision came out as it did
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Plans":
+        version = data.get("plans_version")
+        if version != PLANS_VERSION:
+            raise LNMError(f"plans version {version} is not supported by this lnm_auto (expects {PLANS_VERSION}); "
+                           "re-run lnm_plan_and_preprocess")
+        return from_dict(cls, data)
+
+    def save(self, path: str | Path) -> None:
+        save_json(self.to_dict(), path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plans":
+        path = Path(path)
+        if not path.is_file():
+            raise LNMError(f"{path}: plans not found; run lnm_plan_and_preprocess first")
+        try:
+            return cls.from_dict(load_json(path))
+        except (KeyError, TypeError, ValueError) as e:
+            raise LNMError(f"{path}: not a valid plans file ({e})") from None
+
+    def configuration(self, name: str) -> ConfigurationPlan:
+        if name not in self.configurations:
+            raise LNMError(f"configuration '{name}' is not in the plans {self.plans_name}; "
+                           f"available: {', '.join(self.configurations)}")
+        return self.configurations[name]

@@ -1,0 +1,133 @@
+"""Image geometry: the canonical (slice, row, column) frame and node measurements.
+
+Every crop lnm_auto makes is sampled on a grid aligned with the image's own axes, re-ordered so the
+through-plane ("slice") axis comes first. For an axial CT that is numpy's usual (z, y, x); for a
+sagittal MRI whose coarse axis is x it becomes (x, z, y) — so 2.5D slice groups are always cut
+along the acquisition's slice direction, and oblique directions are honoured exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+# An axis is "the slice axis" only when clearly coarser than the others; else numpy axis 0 (index k).
+SLICE_AXIS_MIN_RATIO = 1.5
+
+
+def slice_axis(spacing_zyx: tuple[float, float, float]) -> int:
+    """Numpy axis (0, 1, 2) of the through-plane direction, from the voxel spacing in numpy order."""
+    sp = np.asarray(spacing_zyx, dtype=float)
+    coarsest = int(np.argmax(sp))
+    others = np.delete(sp, coarsest)
+    if sp[coarsest] >= SLICE_AXIS_MIN_RATIO * others.max():
+        return coarsest
+    return 0
+
+
+def canonical_axes(spacing_zyx) -> tuple[int, int, int]:
+    """Numpy axes in canonical order (slice, row, column)."""
+    a = slice_axis(spacing_zyx)
+    rest = [i for i in range(3) if i != a]
+    return (a, rest[0], rest[1])
+
+
+def sitk_spacing_zyx(img: sitk.Image) -> tuple[float, float, float]:
+    return tuple(float(v) for v in img.GetSpacing()[::-1])
+
+
+def canonical_spacing(img: sitk.Image) -> np.ndarray:
+    sp = np.asarray(sitk_spacing_zyx(img))
+    return sp[list(canonical_axes(sp))]
+
+
+@dataclass
+class RoiGrid:
+    """A sampling grid: canonical shape (slice, row, col) and spacing, centred on a physical point."""
+    origin: tuple[float, float, float]        # SimpleITK (x, y, z) physical origin of the grid
+    direction: tuple[float, ...]              # SimpleITK direction, columns = grid (col, row, slice) axes
+    spacing_xyz: tuple[float, float, float]   # SimpleITK order = (col, row, slice) spacing
+    size_xyz: tuple[int, int, int]            # SimpleITK order = (col, row, slice) size
+
+
+def roi_grid(img: sitk.Image, centre_phys, spacing_srs, shape_srs) -> RoiGrid:
+    """Grid of ``shape_srs`` (slice, row, col) voxels at ``spacing_srs`` mm along the image's own axes,
+    centred at ``centre_phys``."""
+    axes_np = canonical_axes(sitk_spacing_zyx(img))
+    sitk_axes = [2 - axes_np[2], 2 - axes_np[1], 2 - axes_np[0]]  # (col, row, slice) as sitk axis indices
+    d = np.asarray(img.GetDirection(), dtype=float).reshape(3, 3)
+    d_grid = d[:, sitk_axes]
+    spacing_xyz = np.asarray(spacing_srs, dtype=float)[::-1]
+    size_xyz = np.asarray(shape_srs, dtype=int)[::-1]
+    half_extent = d_grid @ (spacing_xyz * (size_xyz - 1) / 2.0)
+    origin = np.asarray(centre_phys, dtype=float) - half_extent
+    return RoiGrid(tuple(origin), tuple(d_grid.ravel()), tuple(spacing_xyz), tuple(int(s) for s in size_xyz))
+
+
+def resample_to_grid(img: sitk.Image, grid: RoiGrid, interpolator=sitk.sitkLinear, default_value: float = 0.0) -> np.ndarray:
+    """Sample ``img`` on ``grid``; returns a float32 array in canonical (slice, row, col) order."""
+    f = sitk.ResampleImageFilter()
+    f.SetOutputOrigin(grid.origin)
+    f.SetOutputDirection(grid.direction)
+    f.SetOutputSpacing(grid.spacing_xyz)
+    f.SetSize(grid.size_xyz)
+    f.SetInterpolator(interpolator)
+    f.SetDefaultPixelValue(float(default_value))
+    f.SetOutputPixelType(sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(f.Execute(img))
+
+
+def resample_mask_to_grid(binary_mask: sitk.Image, grid: RoiGrid) -> np.ndarray:
+    """A binary mask sampled like nnU-Net resamples labels: linear interpolation, then threshold 0.5."""
+    return (resample_to_grid(sitk.Cast(binary_mask, sitk.sitkFloat32), grid) >= 0.5).astype(np.uint8)
+
+
+@dataclass
+class NodeMeasurement:
+    node: int
+    voxels: int
+    volume_mm3: float
+    extent_mm: tuple[float, float, float]    # bounding-box extent along canonical (slice, row, col)
+    long_axis_mm: float                      # longest 3D diameter (PCA ellipsoid fit)
+    short_axis_mm: float                     # in-plane short-axis diameter (radiology convention)
+    centre_index_zyx: tuple[float, float, float]
+    centre_mm: tuple[float, float, float]    # physical (x, y, z) centre of mass
+
+
+def measure_nodes(mask: sitk.Image) -> list[NodeMeasurement]:
+    """Size and position of every node k > 0 in an instance mask."""
+    arr = sitk.GetArrayViewFromImage(mask)
+    spacing = np.asarray(sitk_spacing_zyx(mask))
+    axes = list(canonical_axes(spacing))
+    voxel_volume = float(np.prod(spacing))
+    ids = [int(i) for i in np.unique(arr) if i > 0]
+    out = []
+    objects = ndimage.find_objects(np.asarray(arr).astype(np.int64)) if ids else []
+    for k in ids:
+        sl = objects[k - 1]
+        local = np.asarray(arr[sl]) == k
+        idx = np.argwhere(local).astype(float) + np.array([s.start for s in sl], dtype=float)
+        n = len(idx)
+        centre_idx = idx.mean(axis=0)
+        extent = np.array([(s.stop - s.start) for s in sl], dtype=float) * spacing
+        coords_mm = (idx - centre_idx) * spacing  # axis-aligned mm, numpy order
+        long_axis, short_axis = _axis_lengths(coords_mm, axes)
+        centre_mm = mask.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in centre_idx[::-1]))
+        out.append(NodeMeasurement(k, n, n * voxel_volume, tuple(float(v) for v in extent[axes]),
+                                   long_axis, short_axis, tuple(float(v) for v in centre_idx), tuple(centre_mm)))
+    return out
+
+
+def _axis_lengths(coords_mm: np.ndarray, axes: list[int]) -> tuple[float, float]:
+    """Diameters from second moments: a solid ellipsoid of semi-axis a has variance a^2/5 along it,
+    a filled ellipse a^2/4. A node one voxel thick falls back to the voxel size."""
+    if len(coords_mm) < 2:
+        return 0.0, 0.0
+    cov3 = np.cov(coords_mm.T)
+    long_axis = 2.0 * np.sqrt(5.0 * max(np.linalg.eigvalsh(cov3)[-1], 0.0))
+    inplane = coords_mm[:, axes[1:]]
+    cov2 = np.cov(inplane.T)
+    short_axis = 2.0 * np.sqrt(4.0 * max(np.linalg.eigvalsh(cov2)[0], 0.0))
+    return float(long_axis), float(short_axis)

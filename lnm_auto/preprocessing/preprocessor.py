@@ -1,0 +1,197 @@
+"""Preprocessing: per case, every node's resampled + normalized crops at each planned scale -> one npz.
+
+Cache layout (``$LNM_preprocessed/DatasetXXX_Name/<plans_name>_crops/<case>.npz``), N = nodes of the case:
+    image_<scale>   float16 (N, C, S, R, Cc)   normalized image crop, canonical (slice, row, col) axes
+    mask_<scale>    uint8   (N, S, R, Cc)      the node's own mask (1 inside), resampled like nnU-Net
+                                               resamples labels (linear, threshold 0.5)
+    node_ids        int32 (N,); stations <U (N,); node_labels / station_labels int8 (N,) (-1 = unknown)
+    patient_label   int8 (); case_id <U (); centre_mm float64 (N, 3) physical (x, y, z) centre
+    volume_mm3, short_axis_mm, long_axis_mm float32 (N,); plans_digest <U (): which plans made it
+Crops are sampled straight from the original image on a grid aligned with the image's own axes, so
+only the node neighbourhoods are ever resampled, and any direction/origin is honoured exactly.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+from tqdm import tqdm
+
+from lnm_auto.datasets.raw_dataset import UNKNOWN, RawCase, RawDataset, read_image
+from lnm_auto.planning.fingerprint import node_neighbourhood
+from lnm_auto.planning.plans import Plans
+from lnm_auto.preprocessing.geometry import (measure_nodes, resample_mask_to_grid, resample_to_grid, roi_grid,
+                                             sitk_spacing_zyx)
+from lnm_auto.preprocessing.normalization import case_zscore_statistics, normalize
+from lnm_auto.utils.errors import LNMError
+from lnm_auto.utils.io import save_csv_atomic, save_npz_atomic
+
+
+@dataclass
+class NodeLabels:
+    """What the label tables say about one case."""
+    stations: dict[int, str]          # node id -> station
+    node_labels: dict[int, int]       # node id -> 1/0/UNKNOWN
+    station_labels: dict[str, int]    # station -> 1/0/UNKNOWN
+    patient_label: int = UNKNOWN
+
+
+def plans_digest(plans: Plans) -> str:
+    """Identifies what the crops depend on (scales + normalization), so stale caches are redone."""
+    key = json.dumps({"scales": plans.to_dict()["scales"], "normalization": plans.to_dict()["normalization"]},
+                     sort_keys=True)
+    return hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+def crops_folder(preprocessed_dataset: Path, plans_name: str) -> Path:
+    return Path(preprocessed_dataset) / f"{plans_name}_crops"
+
+
+def preprocess_images(images: list[sitk.Image], mask: sitk.Image, plans: Plans) -> dict[str, np.ndarray]:
+    """Crops of every node in one case (the part shared by training preprocessing and inference)."""
+    mask_arr = np.asarray(sitk.GetArrayViewFromImage(mask))
+    nodes = measure_nodes(mask)
+    region = node_neighbourhood(mask_arr, sitk_spacing_zyx(mask))
+    stats, pads = [], []
+    for img, norm in zip(images, plans.normalization):
+        arr = sitk.GetArrayViewFromImage(img)
+        stats.append(case_zscore_statistics(np.asarray(arr)[region].astype(np.float64)))
+        pads.append(float(arr.min()))   # outside the image: the darkest value (air), then normalized
+    out: dict[str, np.ndarray] = {}
+    for scale in plans.scales.values():
+        out[f"image_{scale.name}"] = np.zeros((len(nodes), len(images), *scale.cache_shape), dtype=np.float16)
+        out[f"mask_{scale.name}"] = np.zeros((len(nodes), *scale.cache_shape), dtype=np.uint8)
+    for i, node in enumerate(nodes):
+        node_mask = mask == node.node
+        for scale in plans.scales.values():
+            grid = roi_grid(mask, node.centre_mm, scale.spacing_mm, scale.cache_shape)
+            for c, (img, norm) in enumerate(zip(images, plans.normalization)):
+                crop = resample_to_grid(img, grid, sitk.sitkLinear, default_value=pads[c])
+                out[f"image_{scale.name}"][i, c] = normalize(crop, norm, stats[c])
+            out[f"mask_{scale.name}"][i] = resample_mask_to_grid(node_mask, grid)
+    out["node_ids"] = np.asarray([n.node for n in nodes], dtype=np.int32)
+    out["centre_mm"] = np.asarray([n.centre_mm for n in nodes], dtype=np.float64).reshape(-1, 3)
+    out["volume_mm3"] = np.asarray([n.volume_mm3 for n in nodes], dtype=np.float32)
+    out["short_axis_mm"] = np.asarray([n.short_axis_mm for n in nodes], dtype=np.float32)
+    out["long_axis_mm"] = np.asarray([n.long_axis_mm for n in nodes], dtype=np.float32)
+    return out
+
+
+def preprocess_case(case: RawCase, labels: NodeLabels, plans: Plans) -> dict[str, np.ndarray]:
+    images = [read_image(f) for f in case.image_files]
+    mask = read_image(case.node_mask_file)
+    if mask.GetPixelID() not in (sitk.sitkUInt8, sitk.sitkUInt16, sitk.sitkUInt32, sitk.sitkInt8, sitk.sitkInt16,
+                                 sitk.sitkInt32, sitk.sitkInt64, sitk.sitkUInt64):
+        mask = sitk.Cast(sitk.Round(mask), sitk.sitkUInt32)
+    out = preprocess_images(images, mask, plans)
+    ids = out["node_ids"].tolist()
+    stations = [labels.stations.get(k, "") for k in ids]
+    out["stations"] = np.asarray(stations, dtype=str)
+    out["node_labels"] = np.asarray([labels.node_labels.get(k, UNKNOWN) for k in ids], dtype=np.int8)
+    out["station_labels"] = np.asarray([labels.station_labels.get(s, UNKNOWN) for s in stations], dtype=np.int8)
+    out["patient_label"] = np.asarray(labels.patient_label, dtype=np.int8)
+    out["case_id"] = np.asarray(case.case_id)
+    return out
+
+
+def load_case_crops(path: str | Path) -> dict[str, np.ndarray]:
+    path = Path(path)
+    if not path.is_file():
+        raise LNMError(f"{path}: preprocessed case missing; run lnm_plan_and_preprocess")
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def _case_labels(ds: RawDataset) -> dict[str, NodeLabels]:
+    nodes = ds.node_table()
+    stations = ds.station_table()
+    patients = ds.patient_table()
+    out: dict[str, NodeLabels] = {}
+    for case_id, g in nodes.groupby("case"):
+        out[case_id] = NodeLabels(dict(zip(g["node"].astype(int), g["station"])),
+                                  dict(zip(g["node"].astype(int), g["label"].astype(int))), {})
+    if stations is not None:
+        for r in stations.itertuples():
+            out.setdefault(r.case, NodeLabels({}, {}, {})).station_labels[r.station] = int(r.label)
+    if patients is not None:
+        for r in patients.itertuples():
+            out.setdefault(r.case, NodeLabels({}, {}, {})).patient_label = int(r.label)
+    return out
+
+
+def _work(case: RawCase, labels: NodeLabels, plans: Plans, out_dir: Path, digest: str) -> tuple[str, int, str]:
+    """Process one case in a worker; returns (case id, node count, '' or an error line)."""
+    target = out_dir / f"{case.case_id}.npz"
+    try:
+        arrays = preprocess_case(case, labels, plans)
+        arrays["plans_digest"] = np.asarray(digest)
+        save_npz_atomic(target, **arrays)
+        return case.case_id, len(arrays["node_ids"]), ""
+    except LNMError as e:
+        return case.case_id, 0, str(e)
+
+
+def is_up_to_date(path: Path, digest: str) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return "plans_digest" in f.files and str(f["plans_digest"]) == digest
+    except (OSError, ValueError, EOFError):
+        return False   # a damaged cache is simply redone
+
+
+def run_preprocessing(ds: RawDataset, plans: Plans, preprocessed_dataset: Path, num_processes: int = 1,
+                      clean: bool = False, progress: bool = True) -> Path:
+    """Write every training case's crops plus ``nodes_index.csv``; skip finished cases unless ``clean``."""
+    out_dir = crops_folder(preprocessed_dataset, plans.plans_name)
+    if clean and out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    digest = plans_digest(plans)
+    labels = _case_labels(ds)
+    todo = [c for c in ds.cases("Tr") if not is_up_to_date(out_dir / f"{c.case_id}.npz", digest)]
+    work = partial(_work, plans=plans, out_dir=out_dir, digest=digest)
+    args = [(c, labels.get(c.case_id, NodeLabels({}, {}, {}))) for c in todo]
+    errors = []
+    bar = tqdm(total=len(todo), desc="preprocess", disable=not progress, unit="case")
+    if num_processes > 1 and len(todo) > 1:
+        with ProcessPoolExecutor(num_processes) as pool:
+            for _, _, err in pool.map(work, *zip(*args)):
+                errors.append(err) if err else None
+                bar.update()
+    else:
+        for c, lab in args:
+            _, _, err = work(c, lab)
+            errors.append(err) if err else None
+            bar.update()
+    bar.close()
+    if errors:
+        raise LNMError("\n".join(errors))
+    write_nodes_index(out_dir, [c.case_id for c in ds.cases("Tr")])
+    return out_dir
+
+
+def write_nodes_index(crops_dir: Path, case_ids: list[str]) -> pd.DataFrame:
+    """One row per cached node (case, node, station, labels, row in the npz) so trainers can sample
+    nodes without opening every npz."""
+    rows = []
+    for case_id in case_ids:
+        with np.load(crops_dir / f"{case_id}.npz", allow_pickle=False) as f:
+            for i, k in enumerate(f["node_ids"]):
+                rows.append({"case": case_id, "node": int(k), "index": i, "station": str(f["stations"][i]),
+                             "label": int(f["node_labels"][i]), "station_label": int(f["station_labels"][i]),
+                             "patient_label": int(f["patient_label"]), "volume_mm3": float(f["volume_mm3"][i])})
+    df = pd.DataFrame(rows, columns=["case", "node", "index", "station", "label", "station_label",
+                                     "patient_label", "volume_mm3"])
+    save_csv_atomic(df, crops_dir / "nodes_index.csv")
+    return df

@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="lnm_auto",
+    version="0.1.0",
+    description="Self-configuring lymph node metastasis classification (the nnU-Net recipe for LN classification)",
+    packages=find_packages(include=["lnm_auto", "lnm_auto.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "pandas>=2.0",
+        "SimpleITK>=2.3",
+        "torch>=2.4",
+        "torchvision",
+        "timm>=1.0",
+        "batchgenerators>=0.25",
+        "acvl-utils>=0.2",
+        "dynamic-network-architectures>=0.3",
+        "scikit-learn>=1.3",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+    ],
+    extras_require={"test": ["pytest>=7", "pytest-timeout"]},
+    entry_points={
+        "console_scripts": [
+            "lnm_make_phantom=lnm_auto.cli:make_phantom_cli",
+            "lnm_plan_and_preprocess=lnm_auto.cli:plan_and_preprocess_cli",
+        ]
+    },
+)

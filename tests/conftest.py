@@ -1,0 +1,66 @@
+"""Shared fixtures: a tiny but real raw dataset written with SimpleITK (no mocks)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+
+TINY_DIRECTION = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)   # LPS flip: non-identity on purpose
+TINY_ORIGIN = (40.5, 30.25, -120.0)
+TINY_SPACING_XYZ = (0.8, 0.8, 4.0)
+
+
+def write_image(arr_zyx: np.ndarray, path: Path, spacing_xyz=TINY_SPACING_XYZ, origin=TINY_ORIGIN,
+                direction=TINY_DIRECTION) -> None:
+    img = sitk.GetImageFromArray(arr_zyx)
+    img.SetSpacing(spacing_xyz)
+    img.SetOrigin(origin)
+    img.SetDirection(direction)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(img, str(path))
+
+
+def write_tiny_dataset(raw_root: Path, dataset_id: int = 42, name: str = "Tiny", n_cases: int = 6,
+                       shape_zyx=(10, 48, 48), seed: int = 0, channel_names=None) -> Path:
+    """n_cases cases with 2-3 spherical nodes each; node 1 positive in odd cases."""
+    channel_names = channel_names or {"0": "CT"}
+    rng = np.random.default_rng(seed)
+    root = raw_root / f"Dataset{dataset_id:03d}_{name}"
+    zz, yy, xx = np.meshgrid(*[np.arange(s) for s in shape_zyx], indexing="ij")
+    node_rows, station_rows, patient_rows = [], [], []
+    centres = [(4, 14, 14), (5, 32, 30), (6, 20, 36)]
+    for i in range(n_cases):
+        case = f"case_{i:03d}"
+        image = rng.normal(40, 15, shape_zyx).astype(np.float32)
+        image[:, :, :4] = -1000
+        mask = np.zeros(shape_zyx, np.uint8)
+        n_nodes = 2 + (i % 2)
+        for k in range(1, n_nodes + 1):
+            cz, cy, cx = centres[k - 1]
+            r_mm = 3.0 + k + (2.0 if (k == 1 and i % 2) else 0.0)
+            d2 = ((zz - cz) * TINY_SPACING_XYZ[2]) ** 2 + ((yy - cy) * 0.8) ** 2 + ((xx - cx) * 0.8) ** 2
+            mask[d2 <= r_mm ** 2] = k
+            image[d2 <= r_mm ** 2] = 30 + 20 * k
+            label = int(k == 1 and i % 2 == 1)
+            node_rows.append({"case": case, "node": k, "station": "7" if k == 1 else "4R", "label": label})
+        for ch in range(len(channel_names)):
+            write_image(image + 100 * ch, root / "imagesTr" / f"{case}_{ch:04d}.nii.gz")
+        write_image(mask, root / "nodesTr" / f"{case}.nii.gz")
+        station_rows += [{"case": case, "station": "7", "label": int(i % 2 == 1)},
+                         {"case": case, "station": "4R", "label": 0}]
+        patient_rows.append({"case": case, "label": int(i % 2 == 1)})
+    pd.DataFrame(node_rows).to_csv(root / "nodes.csv", index=False)
+    pd.DataFrame(station_rows).to_csv(root / "stations.csv", index=False)
+    pd.DataFrame(patient_rows).to_csv(root / "patients.csv", index=False)
+    (root / "dataset.json").write_text(json.dumps({"name": name, "channel_names": channel_names,
+                                                   "file_ending": ".nii.gz", "numTraining": n_cases}))
+    return root
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path) -> Path:
+    return write_tiny_dataset(tmp_path / "raw")
