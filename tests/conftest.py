@@ -25,7 +25,8 @@ def write_image(arr_zyx: np.ndarray, path: Path, spacing_xyz=TINY_SPACING_XYZ, o
 
 
 def write_tiny_dataset(raw_root: Path, dataset_id: int = 42, name: str = "Tiny", n_cases: int = 6,
-                       shape_zyx=(10, 48, 48), seed: int = 0, channel_names=None) -> Path:
+                       shape_zyx=(10, 48, 48), seed: int = 0, channel_names=None,
+                       file_ending: str = ".nii.gz") -> Path:
     """n_cases cases with 2-3 spherical nodes each; node 1 positive in odd cases."""
     channel_names = channel_names or {"0": "CT"}
     rng = np.random.default_rng(seed)
@@ -48,8 +49,8 @@ def write_tiny_dataset(raw_root: Path, dataset_id: int = 42, name: str = "Tiny",
             label = int(k == 1 and i % 2 == 1)
             node_rows.append({"case": case, "node": k, "station": "7" if k == 1 else "4R", "label": label})
         for ch in range(len(channel_names)):
-            write_image(image + 100 * ch, root / "imagesTr" / f"{case}_{ch:04d}.nii.gz")
-        write_image(mask, root / "nodesTr" / f"{case}.nii.gz")
+            write_image(image + 100 * ch, root / "imagesTr" / f"{case}_{ch:04d}{file_ending}")
+        write_image(mask, root / "nodesTr" / f"{case}{file_ending}")
         station_rows += [{"case": case, "station": "7", "label": int(i % 2 == 1)},
                          {"case": case, "station": "4R", "label": 0}]
         patient_rows.append({"case": case, "label": int(i % 2 == 1)})
@@ -57,7 +58,7 @@ def write_tiny_dataset(raw_root: Path, dataset_id: int = 42, name: str = "Tiny",
     pd.DataFrame(station_rows).to_csv(root / "stations.csv", index=False)
     pd.DataFrame(patient_rows).to_csv(root / "patients.csv", index=False)
     (root / "dataset.json").write_text(json.dumps({"name": name, "channel_names": channel_names,
-                                                   "file_ending": ".nii.gz", "numTraining": n_cases}))
+                                                   "file_ending": file_ending, "numTraining": n_cases}))
     return root
 
 

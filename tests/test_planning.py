@@ -1,0 +1,167 @@
+"""Planning rules on fingerprints built by hand: each decision is a pure function of the fingerprint."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lnm_auto.planning import planner
+from lnm_auto.planning.plans import Plans
+from lnm_auto.planning.splits import make_patient_splits
+from lnm_auto.utils.errors import LNMError
+
+
+def make_fingerprint(spacings_zyx, shapes_zyx, node_extents, channel_names=None, labels=None, patients=None):
+    """A fingerprint with given case spacings/shapes and node extents (slice, row, col) in mm."""
+    from lnm_auto.preprocessing.geometry import slice_axis
+    cases = {}
+    for i, (sp, sh) in enumerate(zip(spacings_zyx, shapes_zyx)):
+        cases[f"c{i:03d}"] = {"spacing_zyx_mm": list(sp), "shape_zyx": list(sh), "slice_axis": slice_axis(sp),
+                              "patient": (patients or {}).get(f"c{i:03d}", f"c{i:03d}"), "patient_label": -1}
+    case_ids = sorted(cases)
+    labels = labels if labels is not None else [i % 4 == 0 for i in range(len(node_extents))]
+    nodes = [{"case": case_ids[i % len(case_ids)], "node": i + 1, "extent_mm": list(e), "label": int(l),
+              "station_label": -1, "patient_label": -1} for i, (e, l) in enumerate(zip(node_extents, labels))]
+    return {"dataset_name": "Dataset100_Hand", "channel_names": channel_names or {"0": "CT"}, "cases": cases,
+            "nodes": nodes, "intensity_statistics": {"0": {"mean": 30.0, "std": 80.0, "percentile_00_5": -150.0,
+                                                           "percentile_99_5": 250.0}}}
+
+
+def test_anisotropic_spacing_keeps_inplane_and_does_not_oversample_z():
+    spacings = [(5.0, 0.8, 0.8)] * 8 + [(2.5, 0.7, 0.7)] * 2
+    shapes = [(91, 512, 512)] * 10
+    target, aniso = planner.plan_target_spacing(planner.canonical_case_spacings(
+        make_fingerprint(spacings, shapes, [(10, 10, 10)])), planner.canonical_case_shapes(
+        make_fingerprint(spacings, shapes, [(10, 10, 10)])))
+    assert aniso
+    assert target[1] == pytest.approx(0.8) and target[2] == pytest.approx(0.8)   # in-plane median kept
+    # nnU-Net's rule: 10th percentile of slice spacings, i.e. 2.5 here, never finer than in-plane
+    assert target[0] == pytest.approx(np.percentile([5.0] * 8 + [2.5] * 2, 10))
+    assert target[0] >= max(target[1], target[2])
+
+
+def test_isotropic_spacing_is_median():
+    spacings = [(1.0, 1.0, 1.0), (1.2, 1.2, 1.2), (0.9, 0.9, 0.9)]
+    fp = make_fingerprint(spacings, [(200, 200, 200)] * 3, [(10, 10, 10)])
+    target, aniso = planner.plan_target_spacing(planner.canonical_case_spacings(fp), planner.canonical_case_shapes(fp))
+    assert not aniso
+    assert target == pytest.approx((1.0, 1.0, 1.0))
+
+
+def test_sagittal_acquisition_puts_coarse_axis_first():
+    # numpy (z, y, x) spacing with x coarse: canonical slice axis is x
+    fp = make_fingerprint([(0.9, 0.9, 4.0)] * 3, [(256, 256, 30)] * 3, [(12, 12, 12)])
+    spacings = planner.canonical_case_spacings(fp)
+    assert spacings[0] == pytest.approx((4.0, 0.9, 0.9))
+
+
+def test_seed_like_ct_gives_64x64_inplane_roi():
+    # esophageal CT like the paper: 0.8 x 0.8 x 5 mm, nodes up to ~25 mm in-plane
+    rng = np.random.default_rng(0)
+    ext = np.column_stack([rng.uniform(5, 20, 300), rng.uniform(5, 25, 300), rng.uniform(5, 25, 300)])
+    fp = make_fingerprint([(5.0, 0.8, 0.8)] * 20, [(91, 512, 512)] * 20, ext)
+    plans = planner.plan_experiment(fp)
+    g = plans.scales["global"]
+    assert g.roi_shape[1:] == (64, 64)
+    assert g.spacing_mm == pytest.approx((5.0, 0.8, 0.8))
+    p95_slice = np.percentile(ext[:, 0], 95)
+    assert g.roi_shape[0] == int(np.ceil(2 * p95_slice / 5.0))
+    # cache crops leave room for augmentation, through-plane unchanged
+    assert g.cache_shape[0] == g.roi_shape[0] and g.cache_shape[1] >= 1.25 * g.roi_shape[1]
+
+
+def test_roi_grows_with_node_size_and_is_capped():
+    small = make_fingerprint([(1.0, 1.0, 1.0)] * 3, [(200, 200, 200)] * 3, [(8, 8, 8)] * 10)
+    big = make_fingerprint([(1.0, 1.0, 1.0)] * 3, [(200, 200, 200)] * 3, [(40, 40, 40)] * 10)
+    huge = make_fingerprint([(0.5, 0.5, 0.5)] * 3, [(400, 400, 400)] * 3, [(100, 100, 100)] * 10)
+    gs, gb, gh = (planner.plan_experiment(f).scales["global"] for f in (small, big, huge))
+    assert gs.roi_shape[1] == planner.MIN_INPLANE_VOXELS       # 24 mm minimum field -> 32 voxels
+    assert gb.roi_shape[1] == 80 and gb.roi_size_mm[1] == pytest.approx(80.0)
+    assert gh.roi_shape[1] == planner.MAX_INPLANE_VOXELS and gh.roi_shape[0] == planner.MAX_SLICES
+    assert gh.roi_size_mm[1] == pytest.approx(200.0) and gh.spacing_mm[1] > 0.5   # field kept, sampled coarser
+    for g in (gs, gb, gh):
+        assert g.roi_shape[1] % planner.INPLANE_MULTIPLE == 0
+
+
+def test_local_scale_zooms_between_1_and_2():
+    fp = make_fingerprint([(5.0, 0.8, 0.8)] * 5, [(91, 512, 512)] * 5, [(10, 20, 20)] * 20)
+    plans = planner.plan_experiment(fp)
+    g, loc = plans.scales["global"], plans.scales["local"]
+    zoom = g.roi_size_mm[1] / loc.roi_size_mm[1]
+    assert 1.0 <= zoom <= 2.0
+    assert loc.roi_shape == g.roi_shape and loc.spacing_mm[0] == g.spacing_mm[0]
+    assert loc.roi_size_mm[1] >= 20.0   # the whole (95th percentile) node stays in view
+
+
+def test_normalization_ct_vs_zscore():
+    fp = make_fingerprint([(1, 1, 1)] * 2, [(50, 50, 50)] * 2, [(10, 10, 10)], channel_names={"0": "CT", "1": "T2"})
+    norms = planner.plan_normalization(fp)
+    assert norms[0].scheme == "CT" and (norms[0].clip_low, norms[0].clip_high) == (-150.0, 250.0)
+    assert norms[0].mean == 30.0 and norms[0].std == 80.0
+    assert norms[1].scheme == "zscore" and norms[1].mean is None
+
+
+def test_batch_size_and_positive_fraction():
+    assert planner.plan_batch_size(1000, 5, 16) == 16
+    assert planner.plan_batch_size(40, 5, 16) == 8       # 32 training nodes per fold / 4 steps
+    assert planner.plan_batch_size(3, 5, 16) == 2
+    assert planner.plan_positive_fraction(188, 3447) == pytest.approx(0.33)
+    assert planner.plan_positive_fraction(60, 40) == pytest.approx(0.5)
+
+
+def test_bigger_budget_planner_never_gives_smaller_network():
+    fp = make_fingerprint([(5.0, 0.8, 0.8)] * 5, [(91, 512, 512)] * 5, [(15, 25, 25)] * 20)
+    cpu, gpu = planner.plan_experiment(fp, "LNMPlannerCPU"), planner.plan_experiment(fp, "LNMPlanner")
+    rc, rg = cpu.configurations["3d_resenc"].network, gpu.configurations["3d_resenc"].network
+    assert all(a <= b for a, b in zip(rc.features_per_stage, rg.features_per_stage))
+    assert gpu.configurations["2d25"].recipe.batch_size >= cpu.configurations["2d25"].recipe.batch_size
+
+
+def test_plans_json_round_trip(tmp_path):
+    fp = make_fingerprint([(5.0, 0.8, 0.8)] * 5, [(91, 512, 512)] * 5, [(15, 25, 25)] * 20)
+    plans = planner.plan_experiment(fp)
+    plans.save(tmp_path / "LNMPlans.json")
+    again = Plans.load(tmp_path / "LNMPlans.json")
+    assert again == plans
+    assert isinstance(again.scales["global"].roi_shape, tuple)
+    assert type(again.configurations["2d25"].network) is type(plans.configurations["2d25"].network)
+
+
+def test_plans_version_and_unknown_configuration(tmp_path):
+    fp = make_fingerprint([(1, 1, 1)] * 2, [(50, 50, 50)] * 2, [(10, 10, 10)])
+    d = planner.plan_experiment(fp).to_dict()
+    d["plans_version"] = 99
+    with pytest.raises(LNMError, match="plans version 99"):
+        Plans.from_dict(d)
+    with pytest.raises(LNMError, match="configuration 'nope' is not in the plans"):
+        planner.plan_experiment(fp).configuration("nope")
+
+
+def test_planning_is_deterministic():
+    fp = make_fingerprint([(5.0, 0.8, 0.8)] * 5, [(91, 512, 512)] * 5, [(15, 25, 25)] * 20)
+    assert planner.plan_experiment(fp).to_dict() == planner.plan_experiment(fp).to_dict()
+
+
+def test_patient_level_splits_keep_patients_together_and_stratify():
+    n = 30
+    patients = {f"c{i:03d}": f"p{i // 2}" for i in range(n)}     # two cases (scans) per patient
+    fp = make_fingerprint([(5, 0.8, 0.8)] * n, [(91, 512, 512)] * n, [(10, 10, 10)] * n,
+                          labels=[i % 6 < 2 for i in range(n)], patients=patients)
+    folds = make_patient_splits(fp, 5, seed=1)
+    assert len(folds) == 5
+    seen = [c for f in folds for c in f["val"]]
+    assert sorted(seen) == sorted(fp["cases"])                    # every case validated exactly once
+    for f in folds:
+        val_patients = {patients[c] for c in f["val"]}
+        train_patients = {patients[c] for c in f["train"]}
+        assert not val_patients & train_patients                   # no patient on both sides
+        assert set(f["train"]) | set(f["val"]) == set(fp["cases"])
+        pos = sum(1 for n_ in fp["nodes"] if n_["case"] in f["val"] and n_["label"] == 1)
+        assert pos >= 1                                            # positives spread over all folds
+    assert make_patient_splits(fp, 5, seed=1) == folds              # stable for a seed
+    assert make_patient_splits(fp, 5, seed=2) != folds
+
+
+def test_splits_need_two_patients():
+    fp = make_fingerprint([(1, 1, 1)], [(50, 50, 50)], [(10, 10, 10)])
+    with pytest.raises(LNMError, match="at least 2 patients"):
+        make_patient_splits(fp)

@@ -1,0 +1,154 @@
+"""Resampling correctness, normalization, npz caches: real images through SimpleITK."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from lnm_auto.planning.plans import ChannelNormalization, CropScale
+from lnm_auto.preprocessing.geometry import measure_nodes, resample_mask_to_grid, roi_grid
+from lnm_auto.preprocessing.normalization import normalize
+from lnm_auto.preprocessing.preprocessor import load_case_crops, preprocess_images
+from test_planning import make_fingerprint
+
+
+def rotation_direction(deg_z: float, deg_x: float) -> tuple:
+    a, b = math.radians(deg_z), math.radians(deg_x)
+    rz = np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, math.cos(b), -math.sin(b)], [0, math.sin(b), math.cos(b)]])
+    return tuple((rz @ rx @ np.diag([-1, -1, 1])).ravel())
+
+
+def sphere_case(radius_mm=9.0, spacing_xyz=(0.7, 0.7, 3.0), size_xyz=(96, 96, 30), direction=None,
+                origin=(-30.0, 12.5, -80.0)):
+    """An image + node mask with one sphere whose physical centre is known."""
+    img = sitk.Image(size_xyz, sitk.sitkFloat32)
+    img.SetSpacing(spacing_xyz)
+    img.SetOrigin(origin)
+    img.SetDirection(direction or rotation_direction(20, 10))
+    centre_idx = np.array(size_xyz) / 2.0 + np.array([3.3, -2.1, 0.4])
+    centre_phys = np.array(img.TransformContinuousIndexToPhysicalPoint(tuple(centre_idx)))
+    # physical coordinates of every voxel
+    idx = np.stack(np.meshgrid(*[np.arange(s) for s in size_xyz], indexing="ij"), -1).reshape(-1, 3).astype(float)
+    d = np.asarray(img.GetDirection()).reshape(3, 3)
+    phys = np.asarray(origin) + (idx * spacing_xyz) @ d.T
+    inside = (np.linalg.norm(phys - centre_phys, axis=1) <= radius_mm).reshape(size_xyz).transpose(2, 1, 0)
+    arr = np.where(inside, 60.0, -100.0).astype(np.float32)
+    image = sitk.GetImageFromArray(arr)
+    image.CopyInformation(img)
+    mask = sitk.GetImageFromArray(inside.astype(np.uint8) * 3)   # node id 3
+    mask.CopyInformation(img)
+    return image, mask, centre_phys
+
+
+def tiny_plans(roi=(16, 48, 48), spacing=(1.5, 0.5, 0.5), scheme="CT"):
+    from lnm_auto.planning.planner import plan_experiment
+    fp = make_fingerprint([(3.0, 0.7, 0.7)] * 4, [(30, 96, 96)] * 4, [(18, 18, 18)] * 8)
+    plans = plan_experiment(fp)
+    scale = CropScale("global", spacing, roi, tuple(a * b for a, b in zip(roi, spacing)), roi)
+    norm = ChannelNormalization(0, "CT", "CT", -100.0, 60.0, 0.0, 50.0) if scheme == "CT" else \
+        ChannelNormalization(0, "T2", "zscore")
+    return dataclasses.replace(plans, scales={"global": scale}, normalization=[norm])
+
+
+def test_sphere_keeps_physical_volume_and_centre_after_resampling():
+    image, mask, centre = sphere_case()
+    source_volume = float(sitk.GetArrayFromImage(mask).astype(bool).sum() * np.prod(mask.GetSpacing()))
+    assert source_volume == pytest.approx(4 / 3 * math.pi * 9.0 ** 3, rel=0.05)
+    plans = tiny_plans()
+    out = preprocess_images([image], mask, plans)
+    crop = out["mask_global"][0]
+    scale = plans.scales["global"]
+    crop_volume = crop.sum() * np.prod(scale.spacing_mm)
+    assert crop_volume == pytest.approx(source_volume, rel=0.04)
+    # the node centre in world coordinates survives: centroid of the crop's mask mapped back to physical
+    (node,) = measure_nodes(mask)
+    assert node.node == 3
+    np.testing.assert_allclose(out["centre_mm"][0], centre, atol=0.35)
+    grid = roi_grid(mask, out["centre_mm"][0], scale.spacing_mm, scale.roi_shape)
+    cidx = np.argwhere(crop).mean(axis=0)[::-1]   # (col, row, slice) = grid's sitk index order
+    d = np.asarray(grid.direction).reshape(3, 3)
+    phys = np.asarray(grid.origin) + d @ (cidx * np.asarray(grid.spacing_xyz))
+    np.testing.assert_allclose(phys, centre, atol=0.5)
+
+
+def test_crop_axes_are_canonical_for_sagittal_acquisition():
+    # coarse axis along SimpleITK x: it must become the crop's first (slice) axis
+    image, mask, _ = sphere_case(spacing_xyz=(3.0, 0.7, 0.7), size_xyz=(30, 96, 96),
+                                 direction=(1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
+    plans = tiny_plans(roi=(10, 48, 48), spacing=(3.0, 0.7, 0.7))
+    crop = preprocess_images([image], mask, plans)["mask_global"][0]
+    # the sphere spans ~18 mm: ~6 slices at 3 mm, ~26 voxels at 0.7 mm
+    extent = [np.ptp(np.nonzero(crop)[a]) + 1 for a in range(3)]
+    assert 5 <= extent[0] <= 8 and 24 <= extent[1] <= 28 and 24 <= extent[2] <= 28
+
+
+def test_ct_normalization_clips_and_uses_dataset_statistics():
+    norm = ChannelNormalization(0, "CT", "CT", clip_low=-100.0, clip_high=200.0, mean=50.0, std=25.0)
+    x = np.array([-1000.0, -100.0, 50.0, 200.0, 3000.0])
+    np.testing.assert_allclose(normalize(x, norm), [-6.0, -6.0, 0.0, 6.0, 6.0])
+
+
+def test_zscore_normalization_is_per_case():
+    norm = ChannelNormalization(0, "T2", "zscore")
+    x = np.array([10.0, 20.0, 30.0])
+    np.testing.assert_allclose(normalize(x, norm, (20.0, 10.0)), [-1.0, 0.0, 1.0])
+    y = normalize(x * 7 + 300, norm)
+    assert y.mean() == pytest.approx(0.0, abs=1e-6) and y.std() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_mri_crops_do_not_depend_on_intensity_scale():
+    image, mask, _ = sphere_case()
+    plans = tiny_plans(scheme="zscore")
+    a = preprocess_images([image], mask, plans)["image_global"].astype(np.float32)
+    b = preprocess_images([image * 3.0 + 500.0], mask, plans)["image_global"].astype(np.float32)
+    np.testing.assert_allclose(a, b, atol=2e-2)
+
+
+def test_plan_and_preprocess_writes_everything_and_npz_round_trips(tiny_dataset, tmp_path):
+    from lnm_auto.planning.plan_and_preprocess import plan_and_preprocess
+    from lnm_auto.planning.plans import Plans
+    from lnm_auto.utils.io import load_json
+    r = plan_and_preprocess("42", tiny_dataset.parent, tmp_path / "pre", planner="LNMPlannerCPU", progress=False)
+    out = tmp_path / "pre" / "Dataset042_Tiny"
+    for f in ("dataset.json", "dataset_fingerprint.json", "LNMPlans.json", "splits_final.json"):
+        assert (out / f).is_file()
+    plans = Plans.load(out / "LNMPlans.json")
+    assert plans == r.plans
+    fp = load_json(out / "dataset_fingerprint.json")
+    assert len(fp["cases"]) == 6 and len(fp["nodes"]) == 15
+    assert fp["label_counts"]["node"] == {"positive": 3, "negative": 12, "unknown": 0}
+    crops = load_case_crops(r.crops_dir / "case_001.npz")
+    g = plans.scales["global"]
+    assert crops["image_global"].shape == (3, 1, *g.cache_shape)
+    assert crops["mask_local"].shape == (3, *plans.scales["local"].cache_shape)
+    assert crops["node_ids"].tolist() == [1, 2, 3]
+    assert crops["node_labels"].tolist() == [1, 0, 0]
+    assert crops["stations"].tolist() == ["7", "4R", "4R"]
+    assert crops["station_labels"].tolist() == [1, 0, 0]
+    assert int(crops["patient_label"]) == 1 and str(crops["case_id"]) == "case_001"
+    # the crop's centre voxel lies inside the node it is centred on
+    s, r_, c = (np.array(g.cache_shape) - 1) // 2
+    assert crops["mask_global"][:, s, r_, c].all()
+    # re-running skips finished cases (files untouched) unless --clean
+    mtime = (r.crops_dir / "case_001.npz").stat().st_mtime_ns
+    plan_and_preprocess("42", tiny_dataset.parent, tmp_path / "pre", planner="LNMPlannerCPU", progress=False)
+    assert (r.crops_dir / "case_001.npz").stat().st_mtime_ns == mtime
+    plan_and_preprocess("42", tiny_dataset.parent, tmp_path / "pre", planner="LNMPlannerCPU", progress=False, clean=True)
+    assert (r.crops_dir / "case_001.npz").stat().st_mtime_ns != mtime
+
+
+def test_multiprocess_preprocessing_equals_single_process(tiny_dataset, tmp_path):
+    from lnm_auto.planning.plan_and_preprocess import plan_and_preprocess
+    a = plan_and_preprocess(42, tiny_dataset.parent, tmp_path / "a", planner="LNMPlannerCPU", progress=False)
+    b = plan_and_preprocess(42, tiny_dataset.parent, tmp_path / "b", planner="LNMPlannerCPU", progress=False,
+                            num_processes=2)
+    for case in ("case_000", "case_005"):
+        x, y = load_case_crops(a.crops_dir / f"{case}.npz"), load_case_crops(b.crops_dir / f"{case}.npz")
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
