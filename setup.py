@@ -26,6 +26,7 @@ setup(
         "console_scripts": [
             "lnm_make_phantom=lnm_auto.cli:make_phantom_cli",
             "lnm_plan_and_preprocess=lnm_auto.cli:plan_and_preprocess_cli",
+            "lnm_train=lnm_auto.cli:train_cli",
         ]
     },
 )

@@ -109,9 +109,48 @@ def plan_and_preprocess_entry(argv: list[str] | None = None) -> int:
     return _run("lnm_plan_and_preprocess", _plan_and_preprocess, plan_and_preprocess_parser(), argv)
 
 
+# ---- lnm_train ------------------------------------------------------------------------------------
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lnm_train", description="Train one fold of one configuration.")
+    p.add_argument("dataset", help="dataset id: 001, 1 or Dataset001_Name")
+    p.add_argument("configuration", help="a configuration of the plans, e.g. 2d25 or 3d_resenc")
+    p.add_argument("fold", help="fold number (0..4) or 'all'")
+    p.add_argument("-tr", "--trainer", default="LNMTrainer", help="trainer class (default LNMTrainer)")
+    p.add_argument("-p", "--plans_name", default="LNMPlans")
+    p.add_argument("--epochs", type=int, default=None, help="override the number of epochs (quick experiments)")
+    p.add_argument("-pretrained_weights", "--pretrained_weights", default=None, metavar="FILE",
+                   help="state dict (or checkpoint) whose matching tensors initialise the network")
+    p.add_argument("--c", "--continue", dest="continue_training", action="store_true",
+                   help="continue from checkpoint_latest.pth")
+    p.add_argument("-device", "--device", default="cpu", help="cpu (default), cuda or mps")
+    p.add_argument("-num_workers", "--num_workers", type=int, default=None,
+                   help="background augmentation processes (default: $LNM_n_proc_DA or cores - 1)")
+    _add_location_flags(p, "preprocessed", "results")
+    return p
+
+
+def _train(args: argparse.Namespace) -> int:
+    from lnm_auto.training.run import run_training, setup_trainer
+    trainer = setup_trainer(args.dataset, args.configuration, args.fold, base_folder("preprocessed", args.preprocessed),
+                            base_folder("results", args.results), args.trainer, args.plans_name, args.device,
+                            args.epochs, args.num_workers)
+    run_training(trainer, args.continue_training, args.pretrained_weights)
+    print(f"results in {trainer.output_folder}")
+    return 0
+
+
+def train_entry(argv: list[str] | None = None) -> int:
+    return _run("lnm_train", _train, train_parser(), argv)
+
+
+def train_cli() -> None:
+    sys.exit(train_entry())
+
+
 COMMANDS: dict[str, Callable[[list[str] | None], int]] = {
     "make_phantom": make_phantom_entry,
     "plan_and_preprocess": plan_and_preprocess_entry,
+    "train": train_entry,
 }
 
 

@@ -1,0 +1,86 @@
+"""``lnm_train DATASET CONFIG FOLD``: resolve folders, set up the trainer, continue or start, train."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from lnm_auto.planning.plan_and_preprocess import FINGERPRINT_FILE, SPLITS_FILE
+from lnm_auto.planning.plans import Plans
+from lnm_auto.training.trainer import LNMTrainer, get_trainer_class
+from lnm_auto.utils.errors import LNMError
+from lnm_auto.utils.io import load_json
+from lnm_auto.utils.paths import resolve_dataset_name
+
+
+def model_folder(results_root: Path, dataset_name: str, trainer: str, plans_name: str, configuration: str) -> Path:
+    return Path(results_root) / dataset_name / f"{trainer}__{plans_name}__{configuration}"
+
+
+def parse_fold(fold: str) -> int | str:
+    if str(fold) == "all":
+        return "all"
+    try:
+        return int(fold)
+    except ValueError:
+        raise LNMError(f"fold must be a number (0, 1, ...) or 'all', got '{fold}'") from None
+
+
+def resolve_device(name: str) -> str:
+    name = name.lower()
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LNMError("-device cuda requested but no CUDA GPU is available; use -device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise LNMError("-device mps requested but MPS is not available; use -device cpu")
+    if name not in ("cpu", "cuda", "mps"):
+        raise LNMError(f"unknown device '{name}': use cpu, cuda or mps")
+    return name
+
+
+def setup_trainer(dataset: str | int, configuration: str, fold: str, preprocessed_root: Path, results_root: Path,
+                  trainer_name: str = "LNMTrainer", plans_name: str = "LNMPlans", device: str = "cpu",
+                  num_epochs: int | None = None, num_workers: int | None = None) -> LNMTrainer:
+    name = resolve_dataset_name(dataset, preprocessed_root)
+    pre = Path(preprocessed_root) / name
+    plans = Plans.load(pre / f"{plans_name}.json")
+    plans.configuration(configuration)
+    trainer_cls = get_trainer_class(trainer_name)
+    fold_value = parse_fold(fold)
+    splits_file = pre / SPLITS_FILE
+    splits = load_json(splits_file) if splits_file.is_file() else None
+    if fold_value != "all" and splits is None:
+        raise LNMError(f"{splits_file}: missing; re-run lnm_plan_and_preprocess -d {name}")
+    if num_epochs is not None and num_epochs < 1:
+        raise LNMError(f"--epochs must be at least 1, got {num_epochs}")
+    out = model_folder(results_root, name, trainer_name, plans_name, configuration)
+    trainer = trainer_cls(plans, configuration, fold_value, pre, out / f"fold_{fold_value}", resolve_device(device),
+                          num_epochs, num_workers=num_workers, splits=splits)
+    # the model folder alone must be enough for inference (like nnU-Net's results folders)
+    plans.save(out / "plans.json")
+    for f in ("dataset.json", FINGERPRINT_FILE):
+        shutil.copyfile(pre / f, out / f)
+    return trainer
+
+
+def run_training(trainer: LNMTrainer, continue_training: bool = False, pretrained_weights: Path | None = None,
+                 stop_after_epoch: int | None = None) -> LNMTrainer:
+    if continue_training and pretrained_weights:
+        raise LNMError("--c and -pretrained_weights exclude each other: continuing restores the run's own weights")
+    if continue_training:
+        latest = trainer.output_folder / "checkpoint_latest.pth"
+        final = trainer.output_folder / "checkpoint_final.pth"
+        if final.is_file() and not latest.is_file():
+            latest = final
+        if not latest.is_file():
+            trainer.log.print("--c: no checkpoint to continue from; starting from scratch")
+        else:
+            trainer.load_checkpoint(latest)
+            trainer.log.print(f"continuing from {latest.name} at epoch {trainer.current_epoch}")
+            if trainer.current_epoch >= trainer.num_epochs and (trainer.output_folder / "checkpoint_final.pth").is_file():
+                trainer.log.print("training already finished; nothing to do")
+                return trainer
+    elif pretrained_weights:
+        trainer.load_pretrained(Path(pretrained_weights))
+    trainer.run_training(stop_after_epoch=stop_after_epoch)
+    return trainer

@@ -1,0 +1,150 @@
+"""Training: real torch steps on the tiny dataset's real caches."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from lnm_auto.planning.plan_and_preprocess import plan_and_preprocess
+from lnm_auto.training.run import run_training, setup_trainer
+from conftest import write_tiny_dataset
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    write_tiny_dataset(root / "raw", n_cases=8)
+    plan_and_preprocess(42, root / "raw", root / "pre", planner="LNMPlannerCPU", progress=False)
+    return root
+
+
+def make_trainer(prepared, results, config="3d_resenc", fold="0", trainer="LNMTrainer_2epochs", epochs=None):
+    return setup_trainer(42, config, fold, prepared / "pre", results, trainer, num_epochs=epochs, num_workers=0)
+
+
+def cli(*args, prepared, results):
+    return subprocess.run([sys.executable, "-m", "lnm_auto", "train", *args, "--preprocessed", str(prepared / "pre"),
+                           "--results", str(results)], capture_output=True, text=True,
+                          env={**os.environ, "LNM_NO_PROGRESS": "1", "LNM_n_proc_DA": "0"})
+
+
+def test_loss_is_sum_of_three_bce_terms(prepared, tmp_path):
+    tr = make_trainer(prepared, tmp_path, config="2d25")
+    records = tr.training_records().iloc[:3]
+    from lnm_auto.training.data import load_batch
+    from lnm_auto.training.trainer import to_tensors
+    tr.store.unpack(records.case.unique())
+    batch = to_tensors(load_batch(tr.store, records, tr.config.scales, tr.roi_shapes), tr.config.scales, True,
+                       tr.device)
+    outputs = tr.network(batch)
+    assert set(outputs) == {"fused", "global", "local"}
+    for v in outputs.values():
+        assert v.shape == (3,)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    expected = sum(bce(outputs[k], batch["label"]) for k in ("fused", "global", "local"))
+    assert torch.allclose(tr.compute_loss(outputs, batch), expected)
+    # each term matters: dropping one head changes the loss
+    assert not torch.allclose(tr.compute_loss({"fused": outputs["fused"]}, batch), expected)
+
+
+def test_training_writes_every_output(prepared, tmp_path):
+    tr = run_training(make_trainer(prepared, tmp_path))
+    out = tr.output_folder
+    assert out == tmp_path / "Dataset042_Tiny" / "LNMTrainer_2epochs__LNMPlans__3d_resenc" / "fold_0"
+    for f in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth", "training_log.txt",
+              "progress.png", "validation/nodes.csv", "validation/metrics.json"):
+        assert (out / f).is_file(), f
+    for f in ("plans.json", "dataset.json", "dataset_fingerprint.json"):
+        assert (out.parent / f).is_file()
+    val = pd.read_csv(out / "validation" / "nodes.csv", dtype={"case": str})
+    assert set(val.case) == set(tr.val_cases) and not set(val.case) & set(tr.train_cases)
+    assert val.probability.between(0, 1).all()
+    from sklearn.metrics import roc_auc_score
+    import json
+    metrics = json.loads((out / "validation" / "metrics.json").read_text())
+    if 0 < val.label.sum() < len(val):
+        assert metrics["auroc"] == pytest.approx(roc_auc_score(val.label, val.probability))
+    log = (out / "training_log.txt").read_text()
+    assert "epoch 2/2" in log and "waiting for data" in log
+    ckpt = torch.load(out / "checkpoint_final.pth", weights_only=False)
+    assert ckpt["current_epoch"] == 2 and ckpt["trainer_name"] == "LNMTrainer_2epochs"
+    assert len(ckpt["logging"]["val_auroc"]) == 2
+
+
+def test_kill_and_continue_equals_uninterrupted(prepared, tmp_path):
+    full = run_training(make_trainer(prepared, tmp_path / "a", trainer="LNMTrainer", epochs=3))
+    part = run_training(make_trainer(prepared, tmp_path / "b", trainer="LNMTrainer", epochs=3), stop_after_epoch=2)
+    assert part.current_epoch == 2 and not (part.output_folder / "checkpoint_final.pth").exists()
+    resumed = run_training(make_trainer(prepared, tmp_path / "b", trainer="LNMTrainer", epochs=3),
+                           continue_training=True)
+    assert resumed.current_epoch == 3
+    for (k, a), b in zip(full.network.state_dict().items(), resumed.network.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
+    assert resumed.log.values["train_loss"] == pytest.approx(full.log.values["train_loss"], rel=1e-4)
+    assert resumed.lr_scheduler.last_epoch == full.lr_scheduler.last_epoch == 3
+
+
+def test_checkpoint_killed_while_writing_is_never_half(tmp_path):
+    script = textwrap.dedent(f"""
+        import torch, itertools
+        from lnm_auto.utils.io import atomic_path
+        big = torch.randn(4_000_000)
+        for i in itertools.count():
+            with atomic_path(r"{tmp_path / 'ckpt.pth'}", suffix=".pth") as tmp:
+                torch.save({{"i": i, "w": big}}, tmp)
+            print(i, flush=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "0"     # one complete checkpoint exists
+    time.sleep(0.3)                                   # now kill it, most likely mid-write
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ckpt = torch.load(tmp_path / "ckpt.pth", weights_only=True)
+    assert ckpt["w"].shape == (4_000_000,)
+
+
+def test_pretrained_weights_round_trip(prepared, tmp_path):
+    tr = run_training(make_trainer(prepared, tmp_path / "src"))
+    weights = tmp_path / "encoder.pth"
+    torch.save(tr.network.encoder.state_dict(), weights)
+    fresh = make_trainer(prepared, tmp_path / "dst")
+    report = fresh.load_pretrained(weights)
+    assert len(report["matched"]) == len(tr.network.encoder.state_dict())
+    for k, v in tr.network.encoder.state_dict().items():
+        torch.testing.assert_close(fresh.network.encoder.state_dict()[k], v)
+    assert "tensors loaded" in (fresh.output_folder / "training_log.txt").read_text()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["7", "3d_resenc", "0"], "no dataset with id 007"),
+    (["42", "4d_magic", "0"], "configuration '4d_magic' is not in the plans"),
+    (["42", "3d_resenc", "9"], "fold 9 is out of range"),
+    (["42", "3d_resenc", "x"], "fold must be a number"),
+    (["42", "3d_resenc", "0", "-tr", "NoSuchTrainer"], "unknown trainer 'NoSuchTrainer'"),
+    (["42", "3d_resenc", "0", "-p", "OtherPlans"], "OtherPlans.json: plans not found"),
+    (["42", "3d_resenc", "0", "-pretrained_weights", "/nonexistent/w.pth"], "does not exist"),
+])
+def test_bad_input_is_one_line(prepared, tmp_path, args, message):
+    proc = cli(*args, prepared=prepared, results=tmp_path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert message in proc.stderr
+
+
+def test_missing_preprocessed_data_is_one_line(prepared, tmp_path):
+    import shutil
+    copy = tmp_path / "pre"
+    shutil.copytree(prepared / "pre", copy)
+    shutil.rmtree(copy / "Dataset042_Tiny" / "LNMPlans_crops")
+    proc = subprocess.run([sys.executable, "-m", "lnm_auto", "train", "42", "3d_resenc", "0", "--preprocessed",
+                           str(copy), "--results", str(tmp_path / "res")], capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "nodes_index.csv: missing; run lnm_plan_and_preprocess" in proc.stderr
