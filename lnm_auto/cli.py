@@ -147,7 +147,148 @@ def train_cli() -> None:
     sys.exit(train_entry())
 
 
+# ---- lnm_predict ----------------------------------------------------------------------------------
+def predict_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lnm_predict", description="Score every lymph node of new cases with the fold "
+                                                                "ensemble of a trained model.")
+    p.add_argument("-i", "--input", required=True, help="folder of cases (see documentation/outputs.md)")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("-d", "--dataset", default=None, help="dataset of the model (optional if only one model is trained)")
+    p.add_argument("-c", "--configuration", default=None)
+    p.add_argument("-tr", "--trainer", default="LNMTrainer")
+    p.add_argument("-p", "--plans_name", default="LNMPlans")
+    p.add_argument("-m", "--model", default=None, help="a model folder or a zip from lnm_export_model")
+    p.add_argument("-f", "--folds", nargs="+", default=None, help="folds to ensemble (default: every trained fold)")
+    p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
+    p.add_argument("-device", "--device", default="cpu", help="cpu (default), cuda or mps")
+    p.add_argument("-npp", "--num_processes_preprocessing", type=int, default=1)
+    p.add_argument("--disable_tta", action="store_true", help="no test-time mirroring")
+    p.add_argument("--no_probmaps", action="store_true", help="do not write <case>_probmap.nii.gz")
+    p.add_argument("--quiet", action="store_true")
+    _add_location_flags(p, "results")
+    return p
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import os
+    from lnm_auto.inference.model import find_model
+    from lnm_auto.inference.predictor import predict_folder
+    from lnm_auto.training.run import resolve_device
+    results = Path(args.results) if args.results else (Path(os.environ["LNM_results"]) if os.environ.get("LNM_results") else None)
+    folder = find_model(results, args.dataset, args.configuration, args.trainer, args.plans_name, args.model)
+    info = predict_folder(Path(args.input), Path(args.output), folder, args.folds, args.checkpoint,
+                          resolve_device(args.device), args.num_processes_preprocessing, not args.disable_tta,
+                          not args.no_probmaps, not args.quiet)
+    print(f"{info['n_nodes']} nodes of {info['n_cases']} case(s) scored by folds {', '.join(info['folds'])} of "
+          f"{folder}; results in {args.output}")
+    return 0
+
+
+def predict_entry(argv: list[str] | None = None) -> int:
+    return _run("lnm_predict", _predict, predict_parser(), argv)
+
+
+def predict_cli() -> None:
+    sys.exit(predict_entry())
+
+
+# ---- lnm_export_model -----------------------------------------------------------------------------
+def export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lnm_export_model", description="Pack a trained model into one zip.")
+    p.add_argument("-d", "--dataset", required=True)
+    p.add_argument("-c", "--configuration", required=True)
+    p.add_argument("-o", "--output", required=True, help="the zip to write")
+    p.add_argument("-tr", "--trainer", default="LNMTrainer")
+    p.add_argument("-p", "--plans_name", default="LNMPlans")
+    p.add_argument("-f", "--folds", nargs="+", default=None)
+    p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
+    _add_location_flags(p, "results")
+    return p
+
+
+def _export(args: argparse.Namespace) -> int:
+    from lnm_auto.inference.model import export_model, find_model
+    folder = find_model(base_folder("results", args.results), args.dataset, args.configuration, args.trainer,
+                        args.plans_name)
+    out = export_model(folder, Path(args.output), args.folds, args.checkpoint)
+    print(f"model {folder.name} written to {out}")
+    return 0
+
+
+def export_entry(argv: list[str] | None = None) -> int:
+    return _run("lnm_export_model", _export, export_parser(), argv)
+
+
+def export_cli() -> None:
+    sys.exit(export_entry())
+
+
+# ---- lnm_evaluate ---------------------------------------------------------------------------------
+def evaluate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lnm_evaluate", description="AUROC, operating points, bootstrap CIs, DeLong; "
+                                                                 "node, station and patient level.")
+    p.add_argument("-ref", "--reference", required=True, help="reference nodes CSV: case,node,station,label")
+    p.add_argument("-pred", "--prediction", required=True, help="predicted nodes.csv from lnm_predict")
+    p.add_argument("-o", "--output", required=True, help="report folder")
+    p.add_argument("--ref_stations", default=None, help="reference stations CSV (else derived from node labels)")
+    p.add_argument("--ref_patients", default=None, help="reference patients CSV (else derived from node labels)")
+    p.add_argument("--compare", default=None, help="a second nodes.csv: DeLong test of the AUROC difference")
+    p.add_argument("--n_bootstrap", type=int, default=1000)
+    return p
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from lnm_auto.evaluation.report import evaluate, format_table
+    metrics = evaluate(args.reference, args.prediction, args.output, args.ref_stations, args.ref_patients,
+                       args.compare, n_bootstrap=args.n_bootstrap)
+    print(format_table(metrics))
+    print(f"report: {Path(args.output) / 'metrics.json'}, {Path(args.output) / 'roc.png'}, "
+          f"{Path(args.output) / 'calibration.png'}")
+    return 0
+
+
+def evaluate_entry(argv: list[str] | None = None) -> int:
+    return _run("lnm_evaluate", _evaluate, evaluate_parser(), argv)
+
+
+def evaluate_cli() -> None:
+    sys.exit(evaluate_entry())
+
+
+# ---- lnm_demo -------------------------------------------------------------------------------------
+def demo_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lnm_demo", description="End to end on the embedded phantom: make data, plan, "
+                                                             "train the folds, predict the test cases, evaluate.")
+    p.add_argument("--workdir", default="lnm_demo_data", help="where everything is written (default ./lnm_demo_data)")
+    p.add_argument("-c", "--configuration", default="2d25")
+    p.add_argument("-f", "--folds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    p.add_argument("-tr", "--trainer", default="LNMTrainer_5epochs")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--cases", type=int, default=40)
+    p.add_argument("--test-cases", type=int, default=20)
+    return p
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from lnm_auto.demo import run_demo
+    run_demo(Path(args.workdir), args.configuration, tuple(args.folds), args.trainer, args.epochs, args.cases,
+             args.test_cases)
+    return 0
+
+
+def demo_entry(argv: list[str] | None = None) -> int:
+    return _run("lnm_demo", _demo, demo_parser(), argv)
+
+
+def demo_cli() -> None:
+    sys.exit(demo_entry())
+
+
 COMMANDS: dict[str, Callable[[list[str] | None], int]] = {
+    "demo": demo_entry,
+    "predict": predict_entry,
+    "export_model": export_entry,
+    "evaluate": evaluate_entry,
     "make_phantom": make_phantom_entry,
     "plan_and_preprocess": plan_and_preprocess_entry,
     "train": train_entry,

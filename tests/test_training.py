@@ -42,8 +42,11 @@ def test_loss_is_sum_of_three_bce_terms(prepared, tmp_path):
     from lnm_auto.training.data import load_batch
     from lnm_auto.training.trainer import to_tensors
     tr.store.unpack(records.case.unique())
-    batch = to_tensors(load_batch(tr.store, records, tr.config.scales, tr.roi_shapes), tr.config.scales, True,
-                       tr.device)
+    from lnm_auto.inference.node_predictor import center_crop
+    raw = load_batch(tr.store, records, tr.config.scales)
+    roi = {k: center_crop(v, tr.plans.scales[k.split("_")[1]].roi_shape) if k.startswith(("data_", "seg_")) else v
+           for k, v in raw.items()}
+    batch = to_tensors(roi, tr.config, tr.device)
     outputs = tr.network(batch)
     assert set(outputs) == {"fused", "global", "local"}
     for v in outputs.values():

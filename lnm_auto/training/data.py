@@ -76,25 +76,13 @@ class CropStore:
         return state
 
 
-def center_crop(x: np.ndarray, shape) -> np.ndarray:
-    """Central ``shape`` of the last len(shape) axes (cache crop -> network ROI)."""
-    slices = [slice(None)] * (x.ndim - len(shape))
-    for n, s in zip(x.shape[-len(shape):], shape):
-        if s > n:
-            raise ValueError(f"cannot crop {n} voxels to {s}")
-        start = (n - s) // 2
-        slices.append(slice(start, start + s))
-    return x[tuple(slices)]
-
-
-def load_batch(store: CropStore, records: pd.DataFrame, scales: tuple[str, ...], roi_shapes: dict | None = None) -> dict:
-    """Stack crops of ``records`` (rows of nodes_index.csv); center-cropped to ``roi_shapes`` if given."""
+def load_batch(store: CropStore, records: pd.DataFrame, scales: tuple[str, ...]) -> dict:
+    """Stack the cached crops of ``records`` (rows of nodes_index.csv): data_<scale> (B, C, ...),
+    seg_<scale> (B, 1, ...)."""
     batch: dict = {}
     for s in scales:
         images, masks = zip(*(store.node(r.case, int(r.index), s) for r in records.itertuples()))
         img, msk = np.stack(images), np.stack(masks)[:, None].astype(np.float32)
-        if roi_shapes:
-            img, msk = center_crop(img, roi_shapes[s]), center_crop(msk, roi_shapes[s])
         batch[f"data_{s}"], batch[f"seg_{s}"] = np.ascontiguousarray(img), np.ascontiguousarray(msk)
     batch["label"] = records["label"].to_numpy(dtype=np.float32)
     batch["keys"] = list(zip(records["case"], records["node"].astype(int)))

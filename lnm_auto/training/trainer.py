@@ -22,7 +22,8 @@ from torch import nn
 from tqdm import tqdm
 
 from lnm_auto.networks import build_network, load_pretrained_weights
-from lnm_auto.planning.plans import Plans
+from lnm_auto.inference.node_predictor import network_inputs, predict_crops
+from lnm_auto.planning.plans import ConfigurationPlan, Plans
 from lnm_auto.training.data import CropStore, load_batch, training_batches
 from lnm_auto.training.progress import TrainingLog
 from lnm_auto.utils.errors import LNMError
@@ -39,14 +40,10 @@ def get_trainer_class(name: str) -> type["LNMTrainer"]:
     return TRAINERS[name]
 
 
-def to_tensors(batch: dict, scales, use_mask_channel: bool, device: torch.device) -> dict[str, torch.Tensor]:
-    """Network inputs {scale: (B, C[+1], S, R, C)} and the labels as tensors."""
-    out = {}
-    for s in scales:
-        x = torch.from_numpy(np.asarray(batch[f"data_{s}"], dtype=np.float32))
-        if use_mask_channel:
-            x = torch.cat([x, torch.from_numpy(np.asarray(batch[f"seg_{s}"], dtype=np.float32))], dim=1)
-        out[s] = x.to(device, non_blocking=True)
+def to_tensors(batch: dict, config: ConfigurationPlan, device: torch.device) -> dict[str, torch.Tensor]:
+    """A loader/augmenter batch -> network inputs plus the labels."""
+    out = network_inputs({s: batch[f"data_{s}"] for s in config.scales}, {s: batch[f"seg_{s}"] for s in config.scales},
+                         config, device)
     out["label"] = torch.from_numpy(np.asarray(batch["label"], dtype=np.float32)).to(device)
     return out
 
@@ -77,7 +74,6 @@ class LNMTrainer:
         self.nodes = pd.read_csv(index_file, dtype={"case": str, "station": str}, keep_default_na=False)
         self.train_cases, self.val_cases = self._fold_cases(splits)
         self.store = CropStore(self.crops_dir, self.config.scales)
-        self.roi_shapes = {s: plans.scales[s].roi_shape for s in self.config.scales}
         n_in = len(plans.normalization) + int(self.config.use_mask_channel)
         torch.manual_seed(seed)  # same initial weights for the same seed
         self.network = build_network(self.config.network, n_in).to(self.device)
@@ -160,7 +156,7 @@ class LNMTrainer:
         try:
             for _ in bar:
                 tw = time.perf_counter()
-                batch = to_tensors(next(batches), self.config.scales, self.config.use_mask_channel, self.device)
+                batch = to_tensors(next(batches), self.config, self.device)
                 wait += time.perf_counter() - tw
                 losses.append(self.train_step(batch))
                 rate = len(losses) * self.config.recipe.batch_size / (time.perf_counter() - t0)
@@ -189,17 +185,15 @@ class LNMTrainer:
         self.log.plot(self.output_folder / "progress.png")
 
     # ---- validation -------------------------------------------------------------------------------
-    @torch.no_grad()
     def predict_records(self, records: pd.DataFrame) -> np.ndarray:
-        """Probabilities (fused head) for cached nodes, centre-cropped, no augmentation."""
-        self.network.eval()
-        probs = []
+        """Probabilities (fused head) for cached nodes: the same code path as lnm_predict."""
         bs = max(1, self.config.recipe.batch_size)
+        probs = []
         for start in range(0, len(records), bs):
-            chunk = records.iloc[start:start + bs]
-            batch = to_tensors(load_batch(self.store, chunk, self.config.scales, self.roi_shapes), self.config.scales,
-                               self.config.use_mask_channel, self.device)
-            probs.append(torch.sigmoid(self.network(batch)["fused"]).float().cpu().numpy())
+            batch = load_batch(self.store, records.iloc[start:start + bs], self.config.scales)
+            crops = {k.replace("data_", "image_").replace("seg_", "mask_"): (v[:, 0] if k.startswith("seg_") else v)
+                     for k, v in batch.items() if k.startswith(("data_", "seg_"))}
+            probs.append(predict_crops(self.network, crops, self.plans, self.config, self.device, bs))
         return np.concatenate(probs) if probs else np.zeros(0)
 
     def validate(self) -> dict:

@@ -1,0 +1,151 @@
+"""Trained models on disk: finding them, loading their folds, packing them into a zip.
+
+A model folder is ``$LNM_results/DatasetXXX_Name/<Trainer>__<Plans>__<configuration>/`` holding
+plans.json, dataset.json, dataset_fingerprint.json and fold_<k>/checkpoint_*.pth: enough on its own
+for inference, on any machine.
+"""
+from __future__ import annotations
+
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lnm_auto.networks import build_network
+from lnm_auto.planning.plans import ConfigurationPlan, Plans
+from lnm_auto.utils.errors import LNMError
+from lnm_auto.utils.io import atomic_path, load_json
+from lnm_auto.utils.paths import resolve_dataset_name
+
+MODEL_FILES = ("plans.json", "dataset.json", "dataset_fingerprint.json")
+
+
+@dataclass
+class TrainedModel:
+    folder: Path
+    plans: Plans
+    configuration: ConfigurationPlan
+    dataset_json: dict
+    trainer_name: str
+
+    @classmethod
+    def load(cls, folder: Path) -> "TrainedModel":
+        folder = Path(folder)
+        for f in MODEL_FILES[:2]:
+            if not (folder / f).is_file():
+                raise LNMError(f"{folder}: not a model folder ({f} is missing)")
+        plans = Plans.load(folder / "plans.json")
+        trainer, _, config = _split_name(folder.name)
+        return cls(folder, plans, plans.configuration(config), load_json(folder / "dataset.json"), trainer)
+
+    def available_folds(self, checkpoint: str = "checkpoint_final.pth") -> list[str]:
+        return sorted((p.parent.name.removeprefix("fold_") for p in self.folder.glob(f"fold_*/{checkpoint}")),
+                      key=lambda f: (not f.isdigit(), int(f) if f.isdigit() else 0, f))
+
+    def load_networks(self, folds: list[str] | None, checkpoint: str, device: torch.device) -> dict[str, nn.Module]:
+        available = self.available_folds(checkpoint)
+        folds = folds or available
+        missing = [f for f in folds if f not in available]
+        if missing or not folds:
+            raise LNMError(f"{self.folder}: no {checkpoint} for fold(s) {', '.join(missing) or '(any)'}; trained folds: "
+                           f"{', '.join(available) or 'none'}")
+        n_in = len(self.plans.normalization) + int(self.configuration.use_mask_channel)
+        networks = {}
+        for f in folds:
+            path = self.folder / f"fold_{f}" / checkpoint
+            net = build_network(self.configuration.network, n_in)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=False)["network_weights"]
+                net.load_state_dict(state)
+            except Exception as e:  # noqa: BLE001 - a damaged checkpoint is the user's file
+                raise LNMError(f"{path}: cannot be loaded ({str(e).splitlines()[0][:150]})") from None
+            networks[f] = net.to(device).eval()
+        return networks
+
+
+def _split_name(name: str) -> tuple[str, str, str]:
+    parts = name.split("__")
+    if len(parts) != 3:
+        raise LNMError(f"'{name}' is not a model folder name (<Trainer>__<Plans>__<configuration>)")
+    return parts[0], parts[1], parts[2]
+
+
+def list_models(results_root: Path) -> list[Path]:
+    """Model folders under ``results_root`` with at least one trained fold."""
+    if not Path(results_root).is_dir():
+        return []
+    return sorted(p for p in Path(results_root).glob("Dataset*/*__*__*")
+                  if p.is_dir() and any(p.glob("fold_*/checkpoint_*.pth")))
+
+
+def find_model(results_root: Path | None, dataset=None, configuration: str | None = None,
+               trainer: str = "LNMTrainer", plans_name: str = "LNMPlans", model: str | Path | None = None) -> Path:
+    """The model folder to use: ``-m`` (folder or zip), else ``-d/-c``, else the only trained model."""
+    if model:
+        path = Path(model)
+        if path.is_file() and zipfile.is_zipfile(path):
+            return unpack_model_zip(path)
+        if path.is_dir():
+            return path
+        raise LNMError(f"-m {model}: neither a model folder nor a model zip")
+    if results_root is None:
+        raise LNMError("$LNM_results is not set: export LNM_results=/path/to/folder, pass --results, or give -m MODEL")
+    if dataset is not None and configuration:
+        name = resolve_dataset_name(dataset, results_root)
+        folder = Path(results_root) / name / f"{trainer}__{plans_name}__{configuration}"
+        if not folder.is_dir():
+            raise LNMError(f"{folder}: no such model; train it with lnm_train {name} {configuration} FOLD -tr {trainer}")
+        return folder
+    models = list_models(results_root)
+    if dataset is not None:
+        name = resolve_dataset_name(dataset, results_root)
+        models = [m for m in models if m.parent.name == name]
+    if configuration:
+        models = [m for m in models if m.name.endswith(f"__{configuration}")]
+    if len(models) == 1:
+        return models[0]
+    if not models:
+        raise LNMError(f"no trained model in {results_root}; train one with lnm_train, or give -m MODEL_DIR_OR_ZIP")
+    names = "; ".join(f"{m.parent.name}/{m.name}" for m in models)
+    raise LNMError(f"several trained models ({names}): choose with -d DATASET -c CONFIG [-tr TRAINER], or -m MODEL")
+
+
+def export_model(model_folder: Path, output_zip: Path, folds: list[str] | None = None,
+                 checkpoint: str = "checkpoint_final.pth") -> Path:
+    """Pack what inference needs (plans, dataset.json, fingerprint, the folds' checkpoints and
+    validation metrics) into one zip, written atomically."""
+    model = TrainedModel.load(model_folder)
+    folds = folds or model.available_folds(checkpoint)
+    model.load_networks(folds, checkpoint, torch.device("cpu"))   # fail early on missing/damaged folds
+    base = f"{model_folder.parent.name}/{model_folder.name}"
+    with atomic_path(output_zip, suffix=".zip") as tmp:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
+            for f in MODEL_FILES:
+                if (model_folder / f).is_file():
+                    z.write(model_folder / f, f"{base}/{f}")
+            for fold in folds:
+                fd = model_folder / f"fold_{fold}"
+                for f in [checkpoint, "validation/metrics.json", "training_log.txt"]:
+                    if (fd / f).is_file():
+                        z.write(fd / f, f"{base}/fold_{fold}/{f}")
+    return output_zip
+
+
+def unpack_model_zip(path: Path) -> Path:
+    """Extract a model zip into a temporary folder (kept for the process' lifetime) -> the model folder."""
+    target = Path(tempfile.mkdtemp(prefix="lnm_model_"))
+    try:
+        with zipfile.ZipFile(path) as z:
+            for name in z.namelist():
+                if name.startswith("/") or ".." in Path(name).parts:
+                    raise LNMError(f"{path}: unsafe path '{name}' in the zip")
+            z.extractall(target)
+    except zipfile.BadZipFile:
+        raise LNMError(f"{path}: not a valid zip file") from None
+    plans = list(target.glob("*/*/plans.json"))
+    if len(plans) != 1:
+        raise LNMError(f"{path}: expected exactly one model (DatasetXXX/<Trainer>__<Plans>__<config>/plans.json) in the zip")
+    return plans[0].parent
