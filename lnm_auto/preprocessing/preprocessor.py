@@ -6,7 +6,8 @@ Cache layout (``$LNM_preprocessed/DatasetXXX_Name/<plans_name>_crops/<case>.npz`
                                                resamples labels (linear, threshold 0.5)
     node_ids        int32 (N,); stations <U (N,); node_labels / station_labels int8 (N,) (-1 = unknown)
     patient_label   int8 (); case_id <U (); centre_mm float64 (N, 3) physical (x, y, z) centre
-    volume_mm3, short_axis_mm, long_axis_mm float32 (N,); plans_digest <U (): which plans made it
+    volume_mm3, short_axis_mm, long_axis_mm, slice_position (0..1 along the slice axis) float32 (N,)
+    plans_digest <U (): which plans made it
 Crops are sampled straight from the original image on a grid aligned with the image's own axes, so
 only the node neighbourhoods are ever resampled, and any direction/origin is honoured exactly.
 """
@@ -29,7 +30,7 @@ from tqdm import tqdm
 from lnm_auto.datasets.raw_dataset import UNKNOWN, RawCase, RawDataset, read_image
 from lnm_auto.planning.fingerprint import node_neighbourhood
 from lnm_auto.planning.plans import Plans
-from lnm_auto.preprocessing.geometry import (measure_nodes, resample_mask_to_grid, resample_to_grid, roi_grid,
+from lnm_auto.preprocessing.geometry import (canonical_axes, measure_nodes, resample_mask_to_grid, resample_to_grid, roi_grid,
                                              sitk_spacing_zyx)
 from lnm_auto.preprocessing.normalization import case_zscore_statistics, normalize
 from lnm_auto.utils.errors import LNMError
@@ -45,10 +46,13 @@ class NodeLabels:
     patient_label: int = UNKNOWN
 
 
+CACHE_FORMAT_VERSION = 2   # bump when the npz layout changes: older caches are then redone
+
+
 def plans_digest(plans: Plans) -> str:
-    """Identifies what the crops depend on (scales + normalization), so stale caches are redone."""
-    key = json.dumps({"scales": plans.to_dict()["scales"], "normalization": plans.to_dict()["normalization"]},
-                     sort_keys=True)
+    """Identifies what the crops depend on (scales, normalization, cache format), so stale caches are redone."""
+    key = json.dumps({"scales": plans.to_dict()["scales"], "normalization": plans.to_dict()["normalization"],
+                      "cache_format": CACHE_FORMAT_VERSION}, sort_keys=True)
     return hashlib.sha1(key.encode()).hexdigest()[:16]
 
 
@@ -83,6 +87,10 @@ def preprocess_images(images: list[sitk.Image], mask: sitk.Image, plans: Plans) 
     out["volume_mm3"] = np.asarray([n.volume_mm3 for n in nodes], dtype=np.float32)
     out["short_axis_mm"] = np.asarray([n.short_axis_mm for n in nodes], dtype=np.float32)
     out["long_axis_mm"] = np.asarray([n.long_axis_mm for n in nodes], dtype=np.float32)
+    # where along the slice axis the node sits, 0 = first slice .. 1 = last (WSP's positional kernel)
+    axis = canonical_axes(sitk_spacing_zyx(mask))[0]
+    n_slices = max(mask_arr.shape[axis] - 1, 1)
+    out["slice_position"] = np.asarray([n.centre_index_zyx[axis] / n_slices for n in nodes], dtype=np.float32)
     return out
 
 
@@ -190,8 +198,9 @@ def write_nodes_index(crops_dir: Path, case_ids: list[str]) -> pd.DataFrame:
             for i, k in enumerate(f["node_ids"]):
                 rows.append({"case": case_id, "node": int(k), "index": i, "station": str(f["stations"][i]),
                              "label": int(f["node_labels"][i]), "station_label": int(f["station_labels"][i]),
-                             "patient_label": int(f["patient_label"]), "volume_mm3": float(f["volume_mm3"][i])})
+                             "patient_label": int(f["patient_label"]), "volume_mm3": float(f["volume_mm3"][i]),
+                             "slice_position": float(f["slice_position"][i])})
     df = pd.DataFrame(rows, columns=["case", "node", "index", "station", "label", "station_label",
-                                     "patient_label", "volume_mm3"])
+                                     "patient_label", "volume_mm3", "slice_position"])
     save_csv_atomic(df, crops_dir / "nodes_index.csv")
     return df
