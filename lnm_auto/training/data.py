@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import random
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -89,15 +90,26 @@ def load_batch(store: CropStore, records: pd.DataFrame, scales: tuple[str, ...])
     return batch
 
 
-class NodeBatchLoader(SlimDataLoaderBase):
-    """Endless random batches with positive oversampling: at least ``positive_fraction`` of each batch
-    are positive nodes (when the training set has any), the rest drawn from all nodes."""
+@dataclass
+class BatchGroup:
+    """One part of every batch: ``n`` nodes drawn from ``records`` (label column = the training target),
+    at least ``positive_fraction`` of them positive; each drawn node appears ``views`` times, each copy
+    augmented independently (mean teacher: one view for the student, one for the teacher)."""
+    records: pd.DataFrame
+    n: int
+    positive_fraction: float = 0.0
+    views: int = 1
 
-    def __init__(self, store: CropStore, records: pd.DataFrame, scales, batch_size: int, positive_fraction: float,
-                 seed: int, num_threads: int = 1):
-        super().__init__(records.reset_index(drop=True), batch_size, num_threads)
-        self.store, self.scales, self.positive_fraction, self.seed = store, tuple(scales), positive_fraction, seed
-        self.positives = np.flatnonzero(self._data["label"].to_numpy() == 1)
+
+class NodeBatchLoader(SlimDataLoaderBase):
+    """Endless random batches made of groups (e.g. labelled + unlabelled + pseudo-labelled nodes).
+    ``batch["group"]`` tells each sample's group, ``batch["view"]`` its view number."""
+
+    def __init__(self, store: CropStore, groups: list[BatchGroup], scales, seed: int, num_threads: int = 1):
+        super().__init__(None, sum(g.n * g.views for g in groups), num_threads)
+        self.store, self.scales, self.seed = store, tuple(scales), seed
+        self.groups = [BatchGroup(g.records.reset_index(drop=True), g.n, g.positive_fraction, g.views) for g in groups]
+        self.positives = [np.flatnonzero(g.records["label"].to_numpy() == 1) for g in self.groups]
         self.rs = np.random.RandomState(seed)
 
     def set_thread_id(self, thread_id):
@@ -108,12 +120,24 @@ class NodeBatchLoader(SlimDataLoaderBase):
         self.rs = np.random.RandomState(worker_seed)
         random.seed(worker_seed)
 
+    def draw(self, g: BatchGroup, positives: np.ndarray) -> np.ndarray:
+        n_pos = int(math.ceil(g.n * g.positive_fraction)) if len(positives) else 0
+        return np.concatenate([self.rs.choice(positives, n_pos, replace=True) if n_pos else np.zeros(0, int),
+                               self.rs.randint(0, len(g.records), g.n - n_pos)]).astype(int)
+
     def generate_train_batch(self) -> dict:
-        n = len(self._data)
-        n_pos = int(math.ceil(self.batch_size * self.positive_fraction)) if len(self.positives) else 0
-        idx = np.concatenate([self.rs.choice(self.positives, n_pos, replace=True) if n_pos else np.zeros(0, int),
-                              self.rs.randint(0, n, self.batch_size - n_pos)]).astype(int)
-        return load_batch(self.store, self._data.iloc[idx], self.scales)
+        parts, group_ids, view_ids = [], [], []
+        for gi, (g, pos) in enumerate(zip(self.groups, self.positives)):
+            if g.n == 0 or g.records.empty:
+                continue
+            rows = g.records.iloc[self.draw(g, pos)]
+            for v in range(g.views):
+                parts.append(rows)
+                group_ids += [gi] * len(rows)
+                view_ids += [v] * len(rows)
+        batch = load_batch(self.store, pd.concat(parts), self.scales)
+        batch["group"], batch["view"] = np.asarray(group_ids), np.asarray(view_ids)
+        return batch
 
 
 def augmentation(plans: Plans, config: ConfigurationPlan) -> Compose:
@@ -136,11 +160,8 @@ def augmentation(plans: Plans, config: ConfigurationPlan) -> Compose:
     return Compose(transforms)
 
 
-def training_batches(plans: Plans, config: ConfigurationPlan, store: CropStore, records: pd.DataFrame, seed: int,
-                     num_workers: int):
-    """An iterator of augmented batches; ``num_workers`` background processes (0 = in this process)."""
-    loader = NodeBatchLoader(store, records, config.scales, config.recipe.batch_size,
-                             config.recipe.positive_fraction, seed, max(num_workers, 1))
+def training_batches(plans: Plans, config: ConfigurationPlan, loader: SlimDataLoaderBase, seed: int, num_workers: int):
+    """An iterator of augmented batches from ``loader``; ``num_workers`` background processes (0 = here)."""
     transform = augmentation(plans, config)
     if num_workers == 0:
         loader.set_thread_id(0)

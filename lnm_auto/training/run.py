@@ -1,6 +1,7 @@
 """``lnm_train DATASET CONFIG FOLD``: resolve folders, set up the trainer, continue or start, train."""
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -63,6 +64,24 @@ def setup_trainer(dataset: str | int, configuration: str, fold: str, preprocesse
     return trainer
 
 
+SUPERVISED_TRAINER = re.compile(r"^LNMTrainer(_\d+epochs?)?$")
+
+
+def supervised_checkpoint(trainer: LNMTrainer) -> Path:
+    """The fold's supervised result of the same plans and configuration: LNMTrainer first, then its
+    epoch variants (LNMTrainer_5epochs ...)."""
+    dataset_results = trainer.output_folder.parent.parent
+    plans, config, fold = trainer.plans.plans_name, trainer.config.name, trainer.fold
+    found = sorted((p for p in dataset_results.glob(f"LNMTrainer*__{plans}__{config}/fold_{fold}/checkpoint_final.pth")
+                    if SUPERVISED_TRAINER.match(p.parent.parent.name.split("__")[0])),
+                   key=lambda p: (p.parent.parent.name.split("__")[0] != "LNMTrainer", p.parent.parent.name))
+    if not found:
+        raise LNMError(f"{type(trainer).__name__} starts from a supervised model, but {dataset_results} has no "
+                       f"LNMTrainer*__{plans}__{config}/fold_{fold}/checkpoint_final.pth: run lnm_train with the "
+                       f"default trainer first, or pass -pretrained_weights FILE")
+    return found[0]
+
+
 def run_training(trainer: LNMTrainer, continue_training: bool = False, pretrained_weights: Path | None = None,
                  stop_after_epoch: int | None = None) -> LNMTrainer:
     if continue_training and pretrained_weights:
@@ -82,5 +101,7 @@ def run_training(trainer: LNMTrainer, continue_training: bool = False, pretraine
                 return trainer
     elif pretrained_weights:
         trainer.load_pretrained(Path(pretrained_weights))
+    elif trainer.needs_supervised_start:
+        trainer.load_pretrained(supervised_checkpoint(trainer))
     trainer.run_training(stop_after_epoch=stop_after_epoch)
     return trainer

@@ -5,7 +5,7 @@ plan's batch size with positive oversampling, gradient-norm clipping at 12, augm
 workers; per epoch validation AUROC on the fold's validation patients, ``checkpoint_best`` by an EMA
 (0.9 old + 0.1 new) of it, ``checkpoint_latest`` every epoch, ``checkpoint_final`` at the end.
 Hooks a variant may override: ``training_records``, ``compute_loss``, ``train_step``, ``on_epoch_start``,
-``on_epoch_end``, ``initial_num_epochs``.
+``on_epoch_end``, ``initial_num_epochs``, ``batch_groups``, ``make_loader``, ``checkpoint_state``.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from tqdm import tqdm
 from lnm_auto.networks import build_network, load_pretrained_weights
 from lnm_auto.inference.node_predictor import network_inputs, predict_crops
 from lnm_auto.planning.plans import ConfigurationPlan, Plans
-from lnm_auto.training.data import CropStore, load_batch, training_batches
+from lnm_auto.training.data import BatchGroup, CropStore, NodeBatchLoader, load_batch, training_batches
 from lnm_auto.training.progress import TrainingLog
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import atomic_path, save_csv_atomic, save_json
@@ -35,6 +35,8 @@ EMA_KEEP = 0.9
 
 
 def get_trainer_class(name: str) -> type["LNMTrainer"]:
+    import lnm_auto.training.semi_supervised  # noqa: F401  (registers its trainers)
+    import lnm_auto.training.weak  # noqa: F401
     if name not in TRAINERS:
         raise LNMError(f"unknown trainer '{name}'; available: {', '.join(sorted(TRAINERS))}")
     return TRAINERS[name]
@@ -45,11 +47,18 @@ def to_tensors(batch: dict, config: ConfigurationPlan, device: torch.device) -> 
     out = network_inputs({s: batch[f"data_{s}"] for s in config.scales}, {s: batch[f"seg_{s}"] for s in config.scales},
                          config, device)
     out["label"] = torch.from_numpy(np.asarray(batch["label"], dtype=np.float32)).to(device)
+    for key in ("group", "view", "bag"):         # sample bookkeeping of the semi-/weakly-supervised loaders
+        if key in batch:
+            out[key] = torch.from_numpy(np.asarray(batch[key], dtype=np.int64)).to(device)
+    if "bag_label" in batch:
+        out["bag_label"] = torch.from_numpy(np.asarray(batch["bag_label"], dtype=np.float32)).to(device)
     return out
 
 
 class LNMTrainer:
     """Supervised training on the node-labelled nodes of one fold."""
+
+    needs_supervised_start = False   # semi-supervised variants start from a supervised model
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -107,6 +116,15 @@ class LNMTrainer:
     def validation_records(self) -> pd.DataFrame:
         return self.nodes[self.nodes["case"].isin(self.val_cases) & (self.nodes["label"] >= 0)]
 
+    def make_loader(self, records: pd.DataFrame, seed: int):
+        return NodeBatchLoader(self.store, self.batch_groups(records), self.config.scales, seed,
+                               max(self.num_workers, 1))
+
+    def batch_groups(self, records: pd.DataFrame) -> list[BatchGroup]:
+        """What one batch is made of: here the plan's batch of labelled nodes with positive oversampling."""
+        r = self.config.recipe
+        return [BatchGroup(records, r.batch_size, r.positive_fraction)]
+
     def compute_loss(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Eq. 1 of Li et al.: the sum of BCE over every head (fused + side heads)."""
         return sum(self.loss_fn(logits, batch["label"]) for logits in outputs.values())
@@ -148,7 +166,8 @@ class LNMTrainer:
         self.network.train()
         epoch_seed = self.seed * 100003 + self.current_epoch  # batches depend on (seed, epoch) only: exact resume
         torch.manual_seed(epoch_seed)
-        batches = training_batches(self.plans, self.config, self.store, records, epoch_seed, self.num_workers)
+        loader = self.make_loader(records, epoch_seed)
+        batches = training_batches(self.plans, self.config, loader, epoch_seed, self.num_workers)
         n_steps = self.steps_per_epoch(len(records))
         t0, wait, losses = time.perf_counter(), 0.0, []
         bar = tqdm(range(n_steps), desc=f"epoch {self.current_epoch + 1}/{self.num_epochs}", leave=False,
@@ -185,15 +204,16 @@ class LNMTrainer:
         self.log.plot(self.output_folder / "progress.png")
 
     # ---- validation -------------------------------------------------------------------------------
-    def predict_records(self, records: pd.DataFrame) -> np.ndarray:
+    def predict_records(self, records: pd.DataFrame, network: nn.Module | None = None) -> np.ndarray:
         """Probabilities (fused head) for cached nodes: the same code path as lnm_predict."""
+        network = network or self.network
         bs = max(1, self.config.recipe.batch_size)
         probs = []
         for start in range(0, len(records), bs):
             batch = load_batch(self.store, records.iloc[start:start + bs], self.config.scales)
             crops = {k.replace("data_", "image_").replace("seg_", "mask_"): (v[:, 0] if k.startswith("seg_") else v)
                      for k, v in batch.items() if k.startswith(("data_", "seg_"))}
-            probs.append(predict_crops(self.network, crops, self.plans, self.config, self.device, bs))
+            probs.append(predict_crops(network, crops, self.plans, self.config, self.device, bs))
         return np.concatenate(probs) if probs else np.zeros(0)
 
     def validate(self) -> dict:
