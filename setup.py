@@ -27,6 +27,7 @@ setup(
             "lnm_make_phantom=lnm_auto.cli:make_phantom_cli",
             "lnm_plan_and_preprocess=lnm_auto.cli:plan_and_preprocess_cli",
             "lnm_train=lnm_auto.cli:train_cli",
+            "lnm_pretrain=lnm_auto.cli:pretrain_cli",
             "lnm_predict=lnm_auto.cli:predict_cli",
             "lnm_export_model=lnm_auto.cli:export_cli",
             "lnm_evaluate=lnm_auto.cli:evaluate_cli",

@@ -147,6 +147,40 @@ def train_cli() -> None:
     sys.exit(train_entry())
 
 
+# ---- lnm_pretrain ---------------------------------------------------------------------------------
+def pretrain_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lnm_pretrain", description="WSP positional contrastive pre-training on all "
+                                                                 "nodes; writes weights for lnm_train -pretrained_weights.")
+    p.add_argument("dataset")
+    p.add_argument("configuration")
+    p.add_argument("fold", nargs="?", default="all",
+                   help="pre-train on this fold's training cases (default: all cases; use the fold you will train "
+                        "so its validation patients' weak labels stay unseen)")
+    p.add_argument("-p", "--plans_name", default="LNMPlans")
+    p.add_argument("--epochs", type=int, default=None, help="default 20")
+    p.add_argument("-device", "--device", default="cpu")
+    p.add_argument("-num_workers", "--num_workers", type=int, default=None)
+    _add_location_flags(p, "preprocessed", "results")
+    return p
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from lnm_auto.training.run import setup_pretrainer
+    trainer = setup_pretrainer(args.dataset, args.configuration, args.fold, base_folder("preprocessed", args.preprocessed),
+                               base_folder("results", args.results), args.plans_name, args.device, args.epochs,
+                               args.num_workers)
+    print(f"pretrained weights: {trainer.run_pretraining()}")
+    return 0
+
+
+def pretrain_entry(argv: list[str] | None = None) -> int:
+    return _run("lnm_pretrain", _pretrain, pretrain_parser(), argv)
+
+
+def pretrain_cli() -> None:
+    sys.exit(pretrain_entry())
+
+
 # ---- lnm_predict ----------------------------------------------------------------------------------
 def predict_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lnm_predict", description="Score every lymph node of new cases with the fold "
@@ -285,6 +319,7 @@ def demo_cli() -> None:
 
 
 COMMANDS: dict[str, Callable[[list[str] | None], int]] = {
+    "pretrain": pretrain_entry,
     "demo": demo_entry,
     "predict": predict_entry,
     "export_model": export_entry,

@@ -41,12 +41,13 @@ def resolve_device(name: str) -> str:
 
 def setup_trainer(dataset: str | int, configuration: str, fold: str, preprocessed_root: Path, results_root: Path,
                   trainer_name: str = "LNMTrainer", plans_name: str = "LNMPlans", device: str = "cpu",
-                  num_epochs: int | None = None, num_workers: int | None = None) -> LNMTrainer:
+                  num_epochs: int | None = None, num_workers: int | None = None,
+                  trainer_cls: type[LNMTrainer] | None = None) -> LNMTrainer:
     name = resolve_dataset_name(dataset, preprocessed_root)
     pre = Path(preprocessed_root) / name
     plans = Plans.load(pre / f"{plans_name}.json")
     plans.configuration(configuration)
-    trainer_cls = get_trainer_class(trainer_name)
+    trainer_cls = trainer_cls or get_trainer_class(trainer_name)
     fold_value = parse_fold(fold)
     splits_file = pre / SPLITS_FILE
     splits = load_json(splits_file) if splits_file.is_file() else None
@@ -80,6 +81,14 @@ def supervised_checkpoint(trainer: LNMTrainer) -> Path:
                        f"LNMTrainer*__{plans}__{config}/fold_{fold}/checkpoint_final.pth: run lnm_train with the "
                        f"default trainer first, or pass -pretrained_weights FILE")
     return found[0]
+
+
+def setup_pretrainer(dataset, configuration: str, fold: str, preprocessed_root: Path, results_root: Path,
+                     plans_name: str = "LNMPlans", device: str = "cpu", num_epochs: int | None = None,
+                     num_workers: int | None = None):
+    from lnm_auto.training.pretraining import WSPPretrainer
+    return setup_trainer(dataset, configuration, fold, preprocessed_root, results_root, "WSPPretrainer", plans_name,
+                         device, num_epochs, num_workers, trainer_cls=WSPPretrainer)
 
 
 def run_training(trainer: LNMTrainer, continue_training: bool = False, pretrained_weights: Path | None = None,

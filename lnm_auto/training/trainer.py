@@ -60,9 +60,10 @@ class LNMTrainer:
 
     needs_supervised_start = False   # semi-supervised variants start from a supervised model
 
-    def __init_subclass__(cls, **kwargs):
+    def __init_subclass__(cls, register: bool = True, **kwargs):
         super().__init_subclass__(**kwargs)
-        TRAINERS[cls.__name__] = cls
+        if register:   # selectable with lnm_train -tr NAME
+            TRAINERS[cls.__name__] = cls
 
     def __init__(self, plans: Plans, configuration: str, fold: int | str, preprocessed_dataset: Path,
                  output_folder: Path, device: str = "cpu", num_epochs: int | None = None, seed: int = 12345,
