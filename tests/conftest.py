@@ -26,8 +26,9 @@ def write_image(arr_zyx: np.ndarray, path: Path, spacing_xyz=TINY_SPACING_XYZ, o
 
 def write_tiny_dataset(raw_root: Path, dataset_id: int = 42, name: str = "Tiny", n_cases: int = 6,
                        shape_zyx=(10, 48, 48), seed: int = 0, channel_names=None,
-                       file_ending: str = ".nii.gz") -> Path:
-    """n_cases cases with 2-3 spherical nodes each; node 1 positive in odd cases."""
+                       file_ending: str = ".nii.gz", hide_node_labels: int = 0) -> Path:
+    """n_cases cases with 2-3 spherical nodes each; node 1 positive in odd cases. The last
+    ``hide_node_labels`` cases keep only station and patient labels."""
     channel_names = channel_names or {"0": "CT"}
     rng = np.random.default_rng(seed)
     root = raw_root / f"Dataset{dataset_id:03d}_{name}"
@@ -47,7 +48,8 @@ def write_tiny_dataset(raw_root: Path, dataset_id: int = 42, name: str = "Tiny",
             mask[d2 <= r_mm ** 2] = k
             image[d2 <= r_mm ** 2] = 30 + 20 * k
             label = int(k == 1 and i % 2 == 1)
-            node_rows.append({"case": case, "node": k, "station": "7" if k == 1 else "4R", "label": label})
+            shown = "" if i >= n_cases - hide_node_labels else label
+            node_rows.append({"case": case, "node": k, "station": "7" if k == 1 else "4R", "label": shown})
         for ch in range(len(channel_names)):
             write_image(image + 100 * ch, root / "imagesTr" / f"{case}_{ch:04d}{file_ending}")
         write_image(mask, root / "nodesTr" / f"{case}{file_ending}")
