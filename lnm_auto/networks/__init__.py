@@ -61,7 +61,8 @@ def load_pretrained_weights(network: nn.Module, path: "str | os.PathLike", prefi
     "encoder.", ...) and/or adding a prefix of the network's modules (a saved encoder into
     ``encoder.``). The (strip, add) pair matching the most keys wins; when several network
     prefixes tie (one MobileNetV3 state dict fits both streams of ``2d25``), all of them get the
-    weights. ``prefix_hint`` is tried as well, in both roles. Only same-shape tensors are copied.
+    weights. ``prefix_hint`` (e.g. "global_stream.backbone.") is tried as a prefix to strip from the
+    file and wins ties as the network prefix to load into. Only same-shape tensors are copied.
 
     Returns ``dict(matched, missing, unexpected, shape_mismatch, source_prefix, target_prefixes)``:
     network keys loaded, network keys not loaded, file keys not used, and "key: file shape vs
@@ -87,40 +88,48 @@ def load_pretrained_weights(network: nn.Module, path: "str | os.PathLike", prefi
         raise LNMError(f"Pretrained weights file {path} holds no tensors.")
 
     target = network.state_dict()
-    hint = [prefix_hint if prefix_hint.endswith(".") or not prefix_hint else prefix_hint + "."] if prefix_hint else []
-    strip_candidates = _prefixes(source) | set(hint)
-    add_candidates = _prefixes(target) | set(hint)
+    hint = (prefix_hint if prefix_hint.endswith(".") else prefix_hint + ".") if prefix_hint else None
+    strip_candidates = _prefixes(source) | ({hint} if hint else set())
+    # every way to write a network key as <add prefix> + <suffix>, the prefix ending at a dot
+    prefixes_of_suffix: dict[str, list[str]] = {}
+    for t in target:
+        prefixes_of_suffix.setdefault(t, []).append("")
+        for i, ch in enumerate(t):
+            if ch == ".":
+                prefixes_of_suffix.setdefault(t[i + 1:], []).append(t[:i + 1])
 
-    def mapping(strip: str, add: str) -> dict[str, str]:
-        m = {}
+    def counts_for(strip: str) -> dict[str, int]:
+        counts: dict[str, int] = {}
         for k in source:
             if k.startswith(strip):
-                t = add + k[len(strip):]
-                if t in target:
-                    m[k] = t
-        return m
+                for add in prefixes_of_suffix.get(k[len(strip):], ()):
+                    counts[add] = counts.get(add, 0) + 1
+        return counts
 
-    # best strip prefix: by the best single add prefix; then all add prefixes that tie with it
-    best = (0, None, [])
-    for strip in sorted(strip_candidates, key=len):
-        counts = {add: len(mapping(strip, add)) for add in add_candidates}
-        top = max(counts.values())
-        if top > best[0]:
-            adds = sorted((a for a, c in counts.items() if c == top), key=len)
-            # a shorter add prefix that ties subsumes nothing; keep only disjoint targets
-            best = (top, strip, adds)
-    n_best, strip, adds = best
+    # the strip prefix with the best single add prefix; then every add prefix tying with it
+    n_best, strip, adds = 0, "", []
+    for cand in sorted(strip_candidates, key=lambda p: (len(p), p)):
+        counts = counts_for(cand)
+        if hint and hint in counts:
+            counts[hint] += 0.5  # the hint breaks ties
+        if counts and max(counts.values()) > n_best:
+            n_best = max(counts.values())
+            strip, adds = cand, sorted(a for a, c in counts.items() if c == n_best)
     if n_best == 0:
         raise LNMError(f"Pretrained weights file {path}: none of its {len(source)} keys match the network's "
                        f"parameter names (even after stripping/adding a prefix).")
 
-    new_state, used_src, mismatch = {}, set(), []
+    new_state, used_src, mismatch, mismatched_keys = {}, set(), [], set()
     for add in adds:
-        for k, t in mapping(strip, add).items():
-            if t in new_state:
+        for k in source:
+            if not k.startswith(strip):
+                continue
+            t = add + k[len(strip):]
+            if t not in target or t in new_state or t in mismatched_keys:
                 continue
             used_src.add(k)
             if tuple(source[k].shape) != tuple(target[t].shape):
+                mismatched_keys.add(t)
                 mismatch.append(f"{t}: file {tuple(source[k].shape)} vs network {tuple(target[t].shape)}")
                 continue
             new_state[t] = source[k].to(dtype=target[t].dtype)
@@ -130,7 +139,7 @@ def load_pretrained_weights(network: nn.Module, path: "str | os.PathLike", prefi
     network.load_state_dict(new_state, strict=False)
     return {
         "matched": sorted(new_state),
-        "missing": sorted(k for k in target if k not in new_state and not any(m.startswith(k + ":") for m in mismatch)),
+        "missing": sorted(k for k in target if k not in new_state and k not in mismatched_keys),
         "unexpected": sorted(k for k in source if k not in used_src),
         "shape_mismatch": mismatch,
         "source_prefix": strip,

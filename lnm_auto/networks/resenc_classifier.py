@@ -1,0 +1,74 @@
+"""Configuration ``3d_resenc``: nnU-Net's residual encoder + global average pooling + a linear head.
+
+This is WeGA's local branch; ``self.encoder`` is a plain dynamic-network-architectures
+``ResidualEncoder`` so that its weights can be reused (a global-local configuration, pretrained
+nnU-Net ResEnc encoders).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
+from torch import nn
+
+from lnm_auto.planning.network_topology import ResEncTopology
+
+
+def build_resenc_encoder(topology: ResEncTopology, in_channels: int) -> ResidualEncoder:
+    return ResidualEncoder(
+        input_channels=in_channels,
+        n_stages=topology.n_stages,
+        features_per_stage=list(topology.features_per_stage),
+        conv_op=nn.Conv3d,
+        kernel_sizes=[list(k) for k in topology.kernel_sizes],
+        strides=[list(s) for s in topology.strides],
+        n_blocks_per_stage=list(topology.n_blocks_per_stage),
+        conv_bias=True,
+        norm_op=nn.InstanceNorm3d,
+        norm_op_kwargs={"eps": 1e-5, "affine": True},
+        nonlin=nn.LeakyReLU,
+        nonlin_kwargs={"inplace": True},
+        return_skips=False,
+    )
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: tuple[int, ...]) -> torch.Tensor:
+    """Zero-pad the spatial axes of (B, C, *spatial) to a multiple of ``multiple``, centred.
+
+    DNA's BasicBlockD adds a strided conv (ceil) to an average-pooled skip (floor): odd sizes at a
+    strided stage would not add up. Inputs are z-scored, so zero is the mean intensity.
+    """
+    pads = []
+    for n, m in zip(reversed(x.shape[2:]), reversed(multiple)):
+        extra = (-n) % m
+        pads += [extra // 2, extra - extra // 2]
+    if any(pads):
+        x = F.pad(x, pads)
+    return x
+
+
+class ResEncClassifier(nn.Module):
+    """``forward({"global": (B, C, Z, Y, X)}) -> {"fused": (B,)}``."""
+
+    def __init__(self, topology: ResEncTopology, in_channels: int):
+        super().__init__()
+        self.topology = topology
+        self.in_channels = int(in_channels)
+        self.encoder = build_resenc_encoder(topology, self.in_channels)
+        self.total_stride = topology.total_stride
+        self.dropout = nn.Dropout(p=topology.dropout)
+        self.head = nn.Linear(topology.features_per_stage[-1], 1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, Z, Y, X) -> pooled encoder features (B, F)."""
+        if x.ndim != 5 or x.shape[1] != self.in_channels:
+            raise ValueError(f"3d_resenc expects (B, {self.in_channels}, Z, Y, X), got {tuple(x.shape)}")
+        x = pad_to_multiple(x, self.total_stride)
+        x = self.encoder(x)
+        return x.mean(dim=(2, 3, 4))
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x = batch["global"]
+        feats = self.features(x)
+        logit = self.head(self.dropout(feats))
+        return {"fused": logit.reshape(x.shape[0])}
