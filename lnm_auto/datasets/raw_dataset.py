@@ -19,10 +19,10 @@ import SimpleITK as sitk
 
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import load_json
+from lnm_auto.utils.labels import UNKNOWN, parse_label  # noqa: F401  (re-exported)
 
 SAFE_CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
-UNKNOWN = -1  # label value for "not known" in typed tables and caches
 
 
 @dataclass
@@ -125,18 +125,6 @@ class RawDataset:
         patient = df["patient"].str.strip() if "patient" in df else df["case"].str.strip()
         return pd.DataFrame({"case": df["case"].str.strip(), "label": df["label"].map(parse_label),
                              "patient": patient})
-
-
-def parse_label(text) -> int:
-    """'1' -> 1, '0' -> 0, '' -> UNKNOWN; anything else raises ValueError (verify reports it first)."""
-    t = str(text).strip()
-    if t in ("", "nan", "NaN"):
-        return UNKNOWN
-    if t in ("1", "1.0"):
-        return 1
-    if t in ("0", "0.0"):
-        return 0
-    raise ValueError(f"label must be 1, 0 or empty, got '{t}'")
 
 
 def _files_with_ending(folder: Path, ending: str) -> list[Path]:

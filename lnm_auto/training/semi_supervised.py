@@ -20,8 +20,8 @@ import torch
 from lnm_auto.training.data import BatchGroup
 from lnm_auto.training.trainer import LNMTrainer
 from lnm_auto.utils.errors import LNMError
+from lnm_auto.utils.labels import UNKNOWN
 
-UNKNOWN = -1
 
 
 # ---- the arithmetic, as pure functions (unit-tested) ------------------------------------------------
