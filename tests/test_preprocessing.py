@@ -152,3 +152,36 @@ def test_multiprocess_preprocessing_equals_single_process(tiny_dataset, tmp_path
         x, y = load_case_crops(a.crops_dir / f"{case}.npz"), load_case_crops(b.crops_dir / f"{case}.npz")
         for k in x:
             np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_changed_labels_redo_the_cache_without_clean(tiny_dataset, tmp_path):
+    import pandas as pd
+    from lnm_auto.planning.plan_and_preprocess import plan_and_preprocess
+    r = plan_and_preprocess(42, tiny_dataset.parent, tmp_path / "pre", planner="LNMPlannerCPU", progress=False)
+    assert load_case_crops(r.crops_dir / "case_000.npz")["node_labels"].tolist() == [0, 0]
+    untouched = (r.crops_dir / "case_002.npz").stat().st_mtime_ns
+    df = pd.read_csv(tiny_dataset / "nodes.csv", dtype=str, keep_default_na=False)
+    df.loc[(df.case == "case_000") & (df.node == "2"), "label"] = ""
+    df.loc[(df.case == "case_000") & (df.node == "1"), "node"] = "1.0"     # same id, written as a float
+    df.to_csv(tiny_dataset / "nodes.csv", index=False)
+    r = plan_and_preprocess(42, tiny_dataset.parent, tmp_path / "pre", planner="LNMPlannerCPU", progress=False)
+    assert load_case_crops(r.crops_dir / "case_000.npz")["node_labels"].tolist() == [0, -1]
+    assert (r.crops_dir / "case_002.npz").stat().st_mtime_ns == untouched   # other cases are not redone
+
+
+def test_damaged_cache_is_redone(tiny_dataset, tmp_path):
+    from lnm_auto.planning.plan_and_preprocess import plan_and_preprocess
+    r = plan_and_preprocess(42, tiny_dataset.parent, tmp_path / "pre", planner="LNMPlannerCPU", progress=False)
+    (r.crops_dir / "case_001.npz").write_bytes(b"PK\x03\x04 truncated")
+    r = plan_and_preprocess(42, tiny_dataset.parent, tmp_path / "pre", planner="LNMPlannerCPU", progress=False)
+    assert load_case_crops(r.crops_dir / "case_001.npz")["node_ids"].tolist() == [1, 2, 3]
+
+
+def test_no_verify_with_malformed_table_is_one_line(tiny_dataset, tmp_path):
+    text = (tiny_dataset / "nodes.csv").read_text().replace("case_000,1,", "case_000,one,", 1)
+    (tiny_dataset / "nodes.csv").write_text(text)
+    proc = subprocess.run([sys.executable, "-m", "lnm_auto", "plan_and_preprocess", "-d", "42", "--no-verify",
+                           "--raw", str(tiny_dataset.parent), "--preprocessed", str(tmp_path / "pre"), "--quiet"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "nodes.csv: cannot be used" in proc.stderr and "--verify" in proc.stderr

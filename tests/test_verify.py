@@ -167,3 +167,11 @@ def test_missing_dataset_json_and_bad_json(tmp_path):
     (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}}))
     with pytest.raises(LNMError, match="'file_ending' is missing"):
         RawDataset.load(root)
+
+
+def test_mask_that_is_not_3d_is_reported(tiny_dataset):
+    path = tiny_dataset / "nodesTr" / "case_001.nii.gz"
+    img = sitk.GetImageFromArray(np.zeros((48, 48), np.uint8))
+    sitk.WriteImage(img, str(path))
+    probs = problems_of(tiny_dataset)
+    assert any(str(path) in p and "must be a 3D single-component image" in p for p in probs)

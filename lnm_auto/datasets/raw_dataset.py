@@ -9,6 +9,7 @@ problem; the typed tables (``node_table`` ...) are for data that passed verifica
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,26 +106,47 @@ class RawDataset:
         df = self.read_csv_text("nodes.csv")
         if df is None:
             raise LNMError(f"{self.root / 'nodes.csv'}: missing; it lists every node: case,node,station,label")
-        out = pd.DataFrame({"case": df["case"].str.strip(), "node": df["node"].astype(int),
-                            "station": df["station"].str.strip() if "station" in df else "",
-                            "label": df["label"].map(parse_label)})
-        return out
+        with _table_errors(self.root / "nodes.csv"):
+            return pd.DataFrame({"case": df["case"].str.strip(), "node": parse_node_ids(df["node"]),
+                                 "station": df["station"].str.strip() if "station" in df else "",
+                                 "label": df["label"].map(parse_label)})
 
     def station_table(self) -> pd.DataFrame | None:
         df = self.read_csv_text("stations.csv")
         if df is None:
             return None
-        return pd.DataFrame({"case": df["case"].str.strip(), "station": df["station"].str.strip(),
-                             "label": df["label"].map(parse_label)})
+        with _table_errors(self.root / "stations.csv"):
+            return pd.DataFrame({"case": df["case"].str.strip(), "station": df["station"].str.strip(),
+                                 "label": df["label"].map(parse_label)})
 
     def patient_table(self) -> pd.DataFrame | None:
-        """case, label and patient (the grouping id for splits; the case id when not given)."""
+        """case, label and patient (the grouping id for splits; the case id where not given)."""
         df = self.read_csv_text("patients.csv")
         if df is None:
             return None
-        patient = df["patient"].str.strip() if "patient" in df else df["case"].str.strip()
-        return pd.DataFrame({"case": df["case"].str.strip(), "label": df["label"].map(parse_label),
-                             "patient": patient})
+        with _table_errors(self.root / "patients.csv"):
+            case = df["case"].str.strip()
+            patient = df["patient"].str.strip() if "patient" in df else case
+            return pd.DataFrame({"case": case, "label": df["label"].map(parse_label),
+                                 "patient": patient.where(patient != "", case)})
+
+
+def parse_node_ids(column: pd.Series) -> pd.Series:
+    """'3', '3.0', ' 3' -> 3 (the rule verify applies); anything else raises ValueError."""
+    ids = pd.to_numeric(column.astype(str).str.strip(), errors="raise")
+    if (ids % 1 != 0).any() or (ids <= 0).any():
+        raise ValueError("node ids must be positive integers")
+    return ids.astype(int)
+
+
+@contextlib.contextmanager
+def _table_errors(path: Path):
+    """Malformed tables that skipped verification (--no-verify) become one clear line."""
+    try:
+        yield
+    except (KeyError, ValueError, TypeError) as e:
+        raise LNMError(f"{path}: cannot be used ({e}); run lnm_plan_and_preprocess with --verify to list every "
+                       "problem") from None
 
 
 def _files_with_ending(folder: Path, ending: str) -> list[Path]:

@@ -93,6 +93,10 @@ def check_case(case: RawCase) -> CaseCheck:
             for m in geometry_mismatches(reference, img):
                 p.append(f"{image_file}: {m} of channel 0; all channels must share one grid")
     mask = _read(case.node_mask_file, p)
+    if mask is not None and (mask.GetDimension() != 3 or mask.GetNumberOfComponentsPerPixel() != 1):
+        p.append(f"{case.node_mask_file}: the node mask must be a 3D single-component image, got "
+                 f"{mask.GetDimension()}D with {mask.GetNumberOfComponentsPerPixel()} component(s)")
+        mask = None
     if mask is not None:
         arr = sitk.GetArrayViewFromImage(mask)
         if np.issubdtype(arr.dtype, np.floating):
@@ -107,7 +111,9 @@ def check_case(case: RawCase) -> CaseCheck:
                 p.append(f"{case.node_mask_file}: {m}; the node mask must have the image's geometry")
     if case.region_file is not None:
         region = _read(case.region_file, p)
-        if region is not None and reference is not None:
+        if region is not None and region.GetDimension() != 3:
+            p.append(f"{case.region_file}: the region map must be a 3D image")
+        elif region is not None and reference is not None:
             for m in geometry_mismatches(reference, region):
                 p.append(f"{case.region_file}: {m}; the region map must have the image's geometry")
     return result

@@ -6,6 +6,8 @@ for inference, on any machine.
 """
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -39,7 +41,11 @@ class TrainedModel:
                 raise LNMError(f"{folder}: not a model folder ({f} is missing)")
         plans = Plans.load(folder / "plans.json")
         trainer, _, config = _split_name(folder.name)
-        return cls(folder, plans, plans.configuration(config), load_json(folder / "dataset.json"), trainer)
+        try:
+            dataset_json = load_json(folder / "dataset.json")
+        except ValueError as e:
+            raise LNMError(f"{folder / 'dataset.json'}: not valid JSON ({e})") from None
+        return cls(folder, plans, plans.configuration(config), dataset_json, trainer)
 
     def available_folds(self, checkpoint: str = "checkpoint_final.pth") -> list[str]:
         return sorted((p.parent.name.removeprefix("fold_") for p in self.folder.glob(f"fold_*/{checkpoint}")),
@@ -47,7 +53,8 @@ class TrainedModel:
 
     def load_networks(self, folds: list[str] | None, checkpoint: str, device: torch.device) -> dict[str, nn.Module]:
         available = self.available_folds(checkpoint)
-        folds = folds or available
+        # the cross-validation folds form the default ensemble; fold 'all' only when asked for (-f all)
+        folds = folds or [f for f in available if f != "all"] or available
         missing = [f for f in folds if f not in available]
         if missing or not folds:
             raise LNMError(f"{self.folder}: no {checkpoint} for fold(s) {', '.join(missing) or '(any)'}; trained folds: "
@@ -137,6 +144,7 @@ def export_model(model_folder: Path, output_zip: Path, folds: list[str] | None =
 def unpack_model_zip(path: Path) -> Path:
     """Extract a model zip into a temporary folder (kept for the process' lifetime) -> the model folder."""
     target = Path(tempfile.mkdtemp(prefix="lnm_model_"))
+    atexit.register(shutil.rmtree, target, ignore_errors=True)   # removed when the process ends
     try:
         with zipfile.ZipFile(path) as z:
             for name in z.namelist():

@@ -29,7 +29,7 @@ from lnm_auto.evaluation.rollup import rollup
 from lnm_auto.inference.model import TrainedModel
 from lnm_auto.inference.node_predictor import predict_crops
 from lnm_auto.planning.plans import Plans
-from lnm_auto.preprocessing.preprocessor import preprocess_images
+from lnm_auto.preprocessing.preprocessor import preprocess_images, read_instance_mask
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import atomic_path, save_csv_atomic, save_json
 
@@ -72,7 +72,8 @@ def discover_cases(input_dir: Path, num_channels: int) -> tuple[list[InputCase],
         candidates = [input_dir / f"{case_id}_nodes{ending}"]
         if sibling_masks is not None:
             candidates.append(sibling_masks / f"{case_id}{ending}")
-        mask = next((c for c in candidates if c.is_file()), None)
+        others = [c.parent / c.name.replace(ending, e) for c in candidates for e in IMAGE_ENDINGS if e != ending]
+        mask = next((c for c in candidates + others if c.is_file()), None)
         if mask is None:
             problems.append(f"{candidates[-1]}: node mask of case '{case_id}' not found (expected "
                             f"{' or '.join(str(c) for c in candidates)})")
@@ -113,7 +114,13 @@ def load_and_preprocess(case: InputCase, plans: Plans) -> tuple[str, dict | None
     """(case id, crops or None, error line): runs in a worker process."""
     try:
         images = read_case_images(case)
-        mask = read_image(case.node_mask_file)
+        mask = read_instance_mask(case.node_mask_file)
+        for img, source in zip(images, case.image_files or [case.dicom_dir]):
+            if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
+                raise LNMError(f"{source}: must be a 3D single-component image")
+            arr = sitk.GetArrayViewFromImage(img)
+            if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+                raise LNMError(f"{source}: NaN/Inf voxels; replace them with a finite value")
         for img, source in zip(images[1:], case.image_files[1:]):
             bad = geometry_mismatches(images[0], img)
             if bad:
@@ -121,21 +128,17 @@ def load_and_preprocess(case: InputCase, plans: Plans) -> tuple[str, dict | None
         bad = geometry_mismatches(images[0], mask)
         if bad:
             raise LNMError(f"{case.node_mask_file}: {bad[0]}; the node mask must have the image's geometry")
-        arr = sitk.GetArrayViewFromImage(images[0])
-        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
-            raise LNMError(f"{case.image_files[0] if case.image_files else case.dicom_dir}: NaN/Inf voxels")
-        mask = sitk.Cast(mask, sitk.sitkUInt32) if mask.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64) else mask
-        crops = preprocess_images(images, mask, plans)
-        if len(crops["node_ids"]) == 0:
-            raise LNMError(f"{case.node_mask_file}: the node mask of case '{case.case_id}' holds no node")
-        return case.case_id, crops, ""
+        return case.case_id, preprocess_images(images, mask, plans), ""
     except LNMError as e:
         return case.case_id, None, str(e)
+    except (RuntimeError, ValueError, IndexError) as e:
+        return case.case_id, None, f"{case.node_mask_file}: case '{case.case_id}' cannot be preprocessed " \
+                                   f"({str(e).strip().splitlines()[-1][:150]})"
 
 
 def write_probability_map(mask_file: Path, probabilities: dict[int, float], out_file: Path) -> None:
     """The node mask with every node's voxels set to its probability, in the input's exact geometry."""
-    mask = read_image(mask_file)
+    mask = read_instance_mask(mask_file)
     ids = sitk.GetArrayViewFromImage(mask).astype(np.int64)
     lut = np.zeros(int(ids.max()) + 1, dtype=np.float32)
     for k, p in probabilities.items():

@@ -16,6 +16,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from lnm_auto.datasets.raw_dataset import UNKNOWN, RawCase, RawDataset, read_image
+from lnm_auto.utils.errors import LNMError
 from lnm_auto.preprocessing.geometry import measure_nodes, sitk_spacing_zyx, slice_axis
 
 FINGERPRINT_VERSION = 1
@@ -112,7 +113,10 @@ def compute_fingerprint(ds: RawDataset, num_processes: int = 1, progress: bool =
         entry["patient_label"] = int(patient_labels.get(case.case_id, UNKNOWN))
         cases_out[case.case_id] = entry
         for n in nodes:
-            row = node_table.loc[(case.case_id, n["node"])]
+            try:
+                row = node_table.loc[(case.case_id, n["node"])]
+            except KeyError:
+                raise LNMError(f"{case.node_mask_file}: node id {n['node']} is not listed in nodes.csv") from None
             n["station"] = str(row["station"])
             n["label"] = int(row["label"])
             n["station_label"] = int(station_labels.get((case.case_id, n["station"]), UNKNOWN))

@@ -1,7 +1,6 @@
 """The ``lnm_plan_and_preprocess`` job: verify -> fingerprint -> plans -> splits -> npz caches."""
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,10 +9,10 @@ from lnm_auto.datasets.verify import verify_dataset
 from lnm_auto.planning.fingerprint import compute_fingerprint
 from lnm_auto.planning.planner import plan_experiment
 from lnm_auto.planning.plans import Plans
-from lnm_auto.planning.splits import make_patient_splits
+from lnm_auto.planning.splits import load_splits, make_patient_splits
 from lnm_auto.preprocessing.preprocessor import run_preprocessing
 from lnm_auto.utils.errors import DatasetProblems
-from lnm_auto.utils.io import load_json, save_json
+from lnm_auto.utils.io import atomic_copy, save_json
 from lnm_auto.utils.paths import resolve_dataset_name
 
 FINGERPRINT_FILE = "dataset_fingerprint.json"
@@ -47,12 +46,12 @@ def plan_and_preprocess(dataset: str | int, raw_root: Path, preprocessed_root: P
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = compute_fingerprint(ds, num_processes=num_processes, progress=progress)
     save_json(fingerprint, out / FINGERPRINT_FILE)
-    shutil.copyfile(ds.root / "dataset.json", out / "dataset.json")
+    atomic_copy(ds.root / "dataset.json", out / "dataset.json")
     plans = plan_experiment(fingerprint, planner=planner or default_planner(), plans_name=plans_name)
     plans_file = out / f"{plans_name}.json"
     plans.save(plans_file)
     splits_file = out / SPLITS_FILE
-    if splits_file.is_file() and not clean and _same_cases(load_json(splits_file), fingerprint):
+    if splits_file.is_file() and not clean and _same_cases(load_splits(splits_file), fingerprint):
         pass  # keep existing folds: trained models depend on them (nnU-Net does the same)
     else:
         save_json(make_patient_splits(fingerprint, plans.n_folds, plans.split_seed), splits_file)

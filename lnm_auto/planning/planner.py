@@ -182,8 +182,10 @@ def plan_positive_fraction(n_pos: int, n_neg: int) -> float:
 def plan_recipe(fingerprint: dict, n_folds: int, planner: str) -> TrainingRecipe:
     preset = _planner(planner)[1]
     n_pos, n_neg = labelled_node_counts(fingerprint)
+    # without any node label (station/patient labels only) the weak trainers learn from every node
+    n_training_nodes = n_pos + n_neg if n_pos + n_neg else len(fingerprint["nodes"])
     return TrainingRecipe(
-        batch_size=plan_batch_size(n_pos + n_neg, n_folds, preset["batch_size"]),
+        batch_size=plan_batch_size(n_training_nodes, n_folds, preset["batch_size"]),
         positive_fraction=plan_positive_fraction(n_pos, n_neg),
         num_epochs=preset["num_epochs"],
         initial_lr=preset["initial_lr"],

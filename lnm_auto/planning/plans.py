@@ -95,7 +95,7 @@ class Plans:
             raise LNMError(f"{path}: plans not found; run lnm_plan_and_preprocess first")
         try:
             return cls.from_dict(load_json(path))
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise LNMError(f"{path}: not a valid plans file ({e})") from None
 
     def configuration(self, name: str) -> ConfigurationPlan:

@@ -55,3 +55,15 @@ def make_patient_splits(fingerprint: dict, n_folds: int = 5, seed: int = 12345) 
         folds = [{"train": sorted(np.asarray(case_ids)[tr].tolist()), "val": sorted(np.asarray(case_ids)[va].tolist())}
                  for tr, va in splitter.split(np.zeros(len(case_ids)), y, groups=patients)]
     return folds
+
+
+def load_splits(path) -> list[dict[str, list[str]]]:
+    """splits_final.json, checked: a list of {"train": [...], "val": [...]}."""
+    from lnm_auto.utils.io import load_json
+    try:
+        splits = load_json(path)
+        if not isinstance(splits, list) or not all(isinstance(f, dict) and {"train", "val"} <= set(f) for f in splits):
+            raise ValueError("expected a list of {\"train\": [...], \"val\": [...]}")
+        return splits
+    except ValueError as e:
+        raise LNMError(f"{path}: not valid folds ({e}); delete it and re-run lnm_plan_and_preprocess") from None

@@ -7,7 +7,7 @@ Cache layout (``$LNM_preprocessed/DatasetXXX_Name/<plans_name>_crops/<case>.npz`
     node_ids        int32 (N,); stations <U (N,); node_labels / station_labels int8 (N,) (-1 = unknown)
     patient_label   int8 (); case_id <U (); centre_mm float64 (N, 3) physical (x, y, z) centre
     volume_mm3, short_axis_mm, long_axis_mm, slice_position (0..1 along the slice axis) float32 (N,)
-    plans_digest <U (): which plans made it
+    plans_digest <U (): which plans, labels and files made it (stale caches are redone)
 Crops are sampled straight from the original image on a grid aligned with the image's own axes, so
 only the node neighbourhoods are ever resampled, and any direction/origin is honoured exactly.
 """
@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -94,12 +95,34 @@ def preprocess_images(images: list[sitk.Image], mask: sitk.Image, plans: Plans) 
     return out
 
 
+INTEGER_PIXELS = (sitk.sitkUInt8, sitk.sitkUInt16, sitk.sitkUInt32, sitk.sitkUInt64, sitk.sitkInt8, sitk.sitkInt16,
+                  sitk.sitkInt32, sitk.sitkInt64)
+
+
+def read_instance_mask(path: Path) -> sitk.Image:
+    """A node instance mask as an unsigned integer image (float masks rounded; negative ids refused)."""
+    mask = read_image(path)
+    if mask.GetNumberOfComponentsPerPixel() != 1 or mask.GetDimension() != 3:
+        raise LNMError(f"{path}: the node mask must be a 3D single-component image")
+    if float(sitk.GetArrayViewFromImage(mask).min(initial=0)) < 0:
+        raise LNMError(f"{path}: negative node ids; use 0 for background and k > 0 for node k")
+    if mask.GetPixelID() not in INTEGER_PIXELS:
+        mask = sitk.Cast(sitk.Round(mask), sitk.sitkUInt32)
+    return mask
+
+
+def case_digest(plans_key: str, case: RawCase, labels: NodeLabels) -> str:
+    """What one case's cache depends on: the plans, its label rows and its files (size, mtime)."""
+    files = [Path(f) for f in case.image_files] + [Path(case.node_mask_file)]
+    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) if f.is_file() else (f.name,) for f in files]
+    key = json.dumps([plans_key, sorted(labels.stations.items()), sorted(labels.node_labels.items()),
+                      sorted(labels.station_labels.items()), labels.patient_label, stats], default=str)
+    return hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
 def preprocess_case(case: RawCase, labels: NodeLabels, plans: Plans) -> dict[str, np.ndarray]:
     images = [read_image(f) for f in case.image_files]
-    mask = read_image(case.node_mask_file)
-    if mask.GetPixelID() not in (sitk.sitkUInt8, sitk.sitkUInt16, sitk.sitkUInt32, sitk.sitkInt8, sitk.sitkInt16,
-                                 sitk.sitkInt32, sitk.sitkInt64, sitk.sitkUInt64):
-        mask = sitk.Cast(sitk.Round(mask), sitk.sitkUInt32)
+    mask = read_instance_mask(case.node_mask_file)
     out = preprocess_images(images, mask, plans)
     ids = out["node_ids"].tolist()
     stations = [labels.stations.get(k, "") for k in ids]
@@ -115,8 +138,11 @@ def load_case_crops(path: str | Path) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise LNMError(f"{path}: preprocessed case missing; run lnm_plan_and_preprocess")
-    with np.load(path, allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        raise LNMError(f"{path}: damaged cache; re-run lnm_plan_and_preprocess (with --clean)") from None
 
 
 def _case_labels(ds: RawDataset) -> dict[str, NodeLabels]:
@@ -136,7 +162,7 @@ def _case_labels(ds: RawDataset) -> dict[str, NodeLabels]:
     return out
 
 
-def _work(case: RawCase, labels: NodeLabels, plans: Plans, out_dir: Path, digest: str) -> tuple[str, int, str]:
+def _work(case: RawCase, labels: NodeLabels, digest: str, plans: Plans, out_dir: Path) -> tuple[str, int, str]:
     """Process one case in a worker; returns (case id, node count, '' or an error line)."""
     target = out_dir / f"{case.case_id}.npz"
     try:
@@ -146,6 +172,8 @@ def _work(case: RawCase, labels: NodeLabels, plans: Plans, out_dir: Path, digest
         return case.case_id, len(arrays["node_ids"]), ""
     except LNMError as e:
         return case.case_id, 0, str(e)
+    except (RuntimeError, ValueError, IndexError) as e:   # e.g. SimpleITK on channels that skipped --verify
+        return case.case_id, 0, f"{case.image_files[0]}: cannot be preprocessed ({str(e).strip().splitlines()[-1][:150]})"
 
 
 def is_up_to_date(path: Path, digest: str) -> bool:
@@ -154,7 +182,7 @@ def is_up_to_date(path: Path, digest: str) -> bool:
     try:
         with np.load(path, allow_pickle=False) as f:
             return "plans_digest" in f.files and str(f["plans_digest"]) == digest
-    except (OSError, ValueError, EOFError):
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
         return False   # a damaged cache is simply redone
 
 
@@ -165,21 +193,25 @@ def run_preprocessing(ds: RawDataset, plans: Plans, preprocessed_dataset: Path, 
     if clean and out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    digest = plans_digest(plans)
+    plans_key = plans_digest(plans)
     labels = _case_labels(ds)
-    todo = [c for c in ds.cases("Tr") if not is_up_to_date(out_dir / f"{c.case_id}.npz", digest)]
-    work = partial(_work, plans=plans, out_dir=out_dir, digest=digest)
-    args = [(c, labels.get(c.case_id, NodeLabels({}, {}, {}))) for c in todo]
+    args = []
+    for c in ds.cases("Tr"):
+        lab = labels.get(c.case_id, NodeLabels({}, {}, {}))
+        digest = case_digest(plans_key, c, lab)
+        if not is_up_to_date(out_dir / f"{c.case_id}.npz", digest):
+            args.append((c, lab, digest))
+    work = partial(_work, plans=plans, out_dir=out_dir)
     errors = []
-    bar = tqdm(total=len(todo), desc="preprocess", disable=not progress, unit="case")
-    if num_processes > 1 and len(todo) > 1:
+    bar = tqdm(total=len(args), desc="preprocess", disable=not progress, unit="case")
+    if num_processes > 1 and len(args) > 1:
         with ProcessPoolExecutor(num_processes) as pool:
             for _, _, err in pool.map(work, *zip(*args)):
                 errors.append(err) if err else None
                 bar.update()
     else:
-        for c, lab in args:
-            _, _, err = work(c, lab)
+        for c, lab, digest in args:
+            _, _, err = work(c, lab, digest)
             errors.append(err) if err else None
             bar.update()
     bar.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import random
+import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,12 +49,16 @@ class CropStore:
             targets = {f"{kind}_{s}": out / f"{case_id}__{kind}_{s}.npy" for s in self.scales for kind in ("image", "mask")}
             if all(t.is_file() and t.stat().st_mtime >= npz.stat().st_mtime for t in targets.values()):
                 continue
-            with np.load(npz, allow_pickle=False) as f:
-                for key, target in targets.items():
-                    if key not in f.files:
-                        raise LNMError(f"{npz}: has no '{key}' crops; the plans changed, re-run lnm_plan_and_preprocess")
-                    with atomic_path(target, suffix=".npy") as tmp:
-                        np.save(tmp, f[key])
+            try:
+                with np.load(npz, allow_pickle=False) as f:
+                    for key, target in targets.items():
+                        if key not in f.files:
+                            raise LNMError(f"{npz}: has no '{key}' crops; the plans changed, re-run "
+                                           "lnm_plan_and_preprocess")
+                        with atomic_path(target, suffix=".npy") as tmp:
+                            np.save(tmp, f[key])
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+                raise LNMError(f"{npz}: damaged cache; re-run lnm_plan_and_preprocess (with --clean)") from None
 
     def arrays(self, case_id: str) -> dict[str, np.ndarray]:
         if case_id in self._open:

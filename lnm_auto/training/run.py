@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import torch
 
 from lnm_auto.planning.plan_and_preprocess import FINGERPRINT_FILE, SPLITS_FILE
 from lnm_auto.planning.plans import Plans
+from lnm_auto.planning.splits import load_splits
 from lnm_auto.training.trainer import LNMTrainer, get_trainer_class
 from lnm_auto.utils.errors import LNMError
-from lnm_auto.utils.io import load_json
+from lnm_auto.utils.io import atomic_copy
 from lnm_auto.utils.paths import resolve_dataset_name
 
 
@@ -50,7 +50,7 @@ def setup_trainer(dataset: str | int, configuration: str, fold: str, preprocesse
     trainer_cls = trainer_cls or get_trainer_class(trainer_name)
     fold_value = parse_fold(fold)
     splits_file = pre / SPLITS_FILE
-    splits = load_json(splits_file) if splits_file.is_file() else None
+    splits = load_splits(splits_file) if splits_file.is_file() else None
     if fold_value != "all" and splits is None:
         raise LNMError(f"{splits_file}: missing; re-run lnm_plan_and_preprocess -d {name}")
     if num_epochs is not None and num_epochs < 1:
@@ -59,9 +59,13 @@ def setup_trainer(dataset: str | int, configuration: str, fold: str, preprocesse
     trainer = trainer_cls(plans, configuration, fold_value, pre, out / f"fold_{fold_value}", resolve_device(device),
                           num_epochs, num_workers=num_workers, splits=splits)
     # the model folder alone must be enough for inference (like nnU-Net's results folders)
-    plans.save(out / "plans.json")
+    saved = out / "plans.json"
+    if saved.is_file() and any(out.glob("fold_*/checkpoint_*.pth")) and Plans.load(saved) != plans:
+        raise LNMError(f"{saved}: the plans changed since this model's folds were trained; train under another "
+                       f"plans name (-p) or move {out} away")
+    plans.save(saved)
     for f in ("dataset.json", FINGERPRINT_FILE):
-        shutil.copyfile(pre / f, out / f)
+        atomic_copy(pre / f, out / f)
     return trainer
 
 

@@ -272,13 +272,17 @@ class LNMTrainer:
         if ckpt.get("trainer_name") != type(self).__name__ or ckpt.get("configuration") != self.config.name:
             raise LNMError(f"{path}: written by {ckpt.get('trainer_name')} / {ckpt.get('configuration')}, not "
                            f"{type(self).__name__} / {self.config.name}")
-        self.network.load_state_dict(ckpt["network_weights"])
-        self.optimizer.load_state_dict(ckpt["optimizer_state"])
+        try:
+            self.network.load_state_dict(ckpt["network_weights"])
+            self.optimizer.load_state_dict(ckpt["optimizer_state"])
+        except (RuntimeError, ValueError, KeyError):
+            raise LNMError(f"{path}: does not fit the current network (were the plans changed after this run "
+                           "started?); start again without --c, or restore the old plans") from None
         self.lr_scheduler.load_state_dict(ckpt["lr_scheduler_state"])
         self.log.load_state(ckpt["logging"])
         self.current_epoch = int(ckpt["current_epoch"])
         self.best_ema, self.ema_auroc = ckpt["best_ema"], ckpt["ema_auroc"]
-        torch.set_rng_state(ckpt["rng_torch"])
+        torch.set_rng_state(ckpt["rng_torch"].cpu())
 
     def load_pretrained(self, path: Path) -> dict:
         report = load_pretrained_weights(self.network, path)
@@ -321,7 +325,9 @@ def default_num_workers() -> int:
     """Background augmentation processes: $LNM_n_proc_DA, else one less than the cores (at least 1)."""
     env = os.environ.get("LNM_n_proc_DA")
     if env is not None:
-        return max(0, int(env))
+        if not env.strip().isdigit():
+            raise LNMError(f"$LNM_n_proc_DA must be a whole number of worker processes, got '{env}'")
+        return int(env)
     return max(1, (os.cpu_count() or 2) - 1)
 
 

@@ -17,7 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from lnm_auto.training.data import NodeBatchLoader, load_batch
-from lnm_auto.training.trainer import LNMTrainer
+from sklearn.metrics import roc_auc_score
+
+from lnm_auto.training.trainer import LNMTrainer, _json_safe
+from lnm_auto.utils.io import save_csv_atomic, save_json
 from lnm_auto.utils.errors import LNMError
 
 MAX_BAG_SIZE = 12   # larger bags are subsampled (negative bags) or truncated to the most (positive) ...
@@ -106,26 +109,39 @@ class LNMTrainerWeak(LNMTrainer):
         self.optimizer.step()
         return float(loss.detach())
 
-    def validation_records(self) -> pd.DataFrame:
-        """Node-labelled validation nodes if any; else every validation node, scored at patient level."""
+    def has_node_labelled_validation(self) -> bool:
+        return bool((self.nodes[self.nodes["case"].isin(self.val_cases)]["label"] >= 0).any())
+
+    def patient_level_validation(self) -> tuple[pd.DataFrame, np.ndarray]:
+        """Without node labels: each validation patient's probability = max over its nodes (the roll-up
+        rule), scored against the patient label. Returns (per-patient table, node probabilities)."""
         val = self.nodes[self.nodes["case"].isin(self.val_cases)]
-        labelled = val[val["label"] >= 0]
-        if len(labelled):
-            return labelled
-        return val.assign(label=val["patient_label"])   # max over a patient's nodes is scored below
+        p = self.predict_records(val) if len(val) else np.zeros(0)
+        per_case = val.assign(probability=p).groupby("case", as_index=False).agg(
+            probability=("probability", "max"), label=("patient_label", "first"))
+        return per_case[per_case["label"] >= 0], p
 
     def validate(self) -> dict:
-        records = self.validation_records()
-        if records.empty or not (records["label"] >= 0).any():
-            return {"loss": float("nan"), "auroc": float("nan"), "probabilities": np.zeros(0)}
-        if (self.nodes[self.nodes["case"].isin(self.val_cases)]["label"] >= 0).any():
+        if self.has_node_labelled_validation():
             return super().validate()
-        from sklearn.metrics import roc_auc_score
-        p = self.predict_records(records)
-        per_case = records.assign(p=p).groupby("case").agg(p=("p", "max"), y=("label", "first"))
-        per_case = per_case[per_case["y"] >= 0]
-        y = per_case["y"].to_numpy(float)
-        auroc = float(roc_auc_score(y, per_case["p"])) if 0 < y.sum() < len(y) else float("nan")
+        per_case, p = self.patient_level_validation()
+        y, q = per_case["label"].to_numpy(float), per_case["probability"].to_numpy(float)
+        if not len(y):
+            return {"loss": float("nan"), "auroc": float("nan"), "probabilities": p}
+        auroc = float(roc_auc_score(y, q)) if 0 < y.sum() < len(y) else float("nan")
         eps = 1e-7
-        loss = float(-np.mean(y * np.log(per_case["p"] + eps) + (1 - y) * np.log(1 - per_case["p"] + eps)))
+        loss = float(-np.mean(y * np.log(q + eps) + (1 - y) * np.log(1 - q + eps)))
         return {"loss": loss, "auroc": auroc, "probabilities": p}
+
+    def export_validation(self) -> None:
+        if self.has_node_labelled_validation():
+            return super().export_validation()
+        from lnm_auto.evaluation.metrics import binary_metrics
+        per_case, _ = self.patient_level_validation()
+        out = self.output_folder / "validation"
+        save_csv_atomic(per_case, out / "patients.csv")
+        metrics = binary_metrics(per_case["label"].to_numpy(), per_case["probability"]) if len(per_case) else {}
+        save_json({"fold": self.fold, "level": "patient (no node labels in the validation cases)",
+                   "n_patients": len(per_case), **_json_safe(metrics)}, out / "metrics.json")
+        self.log.print(f"validation of fold {self.fold} at patient level: AUROC "
+                       f"{metrics.get('auroc', float('nan')):.4f} on {len(per_case)} patients -> {out}")
