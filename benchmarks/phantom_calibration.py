@@ -32,7 +32,7 @@ from scipy import ndimage as ndi
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lnm_auto.datasets.phantom import PhantomConfig, generate_case  # noqa: E402
+from lnm_auto.datasets.phantom import PhantomConfig, generate_case, node_features  # noqa: E402
 
 REAL_CASES = ("lung1", "lung2")
 FAT_RANGE = (-190.0, -30.0)
@@ -178,20 +178,6 @@ def plot(real_imgs: dict[str, sitk.Image], phantom_imgs: dict[str, sitk.Image], 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
-
-
-def node_features(case) -> list[tuple]:
-    """(case, label, voxel volume, 90th percentile HU, SD of the solid part > -20 HU) per node: simple
-    radiomics a radiologist would read (size, enhancement, heterogeneity/necrosis)."""
-    hu = np.clip(sitk.GetArrayFromImage(case.image).astype(np.float32), -150, 250)
-    m = sitk.GetArrayFromImage(case.mask)
-    boxes = ndi.find_objects(m)
-    out = []
-    for n in case.nodes:
-        v = hu[boxes[n.node - 1]][m[boxes[n.node - 1]] == n.node]
-        solid = v[v > -20] if (v > -20).sum() >= 3 else v
-        out.append((case.case_id, n.label, v.size, float(np.percentile(v, 90)), float(solid.std())))
-    return out
 
 
 def separability(n_cases: int, difficulty: float, seed: int) -> dict:

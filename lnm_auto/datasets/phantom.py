@@ -968,3 +968,17 @@ def _write_dataset(root: Path, name: str, config: PhantomConfig, progress: bool)
         "phantom_config": config.to_json(),
         "phantom_version": PHANTOM_VERSION,
     }, root / "dataset.json")
+
+
+def node_features(case) -> list[tuple]:
+    """(case, label, voxel volume, 90th percentile HU, SD of the solid part > -20 HU) per node: simple
+    radiomics a radiologist would read (size, enhancement, heterogeneity/necrosis)."""
+    hu = np.clip(sitk.GetArrayFromImage(case.image).astype(np.float32), -150, 250)
+    m = sitk.GetArrayFromImage(case.mask)
+    boxes = ndi.find_objects(m)
+    out = []
+    for n in case.nodes:
+        v = hu[boxes[n.node - 1]][m[boxes[n.node - 1]] == n.node]
+        solid = v[v > -20] if (v > -20).sum() >= 3 else v
+        out.append((case.case_id, n.label, v.size, float(np.percentile(v, 90)), float(solid.std())))
+    return out
