@@ -157,3 +157,17 @@ def test_wsp_pretraining_produces_loadable_weights(partly_labelled, tmp_path):
     tr = setup_trainer(42, "3d_resenc", "0", root / "pre", tmp_path / "ft", "LNMTrainer_2epochs", num_workers=0)
     report = tr.load_pretrained(weights)
     assert len(report["matched"]) == len(after) and not report["shape_mismatch"]
+
+
+def test_weak_trainer_without_any_node_label_validates_per_patient(tmp_path):
+    import json
+    write_tiny_dataset(tmp_path / "raw", n_cases=8, hide_node_labels=8)
+    plan_and_preprocess(42, tmp_path / "raw", tmp_path / "pre", planner="LNMPlannerCPU", progress=False)
+    tr = setup_trainer(42, "3d_resenc", "0", tmp_path / "pre", tmp_path / "res", "LNMTrainerWeak", num_epochs=1,
+                       num_workers=0)
+    assert tr.config.recipe.batch_size >= 4          # sized on all nodes when there are no node labels
+    run_training(tr)
+    metrics = json.loads((tr.output_folder / "validation" / "metrics.json").read_text())
+    patients = pd.read_csv(tr.output_folder / "validation" / "patients.csv", dtype={"case": str})
+    assert metrics["level"].startswith("patient") and metrics["n_patients"] == len(patients)
+    assert set(patients.case) == set(tr.val_cases) and patients.probability.between(0, 1).all()
