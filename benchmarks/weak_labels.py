@@ -4,6 +4,8 @@ epochs, on a phantom with node labels for a fraction of the training cases (the 
     python benchmarks/weak_labels.py --workdir /tmp/lnm_weak --labeled-fraction 0.25 --folds 0 1 \
         --epochs 20 --ssl-epochs 20
 
+Mean teacher and PGLS start from the supervised model and train --ssl-epochs more; the row "supervised +
+same extra epochs" continues the supervised model for as many epochs, so extra training alone is controlled.
 Every method is scored on the phantom's held-out test cases (fully labelled) with the fold ensemble;
 prints and writes a markdown table (AUROC, S@R75, R@S75, A@R75, A@S75) to WORKDIR/weak_labels.md.
 """
@@ -64,6 +66,12 @@ def main() -> None:
 
     for fold in args.folds:
         methods["supervised"] = train("LNMTrainer", fold, args.epochs)
+        # control for the extra epochs the semi-supervised runs get on top of their supervised start
+        start = res / "Dataset998_WeakPhantom" / f"LNMTrainer__{planned.plans.plans_name}__{c}" / f"fold_{fold}" / \
+            "checkpoint_final.pth"
+        tr = setup_trainer(998, c, fold, pre, res / "longer", "LNMTrainer", num_epochs=args.ssl_epochs)
+        run_training(tr, pretrained_weights=start)
+        methods["supervised + same extra epochs"] = tr.output_folder.parent
         methods["mean teacher"] = train("LNMTrainerMeanTeacher", fold, args.ssl_epochs)
         methods["PGLS"] = train("LNMTrainerPGLS", fold, args.ssl_epochs)
         pretrainer = setup_pretrainer(998, c, fold, pre, res / "wsp", num_epochs=args.pretrain_epochs)
