@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from lnm_auto.planning.plans import ChannelNormalization, CropScale
-from lnm_auto.preprocessing.geometry import measure_nodes, resample_mask_to_grid, roi_grid
+from lnm_auto.preprocessing.geometry import measure_nodes, roi_grid
 from lnm_auto.preprocessing.normalization import normalize
 from lnm_auto.preprocessing.preprocessor import load_case_crops, preprocess_images
 from test_planning import make_fingerprint

@@ -10,7 +10,6 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 
 import numpy as np
-import pandas as pd
 import SimpleITK as sitk
 from scipy import ndimage
 from tqdm import tqdm

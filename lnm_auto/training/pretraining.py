@@ -12,7 +12,6 @@ The result is the network's weights (heads untrained), loaded by ``lnm_train -pr
 """
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -155,6 +154,3 @@ class WSPPretrainer(LNMTrainer, register=False):
             torch.save(self.network.state_dict(), tmp)
         self.log.print(f"pretrained weights written to {out}; use: lnm_train ... -pretrained_weights {out}")
         return out
-
-    def steps_per_epoch(self, n_patients: int) -> int:
-        return max(1, math.ceil(n_patients / self.config.recipe.batch_size))

@@ -9,16 +9,15 @@ The node probabilities stay the model's output.
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from lnm_auto.training.data import NodeBatchLoader, load_batch
 from sklearn.metrics import roc_auc_score
 
+from lnm_auto.training.data import NodeBatchLoader, load_batch
 from lnm_auto.training.trainer import LNMTrainer, _json_safe
 from lnm_auto.utils.io import save_csv_atomic, save_json
 from lnm_auto.utils.errors import LNMError
@@ -91,9 +90,6 @@ class LNMTrainerWeak(LNMTrainer):
             raise LNMError(f"{type(self).__name__} needs labels at some level (nodes.csv labels, stations.csv or "
                            f"patients.csv); fold {self.fold}'s training cases have none")
         return df
-
-    def steps_per_epoch(self, n_records: int) -> int:
-        return max(1, math.ceil(n_records / self.config.recipe.batch_size))
 
     def make_loader(self, records: pd.DataFrame, seed: int):
         r = self.config.recipe
