@@ -170,3 +170,16 @@ def test_weak_trainer_without_any_node_label_validates_per_patient(tmp_path):
     patients = pd.read_csv(tr.output_folder / "validation" / "patients.csv", dtype={"case": str})
     assert metrics["level"].startswith("patient") and metrics["n_patients"] == len(patients)
     assert set(patients.case) == set(tr.val_cases) and patients.probability.between(0, 1).all()
+
+
+def test_mean_teacher_resumes_with_its_teacher(partly_labelled, tmp_path):
+    root = partly_labelled
+    first = setup_trainer(42, "3d_resenc", "0", root / "pre", tmp_path, "LNMTrainerMeanTeacher", num_epochs=2,
+                          num_workers=0)
+    run_training(first, stop_after_epoch=1)
+    resumed = setup_trainer(42, "3d_resenc", "0", root / "pre", tmp_path, "LNMTrainerMeanTeacher", num_epochs=2,
+                            num_workers=0)
+    resumed.load_checkpoint(first.output_folder / "checkpoint_latest.pth")
+    assert resumed.global_step == first.global_step > 0 and resumed.current_epoch == 1
+    for a, b in zip(first.teacher.state_dict().values(), resumed.teacher.state_dict().values()):
+        torch.testing.assert_close(a, b)

@@ -341,12 +341,16 @@ def evaluate(ref_nodes_csv, pred_nodes_csv, out_dir, ref_stations_csv=None, ref_
 # plots
 # ------------------------------------------------------------------------------------------------
 def _new_figure(n_panels: int):
+    """One panel per level; with no level to show, a single panel saying why."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(4.2 * max(n_panels, 1), 4.4), dpi=110)
     FigureCanvasAgg(fig)
     axes = [fig.add_subplot(1, max(n_panels, 1), i + 1) for i in range(max(n_panels, 1))]
+    if not n_panels:
+        axes[0].text(0.5, 0.5, "no level has both\npositive and negative labels", ha="center", va="center")
+        axes[0].set_axis_off()
     return fig, axes
 
 
@@ -364,9 +368,6 @@ def _plot_roc(plot_data: dict, path: Path, has_b: bool) -> None:
     from sklearn.metrics import roc_curve
 
     fig, axes = _new_figure(len(plot_data))
-    if not plot_data:
-        axes[0].text(0.5, 0.5, "no level has both\npositive and negative labels", ha="center", va="center")
-        axes[0].set_axis_off()
     for ax, (level, d) in zip(axes, plot_data.items()):
         res = d["res"]
         fpr, tpr, _ = roc_curve(d["y"], d["p"], drop_intermediate=False)
@@ -398,9 +399,6 @@ def _plot_roc(plot_data: dict, path: Path, has_b: bool) -> None:
 
 def _plot_calibration(plot_data: dict, path: Path) -> None:
     fig, axes = _new_figure(len(plot_data))
-    if not plot_data:
-        axes[0].text(0.5, 0.5, "no level has both\npositive and negative labels", ha="center", va="center")
-        axes[0].set_axis_off()
     for ax, (level, d) in zip(axes, plot_data.items()):
         res = d["res"]
         cal = res["calibration"]

@@ -150,11 +150,11 @@ class LNMTrainerMeanTeacher(LNMTrainer):
         state["global_step"] = self.global_step
         return state
 
-    def load_checkpoint(self, path: Path) -> None:
-        super().load_checkpoint(path)
-        ckpt = torch.load(path, map_location=self.device, weights_only=False)
+    def load_checkpoint(self, path: Path) -> dict:
+        ckpt = super().load_checkpoint(path)
         self.ensure_teacher().load_state_dict(ckpt["teacher_weights"])
         self.global_step = int(ckpt["global_step"])
+        return ckpt
 
 
 class LNMTrainerPGLS(LNMTrainerMeanTeacher):

@@ -263,7 +263,8 @@ class LNMTrainer:
         with atomic_path(self.output_folder / name, suffix=".pth") as tmp:
             torch.save(self.checkpoint_state(), tmp)
 
-    def load_checkpoint(self, path: Path) -> None:
+    def load_checkpoint(self, path: Path) -> dict:
+        """Restore the run from a checkpoint; returns the checkpoint for variants' own state."""
         path = Path(path)
         try:
             ckpt = torch.load(path, map_location=self.device, weights_only=False)
@@ -283,6 +284,7 @@ class LNMTrainer:
         self.current_epoch = int(ckpt["current_epoch"])
         self.best_ema, self.ema_auroc = ckpt["best_ema"], ckpt["ema_auroc"]
         torch.set_rng_state(ckpt["rng_torch"].cpu())
+        return ckpt
 
     def load_pretrained(self, path: Path) -> dict:
         report = load_pretrained_weights(self.network, path)
