@@ -176,7 +176,8 @@ def test_mean_teacher_resumes_with_its_teacher(partly_labelled, tmp_path):
     root = partly_labelled
     first = setup_trainer(42, "3d_resenc", "0", root / "pre", tmp_path, "LNMTrainerMeanTeacher", num_epochs=2,
                           num_workers=0)
-    run_training(first, stop_after_epoch=1)
+    supervised = root / "results" / "Dataset042_Tiny" / "LNMTrainer_2epochs__LNMPlans__3d_resenc" / "fold_0"
+    run_training(first, pretrained_weights=supervised / "checkpoint_final.pth", stop_after_epoch=1)
     resumed = setup_trainer(42, "3d_resenc", "0", root / "pre", tmp_path, "LNMTrainerMeanTeacher", num_epochs=2,
                             num_workers=0)
     resumed.load_checkpoint(first.output_folder / "checkpoint_latest.pth")
