@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,13 @@ import SimpleITK as sitk
 TINY_DIRECTION = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)   # LPS flip: non-identity on purpose
 TINY_ORIGIN = (40.5, 30.25, -120.0)
 TINY_SPACING_XYZ = (0.8, 0.8, 4.0)
+
+
+def run_train_cli(*args, preprocessed: Path, results: Path) -> subprocess.CompletedProcess:
+    """``python -m lnm_auto train ARGS`` as a real subprocess (quiet, augmentation in-process)."""
+    return subprocess.run([sys.executable, "-m", "lnm_auto", "train", *args, "--preprocessed", str(preprocessed),
+                           "--results", str(results)], capture_output=True, text=True,
+                          env={**os.environ, "LNM_NO_PROGRESS": "1", "LNM_n_proc_DA": "0"})
 
 
 def write_image(arr_zyx: np.ndarray, path: Path, spacing_xyz=TINY_SPACING_XYZ, origin=TINY_ORIGIN,

@@ -1,7 +1,6 @@
 """Training: real torch steps on the tiny dataset's real caches."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import torch
 
 from lnm_auto.planning.plan_and_preprocess import plan_and_preprocess
 from lnm_auto.training.run import run_training, setup_trainer
-from conftest import write_tiny_dataset
+from conftest import run_train_cli, write_tiny_dataset
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +26,6 @@ def prepared(tmp_path_factory):
 
 def make_trainer(prepared, results, config="3d_resenc", fold="0", trainer="LNMTrainer_2epochs", epochs=None):
     return setup_trainer(42, config, fold, prepared / "pre", results, trainer, num_epochs=epochs, num_workers=0)
-
-
-def cli(*args, prepared, results):
-    return subprocess.run([sys.executable, "-m", "lnm_auto", "train", *args, "--preprocessed", str(prepared / "pre"),
-                           "--results", str(results)], capture_output=True, text=True,
-                          env={**os.environ, "LNM_NO_PROGRESS": "1", "LNM_n_proc_DA": "0"})
 
 
 def test_loss_is_sum_of_three_bce_terms(prepared, tmp_path):
@@ -135,7 +128,7 @@ def test_pretrained_weights_round_trip(prepared, tmp_path):
     (["42", "3d_resenc", "0", "-pretrained_weights", "/nonexistent/w.pth"], "does not exist"),
 ])
 def test_bad_input_is_one_line(prepared, tmp_path, args, message):
-    proc = cli(*args, prepared=prepared, results=tmp_path)
+    proc = run_train_cli(*args, preprocessed=prepared / "pre", results=tmp_path)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     assert message in proc.stderr
@@ -146,7 +139,6 @@ def test_missing_preprocessed_data_is_one_line(prepared, tmp_path):
     copy = tmp_path / "pre"
     shutil.copytree(prepared / "pre", copy)
     shutil.rmtree(copy / "Dataset042_Tiny" / "LNMPlans_crops")
-    proc = subprocess.run([sys.executable, "-m", "lnm_auto", "train", "42", "3d_resenc", "0", "--preprocessed",
-                           str(copy), "--results", str(tmp_path / "res")], capture_output=True, text=True)
+    proc = run_train_cli("42", "3d_resenc", "0", preprocessed=copy, results=tmp_path / "res")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "nodes_index.csv: missing; run lnm_plan_and_preprocess" in proc.stderr

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -16,7 +14,7 @@ from lnm_auto.training.run import run_training, setup_pretrainer, setup_trainer
 from lnm_auto.training.semi_supervised import (binary_kl, ema_alpha, ema_update, pathology_guided_pseudo_labels,
                                                sigmoid_rampup)
 from lnm_auto.training.weak import make_bags, mil_loss
-from conftest import write_tiny_dataset
+from conftest import run_train_cli, write_tiny_dataset
 
 
 def test_ema_update_arithmetic():
@@ -131,17 +129,15 @@ def test_pgls_without_station_labels_is_one_line(tmp_path):
     write_tiny_dataset(tmp_path / "raw", n_cases=6, hide_node_labels=3)
     (tmp_path / "raw" / "Dataset042_Tiny" / "stations.csv").unlink()
     plan_and_preprocess(42, tmp_path / "raw", tmp_path / "pre", planner="LNMPlannerCPU", progress=False)
-    proc = subprocess.run([sys.executable, "-m", "lnm_auto", "train", "42", "3d_resenc", "0", "-tr", "LNMTrainerPGLS",
-                           "--preprocessed", str(tmp_path / "pre"), "--results", str(tmp_path / "res")],
-                          capture_output=True, text=True)
+    proc = run_train_cli("42", "3d_resenc", "0", "-tr", "LNMTrainerPGLS", preprocessed=tmp_path / "pre",
+                         results=tmp_path / "res")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "needs pathology labels of LN stations" in proc.stderr and "stations.csv" in proc.stderr
 
 
 def test_semi_supervised_without_supervised_model_is_one_line(partly_labelled, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "lnm_auto", "train", "42", "2d25", "0", "-tr", "LNMTrainerPGLS",
-                           "--preprocessed", str(partly_labelled / "pre"), "--results", str(tmp_path / "res")],
-                          capture_output=True, text=True)
+    proc = run_train_cli("42", "2d25", "0", "-tr", "LNMTrainerPGLS", preprocessed=partly_labelled / "pre",
+                         results=tmp_path / "res")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "starts from a supervised model" in proc.stderr and "-pretrained_weights" in proc.stderr
 
