@@ -1,4 +1,4 @@
-"""The synthetic phantom (lnm_auto/datasets/phantom.py): layout, geometry, labels, determinism, realism.
+"""The synthetic phantom (lnm_auto/datasets/phantom/): layout, geometry, labels, determinism, realism.
 
 Small grids keep these fast; only the separability check runs the default 40-case dataset (~15 s)."""
 from __future__ import annotations
