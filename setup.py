@@ -20,6 +20,9 @@ setup(
         "scikit-learn>=1.3",
         "tqdm>=4.60",
         "matplotlib>=3.7",
+        "scikit-image>=0.21",
+        "pydicom>=3.0",
+        "highdicom>=0.28",
     ],
     extras_require={"test": ["pytest>=7", "pytest-timeout"]},
     entry_points={
@@ -32,6 +35,7 @@ setup(
             "lnm_export_model=lnm_auto.cli:export_cli",
             "lnm_evaluate=lnm_auto.cli:evaluate_cli",
             "lnm_demo=lnm_auto.cli:demo_cli",
+            "lnm_convert=lnm_auto.cli:convert_cli",
         ]
     },
 )

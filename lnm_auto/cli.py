@@ -83,6 +83,10 @@ def plan_and_preprocess_parser() -> argparse.ArgumentParser:
     p.add_argument("--clean", action="store_true", help="redo every case and the folds, even if up to date")
     p.add_argument("--no_pp", action="store_true", help="plan only, do not write the crop caches")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--split_components", nargs="?", type=float, const=10.0, default=None, metavar="MIN_MM3",
+                   help="first turn binary node masks (nodesTr/, nodesTs/) into instance masks in place: one node per "
+                        "26-connected component of at least MIN_MM3 (default 10) mm^3; originals kept in "
+                        "nodesTr_binary/, new nodes added to nodes.csv with empty labels")
     _add_location_flags(p, "raw", "preprocessed")
     return p
 
@@ -92,7 +96,7 @@ def _plan_and_preprocess(args: argparse.Namespace) -> int:
     raw, pre = base_folder("raw", args.raw), base_folder("preprocessed", args.preprocessed)
     for d in args.dataset:
         r = plan_and_preprocess(d, raw, pre, args.planner, args.plans_name, max(1, args.num_processes),
-                                args.verify, args.clean, not args.no_pp, not args.quiet)
+                                args.verify, args.clean, not args.no_pp, not args.quiet, args.split_components)
         g = r.plans.scales["global"]
         print(f"{r.preprocessed_dataset.name}: plans {r.plans_file} ({r.plans.planner}); target spacing "
               f"{_mm(r.plans.target_spacing_mm)} mm; ROI {'x'.join(map(str, g.roi_shape))} voxels = "
@@ -318,6 +322,16 @@ def demo_cli() -> None:
     sys.exit(demo_entry())
 
 
+# ---- lnm_convert (parser and work in lnm_auto.conversion) ----------------------------------------
+def convert_entry(argv: list[str] | None = None) -> int:
+    from lnm_auto.conversion.cli import convert_entry as run_convert
+    return run_convert(argv)
+
+
+def convert_cli() -> None:
+    sys.exit(convert_entry())
+
+
 COMMANDS: dict[str, Callable[[list[str] | None], int]] = {
     "pretrain": pretrain_entry,
     "demo": demo_entry,
@@ -327,6 +341,7 @@ COMMANDS: dict[str, Callable[[list[str] | None], int]] = {
     "make_phantom": make_phantom_entry,
     "plan_and_preprocess": plan_and_preprocess_entry,
     "train": train_entry,
+    "convert": convert_entry,
 }
 
 

@@ -14,6 +14,7 @@ import pandas as pd
 import SimpleITK as sitk
 from tqdm import tqdm
 
+from lnm_auto.conversion.components import DEFAULT_MIN_VOLUME_MM3, needs_splitting
 from lnm_auto.datasets.raw_dataset import SAFE_CASE_ID, RawCase, RawDataset, parse_label
 from lnm_auto.utils.errors import LNMError
 
@@ -66,6 +67,17 @@ def _read(path: Path, problems: list[str]) -> sitk.Image | None:
         return None
 
 
+def binary_mask_problems(mask: sitk.Image, path: Path) -> list[str]:
+    """One line when the node mask looks binary (more separate nodes than ids), else nothing."""
+    counts = needs_splitting(mask)
+    if counts is None:
+        return []
+    n_labels, n_components = counts
+    return [f"{path}: looks like a binary node mask ({n_labels} label value(s) but {n_components} separate "
+            f"26-connected components of at least {DEFAULT_MIN_VOLUME_MM3:g} mm^3); lnm_auto needs one id per node: "
+            "re-run with lnm_plan_and_preprocess --split_components (or convert the dataset with lnm_convert)"]
+
+
 def check_case(case: RawCase) -> CaseCheck:
     """Every per-file check of one case: files present, readable, finite, same geometry, integer mask."""
     result = CaseCheck(case.case_id)
@@ -106,6 +118,8 @@ def check_case(case: RawCase) -> CaseCheck:
             p.append(f"{case.node_mask_file}: node mask has negative values; use 0 for background and k > 0 for node k")
         ids = np.unique(arr)
         result.mask_node_ids = {int(i) for i in ids if i > 0 and float(i).is_integer()}
+        if not any(str(case.node_mask_file) in line for line in p):   # a broken mask has nothing to split
+            p.extend(binary_mask_problems(mask, case.node_mask_file))
         if reference is not None:
             for m in geometry_mismatches(reference, mask):
                 p.append(f"{case.node_mask_file}: {m}; the node mask must have the image's geometry")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from lnm_auto.datasets.raw_dataset import RawDataset
 from lnm_auto.datasets.verify import verify_dataset
@@ -35,9 +36,17 @@ class PlanAndPreprocessResult:
 
 def plan_and_preprocess(dataset: str | int, raw_root: Path, preprocessed_root: Path, planner: str | None = None,
                         plans_name: str = "LNMPlans", num_processes: int = 1, verify: bool = True,
-                        clean: bool = False, preprocess: bool = True, progress: bool = True) -> PlanAndPreprocessResult:
+                        clean: bool = False, preprocess: bool = True, progress: bool = True,
+                        split_components_min_mm3: float | None = None,
+                        log: Callable[[str], None] = print) -> PlanAndPreprocessResult:
+    """Verify, fingerprint, plan, split into folds and cache crops. ``split_components_min_mm3``: first turn
+    binary node masks into instance masks (components of at least that volume), reporting each case to ``log``."""
     name = resolve_dataset_name(dataset, raw_root)
     ds = RawDataset.load(raw_root / name)
+    if split_components_min_mm3 is not None:
+        from lnm_auto.conversion.split_dataset import split_dataset_components
+        for line in split_dataset_components(ds, split_components_min_mm3):
+            log(f"{name}: {line}")
     if verify:
         problems = verify_dataset(ds, num_processes=num_processes, progress=progress)
         if problems:
