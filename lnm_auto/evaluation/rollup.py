@@ -27,10 +27,12 @@ LEVELS = ("station", "patient")
 
 
 def probability_columns(df: pd.DataFrame) -> list[str]:
+    """The columns rolled up: ``probability`` and every ``probability_<anything>``."""
     return [c for c in df.columns if c == "probability" or str(c).startswith("probability_")]
 
 
 def group_keys(df: pd.DataFrame, level: str) -> list[str]:
+    """The columns that identify one bag at ``level``."""
     if level == "station":
         return ["case", "station"]
     if level == "patient":

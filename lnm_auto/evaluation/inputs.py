@@ -1,0 +1,123 @@
+"""Reading and checking evaluate's input CSVs: reference nodes / stations / patients and predictions.
+
+Every problem is one LNMError line naming the file (and the line, where one is at fault) and what to
+fix. Node ids are compared as canonical integers ('3', '3.0' and ' 03' are the same node).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lnm_auto.utils.errors import LNMError
+from lnm_auto.utils.labels import parse_label
+
+_INT_RE = re.compile(r"^[+-]?\d+(\.0*)?$")
+_SHOW_MISSING = 5
+
+
+def read_checked_csv(path: str | Path, what: str, required: tuple[str, ...]) -> pd.DataFrame:
+    """A CSV as text columns with stripped ids and canonical node ids; LNMError if unreadable or a column is missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise LNMError(f"{path}: {what} file not found")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LNMError(f"{path}: cannot be read as CSV ({why})") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise LNMError(f"{path}: column(s) {', '.join(missing)} missing; the {what} file needs columns "
+                       f"{','.join(required)} (found: {','.join(df.columns) or 'none'})")
+    for c in ("case", "node", "station", "patient"):
+        if c in df.columns:
+            df[c] = df[c].astype(str).str.strip()
+    if "node" in df.columns:
+        df["node"] = df["node"].map(_canonical_node)
+    return df
+
+
+def _canonical_node(text: str) -> str:
+    """'3', '3.0', ' 03' -> '3' so integer node ids join whatever way they were written."""
+    t = str(text).strip()
+    if _INT_RE.match(t):
+        return str(int(t.split(".")[0]))
+    return t
+
+
+def parse_labels(df: pd.DataFrame, path: Path) -> np.ndarray:
+    """The 'label' column as 1 / 0 / -1 (unknown); LNMError naming the line of a bad label."""
+    out = np.empty(len(df), dtype=int)
+    for i, raw in enumerate(df["label"].to_list()):
+        try:
+            out[i] = parse_label(raw)
+        except ValueError:
+            raise LNMError(f"{path}: line {i + 2}: label must be 1, 0 or empty (unknown), "
+                           f"got '{str(raw).strip()}'") from None
+    return out
+
+
+def check_unique(df: pd.DataFrame, keys: list[str], path: Path) -> None:
+    """LNMError naming the first duplicate if two rows share the same keys."""
+    dup = df.duplicated(keys, keep="first")
+    if dup.any():
+        first = df.loc[dup, keys].iloc[0].tolist()
+        raise LNMError(f"{path}: {int(dup.sum())} duplicate ({', '.join(keys)}) row(s), first: "
+                       f"({', '.join(map(str, first))})")
+
+
+def _require_rows(df: pd.DataFrame, path: Path, what: str) -> None:
+    if len(df) == 0:
+        raise LNMError(f"{path}: the {what} file has no rows")
+
+
+def read_reference_nodes(path: str | Path) -> pd.DataFrame:
+    """case, node, station ('' when the file has no station column), label (1 / 0 / -1 unknown)."""
+    path = Path(path)
+    df = read_checked_csv(path, "reference nodes", ("case", "node", "label"))
+    _require_rows(df, path, "reference nodes")
+    check_unique(df, ["case", "node"], path)
+    out = pd.DataFrame({"case": df["case"], "node": df["node"],
+                        "station": df["station"] if "station" in df.columns else "",
+                        "label": parse_labels(df, path)})
+    out.attrs["has_station"] = "station" in df.columns
+    return out
+
+
+def read_predictions(path: str | Path) -> pd.DataFrame:
+    """case, node, probability (float in [0, 1]) plus whatever else the file has."""
+    path = Path(path)
+    df = read_checked_csv(path, "predictions", ("case", "node", "probability"))
+    check_unique(df, ["case", "node"], path)
+    prob = pd.to_numeric(df["probability"].str.strip(), errors="coerce").to_numpy(dtype=float)
+    bad = ~np.isfinite(prob)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise LNMError(f"{path}: column 'probability' is empty, NaN or not a number in {int(bad.sum())} row(s), "
+                       f"first at line {i + 2} (case {df['case'].iat[i]}, node {df['node'].iat[i]})")
+    out_of_range = (prob < 0) | (prob > 1)
+    if out_of_range.any():
+        i = int(np.flatnonzero(out_of_range)[0])
+        raise LNMError(f"{path}: probabilities must lie in [0, 1]; {int(out_of_range.sum())} row(s) do not, "
+                       f"first at line {i + 2} (case {df['case'].iat[i]}, node {df['node'].iat[i]}: {prob[i]})")
+    df = df.copy()
+    df["probability"] = prob
+    return df
+
+
+def join_predictions(ref: pd.DataFrame, pred: pd.DataFrame, pred_path: Path, ref_path: Path) -> np.ndarray:
+    """Probability for every reference node, in reference order; missing node -> LNMError."""
+    merged = ref[["case", "node"]].merge(pred[["case", "node", "probability"]], on=["case", "node"],
+                                         how="left", validate="one_to_one")
+    missing = merged["probability"].isna().to_numpy()
+    if missing.any():
+        pairs = merged.loc[missing, ["case", "node"]].head(_SHOW_MISSING).itertuples(index=False)
+        shown = ", ".join(f"({c}, {n})" for c, n in pairs)
+        more = " ..." if missing.sum() > _SHOW_MISSING else ""
+        raise LNMError(f"{pred_path}: {int(missing.sum())} node(s) of the reference {ref_path.name} have no "
+                       f"prediction; missing (case, node): {shown}{more}")
+    return merged["probability"].to_numpy(dtype=float)
