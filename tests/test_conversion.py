@@ -13,8 +13,8 @@ from conftest import write_image
 from dicom_builders import NODES, write_dicom_case, write_nnunet_dataset
 from lnm_auto.cli import plan_and_preprocess_entry, plan_and_preprocess_parser
 from lnm_auto.conversion.cli import convert_entry
-from lnm_auto.conversion.components import (DEFAULT_MIN_VOLUME_MM3, needs_splitting, nodes_skeleton, split_binary_mask,
-                                            split_components)
+from lnm_auto.conversion.components import (DEFAULT_MIN_VOLUME_MM3, as_instance_mask, needs_splitting, nodes_skeleton,
+                                            split_binary_mask, split_components)
 from lnm_auto.datasets.raw_dataset import RawDataset
 from lnm_auto.datasets.verify import verify_dataset
 
@@ -78,6 +78,16 @@ def test_needs_splitting_binary_semantic_and_instance_masks():
     fragment[0, 28, 20:28] = 2                           # node 2 of 3 has a detached 10 mm^3 piece: still instances
     assert needs_splitting(_image(fragment)) is None
     assert needs_splitting(_image(np.zeros((4, 5, 6), np.uint8))) is None
+
+
+def test_as_instance_mask_for_prediction():
+    binary = _image(_three_nodes_and_a_speck())
+    instances, line = as_instance_mask(binary, "in/pt0_nodes.nii.gz")
+    assert line == ("in/pt0_nodes.nii.gz: binary node mask (label value(s) [1]) split into 3 node(s) "
+                    "(26-connected components; 1 smaller than 10 mm^3 removed)")
+    assert np.array_equal(sitk.GetArrayFromImage(instances), sitk.GetArrayFromImage(split_binary_mask(binary)[0]))
+    same, none = as_instance_mask(instances, "x")
+    assert same is instances and none is None
 
 
 def test_nodes_skeleton_rows():
@@ -153,6 +163,7 @@ def test_convert_nnunet_dataset_then_plan(tmp_path, capsys):
     nodes = pd.read_csv(ds_root / "nodes.csv", dtype={"case": str, "label": str}, keep_default_na=False)
     assert nodes.groupby("case").size().to_dict() == train_counts
     assert nodes["label"].tolist() == labels["label"].astype(str).tolist()
+    assert set(nodes["source"]) == {"Lymph node"}                         # found by name, not by value
     for case in train_counts:
         label = sitk.ReadImage(str(source / "labelsTr" / f"{case}.nii.gz"))
         mask = sitk.ReadImage(str(ds_root / "nodesTr" / f"{case}.nii.gz"))
@@ -251,3 +262,19 @@ def test_convert_dicom_segment_choice_dataset_output_and_errors(tmp_path, capsys
     shutil.rmtree(tmp_path / "p1" / "SEG")
     assert convert_entry(["dicom", "-i", str(tmp_path / "p1"), "-o", str(tmp_path / "o")]) == 1
     assert "no RTSTRUCT or DICOM-SEG file found (12 DICOM file(s) in all)" in capsys.readouterr().err
+
+
+def test_rtstruct_holes_and_several_cases_in_one_folder(tmp_path, capsys):
+    ring = [("LN ring", (6.0, 30.0, 32.0), 7.0), ("LN ring", (6.0, 30.0, 32.0), 3.0)]   # a contour inside a contour
+    ring_case = write_dicom_case(tmp_path / "all" / "a", "rtstruct", nodes=ring, other=[])
+    write_dicom_case(tmp_path / "all" / "b", "seg", seed=1)
+    raw = tmp_path / "raw"
+    assert convert_entry(["dicom", "-i", str(tmp_path / "all"), "-d", "9", "--raw", str(raw)]) == 0
+    root = raw / "Dataset009_DICOM"
+    nodes = pd.read_csv(root / "nodes.csv", dtype={"case": str})
+    assert nodes.groupby("case").size().to_dict() == {"PT_001": 1, "PT_001_2": 3}   # equal PatientIDs numbered
+    shell = sitk.GetArrayFromImage(sitk.ReadImage(str(root / "nodesTr" / "PT_001.nii.gz"))) == 1
+    truth = ring_case.node_voxels[0] & ~ring_case.node_voxels[1]                    # holes are left out
+    assert (shell & truth).sum() >= 0.97 * truth.sum() and (shell & ring_case.node_voxels[1]).sum() <= 0.03 * truth.sum()
+    assert RawDataset.load(root).dataset_json["numTraining"] == 2
+    assert verify_dataset(RawDataset.load(root), progress=False) == []

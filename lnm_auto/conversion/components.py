@@ -70,14 +70,13 @@ def _components(mask: sitk.Image, min_volume_mm3: float) -> tuple[list[_Componen
         if box is None:
             continue
         value = value_minus_1 + 1
-        labelled, n = ndimage.label(arr[box] == value, structure=CONNECTIVITY_26)
-        sizes = np.bincount(labelled.ravel(), minlength=n + 1)
+        labelled, _ = ndimage.label(arr[box] == value, structure=CONNECTIVITY_26)
         for k, sub in enumerate(ndimage.find_objects(labelled), start=1):
-            if sizes[k] < min_voxels:
+            voxels = labelled[sub] == k
+            if np.count_nonzero(voxels) < min_voxels:
                 n_removed += 1
                 continue
             region = tuple(slice(b.start + s.start, b.start + s.stop) for b, s in zip(box, sub))
-            voxels = labelled[sub] == k
             centre_zyx = np.argwhere(voxels).mean(axis=0) + [r.start for r in region]
             centre = mask.TransformContinuousIndexToPhysicalPoint([float(c) for c in centre_zyx[::-1]])
             found.append(_Component(value, region, voxels, tuple(centre)))
@@ -136,6 +135,17 @@ def split_if_binary(mask: sitk.Image, min_volume_mm3: float = DEFAULT_MIN_VOLUME
     if not _looks_binary(components, n_labels):
         return None
     return _instance_split(mask, components, n_removed)
+
+
+def as_instance_mask(mask: sitk.Image, source: str,
+                     min_volume_mm3: float = DEFAULT_MIN_VOLUME_MM3) -> tuple[sitk.Image, str | None]:
+    """(instance mask, None) for an instance mask; (its components, one line saying so) for a binary one."""
+    split = split_if_binary(mask, min_volume_mm3)
+    if split is None:
+        return mask, None
+    values = sorted(set(split.source_values))
+    return split.mask, (f"{source}: binary node mask (label value(s) {values}) split into "
+                        f"{split.summary(min_volume_mm3)}")
 
 
 def nodes_skeleton(node_counts: dict[str, int], source: dict[str, list[str]] | None = None) -> pd.DataFrame:

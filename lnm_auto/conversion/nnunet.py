@@ -43,8 +43,8 @@ class ConversionSummary:
     lines: list[str]
 
 
-def find_ln_label_values(labels: dict, wanted: str | None, json_file: Path) -> tuple[list[int], list[str]]:
-    """(values, names) of the lymph-node label(s) in an nnU-Net "labels" dict {name: value or [values]}."""
+def find_ln_label_values(labels: dict, wanted: str | None, json_file: Path) -> dict[int, str]:
+    """Value -> name of the lymph-node label(s) in an nnU-Net "labels" dict {name: value or [values]}."""
     def values_of(v) -> list[int]:
         return [int(x) for x in (v if isinstance(v, list) else [v])]
     foreground = {str(n): values_of(v) for n, v in labels.items() if values_of(v) != [0]}
@@ -52,9 +52,9 @@ def find_ln_label_values(labels: dict, wanted: str | None, json_file: Path) -> t
         by_name = {n.lower(): n for n in foreground}
         if wanted.strip().lower() in by_name:
             name = by_name[wanted.strip().lower()]
-            return foreground[name], [name]
+            return {v: name for v in foreground[name]}
         if wanted.strip().isdigit() and any(int(wanted) in v for v in foreground.values()):
-            return [int(wanted)], [next(n for n, v in foreground.items() if int(wanted) in v)]
+            return {int(wanted): next(n for n, v in foreground.items() if int(wanted) in v)}
         close = difflib.get_close_matches(wanted.lower(), list(by_name), n=1, cutoff=0.4)
         hint = f"; did you mean '{by_name[close[0]]}'?" if close else ""
         raise LNMError(f"{json_file}: no label named or valued '{wanted}' in \"labels\" "
@@ -65,7 +65,11 @@ def find_ln_label_values(labels: dict, wanted: str | None, json_file: Path) -> t
     if not matches:
         raise LNMError(f"{json_file}: no label looks like a lymph node ({', '.join(foreground)}); "
                        "pass --label NAME_OR_VALUE")
-    return sorted({v for n in matches for v in foreground[n]}), matches
+    value_names: dict[int, str] = {}
+    for n in matches:
+        for v in foreground[n]:
+            value_names.setdefault(v, n)
+    return dict(sorted(value_names.items()))
 
 
 def _case_files(folder: Path, ending: str) -> list[Path]:
@@ -86,7 +90,7 @@ def _place(src: Path, dst: Path, link: bool) -> None:
     shutil.copyfile(src, dst)
 
 
-def _convert_split(src: Path, dst: Path, split: str, ending: str, n_channels: int, values: list[int],
+def _convert_split(src: Path, dst: Path, split: str, ending: str, n_channels: int, values: dict[int, str],
                    min_volume_mm3: float, link: bool) -> tuple[dict[str, int], dict[str, list[str]], list[str]]:
     """images<split> + labels<split> -> images<split> + nodes<split>; (nodes per case, sources, problems)."""
     counts: dict[str, int] = {}
@@ -109,12 +113,13 @@ def _convert_split(src: Path, dst: Path, split: str, ending: str, n_channels: in
             continue
         labels = read_image(label_files[case])
         arr = sitk.GetArrayViewFromImage(labels)
-        ln = sitk.GetImageFromArray(np.isin(arr, values).astype(np.uint8))
+        # other labels -> 0; each LN label keeps its value, so touching nodes of two LN labels stay two nodes
+        ln = sitk.GetImageFromArray(np.where(np.isin(arr, list(values)), arr, 0).astype(np.uint16))
         ln.CopyInformation(labels)
         result = split_components(ln, min_volume_mm3)
         write_mask(result.mask, dst / f"nodes{split}" / f"{case}{ending}")
         counts[case] = result.n_nodes
-        sources[case] = [f"{label_files[case].name} label {values}"] * result.n_nodes
+        sources[case] = [values[v] for v in result.source_values]
     return counts, sources, problems
 
 
@@ -170,7 +175,7 @@ def convert_nnunet_dataset(source: Path, raw_root: Path, dataset_id: int, name: 
     labels = meta["labels"]
     if all(str(k).strip().isdigit() for k in labels):      # nnU-Net v1 order {"1": "name"}: make it {name: value}
         labels = {str(v): int(k) for k, v in labels.items()}
-    values, label_names = find_ln_label_values(labels, label, json_file)
+    values = find_ln_label_values(labels, label, json_file)
     m = DATASET_DIR_PATTERN.match(source.name)
     name = name or (m.group(2) if m else re.sub(r"[^A-Za-z0-9_\-]", "_", source.name))
     out = Path(raw_root) / dataset_folder_name(dataset_id, name)
@@ -200,10 +205,11 @@ def convert_nnunet_dataset(source: Path, raw_root: Path, dataset_id: int, name: 
         save_json({"name": name, "channel_names": {str(k): v for k, v in channels.items()}, "file_ending": ending,
                    "numTraining": len(counts),
                    "description": f"converted from the nnU-Net dataset {source.name}: lymph-node label(s) "
-                                  f"{', '.join(label_names)} (value(s) {values}) split into 26-connected components "
+                                  f"{', '.join(sorted(set(values.values())))} (value(s) {list(values)}) split into "
+                                  "26-connected components "
                                   f"of at least {min_volume_mm3:g} mm^3",
                    **({"reference": meta["reference"]} if "reference" in meta else {})}, staging / "dataset.json")
         staging.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return ConversionSummary(out, counts, test_counts, values, lines)
+    return ConversionSummary(out, counts, test_counts, list(values), lines)
