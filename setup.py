@@ -23,6 +23,7 @@ setup(
         "scikit-image>=0.21",
         "pydicom>=3.0",
         "highdicom>=0.28",
+        "mirp>=2.7",
     ],
     extras_require={"test": ["pytest>=7", "pytest-timeout"]},
     entry_points={
