@@ -72,15 +72,17 @@ NODES = [("lymph nodes", (3.0, 15.0, 16.0), 5.0), ("lymph nodes", (8.0, 42.0, 44
 OTHER = [("Aorta", (6.0, 20.0, 45.0), 5.0)]
 
 
-def _patient_study(ds: Dataset, study_uid: str, for_uid: str) -> None:
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Test^Node", "PT 001", "19600101", "O"
+def _patient_study(ds: Dataset, study_uid: str, for_uid: str, patient_id: str) -> None:
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Test^Node", patient_id, "19600101", "O"
     ds.StudyInstanceUID, ds.StudyDate, ds.StudyTime, ds.StudyID = study_uid, "20240102", "101500", "1"
     ds.AccessionNumber, ds.ReferringPhysicianName = "A1", ""
     ds.FrameOfReferenceUID = for_uid
 
 
-def write_ct_series(folder: Path, geometry: CTGeometry | None = None, seed: int = 0) -> list[Dataset]:
-    """One CT slice file per slice (shuffled names: readers must sort by position), HU = stored - 1024."""
+def write_ct_series(folder: Path, geometry: CTGeometry | None = None, seed: int = 0, patient_id: str = "PT 001",
+                    bright: np.ndarray | None = None) -> list[Dataset]:
+    """One CT slice file per slice (shuffled names: readers must sort by position), HU = stored - 1024:
+    soft tissue 40 +- 10 HU, ``bright`` voxels (boolean (slices, rows, columns), e.g. nodes) 90 HU."""
     g = geometry or CTGeometry()
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -93,7 +95,7 @@ def write_ct_series(folder: Path, geometry: CTGeometry | None = None, seed: int 
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.SOPClassUID = CTImageStorage
-        _patient_study(ds, study_uid, for_uid)
+        _patient_study(ds, study_uid, for_uid, patient_id)
         ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = "CT", series_uid, 1, int(k) + 1
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.Manufacturer = "test"
@@ -106,6 +108,8 @@ def write_ct_series(folder: Path, geometry: CTGeometry | None = None, seed: int 
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
         ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
         pixels = (1024 + 40 + 10 * rng.standard_normal((g.rows, g.columns))).astype(np.uint16)
+        if bright is not None:
+            pixels[bright[k]] += 50
         pixels[:, :3] = 24 + int(k)   # -1000 HU + slice number: lets a test check the slice order
         ds.PixelData = pixels.tobytes()
         ds.save_as(folder / f"IM{rng.integers(1e6):06d}_{k}.dcm", enforce_file_format=True)
@@ -121,7 +125,7 @@ def write_rtstruct(path: Path, ct: list[Dataset], geometry: CTGeometry, structur
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = RTStructureSetStorage
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    _patient_study(ds, first.StudyInstanceUID, first.FrameOfReferenceUID)
+    _patient_study(ds, first.StudyInstanceUID, first.FrameOfReferenceUID, str(first.PatientID))
     ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber = "RTSTRUCT", generate_uid(), 3
     ds.StructureSetLabel, ds.StructureSetDate, ds.StructureSetTime = "nodes", "20240102", "120000"
     contour_images = Sequence([Dataset() for _ in ct])
@@ -202,10 +206,16 @@ class DicomCase:
     node_centres: list[np.ndarray]         # per node: LPS centre
 
 
-def write_dicom_case(folder: Path, kind: str = "seg", seed: int = 0, nodes=NODES, other=OTHER) -> DicomCase:
-    """A CT series + a DICOM-SEG (``kind="seg"``) or RTSTRUCT (``kind="rtstruct"``) holding ``nodes`` and ``other``."""
+def write_dicom_case(folder: Path, kind: str = "seg", seed: int = 0, nodes=NODES, other=OTHER,
+                     patient_id: str = "PT 001") -> DicomCase:
+    """A CT series (nodes 50 HU brighter than tissue) + a DICOM-SEG (``kind="seg"``) or RTSTRUCT
+    (``kind="rtstruct"``) holding ``nodes`` and ``other``. For several patients in one folder, give
+    each its own ``patient_id`` (it becomes the case id) and ``seed``."""
     geometry = CTGeometry()
-    ct = write_ct_series(folder / "CT", geometry, seed)
+    bright = np.zeros((geometry.n_slices, geometry.rows, geometry.columns), dtype=bool)
+    for _, centre_index, radius in nodes:
+        bright |= geometry.sphere(centre_index, radius)[1]
+    ct = write_ct_series(folder / "CT", geometry, seed, patient_id, bright)
     if kind == "seg":
         write_seg(folder / "SEG" / "seg.dcm", ct, geometry, list(nodes) + list(other))
     else:

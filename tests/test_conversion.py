@@ -230,6 +230,7 @@ def _check_dicom_conversion(case, out, exact: bool):
         else:   # polygon filling of 72-point circles: voxel centres on the contour may fall either way
             assert abs(int(got.sum()) - int(truth.sum())) <= 0.03 * truth.sum()
             assert (got & truth).sum() >= 0.97 * truth.sum()
+        assert 85 < hu[got].mean() < 95 and 35 < np.median(hu[inst == 0]) < 45     # image and mask line up
         zyx = np.argwhere(got).mean(axis=0)
         assert np.allclose(mask.TransformContinuousIndexToPhysicalPoint(zyx[::-1].tolist()), centre, atol=0.3)
     nodes = pd.read_csv(out / "nodes.csv", dtype=str, keep_default_na=False)
