@@ -23,7 +23,7 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull
 from scipy.spatial.distance import pdist
 
-from lnm_auto.preprocessing.geometry import canonical_axes, sitk_spacing_zyx, slice_axis
+from lnm_auto.preprocessing.geometry import SLICE_AXIS_MIN_RATIO, canonical_axes, sitk_spacing_zyx, slice_axis
 from lnm_auto.utils.errors import LNMError
 
 logger = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def texture_mode_for_spacing(spacing_zyx) -> str:
     """'2.5d' when one axis is clearly coarser (thick slices: no 3D neighbours across 5 mm), else '3d'."""
     sp = np.asarray(spacing_zyx, dtype=float)
     coarse = slice_axis(sp)
-    return "2.5d" if sp[coarse] >= 1.5 * np.delete(sp, coarse).max() else "3d"
+    return "2.5d" if sp[coarse] >= SLICE_AXIS_MIN_RATIO * np.delete(sp, coarse).max() else "3d"
 
 
 def discretisation_settings(modality_hint: str, fixed_bin_width: float | None = None) -> dict:
