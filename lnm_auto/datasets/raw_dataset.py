@@ -21,6 +21,7 @@ import SimpleITK as sitk
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import load_json
 from lnm_auto.utils.labels import UNKNOWN, parse_label  # noqa: F401  (re-exported)
+from lnm_auto.utils.tables import parse_node_id, read_csv_text
 
 SAFE_CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -92,13 +93,9 @@ class RawDataset:
 
     # ---- label tables (as text: verify checks them) ---------------------------------------------
     def read_csv_text(self, name: str) -> pd.DataFrame | None:
+        """The table ``name`` as stripped text cells, or None when the dataset has none."""
         path = self.root / name
-        if not path.is_file():
-            return None
-        try:
-            return pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-            raise LNMError(f"{path}: cannot be read as CSV ({str(e).splitlines()[0]})") from None
+        return read_csv_text(path, name) if path.is_file() else None
 
     # ---- typed tables (after verification) ------------------------------------------------------
     def node_table(self) -> pd.DataFrame:
@@ -107,7 +104,7 @@ class RawDataset:
         if df is None:
             raise LNMError(f"{self.root / 'nodes.csv'}: missing; it lists every node: case,node,station,label")
         with _table_errors(self.root / "nodes.csv"):
-            return pd.DataFrame({"case": df["case"].str.strip(), "node": parse_node_ids(df["node"]),
+            return pd.DataFrame({"case": df["case"].str.strip(), "node": df["node"].map(parse_node_id).astype(int),
                                  "station": df["station"].str.strip() if "station" in df else "",
                                  "label": df["label"].map(parse_label)})
 
@@ -129,14 +126,6 @@ class RawDataset:
             patient = df["patient"].str.strip() if "patient" in df else case
             return pd.DataFrame({"case": case, "label": df["label"].map(parse_label),
                                  "patient": patient.where(patient != "", case)})
-
-
-def parse_node_ids(column: pd.Series) -> pd.Series:
-    """'3', '3.0', ' 3' -> 3 (the rule verify applies); anything else raises ValueError."""
-    ids = pd.to_numeric(column.astype(str).str.strip(), errors="raise")
-    if (ids % 1 != 0).any() or (ids <= 0).any():
-        raise ValueError("node ids must be positive integers")
-    return ids.astype(int)
 
 
 @contextlib.contextmanager

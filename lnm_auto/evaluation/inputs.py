@@ -5,7 +5,6 @@ fix. Node ids are compared as canonical integers ('3', '3.0' and ' 03' are the s
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -13,40 +12,18 @@ import pandas as pd
 
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.labels import parse_label
+from lnm_auto.utils.tables import node_ids, read_csv_text
 
-_INT_RE = re.compile(r"^[+-]?\d+(\.0*)?$")
 _SHOW_MISSING = 5
 
 
 def read_checked_csv(path: str | Path, what: str, required: tuple[str, ...]) -> pd.DataFrame:
-    """A CSV as text columns with stripped ids and canonical node ids; LNMError if unreadable or a column is missing."""
-    path = Path(path)
-    if not path.is_file():
-        raise LNMError(f"{path}: {what} file not found")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise LNMError(f"{path}: cannot be read as CSV ({why})") from None
-    df.columns = [str(c).strip() for c in df.columns]
-    missing = [c for c in required if c not in df.columns]
-    if missing:
-        raise LNMError(f"{path}: column(s) {', '.join(missing)} missing; the {what} file needs columns "
-                       f"{','.join(required)} (found: {','.join(df.columns) or 'none'})")
-    for c in ("case", "node", "station", "patient"):
-        if c in df.columns:
-            df[c] = df[c].astype(str).str.strip()
+    """A CSV as stripped text columns with canonical node ids ('3', '3.0', ' 03' -> '3'); LNMError if unreadable,
+    a column is missing or a node id is not a positive integer."""
+    df = read_csv_text(path, what, required)
     if "node" in df.columns:
-        df["node"] = df["node"].map(_canonical_node)
+        df["node"] = node_ids(df["node"], path).astype(str)
     return df
-
-
-def _canonical_node(text: str) -> str:
-    """'3', '3.0', ' 03' -> '3' so integer node ids join whatever way they were written."""
-    t = str(text).strip()
-    if _INT_RE.match(t):
-        return str(int(t.split(".")[0]))
-    return t
 
 
 def parse_labels(df: pd.DataFrame, path: Path) -> np.ndarray:

@@ -25,7 +25,7 @@ from lnm_auto.evaluation.rollup import DEFAULT_METHOD, METHODS, derive_label, ro
 from lnm_auto.evaluation.table import LEVELS, TABLE_ROWS, format_table
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.labels import UNKNOWN
-from lnm_auto.utils.io import save_json
+from lnm_auto.utils.io import json_safe, save_json
 
 __all__ = ["LEVELS", "TABLE_ROWS", "evaluate", "format_table", "read_predictions", "read_reference_nodes"]
 
@@ -135,24 +135,6 @@ def _level_result(y: np.ndarray, p: np.ndarray, groups: np.ndarray, n_unknown: i
     return res
 
 
-def _clean(obj: Any) -> Any:
-    """JSON-safe: numpy -> python, NaN / inf -> None, tuples -> lists."""
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return [_clean(v) for v in obj.tolist()]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    return obj
-
-
 # ------------------------------------------------------------------------------------------------
 # public entry point
 # ------------------------------------------------------------------------------------------------
@@ -224,7 +206,7 @@ def evaluate(ref_nodes_csv, pred_nodes_csv, out_dir, ref_stations_csv=None, ref_
         result["comparison"] = comparison
     result["warnings"] = warnings
 
-    result = _clean(result)
+    result = json_safe(result)
     out_dir = Path(out_dir)
     plot_roc(plot_data, out_dir / "roc.png", comp_path is not None)
     plot_calibration(plot_data, out_dir / "calibration.png")
