@@ -1,10 +1,11 @@
 """Shared fixtures: a tiny but real raw dataset written with SimpleITK (no mocks)."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +18,29 @@ TINY_ORIGIN = (40.5, 30.25, -120.0)
 TINY_SPACING_XYZ = (0.8, 0.8, 4.0)
 
 
+def run_cli(*args, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m lnm_auto ARGS`` through its entry function, in this process (quiet, augmentation
+    in-process, ``env`` applied for the call): the exit code and what it printed, as a subprocess would
+    report them. Real subprocesses are kept for the end-to-end and console-script tests."""
+    from lnm_auto.cli import main
+    env = {"LNM_NO_PROGRESS": "1", "LNM_n_proc_DA": "0", **(env or {})}
+    out, err = io.StringIO(), io.StringIO()
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update({k: str(v) for k, v in env.items() if v is not None})
+    for k in [k for k, v in env.items() if v is None]:
+        os.environ.pop(k, None)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main([str(a) for a in args])
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    return subprocess.CompletedProcess(["lnm_auto", *args], code, out.getvalue(), err.getvalue())
+
+
 def run_train_cli(*args, preprocessed: Path, results: Path) -> subprocess.CompletedProcess:
-    """``python -m lnm_auto train ARGS`` as a real subprocess (quiet, augmentation in-process)."""
-    return subprocess.run([sys.executable, "-m", "lnm_auto", "train", *args, "--preprocessed", str(preprocessed),
-                           "--results", str(results)], capture_output=True, text=True,
-                          env={**os.environ, "LNM_NO_PROGRESS": "1", "LNM_n_proc_DA": "0"})
+    """``lnm_train ARGS`` in this process (see :func:`run_cli`)."""
+    return run_cli("train", *args, "--preprocessed", preprocessed, "--results", results)
 
 
 def write_image(arr_zyx: np.ndarray, path: Path, spacing_xyz=TINY_SPACING_XYZ, origin=TINY_ORIGIN,

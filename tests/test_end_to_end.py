@@ -9,6 +9,8 @@ import sys
 import pandas as pd
 import SimpleITK as sitk
 
+pytestmark = pytest.mark.slow   # trains models or runs the pipeline: deselect with -m "not slow"
+
 
 def run(*args, env):
     proc = subprocess.run([sys.executable, "-m", "lnm_auto", *args], capture_output=True, text=True, env=env)
@@ -28,7 +30,7 @@ def test_cli_pipeline_on_phantom(tmp_path):
     assert "Dataset007_Phantom" in out.stdout
     run("train", "7", "3d_resenc", "0", "--epochs", "1", env=env)
     preds = tmp_path / "preds"
-    run("predict", "-i", str(ds / "imagesTs"), "-o", str(preds), "--quiet", env=env)   # the only trained model
+    run("predict", "-i", str(ds / "imagesTs"), "-o", str(preds), "-f", "0", "--quiet", env=env)   # the only model
     pred = pd.read_csv(preds / "nodes.csv", dtype={"case": str})
     ref = pd.read_csv(ds / "nodesTs.csv", dtype={"case": str})
     assert set(zip(pred.case, pred.node)) == set(zip(ref.case, ref.node))

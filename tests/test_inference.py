@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -16,7 +14,9 @@ from lnm_auto.inference.model import export_model
 from lnm_auto.inference.predictor import predict_folder
 from lnm_auto.planning.plan_and_preprocess import plan_and_preprocess
 from lnm_auto.training.run import run_training, setup_trainer
-from conftest import write_image, write_tiny_dataset
+from conftest import run_cli, write_image, write_tiny_dataset
+
+pytestmark = pytest.mark.slow   # trains models or runs the pipeline: deselect with -m "not slow"
 
 OBLIQUE = tuple(np.array([[0.9848, -0.1736, 0.0], [0.1736, 0.9848, 0.0], [0.0, 0.0, 1.0]]).ravel())
 
@@ -45,7 +45,7 @@ def trained(tmp_path_factory):
 
 def test_probmap_has_input_geometry_and_node_probabilities(trained, tmp_path):
     root, model, inp = trained
-    info = predict_folder(inp, tmp_path, model, progress=False)
+    info = predict_folder(inp, tmp_path, model, ["0", "1"], progress=False)
     nodes = pd.read_csv(tmp_path / "nodes.csv", dtype={"case": str, "station": str}, keep_default_na=False)
     assert len(nodes) == 5 and info["folds"] == ["0", "1"]
     assert nodes.set_index(["case", "node"]).loc[("pt0", 2), "station"] == "4R"
@@ -69,7 +69,7 @@ def test_probmap_has_input_geometry_and_node_probabilities(trained, tmp_path):
         nodes[nodes.case == "pt1"].probability.max())
     import json
     meta = json.loads((tmp_path / "predict_info.json").read_text())
-    assert meta["plans_version"] == 1 and meta["lnm_auto_version"] and meta["n_nodes"] == 5
+    assert meta["plans_version"] == 2 and meta["lnm_auto_version"] and meta["n_nodes"] == 5
 
 
 def test_fold_ensemble_is_mean_of_single_folds(trained, tmp_path):
@@ -92,10 +92,10 @@ def test_raw_imagesTs_layout_and_mirroring_changes_little(trained, tmp_path):
     shutil.copy(inp / "pt0_nodes.nii.gz", ts / "nodesTs" / "pt0.nii.gz")
     pd.DataFrame({"case": ["pt0", "pt0"], "node": [1, 2], "station": ["7", "4R"], "label": [0, 1]}).to_csv(
         ts / "nodesTs.csv", index=False)
-    predict_folder(ts / "imagesTs", tmp_path / "out", model, progress=False)
+    predict_folder(ts / "imagesTs", tmp_path / "out", model, ["0", "1"], progress=False)
     out = pd.read_csv(tmp_path / "out" / "nodes.csv", dtype={"station": str})
     assert out.station.tolist() == ["7", "4R"]
-    predict_folder(ts / "imagesTs", tmp_path / "nomirror", model, progress=False, mirror=False)
+    predict_folder(ts / "imagesTs", tmp_path / "nomirror", model, ["0", "1"], progress=False, mirror=False)
     ref = pd.read_csv(tmp_path / "nomirror" / "nodes.csv")
     assert np.abs(out.probability - ref.probability).max() < 0.5
 
@@ -103,23 +103,22 @@ def test_raw_imagesTs_layout_and_mirroring_changes_little(trained, tmp_path):
 def test_export_zip_predicts_the_same(trained, tmp_path):
     root, model, inp = trained
     zip_file = export_model(model, tmp_path / "model.zip")
-    proc = subprocess.run([sys.executable, "-m", "lnm_auto", "predict", "-i", str(inp), "-o", str(tmp_path / "z"),
-                           "-m", str(zip_file), "--quiet"], capture_output=True, text=True,
-                          env={k: v for k, v in os.environ.items() if k != "LNM_results"})
+    proc = run_cli("predict", "-i", inp, "-o", tmp_path / "z", "-m", zip_file, "-f", "0", "1", "--quiet",
+                   env={"LNM_results": None})
     assert proc.returncode == 0, proc.stderr
-    predict_folder(inp, tmp_path / "d", model, progress=False)
+    predict_folder(inp, tmp_path / "d", model, ["0", "1"], progress=False)
     a, b = pd.read_csv(tmp_path / "z" / "nodes.csv"), pd.read_csv(tmp_path / "d" / "nodes.csv")
     pd.testing.assert_frame_equal(a, b)
 
 
 def test_dicom_series_input(trained, tmp_path):
     root, model, inp = trained
-    img = sitk.ReadImage(str(inp / "pt0_0000.nii.gz"))
+    img = sitk.ReadImage(inp / "pt0_0000.nii.gz")
     case_dir = tmp_path / "dicom" / "pt0"
     write_dicom_series(sitk.Cast(img, sitk.sitkInt16), case_dir)
     shutil.copy(inp / "pt0_nodes.nii.gz", case_dir / "nodes.nii.gz")
-    predict_folder(tmp_path / "dicom", tmp_path / "out", model, progress=False)
-    predict_folder(inp, tmp_path / "ref", model, progress=False, save_probmaps=False)
+    predict_folder(tmp_path / "dicom", tmp_path / "out", model, ["0", "1"], progress=False)
+    predict_folder(inp, tmp_path / "ref", model, ["0", "1"], progress=False, save_probmaps=False)
     got = pd.read_csv(tmp_path / "out" / "nodes.csv")
     ref = pd.read_csv(tmp_path / "ref" / "nodes.csv")
     ref = ref[ref.case == "pt0"].reset_index(drop=True)
@@ -135,15 +134,15 @@ def write_dicom_series(img: sitk.Image, folder) -> None:
     d = img.GetDirection()
     tags = [("0008|0060", "CT"), ("0020|000d", uid + ".1"), ("0020|000e", uid + ".2"),
             ("0020|0037", "\\".join(map(str, (d[0], d[3], d[6], d[1], d[4], d[7])))),
-            ("0028|0030", f"{img.GetSpacing()[1]}\\{img.GetSpacing()[0]}"), ("0018|0050", str(img.GetSpacing()[2]))]
+            ("0028|0030", f"{img.GetSpacing()[1]}\\{img.GetSpacing()[0]}"), ("0018|0050", img.GetSpacing()[2])]
     for k in range(img.GetDepth()):
         sl = img[:, :, k]
         for tag, value in tags:
             sl.SetMetaData(tag, value)
         sl.SetMetaData("0020|0032", "\\".join(map(str, img.TransformIndexToPhysicalPoint((0, 0, k)))))
-        sl.SetMetaData("0020|0013", str(k + 1))
+        sl.SetMetaData("0020|0013", k + 1)
         sl.SetMetaData("0008|0018", f"{uid}.3.{k + 1}")
-        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.SetFileName(folder / f"slice{k:03d}.dcm")
         writer.Execute(sl)
 
 
@@ -154,8 +153,7 @@ def test_bad_inputs_are_reported_and_others_still_processed(trained, tmp_path):
     shutil.copy(inp / "pt0_0000.nii.gz", bad / "pt2_0000.nii.gz")                # no node mask
     write_image(np.zeros((10, 48, 40), np.uint8), bad / "pt3_nodes.nii.gz")       # mask geometry differs
     shutil.copy(inp / "pt0_0000.nii.gz", bad / "pt3_0000.nii.gz")
-    proc = subprocess.run([sys.executable, "-m", "lnm_auto", "predict", "-i", str(bad), "-o", str(tmp_path / "o"),
-                           "-m", str(model), "--quiet"], capture_output=True, text=True)
+    proc = run_cli("predict", "-i", bad, "-o", tmp_path / "o", "-m", model, "-f", "0", "1", "--quiet")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "2 case(s) failed" in proc.stderr
     assert "pt2_nodes.nii.gz: node mask of case 'pt2' not found" in proc.stderr
@@ -167,15 +165,36 @@ def test_bad_inputs_are_reported_and_others_still_processed(trained, tmp_path):
 def test_missing_folds_and_model_choice(trained, tmp_path):
     root, model, inp = trained
     env = {**os.environ, "LNM_results": str(root / "results")}
-    p = subprocess.run([sys.executable, "-m", "lnm_auto", "predict", "-i", str(inp), "-o", str(tmp_path / "a"),
-                        "-f", "0", "3", "-d", "42", "-c", "3d_resenc", "-tr", "LNMTrainer_2epochs"],
-                       capture_output=True, text=True, env=env)
+    p = run_cli("predict", "-i", inp, "-o", tmp_path / "a",
+                        "-f", "0", "3", "-d", "42", "-c", "3d_resenc", "-tr", "LNMTrainer_2epochs", env=env)
     assert p.returncode == 1 and "no checkpoint_final.pth for fold(s) 3; trained folds: 0, 1" in p.stderr
     # only one trained model: -d/-c may be left out, as the design card writes the command
-    p = subprocess.run([sys.executable, "-m", "lnm_auto", "predict", "-i", str(inp), "-o", str(tmp_path / "b"),
-                        "--quiet"], capture_output=True, text=True, env=env)
+    p = run_cli("predict", "-i", inp, "-o", tmp_path / "b",
+                        "-f", "0", "1", "--quiet", env=env)
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "b" / "nodes.csv").is_file()
-    p = subprocess.run([sys.executable, "-m", "lnm_auto", "predict", "-i", str(tmp_path / "nope"), "-o",
-                        str(tmp_path / "c")], capture_output=True, text=True, env=env)
+    p = run_cli("predict", "-i", tmp_path / "nope", "-o",
+                        tmp_path / "c", env=env)
     assert p.returncode == 1 and "no such folder" in p.stderr
+
+
+def test_binary_mask_is_split_into_its_nodes_at_prediction(trained, tmp_path, capsys):
+    root, model, inp = trained
+    binary = tmp_path / "bin"
+    shutil.copytree(inp, binary)
+    (binary / "nodes.csv").unlink()
+    mask = sitk.ReadImage(str(inp / "pt0_nodes.nii.gz"))
+    n_nodes = len(np.unique(sitk.GetArrayViewFromImage(mask))) - 1
+    sitk.WriteImage(sitk.Cast(mask > 0, sitk.sitkUInt8), str(binary / "pt0_nodes.nii.gz"))
+    predict_folder(binary, tmp_path / "out", model, ["0", "1"], progress=False)
+    assert f"split into {n_nodes} node(s)" in capsys.readouterr().out
+    got = pd.read_csv(tmp_path / "out" / "nodes.csv")
+    predict_folder(inp, tmp_path / "ref", model, ["0", "1"], progress=False, save_probmaps=False)
+    ref = pd.read_csv(tmp_path / "ref" / "nodes.csv")
+    # the same nodes (maybe numbered differently): the same probabilities
+    assert sorted(got[got.case == "pt0"].probability.round(6)) == sorted(ref[ref.case == "pt0"].probability.round(6))
+    instances = sitk.ReadImage(str(tmp_path / "out" / "pt0_nodes.nii.gz"))
+    probmap = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "pt0_probmap.nii.gz")))
+    ids = sitk.GetArrayFromImage(instances)
+    for row in got[got.case == "pt0"].itertuples():
+        assert np.allclose(probmap[ids == row.node], row.probability)

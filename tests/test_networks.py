@@ -43,7 +43,7 @@ def tiny_resenc(roi, spacing=ANISO) -> ResEncTopology:
 def make_batch(b, c, roi, local_roi=None, seed=0):
     g = torch.Generator().manual_seed(seed)
     local_roi = roi if local_roi is None else local_roi
-    return {"global": torch.randn(b, c, *roi, generator=g), "local": torch.randn(b, c, *local_roi, generator=g)}
+    return {"image_global": torch.randn(b, c, *roi, generator=g), "image_local": torch.randn(b, c, *local_roi, generator=g)}
 
 
 # ----------------------------------------------------------------------------------------- slices
@@ -96,7 +96,7 @@ def test_isotropic_and_tiny_rois():
     assert all(s[0] == 1 for s in strides) and len(strides) == 4
     topo = plan_resenc_topology((3, 32, 32), ANISO, CPU_BUDGET)
     net = build_network(topo, 1).eval()
-    assert net({"global": torch.randn(2, 1, 3, 32, 32)})["fused"].shape == (2,)
+    assert net({"image_global": torch.randn(2, 1, 3, 32, 32)})["fused"].shape == (2,)
     t2 = plan_two_stream_topology((3, 32, 32), (3, 32, 32), CPU_BUDGET)
     assert t2.slice_group_starts == (0,)
 
@@ -170,7 +170,7 @@ def test_resenc_flop_estimate_matches_flop_counter(roi, spacing, rung, c):
     strides, kernels = plan_resenc_axes(roi, spacing)
     topo = resenc_topology_from_rung(strides, kernels, rung)
     net = build_network(topo, c).eval()
-    measured = count_flops(net, {"global": torch.randn(2, c, *roi)}) / 2
+    measured = count_flops(net, {"image_global": torch.randn(2, c, *roi)}) / 2
     est = estimate_resenc_gflops(topo, roi, c)
     assert est == pytest.approx(measured, rel=0.05)  # exact: same conv arithmetic
 
@@ -211,7 +211,7 @@ def test_resenc_outputs_are_b(roi, spacing, b, c):
     net = build_network(tiny_resenc(roi, spacing), c)
     for mode in (net.eval, net.train):
         mode()
-        out = net({"global": torch.randn(b, c, *roi)})
+        out = net({"image_global": torch.randn(b, c, *roi)})
         assert set(out) == {"fused"} and out["fused"].shape == (b,)
 
 
@@ -240,7 +240,7 @@ def test_two_stream_backward_reaches_all_heads():
 
 def test_resenc_backward_and_encoder_attribute():
     net = build_network(tiny_resenc((8, 32, 32)), 1).train()
-    out = net({"global": torch.randn(2, 1, 8, 32, 32)})
+    out = net({"image_global": torch.randn(2, 1, 8, 32, 32)})
     _bce_all(out, torch.tensor([0.0, 1.0])).backward()
     assert all(p.grad is not None for p in net.parameters())
     assert net.head.weight.grad.abs().sum() > 0

@@ -1,4 +1,5 @@
-"""Dataset resolution, location variables and the CLI's one-line errors (real subprocess calls)."""
+"""Dataset resolution, location variables and the CLI's one-line errors (entry functions in-process; the
+console script itself as a real subprocess)."""
 from __future__ import annotations
 
 import os
@@ -10,11 +11,7 @@ import pytest
 
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.paths import base_folder, resolve_dataset_name
-
-
-def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "lnm_auto", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
+from conftest import run_cli
 
 
 @pytest.mark.parametrize("spec", ["042", "42", 42, "Dataset042_Tiny"])
@@ -43,9 +40,8 @@ def test_base_folder_env_and_flag(monkeypatch, tmp_path):
 
 
 def test_cli_unset_location_is_one_line():
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LNM_")}
-    proc = subprocess.run([sys.executable, "-m", "lnm_auto", "plan_and_preprocess", "-d", "1"],
-                          capture_output=True, text=True, env=env)
+    env = {k: None for k in os.environ if k.startswith("LNM_")}
+    proc = run_cli("plan_and_preprocess", "-d", "1", env={**env, "LNM_NO_PROGRESS": None, "LNM_n_proc_DA": None})
     assert proc.returncode == 1
     assert proc.stderr.strip() == ("lnm_plan_and_preprocess: error: $LNM_raw is not set: "
                                    "export LNM_raw=/path/to/folder or pass --raw FOLDER")
@@ -58,6 +54,7 @@ def test_cli_unknown_dataset(tiny_dataset, tmp_path):
     assert "no dataset with id 005" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_console_script_plans_and_preprocesses_via_env(tiny_dataset, tmp_path):
     exe = shutil.which("lnm_plan_and_preprocess")
     cmd = [exe] if exe else [sys.executable, "-m", "lnm_auto", "plan_and_preprocess"]

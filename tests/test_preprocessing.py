@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,6 +13,7 @@ from lnm_auto.preprocessing.geometry import measure_nodes, roi_grid
 from lnm_auto.preprocessing.normalization import normalize
 from lnm_auto.preprocessing.preprocessor import load_case_crops, preprocess_images
 from test_planning import make_fingerprint
+from conftest import run_cli
 
 
 def rotation_direction(deg_z: float, deg_x: float) -> tuple:
@@ -180,8 +179,7 @@ def test_damaged_cache_is_redone(tiny_dataset, tmp_path):
 def test_no_verify_with_malformed_table_is_one_line(tiny_dataset, tmp_path):
     text = (tiny_dataset / "nodes.csv").read_text().replace("case_000,1,", "case_000,one,", 1)
     (tiny_dataset / "nodes.csv").write_text(text)
-    proc = subprocess.run([sys.executable, "-m", "lnm_auto", "plan_and_preprocess", "-d", "42", "--no-verify",
-                           "--raw", str(tiny_dataset.parent), "--preprocessed", str(tmp_path / "pre"), "--quiet"],
-                          capture_output=True, text=True)
+    proc = run_cli("plan_and_preprocess", "-d", "42", "--no-verify",
+                           "--raw", tiny_dataset.parent, "--preprocessed", tmp_path / "pre", "--quiet")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "nodes.csv: cannot be used" in proc.stderr and "--verify" in proc.stderr

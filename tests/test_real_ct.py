@@ -14,8 +14,8 @@ import SimpleITK as sitk
 
 DATA = Path(os.environ.get("LNM_PYRADIOMICS_DATA", "/tmp/pyradiomics_data"))
 CASES = ("lung1", "lung2")
-pytestmark = pytest.mark.skipif(not all((DATA / f"{c}_image.nrrd").is_file() for c in CASES),
-                                reason=f"pyradiomics sample CTs not found in {DATA} (set LNM_PYRADIOMICS_DATA)")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not all((DATA / f"{c}_image.nrrd").is_file() for c in CASES),
+                                reason=f"pyradiomics sample CTs not found in {DATA} (set LNM_PYRADIOMICS_DATA)")]
 
 
 @pytest.fixture(scope="module")

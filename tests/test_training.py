@@ -24,21 +24,20 @@ def prepared(tmp_path_factory):
     return root
 
 
-def make_trainer(prepared, results, config="3d_resenc", fold="0", trainer="LNMTrainer_2epochs", epochs=None):
-    return setup_trainer(42, config, fold, prepared / "pre", results, trainer, num_epochs=epochs, num_workers=0)
+def make_trainer(prepared, results, config="3d_resenc", fold="0", trainer="LNMTrainer_2epochs", epochs=None,
+                 num_workers=0):
+    return setup_trainer(42, config, fold, prepared / "pre", results, trainer, num_epochs=epochs,
+                         num_workers=num_workers)
 
 
 def test_loss_is_sum_of_three_bce_terms(prepared, tmp_path):
     tr = make_trainer(prepared, tmp_path, config="2d25")
     records = tr.training_records().iloc[:3]
-    from lnm_auto.training.data import load_batch
-    from lnm_auto.training.trainer import to_tensors
+    from lnm_auto.networks.node_predictor import roi_batch
+    from lnm_auto.training.data import batch_to_device, load_batch
     tr.store.unpack(records.case.unique())
-    from lnm_auto.inference.node_predictor import center_crop
     raw = load_batch(tr.store, records, tr.config.scales)
-    roi = {k: center_crop(v, tr.plans.scales[k.split("_")[1]].roi_shape) if k.startswith(("data_", "seg_")) else v
-           for k, v in raw.items()}
-    batch = to_tensors(roi, tr.config, tr.device)
+    batch = {**batch_to_device(raw, tr.device), **roi_batch(raw, tr.plans, tr.config, slice(None), tr.device)}
     outputs = tr.network(batch)
     assert set(outputs) == {"fused", "global", "local"}
     for v in outputs.values():
@@ -50,6 +49,7 @@ def test_loss_is_sum_of_three_bce_terms(prepared, tmp_path):
     assert not torch.allclose(tr.compute_loss({"fused": outputs["fused"]}, batch), expected)
 
 
+@pytest.mark.slow
 def test_training_writes_every_output(prepared, tmp_path):
     tr = run_training(make_trainer(prepared, tmp_path))
     out = tr.output_folder
@@ -74,12 +74,15 @@ def test_training_writes_every_output(prepared, tmp_path):
     assert len(ckpt["logging"]["val_auroc"]) == 2
 
 
-def test_kill_and_continue_equals_uninterrupted(prepared, tmp_path):
-    full = run_training(make_trainer(prepared, tmp_path / "a", trainer="LNMTrainer", epochs=3))
-    part = run_training(make_trainer(prepared, tmp_path / "b", trainer="LNMTrainer", epochs=3), stop_after_epoch=2)
+@pytest.mark.slow
+@pytest.mark.parametrize("num_workers", [0, None])   # in-process loading, and the default worker processes
+def test_kill_and_continue_equals_uninterrupted(prepared, tmp_path, num_workers):
+    full = run_training(make_trainer(prepared, tmp_path / "a", trainer="LNMTrainer", epochs=3, num_workers=num_workers))
+    part = run_training(make_trainer(prepared, tmp_path / "b", trainer="LNMTrainer", epochs=3, num_workers=num_workers),
+                        stop_after_epoch=2)
     assert part.current_epoch == 2 and not (part.output_folder / "checkpoint_final.pth").exists()
-    resumed = run_training(make_trainer(prepared, tmp_path / "b", trainer="LNMTrainer", epochs=3),
-                           continue_training=True)
+    resumed = run_training(make_trainer(prepared, tmp_path / "b", trainer="LNMTrainer", epochs=3,
+                                        num_workers=num_workers), continue_training=True)
     assert resumed.current_epoch == 3
     for (k, a), b in zip(full.network.state_dict().items(), resumed.network.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
@@ -87,6 +90,7 @@ def test_kill_and_continue_equals_uninterrupted(prepared, tmp_path):
     assert resumed.lr_scheduler.last_epoch == full.lr_scheduler.last_epoch == 3
 
 
+@pytest.mark.slow
 def test_checkpoint_killed_while_writing_is_never_half(tmp_path):
     script = textwrap.dedent(f"""
         import torch, itertools

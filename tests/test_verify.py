@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -12,7 +10,7 @@ import SimpleITK as sitk
 
 from lnm_auto.datasets.raw_dataset import RawDataset
 from lnm_auto.datasets.verify import verify_dataset
-from conftest import write_image
+from conftest import write_image, run_cli
 
 
 def problems_of(root):
@@ -143,9 +141,8 @@ def test_every_problem_reported_and_cli_exits_nonzero_without_traceback(tiny_dat
     (tiny_dataset / "imagesTr" / "case_002_0000.nii.gz").unlink()
     _rewrite_mask(tiny_dataset, "case_003", spacing_xyz=(0.8, 0.8, 5.0))
     edit_csv(tiny_dataset / "nodes.csv", lambda df: df.assign(label=df.label.where(df.index != 0, "x")))
-    proc = subprocess.run([sys.executable, "-m", "lnm_auto", "plan_and_preprocess", "-d", "42",
-                           "--raw", str(tiny_dataset.parent), "--preprocessed", str(tmp_path / "pre"), "--quiet"],
-                          capture_output=True, text=True)
+    proc = run_cli("plan_and_preprocess", "-d", "42",
+                           "--raw", tiny_dataset.parent, "--preprocessed", tmp_path / "pre", "--quiet")
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     lines = [l for l in proc.stderr.splitlines() if l.startswith("lnm_plan_and_preprocess: error:")]

@@ -111,6 +111,7 @@ def partly_labelled(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trainer", ["LNMTrainerMeanTeacher", "LNMTrainerPGLS", "LNMTrainerWeak"])
 def test_trainers_run_one_epoch(partly_labelled, trainer):
     root = partly_labelled
@@ -135,6 +136,7 @@ def test_pgls_without_station_labels_is_one_line(tmp_path):
     assert "needs pathology labels of LN stations" in proc.stderr and "stations.csv" in proc.stderr
 
 
+@pytest.mark.slow
 def test_semi_supervised_without_supervised_model_is_one_line(partly_labelled, tmp_path):
     proc = run_train_cli("42", "2d25", "0", "-tr", "LNMTrainerPGLS", preprocessed=partly_labelled / "pre",
                          results=tmp_path / "res")
@@ -142,6 +144,7 @@ def test_semi_supervised_without_supervised_model_is_one_line(partly_labelled, t
     assert "starts from a supervised model" in proc.stderr and "-pretrained_weights" in proc.stderr
 
 
+@pytest.mark.slow
 def test_wsp_pretraining_produces_loadable_weights(partly_labelled, tmp_path):
     root = partly_labelled
     pre = setup_pretrainer(42, "3d_resenc", "0", root / "pre", tmp_path, num_epochs=1, num_workers=0)
@@ -154,6 +157,7 @@ def test_wsp_pretraining_produces_loadable_weights(partly_labelled, tmp_path):
     assert len(report["matched"]) == len(after) and not report["shape_mismatch"]
 
 
+@pytest.mark.slow
 def test_weak_trainer_without_any_node_label_validates_per_patient(tmp_path):
     import json
     write_tiny_dataset(tmp_path / "raw", n_cases=8, hide_node_labels=8)
@@ -168,6 +172,7 @@ def test_weak_trainer_without_any_node_label_validates_per_patient(tmp_path):
     assert set(patients.case) == set(tr.val_cases) and patients.probability.between(0, 1).all()
 
 
+@pytest.mark.slow
 def test_mean_teacher_resumes_with_its_teacher(partly_labelled, tmp_path):
     root = partly_labelled
     first = setup_trainer(42, "3d_resenc", "0", root / "pre", tmp_path, "LNMTrainerMeanTeacher", num_epochs=2,

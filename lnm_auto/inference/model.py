@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lnm_auto.networks import build_network
+from lnm_auto.networks import network_for
 from lnm_auto.planning.plans import ConfigurationPlan, Plans
+from lnm_auto.utils.checkpoints import load_checkpoint
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import atomic_path, load_json
 from lnm_auto.utils.paths import resolve_dataset_name
@@ -35,6 +36,7 @@ class TrainedModel:
 
     @classmethod
     def load(cls, folder: Path) -> "TrainedModel":
+        """A model folder's plans, configuration and dataset.json."""
         folder = Path(folder)
         for f in MODEL_FILES[:2]:
             if not (folder / f).is_file():
@@ -48,27 +50,45 @@ class TrainedModel:
         return cls(folder, plans, plans.configuration(config), dataset_json, trainer)
 
     def available_folds(self, checkpoint: str = "checkpoint_final.pth") -> list[str]:
+        """Folds that have ``checkpoint``, numbered folds first."""
         return sorted((p.parent.name.removeprefix("fold_") for p in self.folder.glob(f"fold_*/{checkpoint}")),
                       key=lambda f: (not f.isdigit(), int(f) if f.isdigit() else 0, f))
 
-    def load_networks(self, folds: list[str] | None, checkpoint: str, device: torch.device) -> dict[str, nn.Module]:
+    def default_folds(self, checkpoint: str) -> list[str]:
+        """All cross-validation folds of the plans (fold 'all' only when asked for with -f all); a partial set is
+        refused, so an ensemble is never silently made of fewer folds than were planned."""
         available = self.available_folds(checkpoint)
-        # the cross-validation folds form the default ensemble; fold 'all' only when asked for (-f all)
-        folds = folds or [f for f in available if f != "all"] or available
+        planned = [str(k) for k in range(self.plans.n_folds)]
+        if not available:
+            raise LNMError(f"{self.folder}: no fold has a {checkpoint} yet (trained folds: none); train them with "
+                           f"lnm_train, or pick another checkpoint with -chk")
+        missing = [f for f in planned if f not in available]
+        if missing and available == ["all"]:
+            return available
+        if missing:
+            raise LNMError(f"{self.folder}: fold(s) {', '.join(missing)} of {self.plans.n_folds} have no {checkpoint} "
+                           f"(trained folds: {', '.join(available)}); train them, or ask for a partial ensemble with "
+                           f"-f {' '.join(f for f in available if f != 'all')}")
+        return planned
+
+    def load_networks(self, folds: list[str] | None, checkpoint: str, device: torch.device) -> dict[str, nn.Module]:
+        """The networks of ``folds`` (default: every planned fold), loaded weights-only."""
+        available = self.available_folds(checkpoint)
+        folds = folds or self.default_folds(checkpoint)
         missing = [f for f in folds if f not in available]
-        if missing or not folds:
-            raise LNMError(f"{self.folder}: no {checkpoint} for fold(s) {', '.join(missing) or '(any)'}; trained folds: "
+        if missing:
+            raise LNMError(f"{self.folder}: no {checkpoint} for fold(s) {', '.join(missing)}; trained folds: "
                            f"{', '.join(available) or 'none'}")
-        n_in = len(self.plans.normalization) + int(self.configuration.use_mask_channel)
         networks = {}
         for f in folds:
             path = self.folder / f"fold_{f}" / checkpoint
-            net = build_network(self.configuration.network, n_in)
+            net = network_for(self.plans, self.configuration)
+            state = load_checkpoint(path, self.plans.identifier())["network_weights"]
             try:
-                state = torch.load(path, map_location="cpu", weights_only=False)["network_weights"]
                 net.load_state_dict(state)
-            except Exception as e:  # noqa: BLE001 - a damaged checkpoint is the user's file
-                raise LNMError(f"{path}: cannot be loaded ({str(e).splitlines()[0][:150]})") from None
+            except (RuntimeError, KeyError) as e:
+                raise LNMError(f"{path}: does not fit the network of {self.folder / 'plans.json'} "
+                               f"({str(e).splitlines()[0][:150]})") from None
             networks[f] = net.to(device).eval()
         return networks
 

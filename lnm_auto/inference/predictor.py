@@ -23,15 +23,17 @@ import torch
 from tqdm import tqdm
 
 import lnm_auto
+from lnm_auto.conversion.components import as_instance_mask
 from lnm_auto.datasets.raw_dataset import CHANNEL_SUFFIX, read_image
 from lnm_auto.datasets.verify import geometry_mismatches
 from lnm_auto.evaluation.rollup import rollup
 from lnm_auto.inference.model import TrainedModel
-from lnm_auto.inference.node_predictor import predict_crops
+from lnm_auto.networks.node_predictor import predict_node_crops
 from lnm_auto.planning.plans import Plans
 from lnm_auto.preprocessing.preprocessor import preprocess_images, read_instance_mask
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import atomic_path, save_csv_atomic, save_json
+from lnm_auto.utils.tables import node_ids, read_csv_text
 
 IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -110,11 +112,30 @@ def read_case_images(case: InputCase) -> list[sitk.Image]:
     return [read_image(f) for f in case.image_files]
 
 
-def load_and_preprocess(case: InputCase, plans: Plans) -> tuple[str, dict | None, str]:
-    """(case id, crops or None, error line): runs in a worker process."""
+@dataclass
+class PreprocessedCase:
+    """What a worker hands back: the crops, or the one-line reason the case failed; for a binary node mask,
+    the line saying it was split into components and where the instance mask was written."""
+    case_id: str
+    crops: dict | None = None
+    error: str = ""
+    split_note: str | None = None
+    instance_mask_file: Path | None = None
+
+
+def load_and_preprocess(case: InputCase, plans: Plans, output_dir: Path) -> PreprocessedCase:
+    """Read, check and crop one case (runs in a worker process). A binary node mask is split into its
+    26-connected components, written as ``<case>_nodes.nii.gz`` into ``output_dir`` so the node ids of the
+    outputs point to voxels."""
     try:
         images = read_case_images(case)
-        mask = read_instance_mask(case.node_mask_file)
+        mask, split_note = as_instance_mask(read_instance_mask(case.node_mask_file), str(case.node_mask_file))
+        instance_file = None
+        if split_note:
+            instance_file = Path(output_dir) / f"{case.case_id}_nodes.nii.gz"
+            with atomic_path(instance_file, suffix=".nii.gz") as tmp:
+                sitk.WriteImage(mask, str(tmp), useCompression=True)
+            split_note += f"; instances written to {instance_file}"
         for img, source in zip(images, case.image_files or [case.dicom_dir]):
             if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
                 raise LNMError(f"{source}: must be a 3D single-component image")
@@ -128,12 +149,12 @@ def load_and_preprocess(case: InputCase, plans: Plans) -> tuple[str, dict | None
         bad = geometry_mismatches(images[0], mask)
         if bad:
             raise LNMError(f"{case.node_mask_file}: {bad[0]}; the node mask must have the image's geometry")
-        return case.case_id, preprocess_images(images, mask, plans), ""
+        return PreprocessedCase(case.case_id, preprocess_images(images, mask, plans), "", split_note, instance_file)
     except LNMError as e:
-        return case.case_id, None, str(e)
+        return PreprocessedCase(case.case_id, error=str(e))
     except (RuntimeError, ValueError, IndexError) as e:
-        return case.case_id, None, f"{case.node_mask_file}: case '{case.case_id}' cannot be preprocessed " \
-                                   f"({str(e).strip().splitlines()[-1][:150]})"
+        return PreprocessedCase(case.case_id, error=f"{case.node_mask_file}: case '{case.case_id}' cannot be "
+                                                    f"preprocessed ({str(e).strip().splitlines()[-1][:150]})")
 
 
 def write_probability_map(mask_file: Path, probabilities: dict[int, float], out_file: Path) -> None:
@@ -156,10 +177,9 @@ def station_table(input_dir: Path) -> pd.DataFrame | None:
         candidates.append(input_dir.parent / (input_dir.name.replace("images", "nodes", 1) + ".csv"))
     for p in candidates:
         if p.is_file():
-            df = pd.read_csv(p, dtype=str, keep_default_na=False)
+            df = read_csv_text(p, "node table")
             if {"case", "node", "station"} <= set(df.columns):
-                return pd.DataFrame({"case": df["case"].str.strip(), "node": df["node"].astype(int),
-                                     "station": df["station"].str.strip()})
+                return pd.DataFrame({"case": df["case"], "node": node_ids(df["node"], p), "station": df["station"]})
     return None
 
 
@@ -178,12 +198,18 @@ def predict_folder(input_dir: Path, output_dir: Path, model_folder: Path, folds:
     rows = []
     bar = tqdm(total=len(cases), desc="predict", unit="case", disable=not progress)
     by_id = {c.case_id: c for c in cases}
-    for case_id, crops, error in _preprocessed(cases, model.plans, num_processes):
+    split_cases = set()
+    for done in _preprocessed(cases, model.plans, num_processes, output_dir):
         bar.update()
-        if error:
-            failures.append(error)
+        case_id, crops = done.case_id, done.crops
+        if done.error:
+            failures.append(done.error)
             continue
-        per_fold = {f: predict_crops(net, crops, model.plans, model.configuration, dev,
+        if done.split_note:
+            print(done.split_note, flush=True)
+            split_cases.add(case_id)
+            by_id[case_id].node_mask_file = done.instance_mask_file
+        per_fold = {f: predict_node_crops(net, crops, model.plans, model.configuration, dev,
                                      model.configuration.recipe.batch_size, mirror) for f, net in networks.items()}
         mean = np.mean(list(per_fold.values()), axis=0)
         node_ids = crops["node_ids"].tolist()
@@ -196,6 +222,8 @@ def predict_folder(input_dir: Path, output_dir: Path, model_folder: Path, folds:
     bar.close()
     nodes = pd.DataFrame(rows, columns=["case", "node", "probability"] + [f"probability_fold{f}" for f in networks])
     nodes.insert(2, "station", "")
+    if stations is not None and split_cases:   # split masks have new node ids: their station rows do not apply
+        stations = stations[~stations["case"].isin(split_cases)]
     if stations is not None and len(nodes):
         merged = nodes.drop(columns="station").merge(stations, on=["case", "node"], how="left")
         nodes = merged[nodes.columns].fillna({"station": ""})
@@ -218,21 +246,21 @@ def predict_folder(input_dir: Path, output_dir: Path, model_folder: Path, folds:
     return info
 
 
-def _preprocessed(cases: list[InputCase], plans: Plans, num_processes: int):
-    """Yield (case id, crops, error) in order; with workers, at most 2 x workers cases in flight."""
+def _preprocessed(cases: list[InputCase], plans: Plans, num_processes: int, output_dir: Path):
+    """Yield each case's PreprocessedCase in order; with workers, at most 2 x workers cases in flight."""
     if num_processes <= 1:
         for c in cases:
-            yield load_and_preprocess(c, plans)
+            yield load_and_preprocess(c, plans, output_dir)
         return
     with ProcessPoolExecutor(num_processes) as pool:
         pending: deque = deque()
         it = iter(cases)
         for c in it:
-            pending.append(pool.submit(load_and_preprocess, c, plans))
+            pending.append(pool.submit(load_and_preprocess, c, plans, output_dir))
             if len(pending) >= 2 * num_processes:
                 break
         while pending:
             yield pending.popleft().result()
             nxt = next(it, None)
             if nxt is not None:
-                pending.append(pool.submit(load_and_preprocess, nxt, plans))
+                pending.append(pool.submit(load_and_preprocess, nxt, plans, output_dir))

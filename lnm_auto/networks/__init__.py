@@ -12,30 +12,40 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lnm_auto.networks.resenc_classifier import ResEncClassifier
+from lnm_auto.networks.two_stream import TwoStreamNet
 from lnm_auto.planning.network_topology import ResEncTopology, TwoStreamTopology
+from lnm_auto.planning.plans import ConfigurationPlan, Plans
 from lnm_auto.utils.errors import LNMError
 
-__all__ = ["build_network", "load_pretrained_weights", "count_parameters"]
+__all__ = ["build_network", "network_for", "load_pretrained_weights", "count_parameters"]
 
 
-def build_network(topology: "TwoStreamTopology | ResEncTopology", in_channels: int) -> nn.Module:
+def build_network(topology: "TwoStreamTopology | ResEncTopology", in_channels: int,
+                  mask_channel: bool = False) -> nn.Module:
     """Build the network of a planned topology.
 
-    ``in_channels``: channels C of the input volumes (image channels, + 1 if the plan feeds the node
-    mask). For ``2d25`` each 2D image then has 3 * C channels.
+    ``in_channels``: channels C the first layer sees (image channels, + 1 when ``mask_channel``: the
+    network then appends ``mask_<scale>`` to ``image_<scale>`` itself). For ``2d25`` each 2D image then
+    has 3 * C channels.
     """
-    if int(in_channels) < 1:
-        raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+    if int(in_channels) < 1 + int(mask_channel):
+        raise ValueError(f"in_channels must be >= {1 + int(mask_channel)}, got {in_channels}")
     if isinstance(topology, TwoStreamTopology):
-        from lnm_auto.networks.two_stream import TwoStreamNet
-        return TwoStreamNet(topology, in_channels)
+        return TwoStreamNet(topology, in_channels, mask_channel)
     if isinstance(topology, ResEncTopology):
-        from lnm_auto.networks.resenc_classifier import ResEncClassifier
-        return ResEncClassifier(topology, in_channels)
+        return ResEncClassifier(topology, in_channels, mask_channel)
     raise TypeError(f"no network for topology of type {type(topology).__name__}")
 
 
+def network_for(plans: "Plans", config: "ConfigurationPlan") -> nn.Module:
+    """The network of one configuration of the plans, with the input channels the plans count."""
+    n_in = len(plans.normalization) + int(config.use_mask_channel)
+    return build_network(config.network, n_in, config.use_mask_channel)
+
+
 def count_parameters(network: nn.Module) -> int:
+    """Number of parameters."""
     return sum(p.numel() for p in network.parameters())
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
 from torch import nn
 
+from lnm_auto.networks.inputs import scale_input
 from lnm_auto.planning.network_topology import ResEncTopology
 
 
@@ -48,12 +49,14 @@ def pad_to_multiple(x: torch.Tensor, multiple: tuple[int, ...]) -> torch.Tensor:
 
 
 class ResEncClassifier(nn.Module):
-    """``forward({"global": (B, C, Z, Y, X)}) -> {"fused": (B,)}``."""
+    """``forward({"image_global": (B, C, Z, Y, X)[, "mask_global"]}) -> {"fused": (B,)}``; with
+    ``mask_channel`` the node mask is appended as a channel, so C + 1 == ``in_channels``."""
 
-    def __init__(self, topology: ResEncTopology, in_channels: int):
+    def __init__(self, topology: ResEncTopology, in_channels: int, mask_channel: bool = False):
         super().__init__()
         self.topology = topology
         self.in_channels = int(in_channels)
+        self.mask_channel = bool(mask_channel)
         self.encoder = build_resenc_encoder(topology, self.in_channels)
         self.total_stride = topology.total_stride
         self.dropout = nn.Dropout(p=topology.dropout)
@@ -68,7 +71,7 @@ class ResEncClassifier(nn.Module):
         return x.mean(dim=(2, 3, 4))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        x = batch["global"]
+        x = scale_input(batch, "global", self.mask_channel, self.in_channels, "3d_resenc")
         feats = self.features(x)
         logit = self.head(self.dropout(feats))
         return {"fused": logit.reshape(x.shape[0])}

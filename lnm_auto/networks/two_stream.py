@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 
+from lnm_auto.networks.inputs import scale_input
 from lnm_auto.planning.network_topology import TwoStreamTopology
 
 
@@ -79,12 +80,15 @@ class Stream(nn.Module):
 
 
 class TwoStreamNet(nn.Module):
-    """``forward({"global": (B,C,Z,Y,X), "local": (B,C,Z',Y',X')}) -> {"fused", "global", "local"}``."""
+    """``forward({"image_global": (B,C,Z,Y,X), "image_local": (B,C,Z',Y',X')[, "mask_global", "mask_local"]})
+    -> {"fused", "global", "local"}`` (logits (B,)); with ``mask_channel`` the node masks are appended as a
+    channel, so C + 1 == ``in_channels``."""
 
-    def __init__(self, topology: TwoStreamTopology, in_channels: int):
+    def __init__(self, topology: TwoStreamTopology, in_channels: int, mask_channel: bool = False):
         super().__init__()
         self.topology = topology
         self.in_channels = int(in_channels)
+        self.mask_channel = bool(mask_channel)
         t = topology
         self.global_stream = Stream(t.backbone, self.in_channels, t.fpn_channels, t.fused_channels,
                                     t.slice_group_starts)
@@ -96,11 +100,7 @@ class TwoStreamNet(nn.Module):
         self.fused_head = nn.Linear(t.fused_channels, 1)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        xg, xl = batch["global"], batch["local"]
-        for key, x in (("global", xg), ("local", xl)):
-            if x.ndim != 5 or x.shape[1] != self.in_channels:
-                raise ValueError(f"2d25 expects batch[{key!r}] of shape (B, {self.in_channels}, Z, Y, X), "
-                                 f"got {tuple(x.shape)}")
+        xg, xl = (scale_input(batch, s, self.mask_channel, self.in_channels, "2d25") for s in ("global", "local"))
         if xg.shape[0] != xl.shape[0]:
             raise ValueError(f"2d25: global and local batch sizes differ ({xg.shape[0]} vs {xl.shape[0]})")
         b = xg.shape[0]

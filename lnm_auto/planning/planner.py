@@ -9,9 +9,10 @@ import math
 
 import numpy as np
 
-from lnm_auto.planning.network_topology import (CPU_BUDGET, GPU_BUDGET, ComputeBudget,
-                                                plan_resenc_topology, plan_two_stream_topology)
-from lnm_auto.planning.plans import (DEFAULT_PLANS_NAME, PLANS_VERSION, ChannelNormalization,
+from lnm_auto.planning.network_topology import (CPU_BUDGET, GPU_BUDGET, ComputeBudget, estimate_resenc_gflops,
+                                                estimate_two_stream_gflops, plan_resenc_topology,
+                                                plan_two_stream_topology)
+from lnm_auto.planning.plans import (DEFAULT_PLANS_NAME, PLANS_VERSION, AugmentationPlan, ChannelNormalization,
                                      ConfigurationPlan, CropScale, Plans, TrainingRecipe)
 from lnm_auto.utils.errors import LNMError
 
@@ -48,6 +49,7 @@ PLANNERS = {
 
 
 def budget_for_planner(planner: str) -> ComputeBudget:
+    """The compute budget a planner sizes networks to."""
     return _planner(planner)[0]
 
 
@@ -194,6 +196,17 @@ def plan_recipe(fingerprint: dict, n_folds: int, planner: str) -> TrainingRecipe
     )
 
 
+# ---- augmentation ---------------------------------------------------------------------------------
+def plan_augmentation(anisotropic: bool) -> AugmentationPlan:
+    """In-plane rotation (+-15 deg) and scaling (0.85-1.15), gamma, noise, in-plane mirroring; tested at
+    inference by averaging the same in-plane flips. Anisotropic data (thick slices) is augmented slice by
+    slice (nnU-Net's "dummy 2D"), so no voxel is ever interpolated from a neighbouring slice."""
+    return AugmentationPlan(inplane_only=bool(anisotropic), rotation_deg=15.0, p_rotation=0.3,
+                            scale_range=(0.85, 1.15), p_scale=0.3, gamma_range=(0.7, 1.5), p_gamma=0.3,
+                            noise_variance=(0.0, 0.05), p_noise=0.15, mirror_axes=(1, 2),
+                            test_time_mirror_axes=(1, 2))
+
+
 # ---- the whole plan ---------------------------------------------------------------------------------
 def plan_experiment(fingerprint: dict, planner: str = "LNMPlannerCPU", plans_name: str = DEFAULT_PLANS_NAME,
                     n_folds: int = 5, split_seed: int = 12345) -> Plans:
@@ -204,13 +217,17 @@ def plan_experiment(fingerprint: dict, planner: str = "LNMPlannerCPU", plans_nam
     global_scale, notes = plan_global_scale(target, slice_extent, inplane_extent)
     local_scale = plan_local_scale(global_scale, inplane_extent)
     recipe = plan_recipe(fingerprint, n_folds, planner)
-    n_channels = len(fingerprint["channel_names"]) + 1  # + node mask channel
+    n_channels = len(fingerprint["channel_names"]) + 1  # + node mask channel: the networks see both
+    augmentation = plan_augmentation(anisotropic)
 
-    two_stream = plan_two_stream_topology(global_scale.roi_shape, local_scale.roi_shape, budget)
-    resenc = plan_resenc_topology(global_scale.roi_shape, global_scale.spacing_mm, budget)
+    g, loc = global_scale.roi_shape, local_scale.roi_shape
+    two_stream = plan_two_stream_topology(g, loc, budget, in_channels=n_channels)
+    resenc = plan_resenc_topology(g, global_scale.spacing_mm, budget, in_channels=n_channels)
     configurations = {
-        "2d25": ConfigurationPlan("2d25", two_stream, ("global", "local"), True, recipe),
-        "3d_resenc": ConfigurationPlan("3d_resenc", resenc, ("global",), True, recipe),
+        "2d25": ConfigurationPlan("2d25", two_stream, ("global", "local"), True, recipe, augmentation,
+                                  estimate_two_stream_gflops(two_stream, g, loc, n_channels)),
+        "3d_resenc": ConfigurationPlan("3d_resenc", resenc, ("global",), True, recipe, augmentation,
+                                       estimate_resenc_gflops(resenc, g, n_channels)),
     }
     notes_out = {
         "target_spacing": f"per-axis median of {len(spacings)} cases" + (

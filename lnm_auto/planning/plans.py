@@ -3,6 +3,8 @@ training and inference (like nnU-Net's nnUNetPlans.json). All axes are canonical
 see lnm_auto.preprocessing.geometry."""
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,7 +13,7 @@ from lnm_auto.utils.dataclass_json import from_dict, to_dict
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import load_json, save_json
 
-PLANS_VERSION = 1
+PLANS_VERSION = 2   # 2: augmentation + test-time mirroring in the plans, real planned GFLOPs
 DEFAULT_PLANS_NAME = "LNMPlans"
 
 
@@ -37,6 +39,24 @@ class CropScale:
 
 
 @dataclass
+class AugmentationPlan:
+    """Training augmentation and the matching test-time mirroring: written by the planner, read by the
+    training data pipeline and by inference (one place, so the two cannot drift apart).
+    Axes are canonical (slice, row, col) = 0, 1, 2 of a crop."""
+    inplane_only: bool                      # anisotropic data: rotate/scale each slice in-plane only
+    rotation_deg: float                     # +- in-plane rotation
+    p_rotation: float
+    scale_range: tuple[float, float]
+    p_scale: float
+    gamma_range: tuple[float, float]
+    p_gamma: float
+    noise_variance: tuple[float, float]
+    p_noise: float
+    mirror_axes: tuple[int, ...]            # random flips during training
+    test_time_mirror_axes: tuple[int, ...]  # flips averaged at test time (subsets of these axes)
+
+
+@dataclass
 class TrainingRecipe:
     batch_size: int
     positive_fraction: float        # minimum share of positive nodes per training batch (oversampling)
@@ -55,7 +75,8 @@ class ConfigurationPlan:
     scales: tuple[str, ...]          # CropScale names the network consumes, in input order
     use_mask_channel: bool           # feed the node's own mask as an extra input channel
     recipe: TrainingRecipe
-    estimated_gflops_per_sample: float = 0.0
+    augmentation: AugmentationPlan
+    estimated_gflops_per_sample: float      # forward FLOPs of one node with the real input channel count
 
 
 @dataclass
@@ -84,6 +105,10 @@ class Plans:
             raise LNMError(f"plans version {version} is not supported by this lnm_auto (expects {PLANS_VERSION}); "
                            "re-run lnm_plan_and_preprocess")
         return from_dict(cls, data)
+
+    def identifier(self) -> str:
+        """A short hash of everything in the plans: checkpoints and caches record it."""
+        return hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
     def save(self, path: str | Path) -> None:
         save_json(self.to_dict(), path)

@@ -6,6 +6,7 @@ so RAM holds only the batches in flight, whatever the dataset size.
 from __future__ import annotations
 
 import math
+import os
 import random
 import zipfile
 from collections import OrderedDict
@@ -14,14 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from batchgenerators.dataloading.data_loader import SlimDataLoaderBase
 from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
-from batchgenerators.transforms.abstract_transforms import Compose
+from batchgenerators.transforms.abstract_transforms import AbstractTransform, Compose
 from batchgenerators.transforms.color_transforms import GammaTransform
 from batchgenerators.transforms.noise_transforms import GaussianNoiseTransform
 from batchgenerators.transforms.spatial_transforms import MirrorTransform, SpatialTransform
 
+from lnm_auto.networks.inputs import image_key, mask_key
 from lnm_auto.planning.plans import ConfigurationPlan, Plans
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import atomic_path
@@ -83,13 +86,13 @@ class CropStore:
 
 
 def load_batch(store: CropStore, records: pd.DataFrame, scales: tuple[str, ...]) -> dict:
-    """Stack the cached crops of ``records`` (rows of nodes_index.csv): data_<scale> (B, C, ...),
-    seg_<scale> (B, 1, ...)."""
+    """The cached crops of ``records`` (rows of nodes_index.csv) in the batch vocabulary: ``image_<scale>``
+    (B, C, ...), ``mask_<scale>`` (B, 1, ...), ``label`` (B,) and ``keys`` [(case, node)]."""
     batch: dict = {}
     for s in scales:
         images, masks = zip(*(store.node(r.case, int(r.index), s) for r in records.itertuples()))
-        img, msk = np.stack(images), np.stack(masks)[:, None].astype(np.float32)
-        batch[f"data_{s}"], batch[f"seg_{s}"] = np.ascontiguousarray(img), np.ascontiguousarray(msk)
+        batch[image_key(s)] = np.ascontiguousarray(np.stack(images))
+        batch[mask_key(s)] = np.ascontiguousarray(np.stack(masks)[:, None].astype(np.float32))
     batch["label"] = records["label"].to_numpy(dtype=np.float32)
     batch["keys"] = list(zip(records["case"], records["node"].astype(int)))
     return batch
@@ -97,9 +100,11 @@ def load_batch(store: CropStore, records: pd.DataFrame, scales: tuple[str, ...])
 
 @dataclass
 class BatchGroup:
-    """One part of every batch: ``n`` nodes drawn from ``records`` (label column = the training target),
-    at least ``positive_fraction`` of them positive; each drawn node appears ``views`` times, each copy
-    augmented independently (mean teacher: one view for the student, one for the teacher)."""
+    """One named part of every batch (``labelled``, ``unlabelled``, ``pseudo_labelled`` ...): ``n`` nodes
+    drawn from ``records`` (label column = the training target), at least ``positive_fraction`` of them
+    positive; each drawn node appears ``views`` times, each copy augmented independently (mean teacher:
+    one view for the student, one for the teacher)."""
+    name: str
     records: pd.DataFrame
     n: int
     positive_fraction: float = 0.0
@@ -107,13 +112,14 @@ class BatchGroup:
 
 
 class NodeBatchLoader(SlimDataLoaderBase):
-    """Endless random batches made of groups (e.g. labelled + unlabelled + pseudo-labelled nodes).
-    ``batch["group"]`` tells each sample's group, ``batch["view"]`` its view number."""
+    """Endless random batches made of named groups (e.g. labelled + unlabelled + pseudo-labelled nodes).
+    ``batch["part"]`` holds each sample's group name, ``batch["view"]`` its view number."""
 
     def __init__(self, store: CropStore, groups: list[BatchGroup], scales, seed: int, num_threads: int = 1):
         super().__init__(None, sum(g.n * g.views for g in groups), num_threads)
         self.store, self.scales, self.seed = store, tuple(scales), seed
-        self.groups = [BatchGroup(g.records.reset_index(drop=True), g.n, g.positive_fraction, g.views) for g in groups]
+        self.groups = [BatchGroup(g.name, g.records.reset_index(drop=True), g.n, g.positive_fraction, g.views)
+                       for g in groups]
         self.positives = [np.flatnonzero(g.records["label"].to_numpy() == 1) for g in self.groups]
         self.rs = np.random.RandomState(seed)
 
@@ -131,38 +137,99 @@ class NodeBatchLoader(SlimDataLoaderBase):
                                self.rs.randint(0, len(g.records), g.n - n_pos)]).astype(int)
 
     def generate_train_batch(self) -> dict:
-        parts, group_ids, view_ids = [], [], []
-        for gi, (g, pos) in enumerate(zip(self.groups, self.positives)):
+        parts, part_names, view_ids = [], [], []
+        for g, pos in zip(self.groups, self.positives):
             if g.n == 0 or g.records.empty:
                 continue
             rows = g.records.iloc[self.draw(g, pos)]
             for v in range(g.views):
                 parts.append(rows)
-                group_ids += [gi] * len(rows)
+                part_names += [g.name] * len(rows)
                 view_ids += [v] * len(rows)
         batch = load_batch(self.store, pd.concat(parts), self.scales)
-        batch["group"], batch["view"] = np.asarray(group_ids), np.asarray(view_ids)
+        batch["part"], batch["view"] = np.asarray(part_names), np.asarray(view_ids)
         return batch
 
 
+class SlicesToChannels(AbstractTransform):
+    """(B, C, S, R, Cc) -> (B, C * S, R, Cc) so 2D spatial transforms treat every slice on its own
+    (nnU-Net's "dummy 2D" augmentation for anisotropic data); remembers C for the way back."""
+
+    def __init__(self, keys: tuple[str, ...]):
+        self.keys = keys
+
+    def __call__(self, **data):
+        for k in self.keys:
+            b, c, s, r, cc = data[k].shape
+            data[f"{k}__channels"] = c
+            data[k] = data[k].reshape(b, c * s, r, cc)
+        return data
+
+
+class ChannelsToSlices(AbstractTransform):
+    """The inverse of :class:`SlicesToChannels`."""
+
+    def __init__(self, keys: tuple[str, ...]):
+        self.keys = keys
+
+    def __call__(self, **data):
+        for k in self.keys:
+            c = data.pop(f"{k}__channels")
+            b, cs, r, cc = data[k].shape
+            data[k] = data[k].reshape(b, c, cs // c, r, cc)
+        return data
+
+
 def augmentation(plans: Plans, config: ConfigurationPlan) -> Compose:
-    """In-plane rotation (+-15 deg) and scaling (0.85-1.15), elastic off, gamma, Gaussian noise and in-plane
-    mirroring, applied per view on the cache crop; the spatial transform also crops to the network ROI."""
+    """The plan's augmentation per scale, applied per view on the cache crop; the spatial transform also
+    crops to the network ROI. ``inplane_only`` plans rotate and scale each slice in 2D, so a slice's voxels
+    only ever come from that slice."""
+    a = config.augmentation
+    angle = math.radians(a.rotation_deg)
     transforms = []
     for s in config.scales:
-        scale = plans.scales[s]
+        roi, keys = plans.scales[s].roi_shape, (image_key(s), mask_key(s))
+        spatial = dict(patch_center_dist_from_border=None, do_elastic_deform=False, do_rotation=True,
+                       angle_x=(-angle, angle), angle_y=(0, 0), angle_z=(0, 0), do_scale=True, scale=a.scale_range,
+                       border_mode_data="nearest", order_data=1, border_mode_seg="constant", order_seg=1,
+                       random_crop=False, data_key=keys[0], label_key=keys[1], p_rot_per_sample=a.p_rotation,
+                       p_scale_per_sample=a.p_scale)
+        if a.inplane_only:
+            transforms += [SlicesToChannels(keys), SpatialTransform(tuple(roi[1:]), **spatial), ChannelsToSlices(keys)]
+        else:
+            transforms.append(SpatialTransform(tuple(roi), **spatial))
         transforms += [
-            SpatialTransform(scale.roi_shape, patch_center_dist_from_border=None, do_elastic_deform=False,
-                             do_rotation=True, angle_x=(-math.pi / 12, math.pi / 12), angle_y=(0, 0), angle_z=(0, 0),
-                             do_scale=True, scale=(0.85, 1.15), border_mode_data="nearest", order_data=1,
-                             border_mode_seg="constant", order_seg=1, random_crop=False, data_key=f"data_{s}",
-                             label_key=f"seg_{s}", p_rot_per_sample=0.3, p_scale_per_sample=0.3),
-            GammaTransform((0.7, 1.5), invert_image=False, per_channel=True, retain_stats=True, p_per_sample=0.3,
-                           data_key=f"data_{s}"),
-            GaussianNoiseTransform((0, 0.05), p_per_sample=0.15, data_key=f"data_{s}"),
-            MirrorTransform(axes=(1, 2), data_key=f"data_{s}", label_key=f"seg_{s}"),
+            GammaTransform(a.gamma_range, invert_image=False, per_channel=True, retain_stats=True,
+                           p_per_sample=a.p_gamma, data_key=keys[0]),
+            GaussianNoiseTransform(a.noise_variance, p_per_sample=a.p_noise, data_key=keys[0]),
+            MirrorTransform(axes=a.mirror_axes, data_key=keys[0], label_key=keys[1]),
         ]
     return Compose(transforms)
+
+
+def batch_to_device(batch: dict, device: torch.device) -> dict:
+    """A loader batch as tensors on ``device``, same keys; ``part`` (each sample's group name) becomes
+    ``parts``: {group name: boolean mask over the batch}."""
+    out: dict = {}
+    for key, value in batch.items():
+        if key == "part":
+            out["parts"] = {name: torch.from_numpy(value == name).to(device) for name in np.unique(value)}
+        elif isinstance(value, np.ndarray) and value.dtype.kind in "fiub":
+            dtype = torch.float32 if value.dtype.kind == "f" else (torch.bool if value.dtype.kind == "b" else torch.int64)
+            out[key] = torch.from_numpy(np.ascontiguousarray(value)).to(device=device, dtype=dtype)
+        else:
+            out[key] = value
+    return out
+
+
+def default_num_workers() -> int:
+    """Background augmentation processes: $LNM_n_proc_DA, else one less than the cores (at least 1)."""
+    env = os.environ.get("LNM_n_proc_DA")
+    if env is not None:
+        if not env.strip().isdigit():
+            raise LNMError(f"$LNM_n_proc_DA must be a whole number of worker processes, got '{env}'")
+        return int(env)
+    return max(1, (os.cpu_count() or 2) - 1)
 
 
 def training_batches(plans: Plans, config: ConfigurationPlan, loader: SlimDataLoaderBase, seed: int, num_workers: int):

@@ -12,7 +12,7 @@ The result is the network's weights (heads untrained), loaded by ``lnm_train -pr
 """
 from __future__ import annotations
 
-import time
+import math
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +20,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
-from lnm_auto.training.data import BatchGroup, NodeBatchLoader, training_batches
-from lnm_auto.training.trainer import LNMTrainer, to_tensors
+from lnm_auto.training.data import BatchGroup, NodeBatchLoader
+from lnm_auto.training.trainer import LNMTrainer
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import atomic_path
 
@@ -67,30 +66,46 @@ def feature_layer(network: nn.Module) -> nn.Module:
 
 
 class OnePerPatientLoader(NodeBatchLoader):
-    """Batches of nodes from distinct patients (negatives from other patients only), two views each."""
+    """Batches of nodes from distinct patients (negatives from other patients only), two views each; every
+    sample carries its ``slice_position`` and ``weak_label``."""
 
     def __init__(self, store, records: pd.DataFrame, scales, batch_size: int, seed: int, num_threads: int = 1):
-        super().__init__(store, [BatchGroup(records, batch_size, 0.0, views=2)], scales, seed, num_threads)
+        super().__init__(store, [BatchGroup("unlabelled", records, batch_size, 0.0, views=2)], scales, seed,
+                         num_threads)
         self.by_case = {c: np.flatnonzero(records["case"].to_numpy() == c) for c in records["case"].unique()}
+        keys = zip(records["case"], records["node"].astype(int))
+        self.position_and_label = dict(zip(keys, zip(records["slice_position"], records["weak_label"])))
 
     def draw(self, g: BatchGroup, positives: np.ndarray) -> np.ndarray:
         cases = list(self.by_case)
         chosen = self.rs.choice(len(cases), min(g.n, len(cases)), replace=False)
         return np.asarray([self.rs.choice(self.by_case[cases[i]]) for i in chosen], dtype=int)
 
+    def generate_train_batch(self) -> dict:
+        batch = super().generate_train_batch()
+        values = np.asarray([self.position_and_label[k] for k in batch["keys"]], dtype=np.float32)
+        batch["slice_position"], batch["weak_label"] = values[:, 0], values[:, 1]
+        return batch
+
 
 class WSPPretrainer(LNMTrainer, register=False):
-    """Reuses the trainer's data pipeline, checkpoints and logging; replaces the loss and the output."""
+    """The trainer's loop with a contrastive loss: no labels, no validation; the result is the network's
+    weights (``pretrained_weights.pth``) for ``lnm_train -pretrained_weights``."""
 
     learning_rate = 1e-3
 
-    def initial_num_epochs(self) -> int:
+    @classmethod
+    def default_num_epochs(cls, config) -> int:
+        """20 epochs."""
         return 20
 
     def configure_optimizers(self):
+        """Adam over the network and a 2-layer projection head (discarded afterwards)."""
         n_features = feature_layer(self.network).in_features
         self.projection = nn.Sequential(nn.Linear(n_features, 128), nn.ReLU(inplace=True),
                                         nn.Linear(128, PROJECTION_DIM)).to(self.device)
+        self._features: dict[str, torch.Tensor] = {}
+        feature_layer(self.network).register_forward_pre_hook(lambda m, args: self._features.__setitem__("f", args[0]))
         opt = torch.optim.Adam(list(self.network.parameters()) + list(self.projection.parameters()),
                                lr=self.learning_rate)
         return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.num_epochs)
@@ -104,53 +119,43 @@ class WSPPretrainer(LNMTrainer, register=False):
         return df.assign(weak_label=weak)
 
     def validation_records(self) -> pd.DataFrame:
+        """None: pre-training has no labels to validate against."""
         return self.nodes.iloc[:0]
 
     def make_loader(self, records: pd.DataFrame, seed: int):
+        """One node per patient per batch."""
         return OnePerPatientLoader(self.store, records, self.config.scales, self.config.recipe.batch_size, seed,
                                    max(self.num_workers, 1))
 
-    def run_pretraining(self) -> Path:
-        records = self.training_records()
-        self.store.unpack(sorted(records["case"].unique()))
-        captured = {}
-        hook = feature_layer(self.network).register_forward_pre_hook(lambda m, args: captured.__setitem__("f", args[0]))
-        positions = dict(zip(zip(records["case"], records["node"]), records["slice_position"]))
-        weak = dict(zip(zip(records["case"], records["node"]), records["weak_label"]))
-        self.log.print(f"WSP pre-training {self.config.name} on {len(records)} nodes of "
-                       f"{records['case'].nunique()} patients, {self.num_epochs} epochs (sigma {SIGMA}, tau {TAU})")
-        try:
-            for epoch in range(self.num_epochs):
-                self.network.train()
-                seed = self.seed * 100003 + epoch
-                torch.manual_seed(seed)
-                batches = training_batches(self.plans, self.config, self.make_loader(records, seed), seed,
-                                           self.num_workers)
-                t0, losses = time.perf_counter(), []
-                try:
-                    for _ in tqdm(range(self.steps_per_epoch(records["case"].nunique())), leave=False,
-                                  desc=f"WSP epoch {epoch + 1}/{self.num_epochs}"):
-                        raw = next(batches)
-                        batch = to_tensors(raw, self.config, self.device)
-                        self.network({k: v for k, v in batch.items() if k in self.config.scales})
-                        z = self.projection(captured["f"])
-                        d = torch.tensor([positions[k] for k in raw["keys"]], dtype=torch.float32, device=z.device)
-                        y = torch.tensor([weak[k] for k in raw["keys"]], dtype=torch.float32, device=z.device)
-                        loss = wsp_loss(z, d, y)
-                        self.optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        self.optimizer.step()
-                        losses.append(float(loss.detach()))
-                finally:
-                    if hasattr(batches, "_finish"):
-                        batches._finish()
-                self.lr_scheduler.step()
-                self.log.print(f"WSP epoch {epoch + 1}/{self.num_epochs}: loss {np.mean(losses):.4f}, "
-                               f"{time.perf_counter() - t0:.1f} s")
-        finally:
-            hook.remove()
+    def steps_per_epoch(self, records: pd.DataFrame) -> int:
+        """One pass over the patients."""
+        return max(1, math.ceil(records["case"].nunique() / self.config.recipe.batch_size))
+
+    def network_outputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The projected final feature vector of every view."""
+        self.network(batch)
+        return {"embedding": self.projection(self._features["f"])}
+
+    def compute_loss(self, outputs: dict[str, torch.Tensor], batch: dict) -> torch.Tensor:
+        """The kernel- and label-weighted InfoNCE (module docstring)."""
+        return wsp_loss(outputs["embedding"], batch["slice_position"], batch["weak_label"])
+
+    def on_train_start(self) -> None:
+        """Say what is pre-trained on (instead of the validation level)."""
+        self.log.print(f"WSP pre-training {self.config.name} (sigma {SIGMA}, tau {TAU}); no validation")
+
+    def validate(self) -> dict:
+        """Nothing to validate."""
+        return {"loss": float("nan"), "auroc": float("nan"), "level": "no", "units": None}
+
+    def on_train_end(self) -> None:
+        """The network's weights (heads untrained) -> pretrained_weights.pth."""
         out = self.output_folder / "pretrained_weights.pth"
         with atomic_path(out, suffix=".pth") as tmp:
             torch.save(self.network.state_dict(), tmp)
         self.log.print(f"pretrained weights written to {out}; use: lnm_train ... -pretrained_weights {out}")
-        return out
+
+    def run_pretraining(self) -> Path:
+        """Pre-train; returns the weights file."""
+        self.run_training()
+        return self.output_folder / "pretrained_weights.pth"

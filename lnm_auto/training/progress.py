@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import datetime
+import os
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -9,7 +11,19 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from tqdm import tqdm  # noqa: E402
+
 from lnm_auto.utils.io import atomic_path  # noqa: E402
+
+
+def show_progress() -> bool:
+    """Progress bars only on a terminal, and never with $LNM_NO_PROGRESS=1 (log files get whole lines)."""
+    return os.environ.get("LNM_NO_PROGRESS", "0") != "1" and sys.stdout.isatty()
+
+
+def progress_bar(total: int, desc: str, unit: str = "step") -> tqdm:
+    """A tqdm bar that stays silent where it would write carriage returns into a log."""
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=not show_progress())
 
 LOG_KEYS = ("train_loss", "val_loss", "val_auroc", "ema_auroc", "lr", "epoch_time_s", "data_wait_fraction")
 

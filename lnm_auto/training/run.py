@@ -1,7 +1,6 @@
 """``lnm_train DATASET CONFIG FOLD``: resolve folders, set up the trainer, continue or start, train."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -9,17 +8,22 @@ import torch
 from lnm_auto.planning.plan_and_preprocess import FINGERPRINT_FILE, SPLITS_FILE
 from lnm_auto.planning.plans import Plans
 from lnm_auto.planning.splits import load_splits
-from lnm_auto.training.trainer import LNMTrainer, get_trainer_class
+from lnm_auto.training.pretraining import WSPPretrainer
+from lnm_auto.training.registry import trainer_class
+from lnm_auto.training.registry import trainer_name as trainer_name_for
+from lnm_auto.training.trainer import LNMTrainer
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import atomic_copy
 from lnm_auto.utils.paths import resolve_dataset_name
 
 
 def model_folder(results_root: Path, dataset_name: str, trainer: str, plans_name: str, configuration: str) -> Path:
+    """$LNM_results/<dataset>/<trainer>__<plans>__<configuration>."""
     return Path(results_root) / dataset_name / f"{trainer}__{plans_name}__{configuration}"
 
 
 def parse_fold(fold: str) -> int | str:
+    """'3' -> 3, 'all' -> 'all'."""
     if str(fold) == "all":
         return "all"
     try:
@@ -29,6 +33,7 @@ def parse_fold(fold: str) -> int | str:
 
 
 def resolve_device(name: str) -> str:
+    """Check a -device value against what this machine has."""
     name = name.lower()
     if name == "cuda" and not torch.cuda.is_available():
         raise LNMError("-device cuda requested but no CUDA GPU is available; use -device cpu")
@@ -43,60 +48,50 @@ def setup_trainer(dataset: str | int, configuration: str, fold: str, preprocesse
                   trainer_name: str = "LNMTrainer", plans_name: str = "LNMPlans", device: str = "cpu",
                   num_epochs: int | None = None, num_workers: int | None = None,
                   trainer_cls: type[LNMTrainer] | None = None) -> LNMTrainer:
+    """The trainer of one fold, its model folder prepared (plans, dataset.json and fingerprint copied)."""
     name = resolve_dataset_name(dataset, preprocessed_root)
     pre = Path(preprocessed_root) / name
     plans = Plans.load(pre / f"{plans_name}.json")
-    plans.configuration(configuration)
-    trainer_cls = trainer_cls or get_trainer_class(trainer_name)
+    config = plans.configuration(configuration)
+    if trainer_cls is None:
+        trainer_cls, epochs_in_name = trainer_class(trainer_name)
+        if num_epochs is not None and epochs_in_name is not None and num_epochs != epochs_in_name:
+            raise LNMError(f"-tr {trainer_name} names {epochs_in_name} epochs but --epochs says {num_epochs}; give one")
+        num_epochs = num_epochs if num_epochs is not None else epochs_in_name
+    if num_epochs is not None and num_epochs < 1:
+        raise LNMError(f"--epochs must be at least 1, got {num_epochs}")
     fold_value = parse_fold(fold)
     splits_file = pre / SPLITS_FILE
     splits = load_splits(splits_file) if splits_file.is_file() else None
     if fold_value != "all" and splits is None:
         raise LNMError(f"{splits_file}: missing; re-run lnm_plan_and_preprocess -d {name}")
-    if num_epochs is not None and num_epochs < 1:
-        raise LNMError(f"--epochs must be at least 1, got {num_epochs}")
-    out = model_folder(results_root, name, trainer_name, plans_name, configuration)
-    trainer = trainer_cls(plans, configuration, fold_value, pre, out / f"fold_{fold_value}", resolve_device(device),
-                          num_epochs, num_workers=num_workers, splits=splits)
+    epochs = num_epochs or trainer_cls.default_num_epochs(config)
+    run_name = trainer_name_for(trainer_cls.__name__, epochs, trainer_cls.default_num_epochs(config))
+    out = model_folder(results_root, name, run_name, plans_name, configuration)
     # the model folder alone must be enough for inference (like nnU-Net's results folders)
     saved = out / "plans.json"
     if saved.is_file() and any(out.glob("fold_*/checkpoint_*.pth")) and Plans.load(saved) != plans:
         raise LNMError(f"{saved}: the plans changed since this model's folds were trained; train under another "
                        f"plans name (-p) or move {out} away")
+    trainer = trainer_cls(plans, configuration, fold_value, pre, out / f"fold_{fold_value}", resolve_device(device),
+                          epochs, num_workers=num_workers, splits=splits)
     plans.save(saved)
     for f in ("dataset.json", FINGERPRINT_FILE):
         atomic_copy(pre / f, out / f)
     return trainer
 
 
-SUPERVISED_TRAINER = re.compile(r"^LNMTrainer(_\d+epochs?)?$")
-
-
-def supervised_checkpoint(trainer: LNMTrainer) -> Path:
-    """The fold's supervised result of the same plans and configuration: LNMTrainer first, then its
-    epoch variants (LNMTrainer_5epochs ...)."""
-    dataset_results = trainer.output_folder.parent.parent
-    plans, config, fold = trainer.plans.plans_name, trainer.config.name, trainer.fold
-    found = sorted((p for p in dataset_results.glob(f"LNMTrainer*__{plans}__{config}/fold_{fold}/checkpoint_final.pth")
-                    if SUPERVISED_TRAINER.match(p.parent.parent.name.split("__")[0])),
-                   key=lambda p: (p.parent.parent.name.split("__")[0] != "LNMTrainer", p.parent.parent.name))
-    if not found:
-        raise LNMError(f"{type(trainer).__name__} starts from a supervised model, but {dataset_results} has no "
-                       f"LNMTrainer*__{plans}__{config}/fold_{fold}/checkpoint_final.pth: run lnm_train with the "
-                       f"default trainer first, or pass -pretrained_weights FILE")
-    return found[0]
-
-
 def setup_pretrainer(dataset, configuration: str, fold: str, preprocessed_root: Path, results_root: Path,
                      plans_name: str = "LNMPlans", device: str = "cpu", num_epochs: int | None = None,
-                     num_workers: int | None = None):
-    from lnm_auto.training.pretraining import WSPPretrainer
+                     num_workers: int | None = None) -> WSPPretrainer:
+    """The WSP pre-training run of one fold (or 'all')."""
     return setup_trainer(dataset, configuration, fold, preprocessed_root, results_root, "WSPPretrainer", plans_name,
                          device, num_epochs, num_workers, trainer_cls=WSPPretrainer)
 
 
 def run_training(trainer: LNMTrainer, continue_training: bool = False, pretrained_weights: Path | None = None,
                  stop_after_epoch: int | None = None) -> LNMTrainer:
+    """Continue (--c) or initialise (-pretrained_weights) the trainer, then train."""
     if continue_training and pretrained_weights:
         raise LNMError("--c and -pretrained_weights exclude each other: continuing restores the run's own weights")
     if continue_training:
@@ -114,7 +109,5 @@ def run_training(trainer: LNMTrainer, continue_training: bool = False, pretraine
                 return trainer
     elif pretrained_weights:
         trainer.load_pretrained(Path(pretrained_weights))
-    elif trainer.needs_supervised_start:
-        trainer.load_pretrained(supervised_checkpoint(trainer))
     trainer.run_training(stop_after_epoch=stop_after_epoch)
     return trainer

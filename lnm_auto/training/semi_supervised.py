@@ -18,10 +18,10 @@ import pandas as pd
 import torch
 
 from lnm_auto.training.data import BatchGroup
+from lnm_auto.training.registry import split_trainer_name
 from lnm_auto.training.trainer import LNMTrainer
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.labels import UNKNOWN
-
 
 
 # ---- the arithmetic, as pure functions (unit-tested) ------------------------------------------------
@@ -67,10 +67,26 @@ def pathology_guided_pseudo_labels(teacher_scores: np.ndarray, station_labels: n
 
 
 # ---- trainers ---------------------------------------------------------------------------------------
+def supervised_checkpoint(trainer: LNMTrainer) -> Path:
+    """The fold's supervised result of the same plans and configuration: ``LNMTrainer`` first, then its
+    runs with other epoch counts (``LNMTrainer_5epochs`` ...)."""
+    dataset_results = trainer.output_folder.parent.parent
+    plans, config, fold = trainer.plans.plans_name, trainer.config.name, trainer.fold
+    found = []
+    for path in dataset_results.glob(f"*__{plans}__{config}/fold_{fold}/checkpoint_final.pth"):
+        run_name = path.parent.parent.name.split("__")[0]
+        if split_trainer_name(run_name)[0] == LNMTrainer.__name__:
+            found.append((run_name != LNMTrainer.__name__, run_name, path))
+    if not found:
+        raise LNMError(f"{type(trainer).__name__} starts from a supervised model, but {dataset_results} has no "
+                       f"LNMTrainer*__{plans}__{config}/fold_{fold}/checkpoint_final.pth: run lnm_train with the "
+                       f"default trainer first, or pass -pretrained_weights FILE")
+    return sorted(found)[0][2]
+
+
 class LNMTrainerMeanTeacher(LNMTrainer):
     """Mean teacher on labelled + unlabelled nodes (the ablation of PGLS without label sharpening)."""
 
-    needs_supervised_start = True
     alpha = 0.999
     consistency_weight = 1.0
     max_rampup_epochs = 30
@@ -85,18 +101,29 @@ class LNMTrainerMeanTeacher(LNMTrainer):
 
     # -- data
     def unlabelled_records(self) -> pd.DataFrame:
+        """Training-case nodes without a node label."""
         return self.nodes[self.nodes["case"].isin(self.train_cases) & (self.nodes["label"] < 0)]
 
+    def training_records(self) -> pd.DataFrame:
+        """The labelled nodes; refuses to run (rather than silently train supervised) without unlabelled ones."""
+        if self.unlabelled_records().empty:
+            raise LNMError(f"fold {self.fold} has no unlabelled training nodes, which {type(self).__name__} learns "
+                           "from: every node has a label, so train with LNMTrainer")
+        return super().training_records()
+
     def batch_groups(self, records: pd.DataFrame) -> list[BatchGroup]:
+        """Labelled nodes, unlabelled nodes in two views (student, teacher), and this epoch's pseudo labels."""
         r = self.config.recipe
-        groups = [BatchGroup(records, r.batch_size, r.positive_fraction),
-                  BatchGroup(self.unlabelled_records(), int(round(r.batch_size * self.unlabelled_ratio)), 0.0, views=2)]
+        groups = [BatchGroup("labelled", records, r.batch_size, r.positive_fraction),
+                  BatchGroup("unlabelled", self.unlabelled_records(), int(round(r.batch_size * self.unlabelled_ratio)),
+                             0.0, views=2)]
         if len(self.pseudo_records):
-            groups.append(BatchGroup(self.pseudo_records, max(1, r.batch_size // 2), 0.0))
+            groups.append(BatchGroup("pseudo_labelled", self.pseudo_records, max(1, r.batch_size // 2), 0.0))
         return groups
 
     # -- teacher
     def ensure_teacher(self) -> torch.nn.Module:
+        """The EMA teacher (a frozen copy of the student at first use)."""
         if self.teacher is None:
             self.teacher = copy.deepcopy(self.network)
             for p in self.teacher.parameters():
@@ -104,57 +131,89 @@ class LNMTrainerMeanTeacher(LNMTrainer):
         return self.teacher
 
     def rampup_length(self) -> float:
+        """Epochs over which the consistency weight ramps up: 30 % of the run, at most 30."""
         return float(min(self.max_rampup_epochs, max(1, round(0.3 * self.num_epochs))))
 
+    def on_train_start(self) -> None:
+        """Start from the fold's supervised model unless --c or -pretrained_weights already set the weights."""
+        if self.initial_weights is None:
+            self.load_pretrained(supervised_checkpoint(self))
+        self.ensure_teacher()
+        super().on_train_start()
+
     def on_epoch_start(self) -> None:
+        """This epoch's pseudo labels (none for plain mean teacher)."""
         self.ensure_teacher()
         self.pseudo_records = self.assign_pseudo_labels()
 
     def assign_pseudo_labels(self) -> pd.DataFrame:
+        """Pseudo-labelled nodes for this epoch: none (PGLS overrides)."""
         return pd.DataFrame()
 
     # -- the step
-    def train_step(self, batch: dict[str, torch.Tensor]) -> float:
-        teacher = self.ensure_teacher()
-        group, view = batch["group"], batch["view"]
-        student_idx = torch.nonzero(~((group == 1) & (view == 1))).flatten()
-        teacher_idx = torch.nonzero((group == 1) & (view == 1)).flatten()
-        inputs = {k: v for k, v in batch.items() if k in self.config.scales}
-        self.optimizer.zero_grad(set_to_none=True)
-        out = self.network({k: v[student_idx] for k, v in inputs.items()})
-        g, y = group[student_idx], batch["label"][student_idx]
-        loss = self.compute_loss({h: o[g == 0] for h, o in out.items()}, {"label": y[g == 0]})
-        if len(teacher_idx):
-            teacher.train()   # the teacher sees its own augmented view with dropout, like the student
+    @staticmethod
+    def _teacher_view(batch: dict) -> torch.Tensor:
+        unlabelled = batch["parts"].get("unlabelled")
+        if unlabelled is None:
+            return torch.zeros_like(batch["view"], dtype=torch.bool)
+        return unlabelled & (batch["view"] == 1)
+
+    def network_outputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The student on every sample but the teacher's views; the teacher on those (no gradient)."""
+        teacher_view = self._teacher_view(batch)
+        crops = {k: v for k, v in batch.items() if k.startswith(("image_", "mask_"))}
+        outputs = self.network({k: v[~teacher_view] for k, v in crops.items()})
+        if teacher_view.any():
+            teacher = self.ensure_teacher().train()   # the teacher sees its own augmented view with dropout
             with torch.no_grad():
-                t = torch.sigmoid(teacher({k: v[teacher_idx] for k, v in inputs.items()})["fused"])
+                outputs["teacher_probability"] = torch.sigmoid(
+                    teacher({k: v[teacher_view] for k, v in crops.items()})["fused"])
+        return outputs
+
+    def compute_loss(self, outputs: dict[str, torch.Tensor], batch: dict) -> torch.Tensor:
+        """Eq. 3: BCE(labelled) + w(t) KL(teacher || student)(unlabelled) + omega BCE(pseudo-labelled)."""
+        student = ~self._teacher_view(batch)
+        heads = {k: v for k, v in outputs.items() if k != "teacher_probability"}
+        labels = batch["label"][student]
+
+        def part(name: str) -> torch.Tensor:
+            mask = batch["parts"].get(name)
+            return mask[student] if mask is not None else torch.zeros_like(labels, dtype=torch.bool)
+
+        def supervised(mask: torch.Tensor) -> torch.Tensor:
+            return super(LNMTrainerMeanTeacher, self).compute_loss({h: o[mask] for h, o in heads.items()},
+                                                                   {"label": labels[mask]})
+
+        loss = supervised(part("labelled"))
+        if "teacher_probability" in outputs:
             w = self.consistency_weight * sigmoid_rampup(self.current_epoch, self.rampup_length())
-            loss = loss + w * binary_kl(t, out["fused"][g == 1])
-        if (g == 2).any():
-            loss = loss + self.pseudo_label_weight() * self.compute_loss({h: o[g == 2] for h, o in out.items()},
-                                                                        {"label": y[g == 2]})
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12.0)
-        self.optimizer.step()
-        ema_update(teacher, self.network, ema_alpha(self.global_step, self.alpha))
+            loss = loss + w * binary_kl(outputs["teacher_probability"], heads["fused"][part("unlabelled")])
+        if part("pseudo_labelled").any():
+            loss = loss + self.pseudo_label_weight() * supervised(part("pseudo_labelled"))
+        return loss
+
+    def after_optimizer_step(self) -> None:
+        """teacher <- EMA of the student."""
+        ema_update(self.ensure_teacher(), self.network, ema_alpha(self.global_step, self.alpha))
         self.global_step += 1
-        return float(loss.detach())
 
     def pseudo_label_weight(self) -> float:
+        """omega of eq. 3 (0: no pseudo labels)."""
         return 0.0
 
     # -- checkpoints carry the teacher
     def checkpoint_state(self) -> dict:
+        """The base state + the teacher's weights and the EMA step."""
         state = super().checkpoint_state()
         state["teacher_weights"] = self.ensure_teacher().state_dict()
         state["global_step"] = self.global_step
         return state
 
-    def load_checkpoint(self, path: Path) -> dict:
-        ckpt = super().load_checkpoint(path)
+    def restore_state(self, ckpt: dict, path: Path) -> None:
+        """The base state + the teacher."""
+        super().restore_state(ckpt, path)
         self.ensure_teacher().load_state_dict(ckpt["teacher_weights"])
         self.global_step = int(ckpt["global_step"])
-        return ckpt
 
 
 class LNMTrainerPGLS(LNMTrainerMeanTeacher):
@@ -172,9 +231,11 @@ class LNMTrainerPGLS(LNMTrainerMeanTeacher):
                            "none are known: add stations.csv to the raw dataset (or use LNMTrainerMeanTeacher)")
 
     def pseudo_label_weight(self) -> float:
+        """omega of eq. 3."""
         return self.omega
 
     def assign_pseudo_labels(self) -> pd.DataFrame:
+        """Teacher-confident nodes whose station's pathology agrees, a fixed number drawn per epoch."""
         pool = self.unlabelled_records()
         pool = pool[pool["station_label"] >= 0]
         if pool.empty:

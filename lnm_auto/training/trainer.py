@@ -1,69 +1,51 @@
-"""The trainer: one fixed recipe (the plan's), variants override small named hooks.
+"""The trainer: one fixed recipe (the plan's), one epoch loop, one training step; variants override hooks.
 
 Recipe: SGD (momentum 0.9, Nesterov), the plan's learning rate with cosine annealing per epoch, the
-plan's batch size with positive oversampling, gradient-norm clipping at 12, augmentation in background
-workers; per epoch validation AUROC on the fold's validation patients, ``checkpoint_best`` by an EMA
-(0.9 old + 0.1 new) of it, ``checkpoint_latest`` every epoch, ``checkpoint_final`` at the end.
-Hooks a variant may override: ``training_records``, ``compute_loss``, ``train_step``, ``on_epoch_start``,
-``on_epoch_end``, ``initial_num_epochs``, ``batch_groups``, ``make_loader``, ``checkpoint_state``.
+plan's batch size with positive oversampling, gradient-norm clipping at 12, the plan's augmentation in
+background workers; per epoch validation AUROC on the fold's validation patients (at the finest labelled
+level, see training/validation.py), ``checkpoint_best`` by an EMA (0.9 old + 0.1 new) of it,
+``checkpoint_latest`` every epoch, ``checkpoint_final`` at the end.
+
+Hooks a variant overrides (nothing else): ``default_num_epochs``, ``configure_optimizers``,
+``training_records``, ``validation_records``, ``batch_groups``, ``make_loader``, ``steps_per_epoch``,
+``network_outputs``, ``compute_loss``, ``after_optimizer_step``, ``on_train_start``, ``on_epoch_start``,
+``on_epoch_end``, ``on_train_end``, ``checkpoint_state`` / ``restore_state``.
 """
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import roc_auc_score
 from torch import nn
-from tqdm import tqdm
 
-from lnm_auto.networks import build_network, load_pretrained_weights
-from lnm_auto.inference.node_predictor import network_inputs, predict_crops
+from lnm_auto.evaluation.metrics import binary_metrics
+from lnm_auto.networks import load_pretrained_weights, network_for
+from lnm_auto.networks.node_predictor import predict_node_crops
 from lnm_auto.planning.plans import ConfigurationPlan, Plans
-from lnm_auto.training.data import BatchGroup, CropStore, NodeBatchLoader, load_batch, training_batches
-from lnm_auto.training.progress import TrainingLog
+from lnm_auto.training import registry
+from lnm_auto.training.data import (BatchGroup, CropStore, NodeBatchLoader, batch_to_device, default_num_workers,
+                                    load_batch, training_batches)
+from lnm_auto.training.progress import TrainingLog, progress_bar
+from lnm_auto.training.validation import auroc_or_nan, bce, validation_level, validation_units
+from lnm_auto.utils.checkpoints import load_checkpoint, save_checkpoint
 from lnm_auto.utils.errors import LNMError
-from lnm_auto.utils.io import atomic_path, save_csv_atomic, save_json
+from lnm_auto.utils.io import save_csv_atomic, save_json
 
-TRAINERS: dict[str, type["LNMTrainer"]] = {}
 GRAD_CLIP_NORM = 12.0
 EMA_KEEP = 0.9
-
-
-def get_trainer_class(name: str) -> type["LNMTrainer"]:
-    import lnm_auto.training.semi_supervised  # noqa: F401  (registers its trainers)
-    import lnm_auto.training.weak  # noqa: F401
-    if name not in TRAINERS:
-        raise LNMError(f"unknown trainer '{name}'; available: {', '.join(sorted(TRAINERS))}")
-    return TRAINERS[name]
-
-
-def to_tensors(batch: dict, config: ConfigurationPlan, device: torch.device) -> dict[str, torch.Tensor]:
-    """A loader/augmenter batch -> network inputs plus the labels."""
-    out = network_inputs({s: batch[f"data_{s}"] for s in config.scales}, {s: batch[f"seg_{s}"] for s in config.scales},
-                         config, device)
-    out["label"] = torch.from_numpy(np.asarray(batch["label"], dtype=np.float32)).to(device)
-    for key in ("group", "view", "bag"):         # sample bookkeeping of the semi-/weakly-supervised loaders
-        if key in batch:
-            out[key] = torch.from_numpy(np.asarray(batch[key], dtype=np.int64)).to(device)
-    if "bag_label" in batch:
-        out["bag_label"] = torch.from_numpy(np.asarray(batch["bag_label"], dtype=np.float32)).to(device)
-    return out
 
 
 class LNMTrainer:
     """Supervised training on the node-labelled nodes of one fold."""
 
-    needs_supervised_start = False   # semi-supervised variants start from a supervised model
-
     def __init_subclass__(cls, register: bool = True, **kwargs):
         super().__init_subclass__(**kwargs)
         if register:   # selectable with lnm_train -tr NAME
-            TRAINERS[cls.__name__] = cls
+            registry.register(cls)
 
     def __init__(self, plans: Plans, configuration: str, fold: int | str, preprocessed_dataset: Path,
                  output_folder: Path, device: str = "cpu", num_epochs: int | None = None, seed: int = 12345,
@@ -75,7 +57,7 @@ class LNMTrainer:
         self.output_folder = Path(output_folder)
         self.device = torch.device(device)
         self.seed = seed
-        self.num_epochs = int(num_epochs or self.initial_num_epochs())
+        self.num_epochs = int(num_epochs or self.default_num_epochs(self.config))
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.crops_dir = self.preprocessed_dataset / f"{plans.plans_name}_crops"
         index_file = self.crops_dir / "nodes_index.csv"
@@ -84,9 +66,8 @@ class LNMTrainer:
         self.nodes = pd.read_csv(index_file, dtype={"case": str, "station": str}, keep_default_na=False)
         self.train_cases, self.val_cases = self._fold_cases(splits)
         self.store = CropStore(self.crops_dir, self.config.scales)
-        n_in = len(plans.normalization) + int(self.config.use_mask_channel)
         torch.manual_seed(seed)  # same initial weights for the same seed
-        self.network = build_network(self.config.network, n_in).to(self.device)
+        self.network = network_for(plans, self.config).to(self.device)
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
         self.loss_fn = nn.BCEWithLogitsLoss()
         self.output_folder.mkdir(parents=True, exist_ok=True)
@@ -94,94 +75,126 @@ class LNMTrainer:
         self.current_epoch = 0
         self.best_ema: float | None = None
         self.ema_auroc: float | None = None
+        self.initial_weights: str | None = None   # where the weights came from, if not a fresh start
 
-    # ---- recipe pieces (hooks) -------------------------------------------------------------------
-    def initial_num_epochs(self) -> int:
-        return self.plans.configuration(self.config.name).recipe.num_epochs
+    @property
+    def trainer_name(self) -> str:
+        """The name this run is stored under (class + ``_<N>epochs`` for non-default epoch counts)."""
+        return registry.trainer_name(type(self).__name__, self.num_epochs, self.default_num_epochs(self.config))
+
+    # ---- hooks: what to learn from ------------------------------------------------------------------
+    @classmethod
+    def default_num_epochs(cls, config: ConfigurationPlan) -> int:
+        """The default number of epochs (the plan's)."""
+        return config.recipe.num_epochs
 
     def configure_optimizers(self):
+        """(optimizer, per-epoch lr scheduler)."""
         r = self.config.recipe
         opt = torch.optim.SGD(self.network.parameters(), lr=r.initial_lr, momentum=r.momentum,
                               weight_decay=r.weight_decay, nesterov=True)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.num_epochs)
-        return opt, sched
+        return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.num_epochs)
 
     def training_records(self) -> pd.DataFrame:
         """Nodes this trainer learns from: the node-labelled nodes of the training cases."""
         df = self.nodes[self.nodes["case"].isin(self.train_cases) & (self.nodes["label"] >= 0)]
         if df.empty:
             raise LNMError(f"fold {self.fold} has no node-labelled training nodes; this trainer needs node labels "
-                           "(see documentation/trainers.md for weakly supervised trainers)")
+                           "(LNMTrainerWeak learns from station and patient labels, see documentation/training.md)")
         return df
 
     def validation_records(self) -> pd.DataFrame:
-        return self.nodes[self.nodes["case"].isin(self.val_cases) & (self.nodes["label"] >= 0)]
+        """Every node of the validation cases (the level they are scored at is chosen from their labels)."""
+        return self.nodes[self.nodes["case"].isin(self.val_cases)]
+
+    def batch_groups(self, records: pd.DataFrame) -> list[BatchGroup]:
+        """What one batch is made of: the plan's batch of labelled nodes with positive oversampling."""
+        r = self.config.recipe
+        return [BatchGroup("labelled", records, r.batch_size, r.positive_fraction)]
 
     def make_loader(self, records: pd.DataFrame, seed: int):
+        """The endless batch source of one epoch."""
         return NodeBatchLoader(self.store, self.batch_groups(records), self.config.scales, seed,
                                max(self.num_workers, 1))
 
-    def batch_groups(self, records: pd.DataFrame) -> list[BatchGroup]:
-        """What one batch is made of: here the plan's batch of labelled nodes with positive oversampling."""
-        r = self.config.recipe
-        return [BatchGroup(records, r.batch_size, r.positive_fraction)]
+    def steps_per_epoch(self, records: pd.DataFrame) -> int:
+        """One pass over the training nodes."""
+        return max(1, math.ceil(len(records) / self.config.recipe.batch_size))
 
-    def compute_loss(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Eq. 1 of Li et al.: the sum of BCE over every head (fused + side heads)."""
-        return sum(self.loss_fn(logits, batch["label"]) for logits in outputs.values())
+    # ---- hooks: the step ----------------------------------------------------------------------------
+    def network_outputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The forward pass of a training step."""
+        return self.network(batch)
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> float:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.compute_loss(self.network(batch), batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.network.parameters(), GRAD_CLIP_NORM)
-        self.optimizer.step()
-        return float(loss.detach())
+    def compute_loss(self, outputs: dict[str, torch.Tensor], batch: dict) -> torch.Tensor:
+        """Eq. 1 of Li et al.: the sum of BCE over every classification head (every (B,) output)."""
+        return sum(self.loss_fn(logits, batch["label"]) for logits in outputs.values() if logits.ndim == 1)
+
+    def after_optimizer_step(self) -> None:
+        """Called after every optimizer step (mean teacher: the EMA update)."""
+
+    def on_train_start(self) -> None:
+        """Called once before the first epoch of this process (also after --c): says what validation is on."""
+        self._say_validation_level(self.validation_records())
 
     def on_epoch_start(self) -> None:
-        pass
+        """Called before each epoch."""
 
     def on_epoch_end(self) -> None:
-        pass
+        """Called after each epoch's validation, before checkpoint_latest is written."""
 
-    # ---- the loop ---------------------------------------------------------------------------------
-    def steps_per_epoch(self, n_records: int) -> int:
-        return max(1, math.ceil(n_records / self.config.recipe.batch_size))
+    def on_train_end(self) -> None:
+        """checkpoint_final.pth, then the fold's validation predictions."""
+        self.save_checkpoint("checkpoint_final.pth")
+        self.export_validation()
+
+    # ---- the loop -----------------------------------------------------------------------------------
+    def train_step(self, batch: dict) -> float:
+        """forward -> loss -> backward -> clip -> step: the only place any trainer updates weights."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.compute_loss(self.network_outputs(batch), batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], GRAD_CLIP_NORM)
+        self.optimizer.step()
+        self.after_optimizer_step()
+        return float(loss.detach())
 
     def run_training(self, stop_after_epoch: int | None = None) -> None:
+        """Train from ``current_epoch`` to ``num_epochs`` (or stop early after ``stop_after_epoch``)."""
         records = self.training_records()
         self.store.unpack(sorted(set(self.train_cases) | set(self.val_cases)))
-        self.log.print(f"training {type(self).__name__} {self.plans.plans_name} {self.config.name} fold {self.fold}: "
+        val = self.validation_records()
+        self.log.print(f"training {self.trainer_name} {self.plans.plans_name} {self.config.name} fold {self.fold}: "
                        f"{len(records)} training nodes ({int((records.label == 1).sum())} positive), "
-                       f"{len(self.validation_records())} validation nodes, {self.num_epochs} epochs, "
-                       f"batch {self.config.recipe.batch_size}, device {self.device}, {self.num_workers} data worker(s)")
+                       f"{len(val)} validation nodes, {self.num_epochs} epochs, batch {self.config.recipe.batch_size}, "
+                       f"device {self.device}, {self.num_workers} data worker(s)")
+        self.on_train_start()
         while self.current_epoch < self.num_epochs:
             if stop_after_epoch is not None and self.current_epoch >= stop_after_epoch:
                 return
             self._train_one_epoch(records)
-        self.save_checkpoint("checkpoint_final.pth")
-        self.export_validation()
+        self.on_train_end()
 
     def _train_one_epoch(self, records: pd.DataFrame) -> None:
         self.on_epoch_start()
         self.network.train()
         epoch_seed = self.seed * 100003 + self.current_epoch  # batches depend on (seed, epoch) only: exact resume
         torch.manual_seed(epoch_seed)
-        loader = self.make_loader(records, epoch_seed)
-        batches = training_batches(self.plans, self.config, loader, epoch_seed, self.num_workers)
-        n_steps = self.steps_per_epoch(len(records))
+        batches = training_batches(self.plans, self.config, self.make_loader(records, epoch_seed), epoch_seed,
+                                   self.num_workers)
+        n_steps = self.steps_per_epoch(records)
         t0, wait, losses = time.perf_counter(), 0.0, []
-        bar = tqdm(range(n_steps), desc=f"epoch {self.current_epoch + 1}/{self.num_epochs}", leave=False,
-                   disable=not _show_progress())
+        bar = progress_bar(n_steps, f"epoch {self.current_epoch + 1}/{self.num_epochs}")
         try:
-            for _ in bar:
+            for _ in range(n_steps):
                 tw = time.perf_counter()
-                batch = to_tensors(next(batches), self.config, self.device)
+                batch = batch_to_device(next(batches), self.device)
                 wait += time.perf_counter() - tw
                 losses.append(self.train_step(batch))
-                rate = len(losses) * self.config.recipe.batch_size / (time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{np.mean(losses):.4f}", nodes_per_s=f"{rate:.1f}")
+                bar.update()
+                bar.set_postfix(loss=f"{np.mean(losses):.4f}")
         finally:
+            bar.close()
             if hasattr(batches, "_finish"):
                 batches._finish()
         lr = self.optimizer.param_groups[0]["lr"]
@@ -194,8 +207,9 @@ class LNMTrainer:
                         ema_auroc=self.ema_auroc, lr=lr, epoch_time_s=elapsed, data_wait_fraction=wait / elapsed)
         self.current_epoch += 1
         self.log.print(f"epoch {self.current_epoch}/{self.num_epochs}: train loss {np.mean(losses):.4f}, val loss "
-                       f"{val['loss']:.4f}, val AUROC {val['auroc']:.4f} (EMA {self.ema_auroc:.4f}), lr {lr:.2e}, "
-                       f"{elapsed:.1f} s, waiting for data {100 * wait / elapsed:.0f}%")
+                       f"{val['loss']:.4f}, val AUROC {val['auroc']:.4f} (EMA {self.ema_auroc:.4f}, {val['level']} level)"
+                       f", lr {lr:.2e}, {elapsed:.1f} s, {len(losses) * self.config.recipe.batch_size / elapsed:.1f} "
+                       f"nodes/s, waiting for data {100 * wait / elapsed:.0f}%")
         if not math.isnan(self.ema_auroc) and (self.best_ema is None or self.ema_auroc > self.best_ema):
             self.best_ema = self.ema_auroc
             self.save_checkpoint("checkpoint_best.pth")
@@ -204,46 +218,57 @@ class LNMTrainer:
         self.save_checkpoint("checkpoint_latest.pth")
         self.log.plot(self.output_folder / "progress.png")
 
-    # ---- validation -------------------------------------------------------------------------------
+    # ---- validation -----------------------------------------------------------------------------------
     def predict_records(self, records: pd.DataFrame, network: nn.Module | None = None) -> np.ndarray:
-        """Probabilities (fused head) for cached nodes: the same code path as lnm_predict."""
+        """Probabilities (fused head) of cached nodes: the same code path as lnm_predict."""
         network = network or self.network
         bs = max(1, self.config.recipe.batch_size)
-        probs = []
-        for start in range(0, len(records), bs):
-            batch = load_batch(self.store, records.iloc[start:start + bs], self.config.scales)
-            crops = {k.replace("data_", "image_").replace("seg_", "mask_"): (v[:, 0] if k.startswith("seg_") else v)
-                     for k, v in batch.items() if k.startswith(("data_", "seg_"))}
-            probs.append(predict_crops(network, crops, self.plans, self.config, self.device, bs))
+        probs = [predict_node_crops(network, load_batch(self.store, records.iloc[i:i + bs], self.config.scales),
+                                    self.plans, self.config, self.device, bs)
+                 for i in range(0, len(records), bs)]
         return np.concatenate(probs) if probs else np.zeros(0)
 
     def validate(self) -> dict:
+        """Loss and AUROC on the validation cases at the finest labelled level."""
         records = self.validation_records()
-        if records.empty:
-            return {"loss": float("nan"), "auroc": float("nan"), "probabilities": np.zeros(0)}
-        p = self.predict_records(records)
-        y = records["label"].to_numpy(dtype=float)
-        eps = 1e-7
-        loss = float(-np.mean(y * np.log(p + eps) + (1 - y) * np.log(1 - p + eps)))
-        auroc = float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
-        return {"loss": loss, "auroc": auroc, "probabilities": p}
+        level = validation_level(records) if len(records) else None
+        if level is None:
+            return {"loss": float("nan"), "auroc": float("nan"), "level": "no", "units": None}
+        units = validation_units(records, self.predict_records(records), level)
+        y, p = units["label"].to_numpy(), units["probability"].to_numpy()
+        return {"loss": bce(y, p), "auroc": auroc_or_nan(y, p), "level": level, "units": units}
+
+    def _say_validation_level(self, records: pd.DataFrame) -> None:
+        level = validation_level(records) if len(records) else None
+        if level is None:
+            self.log.print(f"WARNING: fold {self.fold} has no labelled validation case at any level: no validation "
+                           "AUROC, no checkpoint_best.pth (use more folds' data or add labels)")
+            return
+        units = validation_units(records, np.zeros(len(records)), level)
+        n_pos = int(units["label"].sum())
+        note = "" if 0 < n_pos < len(units) else " WARNING: one class only, so no AUROC and no checkpoint_best.pth"
+        self.log.print(f"validation at {level} level: {len(units)} labelled units ({n_pos} positive){note}")
 
     def export_validation(self) -> None:
-        """validation/nodes.csv (the fold's validation predictions) and validation/metrics.json."""
-        from lnm_auto.evaluation.metrics import binary_metrics
-        records = self.validation_records()
+        """validation/<level>s.csv (the fold's validation predictions) and validation/metrics.json."""
+        val = self.validate()
         out = self.output_folder / "validation"
-        p = self.predict_records(records) if len(records) else np.zeros(0)
-        df = records[["case", "node", "station", "label"]].assign(probability=p)
-        save_csv_atomic(df, out / "nodes.csv")
-        metrics = binary_metrics(df["label"].to_numpy(), p) if len(df) else {}
-        save_json({"fold": self.fold, "checkpoint": "checkpoint_final.pth", "n_nodes": len(df),
-                   "n_positive": int((df["label"] == 1).sum()), **_json_safe(metrics)}, out / "metrics.json")
-        self.log.print(f"validation of fold {self.fold}: AUROC {metrics.get('auroc', float('nan')):.4f} on "
-                       f"{len(df)} nodes -> {out}")
+        if val["units"] is None:
+            save_json({"fold": self.fold, "level": "none", "n_units": 0}, out / "metrics.json")
+            self.log.print(f"validation of fold {self.fold}: no labelled validation data")
+            return
+        units = val["units"]
+        save_csv_atomic(units, out / f"{val['level']}s.csv")
+        metrics = binary_metrics(units["label"].to_numpy(), units["probability"].to_numpy()) if len(units) else {}
+        save_json({"fold": self.fold, "checkpoint": "checkpoint_final.pth", "level": val["level"],
+                   "n_units": len(units), f"n_{val['level']}s": len(units),
+                   "n_positive": int((units["label"] == 1).sum()), **metrics}, out / "metrics.json")
+        self.log.print(f"validation of fold {self.fold} at {val['level']} level: AUROC "
+                       f"{metrics.get('auroc', float('nan')):.4f} on {len(units)} {val['level']}s -> {out}")
 
-    # ---- checkpoints ------------------------------------------------------------------------------
+    # ---- checkpoints -------------------------------------------------------------------------------
     def checkpoint_state(self) -> dict:
+        """What a checkpoint holds: tensors, numbers and strings only (loadable with weights_only=True)."""
         return {
             "network_weights": self.network.state_dict(),
             "optimizer_state": self.optimizer.state_dict(),
@@ -251,43 +276,47 @@ class LNMTrainer:
             "logging": self.log.state(),
             "current_epoch": self.current_epoch,
             "num_epochs": self.num_epochs,
-            "best_ema": self.best_ema,
-            "ema_auroc": self.ema_auroc,
-            "trainer_name": type(self).__name__,
+            "best_ema": None if self.best_ema is None else float(self.best_ema),
+            "ema_auroc": None if self.ema_auroc is None else float(self.ema_auroc),
+            "trainer_name": self.trainer_name,
             "configuration": self.config.name,
-            "fold": self.fold,
+            "plans_identifier": self.plans.identifier(),
+            "fold": str(self.fold),
             "rng_torch": torch.get_rng_state(),  # batches and augmentation are re-seeded from (seed, epoch)
         }
 
     def save_checkpoint(self, name: str) -> None:
-        with atomic_path(self.output_folder / name, suffix=".pth") as tmp:
-            torch.save(self.checkpoint_state(), tmp)
+        """Write ``checkpoint_state()`` atomically into the fold folder."""
+        save_checkpoint(self.checkpoint_state(), self.output_folder / name)
 
     def load_checkpoint(self, path: Path) -> dict:
-        """Restore the run from a checkpoint; returns the checkpoint for variants' own state."""
+        """Restore the run from one of its own checkpoints (``--c``)."""
         path = Path(path)
-        try:
-            ckpt = torch.load(path, map_location=self.device, weights_only=False)
-        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is reported as such
-            raise LNMError(f"{path}: cannot be loaded as a checkpoint ({str(e).splitlines()[0][:150]})") from None
-        if ckpt.get("trainer_name") != type(self).__name__ or ckpt.get("configuration") != self.config.name:
+        ckpt = load_checkpoint(path, self.plans.identifier(), self.device)
+        if ckpt.get("trainer_name") != self.trainer_name or ckpt.get("configuration") != self.config.name:
             raise LNMError(f"{path}: written by {ckpt.get('trainer_name')} / {ckpt.get('configuration')}, not "
-                           f"{type(self).__name__} / {self.config.name}")
+                           f"{self.trainer_name} / {self.config.name}")
+        self.restore_state(ckpt, path)
+        self.initial_weights = str(path)
+        return ckpt
+
+    def restore_state(self, ckpt: dict, path: Path) -> None:
+        """Put a checkpoint's state back (variants restore their own parts after calling this)."""
         try:
             self.network.load_state_dict(ckpt["network_weights"])
             self.optimizer.load_state_dict(ckpt["optimizer_state"])
         except (RuntimeError, ValueError, KeyError):
-            raise LNMError(f"{path}: does not fit the current network (were the plans changed after this run "
-                           "started?); start again without --c, or restore the old plans") from None
+            raise LNMError(f"{path}: does not fit the current network; start again without --c") from None
         self.lr_scheduler.load_state_dict(ckpt["lr_scheduler_state"])
         self.log.load_state(ckpt["logging"])
         self.current_epoch = int(ckpt["current_epoch"])
         self.best_ema, self.ema_auroc = ckpt["best_ema"], ckpt["ema_auroc"]
         torch.set_rng_state(ckpt["rng_torch"].cpu())
-        return ckpt
 
     def load_pretrained(self, path: Path) -> dict:
+        """Initialise the network from the matching tensors of a weights file (-pretrained_weights)."""
         report = load_pretrained_weights(self.network, path)
+        self.initial_weights = str(path)
         self.log.print(f"pretrained weights {path}: {len(report['matched'])} tensors loaded, {len(report['missing'])} "
                        f"network tensors not in the file, {len(report['unexpected'])} file tensors unused, "
                        f"{len(report['shape_mismatch'])} shape mismatches")
@@ -306,45 +335,4 @@ class LNMTrainer:
         return splits[k]["train"], splits[k]["val"]
 
 
-TRAINERS[LNMTrainer.__name__] = LNMTrainer
-
-
-class LNMTrainer_5epochs(LNMTrainer):
-    """The recipe with 5 epochs: demos and smoke tests."""
-
-    def initial_num_epochs(self) -> int:
-        return 5
-
-
-class LNMTrainer_2epochs(LNMTrainer):
-    """The recipe with 2 epochs: unit tests."""
-
-    def initial_num_epochs(self) -> int:
-        return 2
-
-
-def default_num_workers() -> int:
-    """Background augmentation processes: $LNM_n_proc_DA, else one less than the cores (at least 1)."""
-    env = os.environ.get("LNM_n_proc_DA")
-    if env is not None:
-        if not env.strip().isdigit():
-            raise LNMError(f"$LNM_n_proc_DA must be a whole number of worker processes, got '{env}'")
-        return int(env)
-    return max(1, (os.cpu_count() or 2) - 1)
-
-
-def _show_progress() -> bool:
-    return os.environ.get("LNM_NO_PROGRESS", "0") != "1"
-
-
-def _json_safe(obj):
-    """NaN -> None (JSON has no NaN), numpy scalars -> Python."""
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if hasattr(obj, "item"):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
+registry.register(LNMTrainer)

@@ -9,20 +9,16 @@ The node probabilities stay the model's output.
 """
 from __future__ import annotations
 
-
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from sklearn.metrics import roc_auc_score
-
 from lnm_auto.training.data import NodeBatchLoader, load_batch
-from lnm_auto.training.trainer import LNMTrainer, _json_safe
-from lnm_auto.utils.io import save_csv_atomic, save_json
+from lnm_auto.training.trainer import LNMTrainer
 from lnm_auto.utils.errors import LNMError
 
-MAX_BAG_SIZE = 12   # larger bags are subsampled (negative bags) or truncated to the most (positive) ...
+MAX_BAG_SIZE = 12   # larger bags are subsampled, positive bags keeping their evidence (subsample_bag)
 
 
 def noisy_or_bag_log_probs(node_logits: torch.Tensor, bag_index: torch.Tensor, n_bags: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,8 +49,26 @@ def make_bags(nodes: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(bags, columns=["members", "label", "kind"])
 
 
+def subsample_bag(members: list[int], nodes: pd.DataFrame, bag_label: int, rs: np.random.RandomState,
+                  max_size: int = MAX_BAG_SIZE) -> list[int]:
+    """At most ``max_size`` members; a positive bag always keeps its evidence (nodes labelled 1, then nodes
+    in pathology-positive stations), so it is never taught positive without the node that makes it so."""
+    if len(members) <= max_size:
+        return list(members)
+    members = np.asarray(members)
+    if bag_label == 1:
+        evidence = members[(nodes["label"].to_numpy()[members] == 1) | (nodes["station_label"].to_numpy()[members] == 1)]
+    else:
+        evidence = members[:0]
+    evidence = rs.permutation(evidence)[:max_size]
+    rest = np.setdiff1d(members, evidence)
+    fill = rs.choice(rest, max_size - len(evidence), replace=False) if max_size > len(evidence) else rest[:0]
+    return [int(i) for i in np.concatenate([evidence, fill])]
+
+
 class BagBatchLoader(NodeBatchLoader):
-    """Batches of whole bags (positive bags oversampled) until ``batch_size`` nodes are reached."""
+    """Batches of whole bags (positive bags oversampled) until ``batch_size`` nodes are reached; every
+    sample is part ``bag``, ``batch["bag"]`` its bag's index and ``batch["bag_label"]`` the bags' labels."""
 
     def __init__(self, store, nodes: pd.DataFrame, bags: pd.DataFrame, scales, batch_size: int,
                  positive_fraction: float, seed: int, num_threads: int = 1):
@@ -68,13 +82,12 @@ class BagBatchLoader(NodeBatchLoader):
         while len(rows) < self.batch_nodes:
             want_pos = len(self.positive_bags) and self.rs.rand() < self.positive_fraction
             b = self.bags.iloc[self.rs.choice(self.positive_bags) if want_pos else self.rs.randint(len(self.bags))]
-            members = list(b["members"])
-            if len(members) > MAX_BAG_SIZE:
-                members = list(self.rs.choice(members, MAX_BAG_SIZE, replace=False))
+            members = subsample_bag(list(b["members"]), self.nodes, int(b["label"]), self.rs)
             rows += members
             bag_of_row += [len(labels)] * len(members)
             labels.append(float(b["label"]))
         batch = load_batch(self.store, self.nodes.iloc[rows], self.scales)
+        batch["part"] = np.full(len(rows), "bag")
         batch["bag"] = np.asarray(bag_of_row)
         batch["bag_label"] = np.asarray(labels, dtype=np.float32)
         return batch
@@ -92,52 +105,12 @@ class LNMTrainerWeak(LNMTrainer):
         return df
 
     def make_loader(self, records: pd.DataFrame, seed: int):
+        """Batches of whole bags."""
         r = self.config.recipe
         return BagBatchLoader(self.store, records, make_bags(records), self.config.scales, r.batch_size,
                               r.positive_fraction, seed, max(self.num_workers, 1))
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> float:
-        self.optimizer.zero_grad(set_to_none=True)
-        out = self.network({k: v for k, v in batch.items() if k in self.config.scales})
-        loss = sum(mil_loss(logits, batch["bag"], batch["bag_label"]) for logits in out.values())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12.0)
-        self.optimizer.step()
-        return float(loss.detach())
-
-    def has_node_labelled_validation(self) -> bool:
-        return bool((self.nodes[self.nodes["case"].isin(self.val_cases)]["label"] >= 0).any())
-
-    def patient_level_validation(self) -> tuple[pd.DataFrame, np.ndarray]:
-        """Without node labels: each validation patient's probability = max over its nodes (the roll-up
-        rule), scored against the patient label. Returns (per-patient table, node probabilities)."""
-        val = self.nodes[self.nodes["case"].isin(self.val_cases)]
-        p = self.predict_records(val) if len(val) else np.zeros(0)
-        per_case = val.assign(probability=p).groupby("case", as_index=False).agg(
-            probability=("probability", "max"), label=("patient_label", "first"))
-        return per_case[per_case["label"] >= 0], p
-
-    def validate(self) -> dict:
-        if self.has_node_labelled_validation():
-            return super().validate()
-        per_case, p = self.patient_level_validation()
-        y, q = per_case["label"].to_numpy(float), per_case["probability"].to_numpy(float)
-        if not len(y):
-            return {"loss": float("nan"), "auroc": float("nan"), "probabilities": p}
-        auroc = float(roc_auc_score(y, q)) if 0 < y.sum() < len(y) else float("nan")
-        eps = 1e-7
-        loss = float(-np.mean(y * np.log(q + eps) + (1 - y) * np.log(1 - q + eps)))
-        return {"loss": loss, "auroc": auroc, "probabilities": p}
-
-    def export_validation(self) -> None:
-        if self.has_node_labelled_validation():
-            return super().export_validation()
-        from lnm_auto.evaluation.metrics import binary_metrics
-        per_case, _ = self.patient_level_validation()
-        out = self.output_folder / "validation"
-        save_csv_atomic(per_case, out / "patients.csv")
-        metrics = binary_metrics(per_case["label"].to_numpy(), per_case["probability"]) if len(per_case) else {}
-        save_json({"fold": self.fold, "level": "patient (no node labels in the validation cases)",
-                   "n_patients": len(per_case), **_json_safe(metrics)}, out / "metrics.json")
-        self.log.print(f"validation of fold {self.fold} at patient level: AUROC "
-                       f"{metrics.get('auroc', float('nan')):.4f} on {len(per_case)} patients -> {out}")
+    def compute_loss(self, outputs: dict[str, torch.Tensor], batch: dict) -> torch.Tensor:
+        """Sum over the classification heads of the noisy-OR bag BCE."""
+        return sum(mil_loss(logits, batch["bag"], batch["bag_label"]) for logits in outputs.values()
+                   if logits.ndim == 1)

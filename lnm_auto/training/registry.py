@@ -1,0 +1,51 @@
+"""Trainer registry: every trainer class registers itself here when its module is imported (through
+``LNMTrainer.__init_subclass__``), so no trainer imports another to be found.
+
+Names: ``-tr CLASS`` or ``-tr CLASS_<N>epochs`` (the class with N epochs, as nnU-Net's ``_Xepochs``
+trainers); a run with non-default epochs always gets the ``_<N>epochs`` name, so its model folder can
+never be mixed with a default-length run of the same class.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import re
+
+from lnm_auto.utils.errors import LNMError
+
+TRAINERS: dict[str, type] = {}
+# the modules that define trainers: imported on the first lookup (plugins add theirs here)
+TRAINER_MODULES = ["lnm_auto.training.trainer", "lnm_auto.training.semi_supervised", "lnm_auto.training.weak"]
+_EPOCHS_SUFFIX = re.compile(r"^(?P<cls>.+?)_(?P<epochs>\d+)epochs?$")
+
+
+def register(cls: type) -> None:
+    """Make ``cls`` selectable with ``lnm_train -tr NAME``."""
+    TRAINERS[cls.__name__] = cls
+
+
+def split_trainer_name(name: str) -> tuple[str, int | None]:
+    """'LNMTrainerPGLS_5epochs' -> ('LNMTrainerPGLS', 5); 'LNMTrainer' -> ('LNMTrainer', None)."""
+    m = _EPOCHS_SUFFIX.match(name)
+    return (m.group("cls"), int(m.group("epochs"))) if m else (name, None)
+
+
+def trainer_name(cls_name: str, num_epochs: int, default_epochs: int) -> str:
+    """The name a run is stored under: the class, plus ``_<N>epochs`` when N is not the default."""
+    return cls_name if num_epochs == default_epochs else f"{cls_name}_{num_epochs}epochs"
+
+
+def trainer_class(name: str) -> tuple[type, int | None]:
+    """(trainer class, epochs given in the name or None) for ``-tr NAME``; unknown names are one LNMError
+    line suggesting the nearest registered name."""
+    for module in TRAINER_MODULES:
+        importlib.import_module(module)
+    cls_name, epochs = split_trainer_name(name)
+    if cls_name not in TRAINERS:
+        close = difflib.get_close_matches(cls_name, TRAINERS, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise LNMError(f"unknown trainer '{name}'{hint} (available: {', '.join(sorted(TRAINERS))}; any of them "
+                       f"also as NAME_<N>epochs)")
+    if epochs is not None and epochs < 1:
+        raise LNMError(f"trainer '{name}': the number of epochs must be at least 1")
+    return TRAINERS[cls_name], epochs

@@ -1,0 +1,53 @@
+"""What a fold validates on, so validation never goes blind.
+
+Level rule: node labels of the validation cases when there are any; else the patients' labels (N stage,
+the clinical end point) with each patient's probability = the max over its nodes (the roll-up rule of
+documentation/evaluation.md); else the stations' pathology labels, rolled up the same way. A level whose
+labels hold only one class gives no AUROC; the trainer says so in the log.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_auc_score
+
+from lnm_auto.evaluation.rollup import rollup
+
+LEVELS = ("node", "patient", "station")
+
+
+def validation_level(val_nodes: pd.DataFrame) -> str | None:
+    """The finest level with labels among the validation nodes (columns label, patient_label,
+    station_label of nodes_index.csv), or None when nothing is labelled."""
+    if (val_nodes["label"] >= 0).any():
+        return "node"
+    if (val_nodes["patient_label"] >= 0).any():
+        return "patient"
+    if (val_nodes["station_label"] >= 0).any():
+        return "station"
+    return None
+
+
+def validation_units(val_nodes: pd.DataFrame, probabilities: np.ndarray, level: str) -> pd.DataFrame:
+    """One row per labelled validation unit (node, patient or station) with ``label`` and ``probability``."""
+    df = val_nodes.assign(probability=np.asarray(probabilities, dtype=float))
+    if level == "node":
+        return df.loc[df["label"] >= 0, ["case", "node", "station", "label", "probability"]].reset_index(drop=True)
+    label_column = {"patient": "patient_label", "station": "station_label"}[level]
+    units = rollup(df[["case", "station", "probability"]], level)
+    labels = df.groupby(["case"] if level == "patient" else ["case", "station"])[label_column].first()
+    units["label"] = labels.reindex(pd.MultiIndex.from_frame(units[labels.index.names])
+                                    if level == "station" else units["case"]).to_numpy()
+    return units[units["label"] >= 0].reset_index(drop=True)
+
+
+def auroc_or_nan(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    """AUROC, or NaN when the labels hold one class only."""
+    y = np.asarray(labels, dtype=float)
+    return float(roc_auc_score(y, probabilities)) if 0 < y.sum() < len(y) else float("nan")
+
+
+def bce(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    """Mean binary cross-entropy of probabilities (NaN for no units)."""
+    y, p = np.asarray(labels, dtype=float), np.clip(np.asarray(probabilities, dtype=float), 1e-7, 1 - 1e-7)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))) if len(y) else float("nan")
