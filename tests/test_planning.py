@@ -165,3 +165,35 @@ def test_splits_need_two_patients():
     fp = make_fingerprint([(1, 1, 1)], [(50, 50, 50)], [(10, 10, 10)])
     with pytest.raises(LNMError, match="at least 2 patients"):
         make_patient_splits(fp)
+
+
+def test_folds_spread_node_labelled_patients_of_both_classes():
+    """Sparse node labels: 10 of 40 patients node-labelled (5 with a positive node). Stratifying on the patient
+    label alone can leave a fold without any labelled positive node; stratifying on availability too cannot."""
+    from lnm_auto.planning.splits import split_problems
+    n = 40
+    extents = [(10, 10, 10)] * n
+    labels = []
+    fp = make_fingerprint([(5.0, 0.8, 0.8)] * n, [(60, 256, 256)] * n, extents, labels=[0] * n)
+    for i, node in enumerate(fp["nodes"]):
+        node["case"] = f"c{i:03d}"
+        node["label"] = (1 if i < 5 else 0) if i < 10 else -1         # 5 labelled positive, 5 labelled negative
+        fp["cases"][node["case"]]["patient_label"] = 1 if (i < 5 or i % 3 == 0) else 0
+        labels.append(node["label"])
+    for seed in range(5):
+        folds = make_patient_splits(fp, 5, seed=seed)
+        assert split_problems(fp, folds) == []
+        for fold in folds:
+            val = [nd["label"] for nd in fp["nodes"] if nd["case"] in fold["val"]]
+            assert 1 in val and 0 in val
+
+
+def test_too_few_labelled_patients_is_said_per_fold():
+    from lnm_auto.planning.splits import split_problems
+    n = 20
+    fp = make_fingerprint([(5.0, 0.8, 0.8)] * n, [(60, 256, 256)] * n, [(10, 10, 10)] * n, labels=[0] * n)
+    for i, node in enumerate(fp["nodes"]):
+        node["case"] = f"c{i:03d}"
+        node["label"] = 1 if i == 0 else (0 if i == 1 else -1)        # one labelled patient per class
+    problems = split_problems(fp, make_patient_splits(fp, 5, seed=0))
+    assert len(problems) >= 3 and all("validates on patient or station labels" in p for p in problems)

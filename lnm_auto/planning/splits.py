@@ -33,6 +33,40 @@ def case_strata(fingerprint: dict) -> dict[str, int]:
     return out
 
 
+def node_label_availability(fingerprint: dict) -> dict[str, tuple[bool, bool]]:
+    """Per case: (has a node labelled 1, has a node labelled 0)."""
+    out = {c: (False, False) for c in fingerprint["cases"]}
+    for n in fingerprint["nodes"]:
+        pos, neg = out[n["case"]]
+        out[n["case"]] = (pos or n["label"] == 1, neg or n["label"] == 0)
+    return out
+
+
+def stratification_keys(fingerprint: dict, patients: np.ndarray, case_ids: list[str], n_folds: int) -> np.ndarray:
+    """One stratum per case: (patient label, node-label availability), coarsened until every stratum has at
+    least ``n_folds`` patients, so each fold gets labelled nodes of both classes whenever the data allows.
+    Coarsening order: drop the patient label first (node labels are what validation needs), then merge the
+    remaining small strata into the largest."""
+    strata, available = case_strata(fingerprint), node_label_availability(fingerprint)
+    candidates = [
+        [f"{strata[c]}|{int(available[c][0])}{int(available[c][1])}" for c in case_ids],
+        [f"{int(available[c][0])}{int(available[c][1])}" for c in case_ids],
+        [str(strata[c]) for c in case_ids],
+    ]
+    for keys in candidates:
+        keys = np.asarray(keys)
+        small = [k for k in set(keys.tolist()) if len(set(patients[keys == k])) < n_folds]
+        if not small:
+            return keys
+    keys = np.asarray(candidates[-1])
+    counts = {k: len(set(patients[keys == k])) for k in set(keys.tolist())}
+    largest = max(counts, key=counts.get)
+    for k, n in counts.items():
+        if n < n_folds:
+            keys[keys == k] = largest
+    return keys
+
+
 def make_patient_splits(fingerprint: dict, n_folds: int = 5, seed: int = 12345) -> list[dict[str, list[str]]]:
     """[{"train": [case ids], "val": [case ids]}, ...] with no patient in two validation folds."""
     case_ids = sorted(fingerprint["cases"])
@@ -41,20 +75,29 @@ def make_patient_splits(fingerprint: dict, n_folds: int = 5, seed: int = 12345) 
     if n_patients < 2:
         raise LNMError(f"cross-validation needs at least 2 patients, the dataset has {n_patients}")
     n_folds = min(n_folds, n_patients)
-    strata = case_strata(fingerprint)
-    y = np.asarray([strata[c] for c in case_ids])
-    # A stratum with fewer patients than folds cannot be spread one per fold: fold it into the largest.
-    patients_per_stratum = {v: len(set(patients[y == v])) for v in set(y.tolist())}
-    largest = max(patients_per_stratum, key=patients_per_stratum.get)
-    for v, count in patients_per_stratum.items():
-        if count < n_folds:
-            y[y == v] = largest
+    y = stratification_keys(fingerprint, patients, case_ids, n_folds)
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "least populated class has fewer members than n_splits"
         folds = [{"train": sorted(np.asarray(case_ids)[tr].tolist()), "val": sorted(np.asarray(case_ids)[va].tolist())}
                  for tr, va in splitter.split(np.zeros(len(case_ids)), y, groups=patients)]
     return folds
+
+
+def split_problems(fingerprint: dict, folds: list[dict[str, list[str]]]) -> list[str]:
+    """One line per fold whose validation cases lack node-labelled nodes of a class (said loudly by
+    lnm_plan_and_preprocess: such a fold validates on station/patient labels instead)."""
+    available = node_label_availability(fingerprint)
+    problems = []
+    for k, fold in enumerate(folds):
+        pos = any(available[c][0] for c in fold["val"])
+        neg = any(available[c][1] for c in fold["val"])
+        if not (pos and neg):
+            missing = " and ".join(w for w, has in (("positive", pos), ("negative", neg)) if not has)
+            problems.append(f"fold {k}: no node-labelled {missing} node among its {len(fold['val'])} validation "
+                            "cases (the dataset has too few node-labelled patients to spread over the folds); it "
+                            "validates on patient or station labels instead")
+    return problems
 
 
 def load_splits(path) -> list[dict[str, list[str]]]:
