@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
+from scipy.spatial import ConvexHull
+from scipy.spatial.distance import pdist
 
 # An axis is "the slice axis" only when clearly coarser than the others; else numpy axis 0 (index k).
 SLICE_AXIS_MIN_RATIO = 1.5
@@ -91,7 +93,7 @@ class NodeMeasurement:
     volume_mm3: float
     extent_mm: tuple[float, float, float]    # bounding-box extent along canonical (slice, row, col)
     long_axis_mm: float                      # longest 3D diameter (PCA ellipsoid fit)
-    short_axis_mm: float                     # in-plane short-axis diameter (radiology convention)
+    short_axis_mm: float                     # in-plane short axis on the largest slice (inplane_axes_mm)
     centre_index_zyx: tuple[float, float, float]
     centre_mm: tuple[float, float, float]    # physical (x, y, z) centre of mass
 
@@ -113,21 +115,48 @@ def measure_nodes(mask: sitk.Image) -> list[NodeMeasurement]:
         centre_idx = idx.mean(axis=0)
         extent = np.array([(s.stop - s.start) for s in sl], dtype=float) * spacing
         coords_mm = (idx - centre_idx) * spacing  # axis-aligned mm, numpy order
-        long_axis, short_axis = _axis_lengths(coords_mm, axes)
+        long_axis = _long_axis(coords_mm)
+        short_axis = inplane_axes_mm(np.transpose(local, axes), spacing[axes[1:]])[1]
         centre_mm = mask.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in centre_idx[::-1]))
         out.append(NodeMeasurement(k, n, n * voxel_volume, tuple(float(v) for v in extent[axes]),
                                    long_axis, short_axis, tuple(float(v) for v in centre_idx), tuple(centre_mm)))
     return out
 
 
-def _axis_lengths(coords_mm: np.ndarray, axes: list[int]) -> tuple[float, float]:
-    """Diameters from second moments: a solid ellipsoid of semi-axis a has variance a^2/5 along it,
-    a filled ellipse a^2/4. A node one voxel thick falls back to the voxel size."""
+def _long_axis(coords_mm: np.ndarray) -> float:
+    """Longest 3D diameter from second moments: a solid ellipsoid of semi-axis a has variance a^2/5 along it."""
     if len(coords_mm) < 2:
-        return 0.0, 0.0
-    cov3 = np.cov(coords_mm.T)
-    long_axis = 2.0 * np.sqrt(5.0 * max(np.linalg.eigvalsh(cov3)[-1], 0.0))
-    inplane = coords_mm[:, axes[1:]]
-    cov2 = np.cov(inplane.T)
-    short_axis = 2.0 * np.sqrt(4.0 * max(np.linalg.eigvalsh(cov2)[0], 0.0))
-    return float(long_axis), float(short_axis)
+        return 0.0
+    return float(2.0 * np.sqrt(5.0 * max(np.linalg.eigvalsh(np.cov(coords_mm.T))[-1], 0.0)))
+
+
+def inplane_axes_mm(node_mask_srs: np.ndarray, row_col_spacing) -> tuple[float, float]:
+    """(long, short) axis in mm as a radiologist measures them, from a mask in (slice, row, col) order.
+
+    On the slice with the largest node area (ties: the one with the larger short axis), the node's
+    pixels are drawn as squares; the long axis is their largest calliper (Feret) diameter, the short
+    axis their smallest calliper width. For an oval node the smallest width is the diameter
+    perpendicular to the long axis; unlike a width taken across a long axis whose direction a blunt,
+    pixelated end decides, it is well defined.
+    """
+    areas = node_mask_srs.reshape(len(node_mask_srs), -1).sum(axis=1)
+    best = (0.0, 0.0)
+    for s in np.flatnonzero(areas == areas.max()):
+        long_axis, short_axis = _slice_callipers_mm(node_mask_srs[s], np.asarray(row_col_spacing, dtype=float))
+        if short_axis > best[1]:
+            best = (long_axis, short_axis)
+    return best
+
+
+def _slice_callipers_mm(region_2d: np.ndarray, spacing_rc: np.ndarray) -> tuple[float, float]:
+    """Largest and smallest calliper width (mm) of a 2D region's pixel squares."""
+    centres = np.argwhere(region_2d).astype(float)
+    square = np.array([[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]])
+    corners = np.unique((centres[:, None, :] + square[None]).reshape(-1, 2), axis=0) * spacing_rc
+    hull = corners[ConvexHull(corners).vertices]    # pixel squares never give a degenerate hull; ordered
+    largest = float(pdist(hull).max())
+    edges = np.roll(hull, -1, axis=0) - hull
+    normals = np.stack([-edges[:, 1], edges[:, 0]], axis=1) / np.linalg.norm(edges, axis=1, keepdims=True)
+    projections = hull @ normals.T                  # the smallest width is attained across a hull edge
+    smallest = float((projections.max(axis=0) - projections.min(axis=0)).min())
+    return largest, smallest

@@ -20,10 +20,9 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 from scipy import ndimage
-from scipy.spatial import ConvexHull
-from scipy.spatial.distance import pdist
 
-from lnm_auto.preprocessing.geometry import SLICE_AXIS_MIN_RATIO, canonical_axes, sitk_spacing_zyx, slice_axis
+from lnm_auto.preprocessing.geometry import (SLICE_AXIS_MIN_RATIO, canonical_axes, inplane_axes_mm, sitk_spacing_zyx,
+                                             slice_axis)
 from lnm_auto.utils.errors import LNMError
 
 logger = logging.getLogger(__name__)
@@ -132,38 +131,6 @@ def discretisation_settings(modality_hint: str, fixed_bin_width: float | None = 
                     resegmentation_method="range", resegmentation_intensity_range=[0.0, np.inf])
     return dict(base_discretisation_method="fixed_bin_number",
                 base_discretisation_n_bins=MR_BIN_COUNT)
-
-
-def inplane_axes_mm(node_mask_srs: np.ndarray, row_col_spacing) -> tuple[float, float]:
-    """(long, short) axis in mm as a radiologist measures them, from a mask in (slice, row, col) order.
-
-    On the slice with the largest node area (ties: the one with the larger short axis), the node's
-    pixels are drawn as squares; the long axis is their largest calliper (Feret) diameter, the short
-    axis their smallest calliper width. For an oval node the smallest width is the diameter
-    perpendicular to the long axis; unlike a width taken across a long axis whose direction a blunt,
-    pixelated end decides, it is well defined.
-    """
-    areas = node_mask_srs.reshape(len(node_mask_srs), -1).sum(axis=1)
-    best = (0.0, 0.0)
-    for s in np.flatnonzero(areas == areas.max()):
-        long_axis, short_axis = _slice_callipers_mm(node_mask_srs[s], np.asarray(row_col_spacing, dtype=float))
-        if short_axis > best[1]:
-            best = (long_axis, short_axis)
-    return best
-
-
-def _slice_callipers_mm(region_2d: np.ndarray, spacing_rc: np.ndarray) -> tuple[float, float]:
-    """Largest and smallest calliper width (mm) of a 2D region's pixel squares."""
-    centres = np.argwhere(region_2d).astype(float)
-    square = np.array([[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]])
-    corners = np.unique((centres[:, None, :] + square[None]).reshape(-1, 2), axis=0) * spacing_rc
-    hull = corners[ConvexHull(corners).vertices]    # pixel squares never give a degenerate hull; ordered
-    largest = float(pdist(hull).max())
-    edges = np.roll(hull, -1, axis=0) - hull
-    normals = np.stack([-edges[:, 1], edges[:, 0]], axis=1) / np.linalg.norm(edges, axis=1, keepdims=True)
-    projections = hull @ normals.T                  # the smallest width is attained across a hull edge
-    smallest = float((projections.max(axis=0) - projections.min(axis=0)).min())
-    return largest, smallest
 
 
 def _shape_features(node_mask: np.ndarray, spacing_zyx: np.ndarray, origin, direction, axes) -> dict:
