@@ -46,7 +46,7 @@ class NodeLabels:
     patient_label: int = UNKNOWN
 
 
-CACHE_FORMAT_VERSION = 2   # bump when the npz layout changes: older caches are then redone
+CACHE_FORMAT_VERSION = 3   # bump when the npz layout or a cached value changes (3: radiological short axis)
 
 
 def plans_digest(plans: Plans) -> str:
