@@ -113,7 +113,7 @@ def test_export_zip_predicts_the_same(trained, tmp_path):
 
 def test_dicom_series_input(trained, tmp_path):
     root, model, inp = trained
-    img = sitk.ReadImage(inp / "pt0_0000.nii.gz")
+    img = sitk.ReadImage(str(inp / "pt0_0000.nii.gz"))
     case_dir = tmp_path / "dicom" / "pt0"
     write_dicom_series(sitk.Cast(img, sitk.sitkInt16), case_dir)
     shutil.copy(inp / "pt0_nodes.nii.gz", case_dir / "nodes.nii.gz")
@@ -134,15 +134,15 @@ def write_dicom_series(img: sitk.Image, folder) -> None:
     d = img.GetDirection()
     tags = [("0008|0060", "CT"), ("0020|000d", uid + ".1"), ("0020|000e", uid + ".2"),
             ("0020|0037", "\\".join(map(str, (d[0], d[3], d[6], d[1], d[4], d[7])))),
-            ("0028|0030", f"{img.GetSpacing()[1]}\\{img.GetSpacing()[0]}"), ("0018|0050", img.GetSpacing()[2])]
+            ("0028|0030", f"{img.GetSpacing()[1]}\\{img.GetSpacing()[0]}"), ("0018|0050", str(img.GetSpacing()[2]))]
     for k in range(img.GetDepth()):
         sl = img[:, :, k]
         for tag, value in tags:
             sl.SetMetaData(tag, value)
         sl.SetMetaData("0020|0032", "\\".join(map(str, img.TransformIndexToPhysicalPoint((0, 0, k)))))
-        sl.SetMetaData("0020|0013", k + 1)
+        sl.SetMetaData("0020|0013", str(k + 1))
         sl.SetMetaData("0008|0018", f"{uid}.3.{k + 1}")
-        writer.SetFileName(folder / f"slice{k:03d}.dcm")
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
         writer.Execute(sl)
 
 
@@ -173,8 +173,7 @@ def test_missing_folds_and_model_choice(trained, tmp_path):
                         "-f", "0", "1", "--quiet", env=env)
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "b" / "nodes.csv").is_file()
-    p = run_cli("predict", "-i", tmp_path / "nope", "-o",
-                        tmp_path / "c", env=env)
+    p = run_cli("predict", "-i", tmp_path / "nope", "-o", tmp_path / "c", "-f", "0", "1", env=env)
     assert p.returncode == 1 and "no such folder" in p.stderr
 
 
