@@ -36,6 +36,10 @@ class PhantomConfig:
     shape_xyz: tuple[int, int, int] = (288, 224, 32)
     spacing_xyz_mm: tuple[float, float, float] = (0.8, 0.8, 5.0)
     oblique_deg: float = 0.0           # rotation of the direction matrix about z
+    # class separation of the nodes' image pattern (density, heterogeneity, necrosis, margin, fatty hilum),
+    # 0 none .. 1 full; None = 1 - difficulty, like size and shape. Set apart from difficulty, it makes
+    # datasets where the image carries more (or less) signal than size alone (the accuracy benchmark).
+    texture_separation: float | None = None
 
     def validated(self) -> "PhantomConfig":
         """This configuration with normalised types; LNMError naming the field if a value is out of range."""
@@ -58,8 +62,11 @@ class PhantomConfig:
             raise LNMError(f"spacing_xyz_mm must be 3 positive numbers, got {self.spacing_xyz_mm}")
         if not math.isfinite(float(self.oblique_deg)):
             raise LNMError(f"oblique_deg must be a finite number, got {self.oblique_deg}")
+        texture = None if self.texture_separation is None else float(self.texture_separation)
+        if texture is not None and not 0.0 <= texture <= 1.0:
+            raise LNMError(f"texture_separation must be within [0, 1], got {self.texture_separation}")
         return PhantomConfig(int(self.n_cases), int(self.n_test_cases), modality, float(self.labeled_fraction),
-                             float(self.difficulty), int(self.seed), shape, spacing, float(self.oblique_deg))
+                             float(self.difficulty), int(self.seed), shape, spacing, float(self.oblique_deg), texture)
 
     def to_json(self) -> dict:
         """The configuration as a JSON-ready dict (as recorded in dataset.json)."""
@@ -117,7 +124,7 @@ def generate_case(index: int, config: PhantomConfig = PhantomConfig(), case_id: 
     lut = CT_LUT if config.modality == "CT" else MRI_LUT
     fat_value = float(img[cls == MEDFAT].mean()) if (cls == MEDFAT).any() else lut[MEDFAT][0]
     mask, records = place_nodes(grid, cls, img, rng_nodes, ap, config.difficulty, config.modality, node_scale,
-                                fat_value)
+                                fat_value, config.texture_separation)
     # in-plane point spread function
     psf = (0.0, PSF_SIGMA_MM / config.spacing_xyz_mm[1], PSF_SIGMA_MM / config.spacing_xyz_mm[0])
     if max(psf) >= 0.25:

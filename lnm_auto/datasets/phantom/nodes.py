@@ -69,10 +69,14 @@ def _random_rotation(rng: np.random.Generator, long_along_z: bool) -> np.ndarray
     return np.stack([a, b, long_dir], axis=1)
 
 
-def _draw_node(rng: np.random.Generator, label: int, difficulty: float, node_scale: float) -> dict:
-    """Latent appearance of one node. sep = 1 - difficulty sets how far apart the classes are."""
+def _draw_node(rng: np.random.Generator, label: int, difficulty: float, node_scale: float,
+               texture_separation: float | None = None) -> dict:
+    """Latent appearance of one node. sep = 1 - difficulty sets how far apart the classes are in size and
+    shape; tsep (default sep) how far apart in image pattern."""
     d = difficulty
     sep = 1.0 - d
+    tsep = sep if texture_separation is None else float(texture_separation)
+    td = d if texture_separation is None else 1.0 - tsep
     if label:
         kind = "micro" if rng.random() < 0.05 + 0.2 * d else "macro"
     else:
@@ -94,22 +98,22 @@ def _draw_node(rng: np.random.Generator, label: int, difficulty: float, node_sca
     long = short / float(roundness)
     mid = float(np.clip(short * rng.uniform(1.0, 1.35), short, long))
     # intensity pattern
-    necrosis = kind == "macro" and short >= 6.0 and rng.random() < 0.2 + 0.6 * sep
-    pseudo_necrosis = kind == "reactive" and rng.random() < 0.12 * d      # hypodense benign (granulomatous)
-    p_hilum = {"normal": 0.25 + 0.25 * sep, "reactive": 0.15, "calcified": 0.1}.get(kind, 0.03)
+    necrosis = kind == "macro" and short >= 6.0 and rng.random() < 0.2 + 0.6 * tsep
+    pseudo_necrosis = kind == "reactive" and rng.random() < 0.12 * td      # hypodense benign (granulomatous)
+    p_hilum = {"normal": 0.25 + 0.25 * tsep, "reactive": 0.15, "calcified": 0.1}.get(kind, 0.03)
     hilum = rng.random() < p_hilum
     calcified = kind == "calcified"
     if label:
-        base_hu = rng.normal(40.0 + (24.0 if kind == "macro" else 10.0) * sep, 8.0)
-        het = rng.uniform(10.0, 14.0 + 16.0 * sep) if kind == "macro" else rng.uniform(3.0, 8.0)
-        irregular = rng.uniform(0.05, 0.08 + 0.10 * sep) if kind == "macro" else rng.uniform(0.03, 0.09)
+        base_hu = rng.normal(40.0 + (24.0 if kind == "macro" else 10.0) * tsep, 8.0)
+        het = rng.uniform(10.0, 14.0 + 16.0 * tsep) if kind == "macro" else rng.uniform(3.0, 8.0)
+        irregular = rng.uniform(0.05, 0.08 + 0.10 * tsep) if kind == "macro" else rng.uniform(0.03, 0.09)
     else:
         base_hu = rng.normal(38.0, 7.0)
-        het = rng.uniform(3.0, 7.0 + 3.0 * d)
-        irregular = rng.uniform(0.03, 0.09 + 0.04 * d)
+        het = rng.uniform(3.0, 7.0 + 3.0 * td)
+        irregular = rng.uniform(0.03, 0.09 + 0.04 * td)
     return dict(kind=kind, short=short * node_scale, mid=mid * node_scale, long=long * node_scale,
                 necrosis=bool(necrosis or pseudo_necrosis),
-                nec_frac=float(rng.uniform(0.45, 0.7)), nec_drop=float(rng.uniform(40.0, 70.0) * (0.6 + 0.4 * sep)
+                nec_frac=float(rng.uniform(0.45, 0.7)), nec_drop=float(rng.uniform(40.0, 70.0) * (0.6 + 0.4 * tsep)
                                                                      if necrosis else rng.uniform(8.0, 15.0)),
                 hilum=bool(hilum), calcified=bool(calcified), base_hu=float(base_hu), het=float(het),
                 irregular=float(irregular), long_along_z=bool(rng.random() < 0.6),
@@ -192,7 +196,8 @@ def _node_values(nd: dict, modality: str, tex: np.ndarray, bg_fat: float) -> tup
 
 
 def place_nodes(grid: Grid, cls: np.ndarray, img: np.ndarray, rng: np.random.Generator, ap: dict,
-                difficulty: float, modality: str, node_scale: float, fat_value: float):
+                difficulty: float, modality: str, node_scale: float, fat_value: float,
+                texture_separation: float | None = None):
     """Draw, place and paint the nodes; returns the instance mask and the node records."""
     nz, ny, nx = cls.shape
     mask = np.zeros(cls.shape, np.uint8)
@@ -212,7 +217,7 @@ def place_nodes(grid: Grid, cls: np.ndarray, img: np.ndarray, rng: np.random.Gen
     sx, sy = ap["shift"]
     records: list[PhantomNode] = []
     for label in labels:
-        nd = _draw_node(rng, int(label), difficulty, node_scale)
+        nd = _draw_node(rng, int(label), difficulty, node_scale, texture_separation)
         R = _random_rotation(rng, nd["long_along_z"])
         if label and rng.random() < 0.5:
             station = primary
