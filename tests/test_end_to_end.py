@@ -44,6 +44,6 @@ def test_cli_pipeline_on_phantom(tmp_path):
               "--ref_patients", str(ds / "patientsTs.csv"), "--n_bootstrap", "50", env=env)
     assert "AUROC" in out.stdout
     metrics = json.loads((report / "metrics.json").read_text())
-    assert metrics["node"]["n"] == len(ref[ref.label.notna()])
+    assert metrics["levels"]["node"]["n"] == len(ref[ref.label.notna()])
     for f in ("roc.png", "calibration.png"):
         assert (report / f).stat().st_size > 1000

@@ -372,7 +372,7 @@ def test_report_writes_files_and_numbers_match(report_run):
     known = nodes[nodes["label"].notna()]
     y, p, g = known["label"].to_numpy(int), known["probability"].to_numpy(), known["patient"].to_numpy()
 
-    node = res["node"]
+    node = res["levels"]["node"]
     assert node["n"] == len(known) and node["n_pos"] == y.sum() and node["n_unknown_excluded"] == len(nodes) - len(known)
     point = M.binary_metrics(y, p)
     ci = M.bootstrap_ci(y, p, g, n_bootstrap=200, seed=1)["ci"]
@@ -384,15 +384,15 @@ def test_report_writes_files_and_numbers_match(report_run):
     # station level: max roll-up, labels derived from nodes
     st = rollup(nodes.assign(label=nodes["label"].fillna(UNKNOWN)), "station")
     st = st[st["label"] != UNKNOWN]
-    assert res["station"]["n"] == len(st)
-    assert res["station"]["auroc"]["value"] == pytest.approx(roc_auc_score(st["label"], st["probability"]))
+    assert res["levels"]["station"]["n"] == len(st)
+    assert res["levels"]["station"]["auroc"]["value"] == pytest.approx(roc_auc_score(st["label"], st["probability"]))
 
     # patient level: grouped by the patient column, labels from patients.csv (any case positive)
     pt = rollup(nodes[["case", "patient", "probability"]], "patient")
     plab = pats[pats["case"] != "not_evaluated"].groupby("patient")["label"].max()
-    assert res["patient"]["n"] == len(pt) == len(plab)
+    assert res["levels"]["patient"]["n"] == len(pt) == len(plab)
     want = roc_auc_score(plab.loc[pt["patient"]].to_numpy(), pt["probability"])
-    assert res["patient"]["auroc"]["value"] == pytest.approx(want)
+    assert res["levels"]["patient"]["auroc"]["value"] == pytest.approx(want)
     assert any("not_evaluated" in w or "ignored" in w for w in res["warnings"])
 
     # comparison: DeLong on the node level equals delong_test
@@ -411,7 +411,7 @@ def test_format_table(report_run):
     _, _, res = report_run
     text = format_table(res)
     assert "node" in text and "station" in text and "patient" in text
-    a = res["node"]["auroc"]
+    a = res["levels"]["node"]["auroc"]
     assert f"{a['value']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]" in text
     assert "DeLong" in text and "S@R75" in text and "R@S75" in text
     lines = text.splitlines()
@@ -430,8 +430,8 @@ def test_report_station_reference_and_skipped_level(tmp_path):
     res = evaluate(tmp_path / "ref.csv", tmp_path / "pred.csv", tmp_path / "out",
                    ref_stations_csv=tmp_path / "stations.csv", n_bootstrap=50)
     # node labels all unknown -> node and patient levels skipped, station level from stations.csv
-    assert "skipped" in res["node"] and "skipped" in res["patient"]
-    s = res["station"]
+    assert "skipped" in res["levels"]["node"] and "skipped" in res["levels"]["patient"]
+    s = res["levels"]["station"]
     # stations: a/1 p=.9 y=1, a/2 p=.2 y=0, b/1 p=.4 y=0, c/2 p=.7 y=1, c/7 (no node) p=0 y=0
     assert s["n"] == 5 and s["n_pos"] == 2
     assert s["auroc"]["value"] == pytest.approx(roc_auc_score([1, 0, 0, 1, 0], [0.9, 0.2, 0.4, 0.7, 0.0]))
@@ -460,7 +460,7 @@ def run_with_pred(folder, pred, **kw):
 def test_small_run_ok(small_files):
     folder, pred = small_files
     res = run_with_pred(folder, pred)
-    assert res["node"]["auroc"]["value"] == 1.0 and res["node"]["auroc"]["ci95"] == [None, None]
+    assert res["levels"]["node"]["auroc"]["value"] == 1.0 and res["levels"]["node"]["auroc"]["ci95"] == [None, None]
 
 
 def test_missing_node_in_predictions(small_files):

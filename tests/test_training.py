@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lnm_auto.planning.plan_and_preprocess import plan_and_preprocess
+from lnm_auto.training.progress import training_logs
 from lnm_auto.training.run import run_training, setup_trainer
 from conftest import run_train_cli, write_tiny_dataset
 
@@ -54,9 +55,11 @@ def test_training_writes_every_output(prepared, tmp_path):
     tr = run_training(make_trainer(prepared, tmp_path))
     out = tr.output_folder
     assert out == tmp_path / "Dataset042_Tiny" / "LNMTrainer_2epochs__LNMPlans__3d_resenc" / "fold_0"
-    for f in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth", "training_log.txt",
-              "progress.png", "validation/nodes.csv", "validation/metrics.json"):
+    for f in ("checkpoint_final.pth", "checkpoint_best.pth", "progress.png", "validation/nodes.csv",
+              "validation/metrics.json"):
         assert (out / f).is_file(), f
+    assert not (out / "checkpoint_latest.pth").exists()    # removed once final exists, as nnU-Net does
+    assert len(training_logs(out)) == 1                     # training_log_<date>.txt, one per run
     for f in ("plans.json", "dataset.json", "dataset_fingerprint.json"):
         assert (out.parent / f).is_file()
     val = pd.read_csv(out / "validation" / "nodes.csv", dtype={"case": str})
@@ -66,8 +69,8 @@ def test_training_writes_every_output(prepared, tmp_path):
     import json
     metrics = json.loads((out / "validation" / "metrics.json").read_text())
     if 0 < val.label.sum() < len(val):
-        assert metrics["auroc"] == pytest.approx(roc_auc_score(val.label, val.probability))
-    log = (out / "training_log.txt").read_text()
+        assert metrics["levels"]["node"]["auroc"]["value"] == pytest.approx(roc_auc_score(val.label, val.probability))
+    log = training_logs(out)[-1].read_text()
     assert "epoch 2/2" in log and "waiting for data" in log
     ckpt = torch.load(out / "checkpoint_final.pth", weights_only=False)
     assert ckpt["current_epoch"] == 2 and ckpt["trainer_name"] == "LNMTrainer_2epochs"
@@ -119,7 +122,7 @@ def test_pretrained_weights_round_trip(prepared, tmp_path):
     assert len(report["matched"]) == len(tr.network.encoder.state_dict())
     for k, v in tr.network.encoder.state_dict().items():
         torch.testing.assert_close(fresh.network.encoder.state_dict()[k], v)
-    assert "tensors loaded" in (fresh.output_folder / "training_log.txt").read_text()
+    assert "tensors loaded" in training_logs(fresh.output_folder)[-1].read_text()
 
 
 @pytest.mark.parametrize("args,message", [

@@ -10,6 +10,7 @@ import torch
 
 from lnm_auto.planning.plan_and_preprocess import plan_and_preprocess
 from lnm_auto.training.pretraining import wsp_loss
+from lnm_auto.training.progress import training_logs
 from lnm_auto.training.run import run_training, setup_pretrainer, setup_trainer
 from lnm_auto.training.semi_supervised import (binary_kl, ema_alpha, ema_update, pathology_guided_pseudo_labels,
                                                sigmoid_rampup)
@@ -118,7 +119,7 @@ def test_trainers_run_one_epoch(partly_labelled, trainer):
     tr = setup_trainer(42, "3d_resenc", "0", root / "pre", root / "results", trainer, num_epochs=1, num_workers=0)
     run_training(tr)
     assert (tr.output_folder / "checkpoint_final.pth").is_file()
-    log = (tr.output_folder / "training_log.txt").read_text()
+    log = training_logs(tr.output_folder)[-1].read_text()
     if trainer != "LNMTrainerWeak":
         assert "pretrained weights" in log and "LNMTrainer_2epochs" in log   # started from the supervised fold
         assert tr.teacher is not None and tr.global_step >= 1
@@ -168,7 +169,8 @@ def test_weak_trainer_without_any_node_label_validates_per_patient(tmp_path):
     run_training(tr)
     metrics = json.loads((tr.output_folder / "validation" / "metrics.json").read_text())
     patients = pd.read_csv(tr.output_folder / "validation" / "patients.csv", dtype={"case": str})
-    assert metrics["level"].startswith("patient") and metrics["n_patients"] == len(patients)
+    assert metrics["source"]["validation_level"].startswith("patient") and \
+        metrics["levels"]["patient"]["n_patients"] == len(patients)
     assert set(patients.case) == set(tr.val_cases) and patients.probability.between(0, 1).all()
 
 

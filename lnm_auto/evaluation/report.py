@@ -3,6 +3,10 @@
 Writes out_dir/metrics.json, out_dir/roc.png and out_dir/calibration.png (each atomically; metrics.json
 last, so its presence means the run finished). How to read them: documentation/evaluation.md.
 
+metrics.json has one layout (``metrics_document``) for lnm_evaluate's report and for training's
+``validation/metrics.json``: {"schema", "kind", "source", "settings", "levels": {level: ``level_metrics``},
+["comparison",] "warnings"}; documented in documentation/outputs.md.
+
 The parts live beside this module: inputs.py reads and checks the CSVs, metrics.py / statistics.py
 compute the numbers, rollup.py lifts nodes to stations and patients, plots.py draws the figures and
 table.py renders the metrics as text (``format_table``, importable from here as well).
@@ -27,7 +31,10 @@ from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.labels import UNKNOWN
 from lnm_auto.utils.io import json_safe, save_json
 
-__all__ = ["LEVELS", "TABLE_ROWS", "evaluate", "format_table", "read_predictions", "read_reference_nodes"]
+__all__ = ["LEVELS", "METRICS_SCHEMA", "TABLE_ROWS", "evaluate", "format_table", "level_metrics", "metric_settings",
+           "metrics_document", "read_predictions", "read_reference_nodes", "validation_metrics"]
+
+METRICS_SCHEMA = 1        # version of the metrics.json layout; raised when a key changes meaning
 
 
 # ------------------------------------------------------------------------------------------------
@@ -106,8 +113,10 @@ def _build_units(ref: pd.DataFrame, ref_path: Path, stations_csv, patients_csv, 
     return units
 
 
-def _level_result(y: np.ndarray, p: np.ndarray, groups: np.ndarray, n_unknown: int,
-                  n_bootstrap: int, seed: int) -> dict[str, Any]:
+def level_metrics(y: np.ndarray, p: np.ndarray, groups: np.ndarray, n_unknown: int = 0,
+                  n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """One level of metrics.json: counts, {"value", "ci95"} per metric (CI from a bootstrap over ``groups``
+    = patients; [null, null] without one), thresholds, calibration, warnings; "skipped" with one class."""
     m = M.binary_metrics(y, p)
     res: dict[str, Any] = {"n": m["n"], "n_pos": m["n_pos"], "n_neg": m["n_neg"],
                            "n_unknown_excluded": int(n_unknown),
@@ -135,6 +144,35 @@ def _level_result(y: np.ndarray, p: np.ndarray, groups: np.ndarray, n_unknown: i
     return res
 
 
+def metric_settings(n_bootstrap: int, seed: int, rollup_method: str = DEFAULT_METHOD) -> dict[str, Any]:
+    """How the numbers were computed (the "settings" of metrics.json)."""
+    return {"rollup": rollup_method, "n_bootstrap": int(n_bootstrap), "seed": int(seed),
+            "confidence": M.CONFIDENCE, "ci_method": "percentile bootstrap resampling patients",
+            "recall_target": M.RECALL_TARGET, "specificity_target": M.SPECIFICITY_TARGET,
+            "fixed_threshold": M.FIXED_THRESHOLD, "calibration_bins": M.N_CALIBRATION_BINS}
+
+
+def metrics_document(kind: str, source: dict[str, Any], settings: dict[str, Any], levels: dict[str, dict],
+                     warnings: list[str], comparison: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The one metrics.json layout of evaluation and validation (JSON-safe: NaN / inf become null)."""
+    document: dict[str, Any] = {"schema": METRICS_SCHEMA, "kind": kind, "source": source, "settings": settings,
+                                "levels": levels}
+    if comparison is not None:
+        document["comparison"] = comparison
+    document["warnings"] = list(warnings)
+    return json_safe(document)
+
+
+def validation_metrics(units: pd.DataFrame, level: str, source: dict[str, Any], n_bootstrap: int = 1000,
+                       seed: int = 0) -> dict[str, Any]:
+    """metrics.json of a fold's validation: its one level (units with label, probability and case or
+    patient), patient-bootstrap CIs like lnm_evaluate's."""
+    groups = units["patient"] if "patient" in units.columns else units["case"]
+    result = level_metrics(units["label"].to_numpy().astype(int), units["probability"].to_numpy(dtype=float),
+                           groups.to_numpy(), 0, n_bootstrap, seed)
+    return metrics_document("validation", source, metric_settings(n_bootstrap, seed), {level: result}, [])
+
+
 # ------------------------------------------------------------------------------------------------
 # public entry point
 # ------------------------------------------------------------------------------------------------
@@ -160,29 +198,24 @@ def evaluate(ref_nodes_csv, pred_nodes_csv, out_dir, ref_stations_csv=None, ref_
     warnings: list[str] = []
     units = _build_units(ref, ref_path, ref_stations_csv, ref_patients_csv, rollup_method, warnings)
 
-    result: dict[str, Any] = {
-        "inputs": {"reference_nodes": str(ref_path), "predictions": str(pred_path),
-                   "reference_stations": str(ref_stations_csv) if ref_stations_csv is not None else None,
-                   "reference_patients": str(ref_patients_csv) if ref_patients_csv is not None else None,
-                   "compare_predictions": str(comp_path) if comp_path is not None else None},
-        "settings": {"rollup": rollup_method, "n_bootstrap": int(n_bootstrap), "seed": int(seed),
-                     "confidence": M.CONFIDENCE, "ci_method": "percentile bootstrap resampling patients",
-                     "recall_target": M.RECALL_TARGET, "specificity_target": M.SPECIFICITY_TARGET,
-                     "fixed_threshold": M.FIXED_THRESHOLD, "calibration_bins": M.N_CALIBRATION_BINS},
-    }
+    source = {"reference_nodes": str(ref_path), "predictions": str(pred_path),
+              "reference_stations": str(ref_stations_csv) if ref_stations_csv is not None else None,
+              "reference_patients": str(ref_patients_csv) if ref_patients_csv is not None else None,
+              "compare_predictions": str(comp_path) if comp_path is not None else None}
+    levels: dict[str, Any] = {}
     plot_data: dict[str, dict] = {}
     comparison: dict[str, Any] = {}
     for level in LEVELS:
         u = units[level]
         if isinstance(u, str):
-            result[level] = {"n": 0, "n_pos": 0, "n_neg": 0, "skipped": u, "warnings": []}
+            levels[level] = {"n": 0, "n_pos": 0, "n_neg": 0, "skipped": u, "warnings": []}
             continue
         known = u["label"].to_numpy() != UNKNOWN
         y = u["label"].to_numpy()[known].astype(int)
         p = u["probability"].to_numpy(dtype=float)[known]
         g = u["group"].to_numpy()[known]
-        res = _level_result(y, p, g, int((~known).sum()), int(n_bootstrap), int(seed))
-        result[level] = res
+        res = level_metrics(y, p, g, int((~known).sum()), int(n_bootstrap), int(seed))
+        levels[level] = res
         if "skipped" in res:
             continue
         plot_data[level] = {"y": y, "p": p, "res": res}
@@ -191,7 +224,7 @@ def evaluate(ref_nodes_csv, pred_nodes_csv, out_dir, ref_stations_csv=None, ref_
             dl = S.delong_test(y, p, pb)
             boot = S.paired_bootstrap_auroc_difference(y, p, pb, g, int(n_bootstrap), int(seed)) \
                 if n_bootstrap > 0 else {"ci95": (math.nan, math.nan)}
-            res_b = _level_result(y, pb, g, int((~known).sum()), int(n_bootstrap), int(seed))
+            res_b = level_metrics(y, pb, g, int((~known).sum()), int(n_bootstrap), int(seed))
             res_b.pop("calibration", None)
             comparison[level] = {
                 "auroc_a": dl["auc_a"], "auroc_b": dl["auc_b"], "auroc_diff": dl["auc_diff"],
@@ -202,11 +235,8 @@ def evaluate(ref_nodes_csv, pred_nodes_csv, out_dir, ref_stations_csv=None, ref_
                 "metrics_b": res_b, "warnings": dl["warnings"],
             }
             plot_data[level]["pb"] = pb
-    if comp_path is not None:
-        result["comparison"] = comparison
-    result["warnings"] = warnings
-
-    result = json_safe(result)
+    result = metrics_document("evaluation", source, metric_settings(n_bootstrap, seed, rollup_method), levels,
+                              warnings, comparison if comp_path is not None else None)
     out_dir = Path(out_dir)
     plot_roc(plot_data, out_dir / "roc.png", comp_path is not None)
     plot_calibration(plot_data, out_dir / "calibration.png")

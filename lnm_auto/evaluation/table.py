@@ -29,8 +29,10 @@ def _cell(entry) -> str:
     return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
-def format_table(metrics: dict) -> str:
-    """Readable aligned table: one row per metric, one column per level (value [95% CI])."""
+def format_table(document: dict) -> str:
+    """Readable aligned table of a metrics.json document: one row per metric, one column per level
+    (value [95% CI])."""
+    metrics = document.get("levels", {})
     levels = [lv for lv in LEVELS if isinstance(metrics.get(lv), dict)]
     header = ["metric"] + levels
     rows: list[list[str]] = []
@@ -47,7 +49,7 @@ def format_table(metrics: dict) -> str:
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     out = [line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
-    settings = metrics.get("settings", {})
+    settings = document.get("settings", {})
     if settings:
         out.append(f"95% CI: percentile bootstrap over patients ({settings.get('n_bootstrap')} resamples, "
                    f"seed {settings.get('seed')}); roll-up: {settings.get('rollup')}")
@@ -55,7 +57,7 @@ def format_table(metrics: dict) -> str:
         if "skipped" in metrics[lv]:
             out.append(f"{lv}: skipped ({metrics[lv]['skipped']})")
 
-    comp = metrics.get("comparison")
+    comp = document.get("comparison")
     if comp:
         out.append("")
         ch = ["comparison", "AUROC A", "AUROC B", "A - B", "boot 95% CI", "DeLong z", "p"]
@@ -75,7 +77,7 @@ def format_table(metrics: dict) -> str:
         cw = [max(len(r[i]) for r in [ch] + crows) for i in range(len(ch))]
         cl = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, cw)).rstrip()  # noqa: E731
         out += [cl(ch), "  ".join("-" * w for w in cw)] + [cl(r) for r in crows]
-    warns = list(metrics.get("warnings", []))
+    warns = list(document.get("warnings", []))
     for lv in levels:
         warns += [f"{lv}: {w}" for w in metrics[lv].get("warnings", [])]
     if warns:

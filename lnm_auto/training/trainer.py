@@ -71,7 +71,7 @@ class LNMTrainer:
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
         self.loss_fn = nn.BCEWithLogitsLoss()
         self.output_folder.mkdir(parents=True, exist_ok=True)
-        self.log = TrainingLog(self.output_folder / "training_log.txt")
+        self.log = TrainingLog.for_run(self.output_folder)   # training_log_<date>.txt, one per run
         self.current_epoch = 0
         self.best_ema: float | None = None
         self.ema_auroc: float | None = None
@@ -144,9 +144,11 @@ class LNMTrainer:
         """Called after each epoch's validation, before checkpoint_latest is written."""
 
     def on_train_end(self) -> None:
-        """checkpoint_final.pth, then the fold's validation predictions."""
+        """checkpoint_final.pth (checkpoint_latest.pth then goes, as in nnU-Net: --c resumes from final), then
+        the fold's validation predictions."""
         self.save_checkpoint("checkpoint_final.pth")
-        self.export_validation()
+        (self.output_folder / "checkpoint_latest.pth").unlink(missing_ok=True)
+        self.export_validation("checkpoint_final.pth")
 
     # ---- the loop -----------------------------------------------------------------------------------
     def train_step(self, batch: dict) -> float:
@@ -249,25 +251,38 @@ class LNMTrainer:
         note = "" if 0 < n_pos < len(units) else " WARNING: one class only, so no AUROC and no checkpoint_best.pth"
         self.log.print(f"validation at {level} level: {len(units)} labelled units ({n_pos} positive){note}")
 
-    def export_validation(self) -> None:
-        """validation/<level>s.csv (the fold's validation predictions) and validation/metrics.json."""
+    def export_validation(self, checkpoint: str = "checkpoint_final.pth", save_probabilities: bool = False) -> None:
+        """validation/<level>s.csv (the fold's validation predictions by the network as loaded from
+        ``checkpoint``, named in metrics.json), validation/metrics.json (documentation/outputs.md) and, with
+        ``save_probabilities``, validation/probabilities.npz (case, node, probability of every validation node)."""
+        from lnm_auto.evaluation.report import metric_settings, metrics_document, validation_metrics
+        from lnm_auto.utils.io import atomic_path
         val = self.validate()
         out = self.output_folder / "validation"
         if val["units"] is None:
-            save_json({"fold": self.fold, "level": "none", "n_units": 0}, out / "metrics.json")
+            save_json(metrics_document("validation", source, metric_settings(0, 0), {}, ["no labelled validation data"]),
+                      out / "metrics.json")
             self.log.print(f"validation of fold {self.fold}: no labelled validation data")
             return
         units = val["units"]
         save_csv_atomic(units, out / f"{val['level']}s.csv")
-        metrics = binary_metrics(units["label"].to_numpy(), units["probability"].to_numpy()) if len(units) else {}
-        save_json({"fold": self.fold, "checkpoint": "checkpoint_final.pth", "level": val["level"],
-                   "n_units": len(units), f"n_{val['level']}s": len(units),
-                   "n_positive": int((units["label"] == 1).sum()), **metrics}, out / "metrics.json")
-        self.log.print(f"validation of fold {self.fold} at {val['level']} level: AUROC "
-                       f"{metrics.get('auroc', float('nan')):.4f} on {len(units)} {val['level']}s -> {out}")
+        metrics = validation_metrics(units, val["level"], source)
+        save_json(metrics, out / "metrics.json")
+        auroc = metrics["levels"][val["level"]].get("auroc", {}).get("value")
+        self.log.print(f"validation of fold {self.fold} with {checkpoint} at {val['level']} level: AUROC "
+                       f"{float('nan') if auroc is None else auroc:.4f} on {len(units)} {val['level']}s -> {out}")
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def checkpoint_state(self) -> dict:
+        source = {"model_folder": str(self.output_folder.parent), "fold": str(self.fold), "checkpoint": checkpoint,
+                  "validation_level": val["level"] if val["units"] is not None else "none"}
+        if save_probabilities:   # nnU-Net's --npz: every validation node, labelled or not
+            records = self.validation_records()
+            with atomic_path(out / "probabilities.npz", suffix=".npz") as tmp:
+                # plain str / int / float arrays: np.load(..., allow_pickle=False) reads them
+                np.savez_compressed(tmp, case=records["case"].to_numpy().astype(str),
+                                    node=records["node"].to_numpy().astype(np.int64),
+                                    probability=self.predict_records(records).astype(np.float64))
         """What a checkpoint holds: tensors, numbers and strings only (loadable with weights_only=True)."""
         return {
             "network_weights": self.network.state_dict(),
