@@ -259,6 +259,15 @@ class LNMTrainer:
         from lnm_auto.utils.io import atomic_path
         val = self.validate()
         out = self.output_folder / "validation"
+        source = {"model_folder": str(self.output_folder.parent), "fold": str(self.fold), "checkpoint": checkpoint,
+                  "validation_level": val["level"] if val["units"] is not None else "none"}
+        if save_probabilities:   # nnU-Net's --npz: every validation node, labelled or not
+            records = self.validation_records()
+            with atomic_path(out / "probabilities.npz", suffix=".npz") as tmp:
+                # plain str / int / float arrays: np.load(..., allow_pickle=False) reads them
+                np.savez_compressed(tmp, case=records["case"].to_numpy().astype(str),
+                                    node=records["node"].to_numpy().astype(np.int64),
+                                    probability=self.predict_records(records).astype(np.float64))
         if val["units"] is None:
             save_json(metrics_document("validation", source, metric_settings(0, 0), {}, ["no labelled validation data"]),
                       out / "metrics.json")
@@ -274,15 +283,6 @@ class LNMTrainer:
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def checkpoint_state(self) -> dict:
-        source = {"model_folder": str(self.output_folder.parent), "fold": str(self.fold), "checkpoint": checkpoint,
-                  "validation_level": val["level"] if val["units"] is not None else "none"}
-        if save_probabilities:   # nnU-Net's --npz: every validation node, labelled or not
-            records = self.validation_records()
-            with atomic_path(out / "probabilities.npz", suffix=".npz") as tmp:
-                # plain str / int / float arrays: np.load(..., allow_pickle=False) reads them
-                np.savez_compressed(tmp, case=records["case"].to_numpy().astype(str),
-                                    node=records["node"].to_numpy().astype(np.int64),
-                                    probability=self.predict_records(records).astype(np.float64))
         """What a checkpoint holds: tensors, numbers and strings only (loadable with weights_only=True)."""
         return {
             "network_weights": self.network.state_dict(),
