@@ -78,10 +78,27 @@ def binary_mask_problems(mask: sitk.Image, path: Path) -> list[str]:
             "re-run with lnm_plan_and_preprocess --split_components (or convert the dataset with lnm_convert)"]
 
 
+def extra_channel_problems(case: RawCase) -> list[str]:
+    """One line when the images folder holds more channel files of the case (<case>_0001 ...) than
+    dataset.json's channel_names list: otherwise they would be ignored silently."""
+    if not case.image_files:
+        return []
+    first, n_channels = case.image_files[0], len(case.image_files)
+    start = len(case.case_id) + 1                  # <case>_NNNN<ending>: the channel number's position
+    ending = first.name[start + 4:]
+    extra = sorted(f.name for f in first.parent.glob(f"{case.case_id}_[0-9][0-9][0-9][0-9]{ending}")
+                   if int(f.name[start:start + 4]) >= n_channels)
+    if not extra:
+        return []
+    return [f"{first.parent / extra[0]}: channel file(s) {', '.join(extra)} beyond the {n_channels} "
+            f"channel(s) of dataset.json's channel_names; add the channel there or remove the file(s)"]
+
+
 def check_case(case: RawCase) -> CaseCheck:
     """Every per-file check of one case: files present, readable, finite, same geometry, integer mask."""
     result = CaseCheck(case.case_id)
     p = result.problems
+    p.extend(extra_channel_problems(case))
     if not SAFE_CASE_ID.match(case.case_id):
         p.append(f"{case.node_mask_file.parent}: case id '{case.case_id}' is not a safe file name "
                  "(use letters, digits, '_', '-', '.'; no spaces, no leading '.' or '-')")

@@ -21,7 +21,7 @@ from lnm_auto.planning.plans import ConfigurationPlan, Plans
 from lnm_auto.utils.checkpoints import load_checkpoint
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import atomic_path, load_json
-from lnm_auto.utils.paths import resolve_dataset_name
+from lnm_auto.utils.paths import nearest_hint, resolve_dataset_name
 
 MODEL_FILES = ("plans.json", "dataset.json", "dataset_fingerprint.json")
 
@@ -60,8 +60,7 @@ class TrainedModel:
         available = self.available_folds(checkpoint)
         planned = [str(k) for k in range(self.plans.n_folds)]
         if not available:
-            raise LNMError(f"{self.folder}: no fold has a {checkpoint} yet (trained folds: none); train them with "
-                           f"lnm_train, or pick another checkpoint with -chk")
+            raise self.missing_checkpoint(checkpoint)
         missing = [f for f in planned if f not in available]
         if missing and available == ["all"]:
             return available
@@ -74,6 +73,8 @@ class TrainedModel:
     def load_networks(self, folds: list[str] | None, checkpoint: str, device: torch.device) -> dict[str, nn.Module]:
         """The networks of ``folds`` (default: every planned fold), loaded weights-only."""
         available = self.available_folds(checkpoint)
+        if not available:
+            raise self.missing_checkpoint(checkpoint)
         folds = folds or self.default_folds(checkpoint)
         missing = [f for f in folds if f not in available]
         if missing:
@@ -91,6 +92,16 @@ class TrainedModel:
                                f"({str(e).splitlines()[0][:150]})") from None
             networks[f] = net.to(device).eval()
         return networks
+
+    def missing_checkpoint(self, checkpoint: str) -> LNMError:
+        """No fold has ``checkpoint``: a misspelt name gets the nearest checkpoint that exists, else the
+        folds are untrained."""
+        present = sorted({p.name for p in self.folder.glob("fold_*/*.pth")})
+        if present:
+            return LNMError(f"{self.folder}: no fold has a file {checkpoint}{nearest_hint(checkpoint, present, '-chk ')} "
+                            f"(checkpoints there: {', '.join(present)})")
+        return LNMError(f"{self.folder}: no fold has a {checkpoint} yet (trained folds: none); train them with "
+                        f"lnm_train")
 
 
 def _split_name(name: str) -> tuple[str, str, str]:
@@ -124,7 +135,7 @@ def find_model(results_root: Path | None, dataset=None, configuration: str | Non
         name = resolve_dataset_name(dataset, results_root)
         folder = Path(results_root) / name / f"{trainer}__{plans_name}__{configuration}"
         if not folder.is_dir():
-            raise LNMError(f"{folder}: no such model; train it with lnm_train {name} {configuration} FOLD -tr {trainer}")
+            raise _missing_model(folder, configuration, trainer)
         return folder
     models = list_models(results_root)
     if dataset is not None:
@@ -138,6 +149,25 @@ def find_model(results_root: Path | None, dataset=None, configuration: str | Non
         raise LNMError(f"no trained model in {results_root}; train one with lnm_train, or give -m MODEL_DIR_OR_ZIP")
     names = "; ".join(f"{m.parent.name}/{m.name}" for m in models)
     raise LNMError(f"several trained models ({names}): choose with -d DATASET -c CONFIG [-tr TRAINER], or -m MODEL")
+
+
+def _missing_model(folder: Path, configuration: str, trainer: str) -> LNMError:
+    """Why ``folder`` is not there: a configuration the plans do not have (with the nearest one), a misspelt
+    trainer or plans name (nearest model folder), or a model not trained yet."""
+    models = sorted(p for p in folder.parent.glob("*__*__*") if p.is_dir())
+    planned: set[str] = set()
+    for m in models:
+        try:
+            planned.update(Plans.load(m / "plans.json").configurations)
+        except (LNMError, OSError, ValueError, KeyError, TypeError):
+            continue   # a damaged model folder does not hide the other suggestions
+    if planned and configuration not in planned:
+        return LNMError(f"configuration '{configuration}' is not in the plans of {folder.parent.name}"
+                        f"{nearest_hint(configuration, planned, '-c ')} (planned: {', '.join(sorted(planned))})")
+    names = [m.name for m in models]
+    trained = f" (models there: {', '.join(names)})" if names else ""
+    return LNMError(f"{folder}: no such model{nearest_hint(folder.name, names)}{trained}; to train it: lnm_train "
+                    f"{folder.parent.name} {configuration} FOLD -tr {trainer}")
 
 
 def export_model(model_folder: Path, output_zip: Path, folds: list[str] | None = None,

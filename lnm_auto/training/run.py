@@ -1,4 +1,5 @@
-"""``lnm_train DATASET CONFIG FOLD``: resolve folders, set up the trainer, continue or start, train."""
+"""``lnm_train DATASET CONFIG FOLD``: resolve folders, set up the trainer, continue or start, train; or
+re-run a finished fold's validation (``--val`` / ``--val_best``)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,8 +14,10 @@ from lnm_auto.training.registry import trainer_class
 from lnm_auto.training.registry import trainer_name as trainer_name_for
 from lnm_auto.training.trainer import LNMTrainer
 from lnm_auto.utils.errors import LNMError
-from lnm_auto.utils.io import atomic_copy
-from lnm_auto.utils.paths import resolve_dataset_name
+from lnm_auto.utils.io import atomic_copy, load_json
+from lnm_auto.utils.paths import nearest_hint, resolve_preprocessed_dataset
+
+DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
 
 
 def model_folder(results_root: Path, dataset_name: str, trainer: str, plans_name: str, configuration: str) -> Path:
@@ -32,26 +35,46 @@ def parse_fold(fold: str) -> int | str:
         raise LNMError(f"fold must be a number (0, 1, ...) or 'all', got '{fold}'") from None
 
 
-def resolve_device(name: str) -> str:
-    """Check a -device value against what this machine has."""
-    name = name.lower()
+def default_device() -> str:
+    """The fastest device here: cuda when available, then mps, then cpu (nnU-Net defaults to cuda too)."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_device(name: str | None = "auto") -> str:
+    """Check a -device value against what this machine has; "auto" (or None) picks ``default_device()``."""
+    name = "auto" if name is None else name.lower()
+    if name == "auto":
+        return default_device()
     if name == "cuda" and not torch.cuda.is_available():
-        raise LNMError("-device cuda requested but no CUDA GPU is available; use -device cpu")
+        raise LNMError("-device cuda requested but no CUDA GPU is available; use -device cpu (or auto)")
     if name == "mps" and not torch.backends.mps.is_available():
-        raise LNMError("-device mps requested but MPS is not available; use -device cpu")
-    if name not in ("cpu", "cuda", "mps"):
-        raise LNMError(f"unknown device '{name}': use cpu, cuda or mps")
+        raise LNMError("-device mps requested but MPS is not available; use -device cpu (or auto)")
+    if name not in DEVICE_CHOICES:
+        raise LNMError(f"unknown device '{name}': use {', '.join(DEVICE_CHOICES)}{nearest_hint(name, DEVICE_CHOICES)}")
     return name
 
 
+def check_configuration(plans: Plans, configuration: str) -> None:
+    """One line naming the plans' configurations and the nearest one, for a configuration not planned."""
+    if configuration not in plans.configurations:
+        raise LNMError(f"configuration '{configuration}' is not in the plans {plans.plans_name}"
+                       f"{nearest_hint(configuration, plans.configurations)} (planned: "
+                       f"{', '.join(plans.configurations)})")
+
+
 def setup_trainer(dataset: str | int, configuration: str, fold: str, preprocessed_root: Path, results_root: Path,
-                  trainer_name: str = "LNMTrainer", plans_name: str = "LNMPlans", device: str = "cpu",
+                  trainer_name: str = "LNMTrainer", plans_name: str = "LNMPlans", device: str | None = "cpu",
                   num_epochs: int | None = None, num_workers: int | None = None,
                   trainer_cls: type[LNMTrainer] | None = None) -> LNMTrainer:
     """The trainer of one fold, its model folder prepared (plans, dataset.json and fingerprint copied)."""
-    name = resolve_dataset_name(dataset, preprocessed_root)
+    name = resolve_preprocessed_dataset(dataset, preprocessed_root)
     pre = Path(preprocessed_root) / name
     plans = Plans.load(pre / f"{plans_name}.json")
+    check_configuration(plans, configuration)
     config = plans.configuration(configuration)
     if trainer_cls is None:
         trainer_cls, epochs_in_name = trainer_class(trainer_name)
@@ -82,7 +105,7 @@ def setup_trainer(dataset: str | int, configuration: str, fold: str, preprocesse
 
 
 def setup_pretrainer(dataset, configuration: str, fold: str, preprocessed_root: Path, results_root: Path,
-                     plans_name: str = "LNMPlans", device: str = "cpu", num_epochs: int | None = None,
+                     plans_name: str = "LNMPlans", device: str | None = "cpu", num_epochs: int | None = None,
                      num_workers: int | None = None) -> WSPPretrainer:
     """The WSP pre-training run of one fold (or 'all')."""
     return setup_trainer(dataset, configuration, fold, preprocessed_root, results_root, "WSPPretrainer", plans_name,
@@ -90,8 +113,9 @@ def setup_pretrainer(dataset, configuration: str, fold: str, preprocessed_root: 
 
 
 def run_training(trainer: LNMTrainer, continue_training: bool = False, pretrained_weights: Path | None = None,
-                 stop_after_epoch: int | None = None) -> LNMTrainer:
-    """Continue (--c) or initialise (-pretrained_weights) the trainer, then train."""
+                 stop_after_epoch: int | None = None, save_probabilities: bool = False) -> LNMTrainer:
+    """Continue (--c) or initialise (-pretrained_weights) the trainer, then train; ``save_probabilities``
+    (--npz) adds validation/probabilities.npz once the fold is finished."""
     if continue_training and pretrained_weights:
         raise LNMError("--c and -pretrained_weights exclude each other: continuing restores the run's own weights")
     if continue_training:
@@ -106,8 +130,41 @@ def run_training(trainer: LNMTrainer, continue_training: bool = False, pretraine
             trainer.log.print(f"continuing from {latest.name} at epoch {trainer.current_epoch}")
             if trainer.current_epoch >= trainer.num_epochs and (trainer.output_folder / "checkpoint_final.pth").is_file():
                 trainer.log.print("training already finished; nothing to do")
+                if save_probabilities:
+                    run_validation(trainer, "checkpoint_final.pth", save_probabilities=True)
                 return trainer
     elif pretrained_weights:
-        trainer.load_pretrained(Path(pretrained_weights))
+        from lnm_auto.networks import global_branch_for
+        wega = global_branch_for(trainer.network, Path(pretrained_weights))
+        if wega is not None:   # a DINOv2 (bare ViT) file: into wega's global branch, position embedding resampled
+            report = wega.load_global_weights(Path(pretrained_weights))
+            trainer.initial_weights = str(pretrained_weights)
+            trainer.log.print(f"DINOv2 weights {pretrained_weights} -> wega global branch: {len(report['matched'])} "
+                              f"tensors loaded, {len(report['missing'])} ViT tensors not in the file, "
+                              f"{len(report['unexpected'])} file tensors unused ({', '.join(report['unexpected'][:3])})"
+                              + (f", resampled {'; '.join(report['resampled'])}" if report["resampled"] else ""))
+        else:
+            trainer.load_pretrained(Path(pretrained_weights))
     trainer.run_training(stop_after_epoch=stop_after_epoch)
+    if save_probabilities and trainer.current_epoch >= trainer.num_epochs:
+        # the trainer's on_train_end exported validation without probabilities; one more pass adds them
+        trainer.export_validation("checkpoint_final.pth", save_probabilities=True)
     return trainer
+
+
+def run_validation(trainer: LNMTrainer, checkpoint: str = "checkpoint_final.pth",
+                   save_probabilities: bool = False) -> dict:
+    """``lnm_train --val`` / ``--val_best``: load a fold's checkpoint and write its validation outputs again
+    (no training); returns the new validation/metrics.json."""
+    path = trainer.output_folder / checkpoint
+    if not path.is_file():
+        why = ("this fold has not finished training; train it (or continue with --c) first"
+               if checkpoint == "checkpoint_final.pth" else
+               "it is written when the validation AUROC improves, which needs both classes among the fold's "
+               "labelled validation units; use --val for checkpoint_final.pth")
+        raise LNMError(f"{path}: missing; {why}")
+    trainer.load_checkpoint(path)
+    trainer.log.print(f"validation only, with {checkpoint} (after epoch {trainer.current_epoch})")
+    trainer.store.unpack(sorted(trainer.val_cases))
+    trainer.export_validation(checkpoint, save_probabilities)
+    return load_json(trainer.output_folder / "validation" / "metrics.json")
