@@ -28,6 +28,7 @@ from lnm_auto.networks.inputs import image_key, mask_key
 from lnm_auto.planning.plans import ConfigurationPlan, Plans
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import atomic_path
+from lnm_auto.utils.processes import die_with_parent
 
 UNPACKED = "unpacked"
 
@@ -122,10 +123,13 @@ class NodeBatchLoader(SlimDataLoaderBase):
                        for g in groups]
         self.positives = [np.flatnonzero(g.records["label"].to_numpy() == 1) for g in self.groups]
         self.rs = np.random.RandomState(seed)
+        self.creator_pid = os.getpid()
 
     def set_thread_id(self, thread_id):
         """Called in each worker: seeds node sampling and python's ``random`` (batchgenerators' noise
-        transforms draw from it) per worker."""
+        transforms draw from it) per worker; a worker process also ends with the trainer that started it."""
+        if os.getpid() != self.creator_pid:   # in a background augmenter process, not in-process loading
+            die_with_parent(self.creator_pid)
         super().set_thread_id(thread_id)
         worker_seed = (self.seed * 1009 + thread_id) % (2**32)
         self.rs = np.random.RandomState(worker_seed)
