@@ -5,6 +5,7 @@ bad data; ``verify_dataset`` returns the list of problems and the CLI turns it i
 """
 from __future__ import annotations
 
+import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +16,10 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from lnm_auto.conversion.components import DEFAULT_MIN_VOLUME_MM3, needs_splitting
-from lnm_auto.datasets.raw_dataset import SAFE_CASE_ID, RawCase, RawDataset, parse_label
+from lnm_auto.datasets.raw_dataset import (SAFE_CASE_ID, RawCase, RawDataset, parse_label, read_image,
+                                           read_image_header)
 from lnm_auto.utils.errors import LNMError
+from lnm_auto.utils.processes import die_with_parent
 
 # Geometry tolerances: scanners and converters round differently; these catch real mismatches only.
 SPACING_RTOL = 1e-4
@@ -60,10 +63,9 @@ def _read(path: Path, problems: list[str]) -> sitk.Image | None:
         problems.append(f"{path}: file missing")
         return None
     try:
-        return sitk.ReadImage(str(path))
-    except RuntimeError as e:
-        msg = str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable"
-        problems.append(f"{path}: cannot be read by SimpleITK ({msg[:160]})")
+        return read_image(path)   # also refuses truncated NIfTI and non-positive spacings
+    except LNMError as e:
+        problems.append(str(e))
         return None
 
 
@@ -170,8 +172,9 @@ def _check_labels(df: pd.DataFrame, path: Path, problems: list[str]) -> pd.Serie
     return pd.Series(parsed, index=df.index, dtype=float)
 
 
-def check_tables(ds: RawDataset, case_checks: dict[str, CaseCheck]) -> list[str]:
-    """nodes.csv / stations.csv / patients.csv: columns, labels, ids against the masks, consistency."""
+def check_tables(ds: RawDataset, case_checks: dict[str, CaseCheck], compare_masks: bool = True) -> list[str]:
+    """nodes.csv / stations.csv / patients.csv: columns, labels, ids against the masks (unless not
+    ``compare_masks``: the masks were not read), consistency."""
     problems: list[str] = []
     nodes_path = ds.root / "nodes.csv"
     nodes = ds.read_csv_text("nodes.csv")
@@ -193,6 +196,8 @@ def check_tables(ds: RawDataset, case_checks: dict[str, CaseCheck]) -> list[str]
         if case_id not in case_checks:
             problems.append(f"{nodes_path}: case '{case_id}' has no image in imagesTr/ and no mask in nodesTr/")
             continue
+        if not compare_masks:
+            continue
         listed = {int(v) for v in group["node_id"].dropna() if float(v).is_integer()}
         in_mask = case_checks[case_id].mask_node_ids
         mask_file = ds.case(case_id).node_mask_file
@@ -202,7 +207,7 @@ def check_tables(ds: RawDataset, case_checks: dict[str, CaseCheck]) -> list[str]
         for k in sorted(in_mask - listed):
             problems.append(f"{mask_file}: node id {k} is not listed in {nodes_path}")
     for case_id in sorted(set(case_checks) - set(nodes["case"])):
-        if case_checks[case_id].mask_node_ids:
+        if compare_masks and case_checks[case_id].mask_node_ids:
             problems.append(f"{nodes_path}: case '{case_id}' has nodes in its mask but no rows")
 
     stations_path = ds.root / "stations.csv"
@@ -251,7 +256,7 @@ def verify_dataset(ds: RawDataset, num_processes: int = 1, progress: bool = True
         lower[c.lower()] = c
     cases = [ds.case(c) for c in case_ids]
     if num_processes > 1:
-        with ProcessPoolExecutor(num_processes) as pool:
+        with ProcessPoolExecutor(num_processes, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
             checks = list(tqdm(pool.map(check_case, cases), total=len(cases), desc="verify", disable=not progress))
     else:
         checks = [check_case(c) for c in tqdm(cases, desc="verify", disable=not progress)]
@@ -260,6 +265,61 @@ def verify_dataset(ds: RawDataset, num_processes: int = 1, progress: bool = True
         problems.extend(c.problems)
     try:
         problems.extend(check_tables(ds, by_case))
+    except LNMError as e:
+        problems.append(str(e))
+    return problems
+
+
+def header_problems(case: RawCase) -> list[str]:
+    """The checks of one case that need headers only: files readable, 3D single-component, one grid."""
+    problems: list[str] = []
+    if not SAFE_CASE_ID.match(case.case_id):
+        problems.append(f"{case.node_mask_file.parent}: case id '{case.case_id}' is not a safe file name "
+                        "(use letters, digits, '_', '-', '.'; no spaces, no leading '.' or '-')")
+        return problems
+    headers = []
+    for path, what in [(f, "image") for f in case.image_files] + [(case.node_mask_file, "node mask")]:
+        try:
+            header = read_image_header(path)
+        except LNMError as e:
+            problems.append(str(e))
+            continue
+        if header.GetDimension() != 3 or header.GetNumberOfComponents() != 1:
+            problems.append(f"{path}: the {what} must be a 3D single-component image, got {header.GetDimension()}D "
+                            f"with {header.GetNumberOfComponents()} component(s)")
+            continue
+        headers.append((path, header))
+        if what == "node mask" and header.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+            problems += _float_mask_problems(path)   # fractions would become wrong node ids
+    for path, header in headers[1:]:
+        for m in geometry_mismatches(headers[0][1], header):
+            problems.append(f"{path}: {m} of channel 0; the node mask and all channels must share one grid")
+    return problems
+
+
+def _float_mask_problems(path: Path) -> list[str]:
+    """A float node mask must hold whole, finite, non-negative numbers (its voxels are read to check)."""
+    try:
+        arr = sitk.GetArrayViewFromImage(read_image(path))
+    except LNMError as e:
+        return [str(e)]
+    if not (np.isfinite(arr).all() and np.array_equal(arr, np.round(arr)) and (arr.size == 0 or arr.min() >= 0)):
+        return [f"{path}: node mask must hold integer node ids (0 background, k for node k), found non-integer or "
+                "negative values"]
+    return []
+
+
+def safety_problems(ds: RawDataset) -> list[str]:
+    """What ``--no-verify`` still checks, because skipping it would make the output wrong, not just
+    unchecked: case ids, every file's header (3D, one component, image and mask on one grid) and the
+    tables (columns, node ids, labels, duplicate rows). Voxel checks (NaN/Inf, truncation, mask ids
+    against nodes.csv) run where the voxels are read anyway: fingerprint and preprocessing."""
+    case_ids = ds.case_ids("Tr")
+    if not case_ids:
+        return [f"{ds.root / 'imagesTr'}: no training cases found (expected <case>_0000{ds.file_ending} files)"]
+    problems = [line for c in case_ids for line in header_problems(ds.case(c))]
+    try:
+        problems.extend(check_tables(ds, {c: CaseCheck(c) for c in case_ids}, compare_masks=False))
     except LNMError as e:
         problems.append(str(e))
     return problems

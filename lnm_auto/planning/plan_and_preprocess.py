@@ -1,18 +1,22 @@
 """The ``lnm_plan_and_preprocess`` job: verify -> fingerprint -> plans -> splits -> npz caches."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from lnm_auto.datasets.raw_dataset import RawDataset
-from lnm_auto.datasets.verify import verify_dataset
+import numpy as np
+import SimpleITK as sitk
+
+from lnm_auto.datasets.raw_dataset import RawDataset, read_image
+from lnm_auto.datasets.verify import safety_problems, verify_dataset
 from lnm_auto.planning.fingerprint import compute_fingerprint
 from lnm_auto.planning.planner import plan_experiment
 from lnm_auto.planning.plans import Plans
 from lnm_auto.planning.splits import load_splits, make_patient_splits
 from lnm_auto.preprocessing.preprocessor import run_preprocessing
-from lnm_auto.utils.errors import DatasetProblems
+from lnm_auto.utils.errors import DatasetProblems, LNMError
 from lnm_auto.utils.io import atomic_copy, save_json
 from lnm_auto.utils.paths import resolve_dataset_name
 
@@ -43,17 +47,24 @@ def plan_and_preprocess(dataset: str | int, raw_root: Path, preprocessed_root: P
     binary node masks into instance masks (components of at least that volume), reporting each case to ``log``."""
     name = resolve_dataset_name(dataset, raw_root)
     ds = RawDataset.load(raw_root / name)
+    out = Path(preprocessed_root) / name
+    for folder in (Path(preprocessed_root), out):
+        if folder.exists() and not folder.is_dir():
+            raise LNMError(f"{folder}: is a file, not a folder; give a folder for the preprocessed data")
     if split_components_min_mm3 is not None:
         from lnm_auto.conversion.split_dataset import split_dataset_components
         for line in split_dataset_components(ds, split_components_min_mm3):
             log(f"{name}: {line}")
-    if verify:
-        problems = verify_dataset(ds, num_processes=num_processes, progress=progress)
-        if problems:
-            raise DatasetProblems(problems)
-    out = preprocessed_root / name
-    out.mkdir(parents=True, exist_ok=True)
+    # --no-verify skips the full voxel check, never what would make the plans or crops wrong
+    problems = verify_dataset(ds, num_processes=num_processes, progress=progress) if verify else safety_problems(ds)
+    if problems:
+        raise DatasetProblems(problems)
     fingerprint = compute_fingerprint(ds, num_processes=num_processes, progress=progress)
+    refuse_non_finite_statistics(fingerprint, ds)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LNMError(f"{out}: cannot be created ({e.strerror or e})") from None
     save_json(fingerprint, out / FINGERPRINT_FILE)
     atomic_copy(ds.root / "dataset.json", out / "dataset.json")
     plans = plan_experiment(fingerprint, planner=planner or default_planner(), plans_name=plans_name)
@@ -66,6 +77,21 @@ def plan_and_preprocess(dataset: str | int, raw_root: Path, preprocessed_root: P
         save_json(make_patient_splits(fingerprint, plans.n_folds, plans.split_seed), splits_file)
     crops = run_preprocessing(ds, plans, out, num_processes, clean, progress) if preprocess else None
     return PlanAndPreprocessResult(out, plans_file, crops, plans)
+
+
+def refuse_non_finite_statistics(fingerprint: dict, ds: RawDataset) -> None:
+    """NaN/Inf voxels near the nodes make NaN intensity statistics and NaN normalization in the plans: refuse
+    before any plans are written, naming the first such file (searched only on this failure path)."""
+    bad = [int(c) for c, stats in fingerprint["intensity_statistics"].items()
+           if not all(math.isfinite(v) for v in stats.values() if isinstance(v, float))]
+    if not bad:
+        return
+    for case in ds.cases("Tr"):
+        for c in bad:
+            if not np.isfinite(sitk.GetArrayViewFromImage(read_image(case.image_files[c]))).all():
+                raise LNMError(f"{case.image_files[c]}: NaN/Inf voxels; replace them with a finite value")
+    raise LNMError(f"{ds.root}: the intensity statistics of channel(s) {bad} are not finite (no usable voxels "
+                   "near the nodes); check the images and node masks")
 
 
 def _same_cases(splits: list[dict], fingerprint: dict) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
@@ -28,6 +29,7 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from lnm_auto.datasets.raw_dataset import UNKNOWN, RawCase, RawDataset, read_image
+from lnm_auto.datasets.verify import geometry_mismatches
 from lnm_auto.planning.fingerprint import node_neighbourhood
 from lnm_auto.planning.plans import Plans
 from lnm_auto.preprocessing.geometry import (canonical_axes, measure_nodes, resample_mask_to_grid, resample_to_grid, roi_grid,
@@ -35,6 +37,7 @@ from lnm_auto.preprocessing.geometry import (canonical_axes, measure_nodes, resa
 from lnm_auto.preprocessing.normalization import case_zscore_statistics, normalize
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import save_csv_atomic, save_npz_atomic
+from lnm_auto.utils.processes import die_with_parent
 
 
 @dataclass
@@ -99,15 +102,41 @@ INTEGER_PIXELS = (sitk.sitkUInt8, sitk.sitkUInt16, sitk.sitkUInt32, sitk.sitkUIn
 
 
 def read_instance_mask(path: Path) -> sitk.Image:
-    """A node instance mask as an unsigned integer image (float masks rounded; negative ids refused)."""
+    """A node instance mask as an unsigned integer image (integer-valued float masks accepted; fractions,
+    NaN and negative ids refused: rounding them would invent or merge nodes)."""
     mask = read_image(path)
     if mask.GetNumberOfComponentsPerPixel() != 1 or mask.GetDimension() != 3:
-        raise LNMError(f"{path}: the node mask must be a 3D single-component image")
-    if float(sitk.GetArrayViewFromImage(mask).min(initial=0)) < 0:
+        raise LNMError(f"{path}: the node mask must be a 3D single-component image, got {mask.GetDimension()}D with "
+                       f"{mask.GetNumberOfComponentsPerPixel()} component(s)")
+    arr = sitk.GetArrayViewFromImage(mask)
+    if arr.size and float(arr.min()) < 0:
         raise LNMError(f"{path}: negative node ids; use 0 for background and k > 0 for node k")
     if mask.GetPixelID() not in INTEGER_PIXELS:
-        mask = sitk.Cast(sitk.Round(mask), sitk.sitkUInt32)
+        if not (np.isfinite(arr).all() and np.array_equal(arr, np.round(arr))):
+            raise LNMError(f"{path}: the node mask holds non-integer values; it must hold integer node ids "
+                           "(0 background, k for node k), not probabilities or resampled labels")
+        mask = sitk.Cast(mask, sitk.sitkUInt32)
     return mask
+
+
+def check_case_images(images: list[sitk.Image], sources: list, mask: sitk.Image, mask_file) -> None:
+    """What must hold before any crop is cut, verified or not: 3D single-component finite images on one
+    grid, and the node mask on that grid (else the crops would be of the wrong place or NaN)."""
+    for img, source in zip(images, sources):
+        if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
+            raise LNMError(f"{source}: must be a 3D single-component image, got {img.GetDimension()}D with "
+                           f"{img.GetNumberOfComponentsPerPixel()} component(s)")
+        arr = sitk.GetArrayViewFromImage(img)
+        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            raise LNMError(f"{source}: {int(np.count_nonzero(~np.isfinite(arr)))} NaN/Inf voxel(s); replace them "
+                           "with a finite value")
+    for img, source in zip(images[1:], sources[1:]):
+        bad = geometry_mismatches(images[0], img)
+        if bad:
+            raise LNMError(f"{source}: {bad[0]} of channel 0; all channels must share one grid")
+    bad = geometry_mismatches(images[0], mask)
+    if bad:
+        raise LNMError(f"{mask_file}: {bad[0]}; the node mask must have the image's geometry")
 
 
 def case_digest(plans_key: str, case: RawCase, labels: NodeLabels) -> str:
@@ -120,10 +149,19 @@ def case_digest(plans_key: str, case: RawCase, labels: NodeLabels) -> str:
 
 
 def preprocess_case(case: RawCase, labels: NodeLabels, plans: Plans) -> dict[str, np.ndarray]:
+    """The crops and labels of one training case; refuses what would make them wrong (checked here too,
+    so ``--no-verify`` skips checks, never safety)."""
     images = [read_image(f) for f in case.image_files]
     mask = read_instance_mask(case.node_mask_file)
+    check_case_images(images, case.image_files, mask, case.node_mask_file)
     out = preprocess_images(images, mask, plans)
     ids = out["node_ids"].tolist()
+    listed = set(labels.node_labels)
+    if set(ids) != listed:
+        missing, unlisted = sorted(listed - set(ids)), sorted(set(ids) - listed)
+        raise LNMError(f"{case.node_mask_file}: " + (f"node(s) {missing} of case '{case.case_id}' are listed in "
+                       "nodes.csv but not in this mask" if missing else f"node id(s) {unlisted} are not listed in "
+                       "nodes.csv") + "; the mask and nodes.csv must list the same nodes")
     stations = [labels.stations.get(k, "") for k in ids]
     out["stations"] = np.asarray(stations, dtype=str)
     out["node_labels"] = np.asarray([labels.node_labels.get(k, UNKNOWN) for k in ids], dtype=np.int8)
@@ -162,17 +200,17 @@ def _case_labels(ds: RawDataset) -> dict[str, NodeLabels]:
 
 
 def _work(case: RawCase, labels: NodeLabels, digest: str, plans: Plans, out_dir: Path) -> tuple[str, int, str]:
-    """Process one case in a worker; returns (case id, node count, '' or an error line)."""
+    """Process one case in a worker; returns (case id, node count, '' or the input error's line). Only bad
+    input (LNMError, including SimpleITK read errors) is reported this way: anything else is a bug of
+    ours and surfaces with its traceback."""
     target = out_dir / f"{case.case_id}.npz"
     try:
         arrays = preprocess_case(case, labels, plans)
-        arrays["plans_digest"] = np.asarray(digest)
-        save_npz_atomic(target, **arrays)
-        return case.case_id, len(arrays["node_ids"]), ""
     except LNMError as e:
         return case.case_id, 0, str(e)
-    except (RuntimeError, ValueError, IndexError) as e:   # e.g. SimpleITK on channels that skipped --verify
-        return case.case_id, 0, f"{case.image_files[0]}: cannot be preprocessed ({str(e).strip().splitlines()[-1][:150]})"
+    arrays["plans_digest"] = np.asarray(digest)
+    save_npz_atomic(target, **arrays)
+    return case.case_id, len(arrays["node_ids"]), ""
 
 
 def is_up_to_date(path: Path, digest: str) -> bool:
@@ -204,7 +242,7 @@ def run_preprocessing(ds: RawDataset, plans: Plans, preprocessed_dataset: Path, 
     errors = []
     bar = tqdm(total=len(args), desc="preprocess", disable=not progress, unit="case")
     if num_processes > 1 and len(args) > 1:
-        with ProcessPoolExecutor(num_processes) as pool:
+        with ProcessPoolExecutor(num_processes, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
             for _, _, err in pool.map(work, *zip(*args)):
                 errors.append(err) if err else None
                 bar.update()
