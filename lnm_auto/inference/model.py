@@ -10,6 +10,7 @@ import atexit
 import shutil
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,19 +192,39 @@ def export_model(model_folder: Path, output_zip: Path, folds: list[str] | None =
     return output_zip
 
 
+# model folders extracted from zips -> the zip they came from (outputs name the zip, not the temp folder)
+EXTRACTED_FROM: dict[Path, Path] = {}
+
+
+def model_origin(folder: Path) -> Path:
+    """The zip a model folder was extracted from, else the folder itself (absolute)."""
+    return EXTRACTED_FROM.get(Path(folder), Path(folder)).absolute()
+
+
+def unsafe_member(name: str) -> bool:
+    """A zip member that would land outside the extraction folder: absolute, drive-letter, backslash or
+    '..' paths (zipfile would sanitise some of them silently; a model zip never holds any)."""
+    return (name.startswith(("/", "\\")) or "\\" in name or ".." in Path(name).parts
+            or (len(name) > 1 and name[1] == ":"))
+
+
 def unpack_model_zip(path: Path) -> Path:
     """Extract a model zip into a temporary folder (kept for the process' lifetime) -> the model folder."""
     target = Path(tempfile.mkdtemp(prefix="lnm_model_"))
     atexit.register(shutil.rmtree, target, ignore_errors=True)   # removed when the process ends
     try:
         with zipfile.ZipFile(path) as z:
-            for name in z.namelist():
-                if name.startswith("/") or ".." in Path(name).parts:
-                    raise LNMError(f"{path}: unsafe path '{name}' in the zip")
+            for info in z.infolist():
+                if unsafe_member(info.filename):
+                    raise LNMError(f"{path}: unsafe path '{info.filename}' in the zip; refused (a model zip from "
+                                   "lnm_export_model holds only DatasetXXX/<model>/... paths)")
+                if (info.external_attr >> 16) & 0o170000 == 0o120000:
+                    raise LNMError(f"{path}: symbolic link '{info.filename}' in the zip; refused")
             z.extractall(target)
-    except zipfile.BadZipFile:
-        raise LNMError(f"{path}: not a valid zip file") from None
+    except (zipfile.BadZipFile, EOFError, zlib.error) as e:
+        raise LNMError(f"{path}: not a valid zip file ({str(e)[:120] or type(e).__name__})") from None
     plans = list(target.glob("*/*/plans.json"))
     if len(plans) != 1:
         raise LNMError(f"{path}: expected exactly one model (DatasetXXX/<Trainer>__<Plans>__<config>/plans.json) in the zip")
+    EXTRACTED_FROM[plans[0].parent] = Path(path)
     return plans[0].parent
