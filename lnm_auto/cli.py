@@ -319,13 +319,12 @@ def predict_parser() -> argparse.ArgumentParser:
 def _predict(args: argparse.Namespace) -> int:
     from lnm_auto.inference.model import find_model
     from lnm_auto.inference.predictor import predict_folder
-    from lnm_auto.training.progress import show_progress
     results = Path(args.results) if args.results else (Path(os.environ["LNM_results"]) if os.environ.get("LNM_results") else None)
     folder = find_model(results, args.dataset, args.configuration, args.trainer, args.plans_name, args.model)
     device = _say_device(args.device)
     info = predict_folder(Path(args.input), Path(args.output), folder, args.folds, args.checkpoint,
                           device, args.num_processes_preprocessing, not args.disable_tta,
-                          not args.no_probmaps, not args.quiet and show_progress(), args.overwrite, args.num_parts,
+                          not args.no_probmaps, not args.quiet, args.overwrite, args.num_parts,
                           args.part_id)
     print(f"{info['n_nodes']} nodes of {info['n_cases']} case(s) scored by folds {', '.join(info['folds'])} of "
           f"{folder}; results in {args.output}")

@@ -245,6 +245,22 @@ def test_val_best_names_its_checkpoint(trained):
     assert "with checkpoint_best.pth" in training_logs(out)[-1].read_text()
 
 
+def test_prediction_to_a_log_prints_one_line_per_case(trained, tmp_path):
+    root, _ = trained
+    raw = root / "raw" / "Dataset042_Tiny"
+    for case in ("case_000", "case_001"):
+        (tmp_path / "in").mkdir(exist_ok=True)
+        shutil.copy(raw / "imagesTr" / f"{case}_0000.nii.gz", tmp_path / "in" / f"{case}_0000.nii.gz")
+        shutil.copy(raw / "nodesTr" / f"{case}.nii.gz", tmp_path / "in" / f"{case}_nodes.nii.gz")
+    proc = run_cli("predict", "-i", tmp_path / "in", "-o", tmp_path / "out", "-d", "42", "-c", "3d_resenc", "-tr",
+                   "LNMTrainer_1epochs", "-f", "0", "--disable_tta", "--no_probmaps", "--results", root / "res")
+    assert proc.returncode == 0, proc.stderr
+    case_lines = [line for line in proc.stdout.splitlines() if line.startswith("predict ")]
+    assert [line.split(":")[0] for line in case_lines] == ["predict 1/2", "predict 2/2"]
+    assert "case_000" in case_lines[0] + case_lines[1] and "case_001" in case_lines[0] + case_lines[1]
+    assert "\r" not in proc.stdout + proc.stderr
+
+
 def test_val_without_a_finished_fold_is_one_line(trained, tmp_path):
     root, _ = trained
     proc = run_train_cli("42", "3d_resenc", "1", "-tr", "LNMTrainer_1epochs", "--val", preprocessed=root / "pre",
