@@ -430,3 +430,150 @@ def test_die_with_parent_uses_prctl_on_linux():
         import multiprocessing
         with multiprocessing.get_context("fork").Pool(1) as pool:
             assert pool.apply(die_with_parent, (os.getpid(),)) == "prctl"
+
+
+# ---- lnm_predict: input tables, output folder, resume, parts --------------------------------------
+@pytest.fixture(scope="module")
+def model(planned) -> Path:
+    """One fold trained for one epoch on the planned tiny dataset (enough to predict with)."""
+    from lnm_auto.training.run import run_training, setup_trainer
+    trainer = setup_trainer(42, "3d_resenc", "0", planned / "pre", planned / "results", "LNMTrainer_1epochs",
+                            num_workers=0)
+    run_training(trainer)
+    return trainer.output_folder.parent
+
+
+@pytest.fixture
+def cases_in(planned, tmp_path) -> Path:
+    """An lnm_predict input folder: three cases as <case>_0000 + <case>_nodes, with a nodes.csv of stations."""
+    raw, inp = planned / "raw" / DS, tmp_path / "in"
+    inp.mkdir()
+    for case in ("case_000", "case_001", "case_002"):
+        shutil.copy(raw / "imagesTr" / f"{case}_0000.nii.gz", inp / f"{case}_0000.nii.gz")
+        shutil.copy(raw / "nodesTr" / f"{case}.nii.gz", inp / f"{case}_nodes.nii.gz")
+    nodes = pd.read_csv(raw / "nodes.csv", dtype=str)
+    nodes[nodes.case.isin(["case_000", "case_001", "case_002"])][["case", "node", "station"]].to_csv(
+        inp / "nodes.csv", index=False)
+    return inp
+
+
+def predict(inp: Path, out: Path, model: Path, *extra) -> subprocess.CompletedProcess:
+    return run_cli("predict", "-i", inp, "-o", out, "-m", model, "-f", "0", "-device", "cpu", "--quiet", *extra)
+
+
+def read_nodes(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype={"case": str, "station": str}, keep_default_na=False)
+
+
+@pytest.mark.slow
+def test_predict_node_table_variants(model, cases_in, tmp_path):
+    table = cases_in / "nodes.csv"
+    rows = pd.read_csv(table, dtype=str)
+    rows.assign(node=rows.node + ".0").to_csv(table, index=False)          # what training accepts: 1.0
+    assert predict(cases_in, tmp_path / "a", model).returncode == 0
+    got = read_nodes(tmp_path / "a" / "nodes.csv").set_index(["case", "node"])
+    assert got.loc[("case_001", 1), "station"] == "7" and got.loc[("case_001", 2), "station"] == "4R"
+    table.write_text("case,node,station\ncase_000,,7\n")
+    refused(predict(cases_in, tmp_path / "b", model), str(table), "line 2")
+    table.write_text('case,node,station\ncase_000,1,"7\ncase_000,2,4R\n')
+    refused(predict(cases_in, tmp_path / "c", model), str(table), "cannot be read as CSV")
+    rows[["case", "node"]].to_csv(table, index=False)                     # no station column
+    proc = predict(cases_in, tmp_path / "d", model)
+    assert proc.returncode == 0 and "warning:" in proc.stderr and "no 'station' column" in proc.stderr
+    stations = read_nodes(tmp_path / "d" / "stations.csv")
+    assert set(stations.station) == {"unknown"} and len(stations) == 3
+    assert not (tmp_path / "b").exists() or not (tmp_path / "b" / "nodes.csv").exists()
+
+
+@pytest.mark.slow
+def test_predict_output_folder_rules(model, cases_in, tmp_path):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("keep me")
+    refused(predict(cases_in, a_file, model), str(a_file), "is a file")
+    assert a_file.read_text() == "keep me"
+    out = tmp_path / "out"
+    assert predict(cases_in, out, model).returncode == 0
+    first = read_nodes(out / "nodes.csv")
+    # the same input again: every case skipped, same tables
+    again = run_cli("predict", "-i", cases_in, "-o", out, "-m", model, "-f", "0", "-device", "cpu")
+    assert again.returncode == 0 and "3 case(s) already predicted" in again.stdout
+    pd.testing.assert_frame_equal(read_nodes(out / "nodes.csv"), first)
+    # fewer cases: the dropped case's files go, the tables list only what is there
+    for f in cases_in.glob("case_002*"):
+        f.unlink()
+    assert predict(cases_in, out, model).returncode == 0
+    assert not (out / "case_002_probmap.nii.gz").exists() and not (out / "cases" / "case_002.csv").exists()
+    assert set(read_nodes(out / "nodes.csv").case) == set(read_nodes(out / "stations.csv").case) == {"case_000",
+                                                                                                     "case_001"}
+    # other settings: refused unless --overwrite; a foreign file in the folder is never touched
+    (out / "notes.txt").write_text("mine")
+    refused(predict(cases_in, out, model, "--disable_tta"), str(out), "other settings", "test_time_mirroring")
+    assert predict(cases_in, out, model, "--disable_tta", "--overwrite").returncode == 0
+    info = json.loads((out / "predict_info.json").read_text())
+    assert info["settings"]["test_time_mirroring"] is False and info["status"] == "finished"
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_predict_resumes_skips_and_overwrites(model, cases_in, tmp_path, capsys):
+    from lnm_auto.inference.predictor import predict_folder
+    ref = tmp_path / "ref"
+    predict_folder(cases_in, ref, model, ["0"], progress=False)
+    out = tmp_path / "out"
+    predict_folder(cases_in, out, model, ["0"], progress=True)            # stdout is no terminal: whole lines
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("predict ")]
+    assert [line.split(":")[0] for line in lines] == ["predict 1/3", "predict 2/3", "predict 3/3"]
+    assert "case_001 3 node(s)" in lines[1] and "\r" not in "".join(lines)
+    # as after a kill between cases: case_002 not done, the tables not yet written
+    (out / "cases" / "case_002.csv").unlink()
+    (out / "nodes.csv").unlink()
+    before = (out / "case_000_probmap.nii.gz").stat().st_mtime_ns
+    info = predict_folder(cases_in, out, model, ["0"], progress=True)
+    assert info["skipped_already_done"] == ["case_000", "case_001"]
+    assert "predict 1/1: case_002" in capsys.readouterr().out
+    assert (out / "case_000_probmap.nii.gz").stat().st_mtime_ns == before
+    pd.testing.assert_frame_equal(read_nodes(out / "nodes.csv"), read_nodes(ref / "nodes.csv"))
+    predict_folder(cases_in, out, model, ["0"], progress=False, overwrite=True)
+    assert (out / "case_000_probmap.nii.gz").stat().st_mtime_ns != before
+
+
+@pytest.mark.slow
+def test_predict_parts_and_zip_origin(model, cases_in, tmp_path):
+    from lnm_auto.inference.model import export_model
+    model_zip = export_model(model, tmp_path / "model.zip", ["0"])
+    whole = tmp_path / "whole"
+    assert predict(cases_in, whole, model_zip).returncode == 0
+    info = json.loads((whole / "predict_info.json").read_text())
+    assert info["model_zip"] == str(model_zip.absolute()) and "model_folder" not in info
+    parts = tmp_path / "parts"
+    for k in (0, 1):
+        assert predict(cases_in, parts, model_zip, "-num_parts", 2, "-part_id", k).returncode == 0
+    p0, p1 = read_nodes(parts / "nodes_part0.csv"), read_nodes(parts / "nodes_part1.csv")
+    assert set(p0.case) == {"case_000", "case_002"} and set(p1.case) == {"case_001"}   # sorted ids, every 2nd
+    merged = pd.concat([p0, p1]).sort_values(["case", "node"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(merged, read_nodes(whole / "nodes.csv"))
+    assert (parts / "predict_info_part1.json").is_file() and not (parts / "nodes.csv").exists()
+    refused(predict(cases_in, parts, model_zip, "-num_parts", 2, "-part_id", 2), "-part_id")
+
+
+@pytest.mark.slow
+def test_predict_refuses_bad_cases_with_one_line_each_and_runs_the_others(model, cases_in, tmp_path):
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((48, 48), np.float32)), str(cases_in / "case_000_0000.nii.gz"))
+    shifted = cases_in / "case_001_nodes.nii.gz"
+    ref = sitk.ReadImage(str(shifted))
+    rewrite(shifted, array(shifted), origin=tuple(np.add(ref.GetOrigin(), (3.0, 0, 0))))
+    for case in ("case_003", "case_004"):
+        shutil.copy(cases_in / "case_002_0000.nii.gz", cases_in / f"{case}_0000.nii.gz")
+        shutil.copy(cases_in / "case_002_nodes.nii.gz", cases_in / f"{case}_nodes.nii.gz")
+    data = (cases_in / "case_003_0000.nii.gz").read_bytes()
+    (cases_in / "case_003_0000.nii.gz").write_bytes(data[: len(data) // 2])
+    nan_image = array(cases_in / "case_004_0000.nii.gz")
+    nan_image[5, 20, 20] = np.nan
+    rewrite(cases_in / "case_004_0000.nii.gz", nan_image)
+    proc = predict(cases_in, tmp_path / "out", model)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "4 case(s) failed" in proc.stderr
+    refused(proc, "case_000_0000.nii.gz", "3D single-component")
+    refused(proc, "case_001_nodes.nii.gz", "origin")
+    refused(proc, "case_003_0000.nii.gz", "truncated")
+    refused(proc, "case_004_0000.nii.gz", "NaN/Inf")
+    assert set(read_nodes(tmp_path / "out" / "nodes.csv").case) == {"case_002"}

@@ -14,14 +14,15 @@ from torch import nn
 
 from lnm_auto.networks.resenc_classifier import ResEncClassifier
 from lnm_auto.networks.two_stream import TwoStreamNet
+from lnm_auto.planning.global_local_topology import WegaTopology
 from lnm_auto.planning.network_topology import ResEncTopology, TwoStreamTopology
 from lnm_auto.planning.plans import ConfigurationPlan, Plans
 from lnm_auto.utils.errors import LNMError
 
-__all__ = ["build_network", "network_for", "load_pretrained_weights", "count_parameters"]
+__all__ = ["build_network", "network_for", "load_pretrained_weights", "count_parameters", "global_branch_for"]
 
 
-def build_network(topology: "TwoStreamTopology | ResEncTopology", in_channels: int,
+def build_network(topology: "TwoStreamTopology | ResEncTopology | WegaTopology", in_channels: int,
                   mask_channel: bool = False) -> nn.Module:
     """Build the network of a planned topology.
 
@@ -35,11 +36,20 @@ def build_network(topology: "TwoStreamTopology | ResEncTopology", in_channels: i
         return TwoStreamNet(topology, in_channels, mask_channel)
     if isinstance(topology, ResEncTopology):
         return ResEncClassifier(topology, in_channels, mask_channel)
+    if isinstance(topology, WegaTopology):
+        from lnm_auto.networks.wega import WegaNet   # lazy: timm is only imported when wega is used
+        return WegaNet(topology, in_channels, mask_channel)
     raise TypeError(f"no network for topology of type {type(topology).__name__}")
 
 
 def network_for(plans: "Plans", config: "ConfigurationPlan") -> nn.Module:
-    """The network of one configuration of the plans, with the input channels the plans count."""
+    """The network of one configuration of the plans, with the input channels the plans count.
+
+    With the configuration's multi-task switch on (``config.multitask``): ``MultiTaskNet`` around the
+    base network, the base built without the mask channel (the mask enters through the soft pooling)."""
+    if config.multitask is not None:
+        from lnm_auto.networks.multitask import MultiTaskNet   # lazy: imports every network module
+        return MultiTaskNet(build_network(config.network, len(plans.normalization), False), config.multitask)
     n_in = len(plans.normalization) + int(config.use_mask_channel)
     return build_network(config.network, n_in, config.use_mask_channel)
 
@@ -50,6 +60,32 @@ def count_parameters(network: nn.Module) -> int:
 
 
 _WRAPPER_KEYS = ("network_weights", "state_dict", "model", "model_state_dict")
+# keys every ViT state dict has (Meta's DINOv2 files and timm's), after any prefix
+_VIT_KEYS = ("pos_embed", "cls_token", "patch_embed.proj.weight")
+
+
+def global_branch_for(network: nn.Module, path: "str | os.PathLike") -> nn.Module | None:
+    """The ``WegaNet`` of ``network`` (itself, or the base of a multi-task net) when ``path`` holds the
+    weights of a bare ViT (a DINOv2 file: ``pos_embed``, ``cls_token``, ``patch_embed.proj.weight`` and no
+    ``global_vit.`` keys); else None, and the file is for :func:`load_pretrained_weights`.
+
+    Such a file goes through ``WegaNet.load_global_weights``, which also resamples the position embedding
+    to the planned token grid (DINOv2: 518 px -> 37 x 37 patches)."""
+    from lnm_auto.networks.wega import WegaNet
+    wega = next((m for m in network.modules() if isinstance(m, WegaNet)), None)
+    if wega is None or not Path(path).is_file():
+        return None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - unreadable files get load_pretrained_weights' one-line error
+        return None
+    if isinstance(obj, dict):
+        obj = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), obj)
+    keys = [k for k in obj if isinstance(k, str)] if isinstance(obj, dict) else []
+    if any("global_vit." in k for k in keys):
+        return None
+    vit_like = all(any(k == v or k.endswith("." + v) for k in keys) for v in _VIT_KEYS)
+    return wega if vit_like else None
 
 
 def _prefixes(keys, max_depth: int = 3) -> set[str]:

@@ -424,6 +424,9 @@ TOPOLOGY_TYPES = {TwoStreamTopology.config_name: TwoStreamTopology, ResEncTopolo
 
 def topology_from_dict(config_name: str, d: dict[str, Any]):
     """Rebuild a topology from its ``asdict`` form (plans.json) given the configuration name."""
+    if "wega" not in TOPOLOGY_TYPES:   # registered lazily: global_local_topology imports this module
+        from lnm_auto.planning.global_local_topology import WegaTopology
+        TOPOLOGY_TYPES[WegaTopology.config_name] = WegaTopology
     try:
         return TOPOLOGY_TYPES[config_name].from_dict(d)
     except KeyError:

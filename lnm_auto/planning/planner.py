@@ -5,10 +5,13 @@ Axes are canonical (slice, row, col): see lnm_auto.preprocessing.geometry.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 
+from lnm_auto.planning.global_local_topology import estimate_wega_gflops, plan_context_scale, plan_wega_topology
+from lnm_auto.planning.multitask_topology import plan_multitask_topology
 from lnm_auto.planning.network_topology import (CPU_BUDGET, GPU_BUDGET, ComputeBudget, estimate_resenc_gflops,
                                                 estimate_two_stream_gflops, plan_resenc_topology,
                                                 plan_two_stream_topology)
@@ -207,6 +210,49 @@ def plan_augmentation(anisotropic: bool) -> AugmentationPlan:
                             test_time_mirror_axes=(1, 2))
 
 
+# ---- configuration wega (global context + local node detail) ---------------------------------------
+# wega trains with AdamW: a ViT trained from scratch with SGD learns an order of magnitude more slowly
+# (documentation/wega_multitask.md); 1e-3 with ViT-style weight decay, under the plan's cosine schedule.
+WEGA_OPTIMIZER = "AdamW"
+WEGA_INITIAL_LR = 1e-3
+WEGA_WEIGHT_DECAY = 0.05
+
+
+def plan_wega_configuration(global_scale: CropScale, n_channels: int, budget: ComputeBudget, recipe: TrainingRecipe,
+                            augmentation: AugmentationPlan) -> tuple[CropScale, ConfigurationPlan, str]:
+    """The ``context`` scale, the ``wega`` configuration (its local branch on the ``global`` node ROI) and a note.
+
+    ``n_channels``: image channels + the node mask, as the network receives them."""
+    context, note = plan_context_scale(global_scale.roi_size_mm, global_scale.spacing_mm, budget, n_channels - 1)
+    topology = plan_wega_topology(context.roi_shape, global_scale.roi_shape, global_scale.spacing_mm, budget,
+                                  in_channels=n_channels, mask_channel=True)
+    wega_recipe = dataclasses.replace(recipe, optimizer=WEGA_OPTIMIZER, initial_lr=WEGA_INITIAL_LR,
+                                      weight_decay=WEGA_WEIGHT_DECAY)
+    gflops = estimate_wega_gflops(topology, context.roi_shape, global_scale.roi_shape, n_channels, True)
+    config = ConfigurationPlan("wega", topology, topology.scales, True, wega_recipe, augmentation, gflops)
+    return context, config, f"{note}; ViT '{topology.vit_name}' (width {topology.embed_dim}, depth {topology.depth})"
+
+
+# ---- the multi-task switch (M2ANet) ---------------------------------------------------------------------
+def multitask_mask_scale(config: ConfigurationPlan) -> str:
+    """The scale whose node mask the head predicts: wega's node ROI, else the first (``global``) scale."""
+    return getattr(config.network, "node_scale", None) or config.scales[0]
+
+
+def switch_on_multitask(plans: Plans, configuration: str) -> ConfigurationPlan:
+    """Turn the multi-task switch of ``configuration`` on in ``plans`` (in place; kept if already on) and
+    return the configuration: the head planned for the mask scale's spacing and the plans' budget."""
+    config = plans.configuration(configuration)
+    if config.multitask is None:
+        if not config.scales:
+            raise LNMError(f"configuration '{configuration}' has no network: the multi-task head needs one "
+                           "(2d25, 3d_resenc or wega)")
+        scale = multitask_mask_scale(config)
+        head = plan_multitask_topology(scale, plans.scales[scale].spacing_mm, plans.compute_budget)
+        plans.configurations[configuration] = config = config.with_multitask(head)
+    return config
+
+
 # ---- the whole plan ---------------------------------------------------------------------------------
 def plan_experiment(fingerprint: dict, planner: str = "LNMPlannerCPU", plans_name: str = DEFAULT_PLANS_NAME,
                     n_folds: int = 5, split_seed: int = 12345) -> Plans:
@@ -229,15 +275,19 @@ def plan_experiment(fingerprint: dict, planner: str = "LNMPlannerCPU", plans_nam
         "3d_resenc": ConfigurationPlan("3d_resenc", resenc, ("global",), True, recipe, augmentation,
                                        estimate_resenc_gflops(resenc, g, n_channels)),
     }
+    context_scale, configurations["wega"], context_note = plan_wega_configuration(global_scale, n_channels, budget,
+                                                                                 recipe, augmentation)
     notes_out = {
         "target_spacing": f"per-axis median of {len(spacings)} cases" + (
             "; anisotropic: slice spacing = 10th percentile of slice spacings" if anisotropic else ""),
         "roi": f"field of view = {CONTEXT_FACTOR} x the {NODE_EXTENT_PERCENTILE:.0f}th percentile node extent "
                f"({slice_extent:.1f} mm through-plane, {inplane_extent:.1f} mm in-plane)",
         "input_channels": f"{n_channels - 1} image channel(s) + the node mask",
+        "context": context_note,
     }
     if notes:
         notes_out["roi_capped"] = "; ".join(notes)
     return Plans(PLANS_VERSION, plans_name, planner, fingerprint["dataset_name"], budget, target, anisotropic,
-                 plan_normalization(fingerprint), {"global": global_scale, "local": local_scale}, configurations,
+                 plan_normalization(fingerprint), {"global": global_scale, "local": local_scale, "context": context_scale},
+                 configurations,
                  n_folds, split_seed, notes_out)

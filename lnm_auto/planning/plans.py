@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from lnm_auto.planning.global_local_topology import WegaTopology
+from lnm_auto.planning.multitask_topology import MultiTaskTopology
 from lnm_auto.planning.network_topology import ComputeBudget, ResEncTopology, TwoStreamTopology
 from lnm_auto.utils.dataclass_json import from_dict, to_dict
 from lnm_auto.utils.errors import LNMError
@@ -64,19 +66,30 @@ class TrainingRecipe:
     initial_lr: float
     momentum: float
     weight_decay: float
-    optimizer: str = "SGD"
+    optimizer: str = "SGD"           # "SGD" (Nesterov, momentum) or "AdamW" (wega's ViT), read by configure_optimizers
     lr_schedule: str = "cosine"
 
 
 @dataclass
 class ConfigurationPlan:
     name: str
-    network: TwoStreamTopology | ResEncTopology
+    network: TwoStreamTopology | ResEncTopology | WegaTopology
     scales: tuple[str, ...]          # CropScale names the network consumes, in input order
     use_mask_channel: bool           # feed the node's own mask as an extra input channel
     recipe: TrainingRecipe
     augmentation: AugmentationPlan
     estimated_gflops_per_sample: float      # forward FLOPs of one node with the real input channel count
+    # The multi-task switch (M2ANet): None = off; a head = the network is MultiTaskNet(base, head), the
+    # base built without the mask channel (the mask enters through the head's soft pooling instead).
+    # LNMTrainerMultiTask turns it on for its runs and the model folder's plans.json records it. It is a
+    # training choice over the same data and base network, so plans that differ only here compare equal
+    # (lnm_train's "plans changed under trained folds" check); Plans.identifier(), which checkpoints
+    # record, does include it, so a checkpoint never loads into the other kind of network.
+    multitask: MultiTaskTopology | None = field(default=None, compare=False)
+
+    def with_multitask(self, head: MultiTaskTopology | None) -> "ConfigurationPlan":
+        """This configuration with the multi-task switch set to ``head`` (None: off)."""
+        return replace(self, multitask=head)
 
 
 @dataclass

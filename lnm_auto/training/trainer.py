@@ -89,10 +89,21 @@ class LNMTrainer:
         return config.recipe.num_epochs
 
     def configure_optimizers(self):
-        """(optimizer, per-epoch lr scheduler)."""
+        """(optimizer, per-epoch lr scheduler): the recipe's optimizer (SGD with Nesterov momentum, or AdamW for
+        wega's ViT) at its learning rate, cosine-annealed per epoch."""
         r = self.config.recipe
-        opt = torch.optim.SGD(self.network.parameters(), lr=r.initial_lr, momentum=r.momentum,
-                              weight_decay=r.weight_decay, nesterov=True)
+        if r.optimizer == "SGD":
+            opt = torch.optim.SGD(self.network.parameters(), lr=r.initial_lr, momentum=r.momentum,
+                                  weight_decay=r.weight_decay, nesterov=True)
+        elif r.optimizer == "AdamW":
+            # as ViTs are trained: no weight decay on biases, norms and LayerScale (1-D tensors)
+            params = [p for p in self.network.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1], "weight_decay": r.weight_decay},
+                                     {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
+                                    lr=r.initial_lr)
+        else:
+            raise LNMError(f"plans {self.plans.plans_name}, configuration {self.config.name}: unknown recipe optimizer "
+                           f"'{r.optimizer}' (use SGD or AdamW)")
         return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.num_epochs)
 
     def training_records(self) -> pd.DataFrame:

@@ -6,6 +6,11 @@ nodes; every patient with an N label and no station labels is a bag of all its n
 = noisy-OR of the node probabilities, P = 1 - prod(1 - p_i), computed in log space. For a negative bag
 the loss is exactly the sum of the nodes' BCE against 0: a negative bag makes every node in it negative.
 The node probabilities stay the model's output.
+
+Regional affinity (WeGA): LN stations with a pathology label are anatomical regions of known status, so
+the fused head also pays ``REGIONAL_AFFINITY_WEIGHT x regional_affinity_loss`` over the station bags of the
+batch (training/losses.py: a hinge that is exactly 0 once every node of a negative station has p <= 0.25
+and every positive station a noisy-OR >= 0.75). Node and patient bags are not regions.
 """
 from __future__ import annotations
 
@@ -15,10 +20,16 @@ import torch
 import torch.nn.functional as F
 
 from lnm_auto.training.data import NodeBatchLoader, load_batch
+from lnm_auto.training.losses import regional_affinity_loss
 from lnm_auto.training.trainer import LNMTrainer
 from lnm_auto.utils.errors import LNMError
 
 MAX_BAG_SIZE = 12   # larger bags are subsampled, positive bags keeping their evidence (subsample_bag)
+# Weight of the regional affinity loss next to the noisy-OR bag BCE. 0.5: at the start (p ~ 0.5, z ~ 0) a
+# station costs relu(log 3) = 1.1 against a bag BCE of ~0.7-1.5, so the coherence term stays the smaller
+# one and only keeps pushing where a station still disagrees with its label (it is 0 where it agrees).
+REGIONAL_AFFINITY_WEIGHT = 0.5
+REGION_BAG_KIND = "station"
 
 
 def noisy_or_bag_log_probs(node_logits: torch.Tensor, bag_index: torch.Tensor, n_bags: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +79,8 @@ def subsample_bag(members: list[int], nodes: pd.DataFrame, bag_label: int, rs: n
 
 class BagBatchLoader(NodeBatchLoader):
     """Batches of whole bags (positive bags oversampled) until ``batch_size`` nodes are reached; every
-    sample is part ``bag``, ``batch["bag"]`` its bag's index and ``batch["bag_label"]`` the bags' labels."""
+    sample is part ``bag``, ``batch["bag"]`` its bag's index, ``batch["bag_label"]`` the bags' labels and
+    ``batch["bag_kind"]`` the bags' kinds (node / station / patient)."""
 
     def __init__(self, store, nodes: pd.DataFrame, bags: pd.DataFrame, scales, batch_size: int,
                  positive_fraction: float, seed: int, num_threads: int = 1):
@@ -78,7 +90,7 @@ class BagBatchLoader(NodeBatchLoader):
         self.positive_bags = np.flatnonzero(self.bags["label"].to_numpy() == 1)
 
     def generate_train_batch(self) -> dict:
-        rows, bag_of_row, labels = [], [], []
+        rows, bag_of_row, labels, kinds = [], [], [], []
         while len(rows) < self.batch_nodes:
             want_pos = len(self.positive_bags) and self.rs.rand() < self.positive_fraction
             b = self.bags.iloc[self.rs.choice(self.positive_bags) if want_pos else self.rs.randint(len(self.bags))]
@@ -86,15 +98,19 @@ class BagBatchLoader(NodeBatchLoader):
             rows += members
             bag_of_row += [len(labels)] * len(members)
             labels.append(float(b["label"]))
+            kinds.append(str(b["kind"]))
         batch = load_batch(self.store, self.nodes.iloc[rows], self.scales)
         batch["part"] = np.full(len(rows), "bag")
         batch["bag"] = np.asarray(bag_of_row)
         batch["bag_label"] = np.asarray(labels, dtype=np.float32)
+        batch["bag_kind"] = np.asarray(kinds, dtype=str)
         return batch
 
 
 class LNMTrainerWeak(LNMTrainer):
-    """Noisy-OR multiple-instance learning over node, station and patient bags."""
+    """Noisy-OR multiple-instance learning over node, station and patient bags, + regional affinity."""
+
+    regional_affinity_weight = REGIONAL_AFFINITY_WEIGHT
 
     def training_records(self) -> pd.DataFrame:
         """Every node of the training cases (labelled or not): the bags decide what is learnt."""
@@ -111,6 +127,17 @@ class LNMTrainerWeak(LNMTrainer):
                               r.positive_fraction, seed, max(self.num_workers, 1))
 
     def compute_loss(self, outputs: dict[str, torch.Tensor], batch: dict) -> torch.Tensor:
-        """Sum over the classification heads of the noisy-OR bag BCE."""
-        return sum(mil_loss(logits, batch["bag"], batch["bag_label"]) for logits in outputs.values()
+        """Sum over the classification heads of the noisy-OR bag BCE, + the weighted regional affinity loss of
+        the fused head over the station bags."""
+        loss = sum(mil_loss(logits, batch["bag"], batch["bag_label"]) for logits in outputs.values()
                    if logits.ndim == 1)
+        if self.regional_affinity_weight and "bag_kind" in batch:
+            loss = loss + self.regional_affinity_weight * regional_affinity_loss(
+                outputs["fused"], batch["bag"], station_region_labels(batch["bag_kind"], batch["bag_label"]))
+        return loss
+
+
+def station_region_labels(bag_kinds, bag_labels: torch.Tensor) -> torch.Tensor:
+    """Per bag: its label where it is a station bag (a region of known status), else -1 (not a region)."""
+    is_region = torch.as_tensor(np.asarray(bag_kinds) == REGION_BAG_KIND, device=bag_labels.device)
+    return torch.where(is_region, bag_labels, torch.full_like(bag_labels, -1.0))
