@@ -197,3 +197,38 @@ def test_too_few_labelled_patients_is_said_per_fold():
         node["label"] = 1 if i == 0 else (0 if i == 1 else -1)        # one labelled patient per class
     problems = split_problems(fp, make_patient_splits(fp, 5, seed=0))
     assert len(problems) >= 3 and all("validates on patient or station labels" in p for p in problems)
+
+
+def _label_mix_fingerprint(n_nodes, labelled, positive, station_for_unlabelled=0, weak=True):
+    fp = make_fingerprint([(5.0, 0.8, 0.8)] * 4, [(60, 256, 256)] * 4, [(10, 10, 10)] * n_nodes, labels=[0] * n_nodes)
+    for i, node in enumerate(fp["nodes"]):
+        node["label"] = (1 if i < positive else 0) if i < labelled else -1
+        node["station_label"] = 1 if labelled <= i < labelled + station_for_unlabelled else -1
+        node["patient_label"] = 1 if weak else -1
+    return fp
+
+
+@pytest.mark.parametrize("n,labelled,positive,stations,weak,expected", [
+    (100, 80, 20, 0, True, ["LNMTrainer"]),                               # plenty of node labels
+    (100, 30, 8, 50, True, ["LNMTrainer", "LNMTrainerPGLS"]),             # scarce node labels + pathology
+    (100, 30, 8, 0, True, ["LNMTrainer", "LNMTrainerMeanTeacher"]),       # scarce, no station labels
+    (100, 0, 0, 0, True, ["LNMTrainerWeak"]),                             # patient / station labels only
+    (100, 5, 1, 60, True, ["LNMTrainerWeak"]),                            # too few node labels to start from
+])
+def test_learning_scheme_follows_the_label_mix(n, labelled, positive, stations, weak, expected):
+    from lnm_auto.planning.learning_scheme import plan_learning_scheme
+    trainers, why = plan_learning_scheme(_label_mix_fingerprint(n, labelled, positive, stations, weak))
+    assert trainers == expected and f"{labelled} of {n} nodes" in why
+    plans = planner.plan_experiment(_label_mix_fingerprint(n, labelled, positive, stations, weak))
+    assert plans.recommended_trainers == expected and plans.notes["learning_scheme"] == why
+
+
+def test_radiomics_configuration_is_planned_from_channels_and_spacing():
+    fp = make_fingerprint([(5.0, 0.8, 0.8)] * 4, [(60, 256, 256)] * 4, [(10, 10, 10)] * 8,
+                          channel_names={"0": "T2", "1": "CT"})
+    fp["intensity_statistics"]["1"] = fp["intensity_statistics"]["0"]
+    topo = planner.plan_experiment(fp).configuration("radiomics").network
+    assert (topo.image_channel, topo.modality_hint, topo.texture_mode) == (1, "CT", "2.5d")
+    iso = make_fingerprint([(1.0, 1.0, 1.0)] * 4, [(200, 256, 256)] * 4, [(10, 10, 10)] * 8, channel_names={"0": "T2"})
+    topo = planner.plan_experiment(iso).configuration("radiomics").network
+    assert (topo.image_channel, topo.modality_hint, topo.texture_mode) == (0, "T2", "3d")

@@ -12,6 +12,7 @@ import numpy as np
 
 from lnm_auto.planning.global_local_topology import estimate_wega_gflops, plan_context_scale, plan_wega_topology
 from lnm_auto.planning.multitask_topology import plan_multitask_topology
+from lnm_auto.planning.learning_scheme import plan_learning_scheme, plan_radiomics
 from lnm_auto.planning.network_topology import (CPU_BUDGET, GPU_BUDGET, ComputeBudget, estimate_resenc_gflops,
                                                 estimate_two_stream_gflops, plan_resenc_topology,
                                                 plan_two_stream_topology)
@@ -274,15 +275,19 @@ def plan_experiment(fingerprint: dict, planner: str = "LNMPlannerCPU", plans_nam
                                   estimate_two_stream_gflops(two_stream, g, loc, n_channels)),
         "3d_resenc": ConfigurationPlan("3d_resenc", resenc, ("global",), True, recipe, augmentation,
                                        estimate_resenc_gflops(resenc, g, n_channels)),
+        "radiomics": ConfigurationPlan("radiomics", plan_radiomics(fingerprint, target), (), False, recipe,
+                                       augmentation, 0.0),
     }
     context_scale, configurations["wega"], context_note = plan_wega_configuration(global_scale, n_channels, budget,
                                                                                  recipe, augmentation)
+    trainers, why_trainers = plan_learning_scheme(fingerprint)
     notes_out = {
         "target_spacing": f"per-axis median of {len(spacings)} cases" + (
             "; anisotropic: slice spacing = 10th percentile of slice spacings" if anisotropic else ""),
         "roi": f"field of view = {CONTEXT_FACTOR} x the {NODE_EXTENT_PERCENTILE:.0f}th percentile node extent "
                f"({slice_extent:.1f} mm through-plane, {inplane_extent:.1f} mm in-plane)",
         "input_channels": f"{n_channels - 1} image channel(s) + the node mask",
+        "learning_scheme": why_trainers,
         "context": context_note,
     }
     if notes:
@@ -290,4 +295,4 @@ def plan_experiment(fingerprint: dict, planner: str = "LNMPlannerCPU", plans_nam
     return Plans(PLANS_VERSION, plans_name, planner, fingerprint["dataset_name"], budget, target, anisotropic,
                  plan_normalization(fingerprint), {"global": global_scale, "local": local_scale, "context": context_scale},
                  configurations,
-                 n_folds, split_seed, notes_out)
+                 n_folds, split_seed, notes_out, trainers)

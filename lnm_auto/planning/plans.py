@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from lnm_auto.planning.learning_scheme import RadiomicsTopology
 from lnm_auto.planning.global_local_topology import WegaTopology
 from lnm_auto.planning.multitask_topology import MultiTaskTopology
 from lnm_auto.planning.network_topology import ComputeBudget, ResEncTopology, TwoStreamTopology
@@ -73,7 +74,7 @@ class TrainingRecipe:
 @dataclass
 class ConfigurationPlan:
     name: str
-    network: TwoStreamTopology | ResEncTopology | WegaTopology
+    network: TwoStreamTopology | ResEncTopology | WegaTopology | RadiomicsTopology
     scales: tuple[str, ...]          # CropScale names the network consumes, in input order
     use_mask_channel: bool           # feed the node's own mask as an extra input channel
     recipe: TrainingRecipe
@@ -107,6 +108,8 @@ class Plans:
     n_folds: int = 5
     split_seed: int = 12345
     notes: dict[str, str] = field(default_factory=dict)   # why each decision came out as it did
+    # the learning scheme for the dataset's label mix: trainers run in order, each from the previous one
+    recommended_trainers: list[str] = field(default_factory=lambda: ["LNMTrainer"])
 
     def to_dict(self) -> dict:
         return to_dict(self)

@@ -1,0 +1,73 @@
+"""Self-configuration of the *learning*: which trainer(s) a dataset's label mix calls for, and the plan of
+the classical ``radiomics`` configuration. Pure functions of the fingerprint, unit-tested on hand-made ones.
+
+Label-mix rule (documentation/planning.md, "Learning scheme"); L = node-labelled nodes, P = those labelled 1,
+N = all nodes, S = unlabelled nodes whose station has a pathology label:
+* L >= 0.5 N and P >= 10                              -> LNMTrainer (node labels are plentiful)
+* P >= 3, L >= 10 and S >= 0.2 (N - L)                -> LNMTrainer, then LNMTrainerPGLS from it
+* P >= 3, L >= 10 (no usable station labels)          -> LNMTrainer, then LNMTrainerMeanTeacher from it
+* otherwise, with station or patient labels           -> LNMTrainerWeak (multiple-instance learning)
+* otherwise                                           -> LNMTrainer (it will say it has too few labels)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lnm_auto.radiomics.features import texture_mode_for_spacing
+
+PLENTIFUL_FRACTION = 0.5
+MIN_POSITIVE_PLENTIFUL = 10
+MIN_POSITIVE_SEMI = 3
+MIN_LABELLED_SEMI = 10
+MIN_STATION_COVERAGE = 0.2
+CT_CHANNEL_NAMES = ("CT",)
+
+
+def label_mix(fingerprint: dict) -> dict[str, int]:
+    """Counts the rule uses: nodes, labelled, positive, unlabelled with a station label, weakly labelled nodes."""
+    nodes = fingerprint["nodes"]
+    unlabelled = [n for n in nodes if n["label"] < 0]
+    return {
+        "nodes": len(nodes),
+        "labelled": sum(1 for n in nodes if n["label"] >= 0),
+        "positive": sum(1 for n in nodes if n["label"] == 1),
+        "unlabelled_with_station": sum(1 for n in unlabelled if n.get("station_label", -1) >= 0),
+        "weakly_labelled": sum(1 for n in nodes if n.get("station_label", -1) >= 0 or n.get("patient_label", -1) >= 0),
+    }
+
+
+def plan_learning_scheme(fingerprint: dict) -> tuple[list[str], str]:
+    """(trainers to run in order, each starting from the previous one; why) for the dataset's label mix."""
+    m = label_mix(fingerprint)
+    counts = (f"{m['labelled']} of {m['nodes']} nodes node-labelled ({m['positive']} positive), "
+              f"{m['unlabelled_with_station']} unlabelled nodes with a station label")
+    unlabelled = m["nodes"] - m["labelled"]
+    if m["labelled"] >= PLENTIFUL_FRACTION * m["nodes"] and m["positive"] >= MIN_POSITIVE_PLENTIFUL:
+        return ["LNMTrainer"], f"{counts}: node labels are plentiful -> supervised"
+    if m["positive"] >= MIN_POSITIVE_SEMI and m["labelled"] >= MIN_LABELLED_SEMI and unlabelled:
+        if m["unlabelled_with_station"] >= MIN_STATION_COVERAGE * unlabelled:
+            return ["LNMTrainer", "LNMTrainerPGLS"], (f"{counts}: scarce node labels + station pathology -> "
+                                                      "supervised, then pathology-guided label sharpening")
+        return ["LNMTrainer", "LNMTrainerMeanTeacher"], f"{counts}: scarce node labels -> supervised, then mean teacher"
+    if m["weakly_labelled"]:
+        return ["LNMTrainerWeak"], f"{counts}: too few node labels -> multiple-instance learning on station/patient labels"
+    return ["LNMTrainer"], f"{counts}: no weak labels either; supervised on what there is"
+
+
+@dataclass(frozen=True)
+class RadiomicsTopology:
+    """Configuration ``radiomics``: IBSI node features (lnm_auto.radiomics) + a scikit-learn classifier chosen
+    by inner cross-validation. ``texture_mode`` is fixed per dataset so every case's texture is comparable."""
+    image_channel: int
+    modality_hint: str              # "CT": fixed 25 HU bins; else a fixed bin count per node
+    texture_mode: str               # "3d" or "2.5d" (thick slices: texture per slice, aggregated)
+
+    config_name = "radiomics"
+
+
+def plan_radiomics(fingerprint: dict, target_spacing_zyx) -> RadiomicsTopology:
+    """Features of the first CT channel (else channel 0); 2.5D texture when the plan's slices are thick."""
+    names = {int(k): v for k, v in fingerprint["channel_names"].items()}
+    ct = [k for k, v in sorted(names.items()) if v.strip().upper() in CT_CHANNEL_NAMES]
+    channel = ct[0] if ct else 0
+    return RadiomicsTopology(channel, "CT" if ct else names[channel], texture_mode_for_spacing(target_spacing_zyx))
