@@ -7,10 +7,11 @@ from pathlib import Path
 import torch
 
 from lnm_auto.planning.plan_and_preprocess import FINGERPRINT_FILE, SPLITS_FILE
-from lnm_auto.planning.plans import Plans
+from lnm_auto.planning.learning_scheme import RadiomicsTopology
+from lnm_auto.planning.plans import ConfigurationPlan, Plans
 from lnm_auto.planning.splits import load_splits
 from lnm_auto.training.pretraining import WSPPretrainer
-from lnm_auto.training.registry import trainer_class
+from lnm_auto.training.registry import split_trainer_name, trainer_class
 from lnm_auto.training.registry import trainer_name as trainer_name_for
 from lnm_auto.training.trainer import LNMTrainer
 from lnm_auto.utils.errors import LNMError
@@ -69,15 +70,16 @@ def check_configuration(plans: Plans, configuration: str) -> None:
 def setup_trainer(dataset: str | int, configuration: str, fold: str, preprocessed_root: Path, results_root: Path,
                   trainer_name: str = "LNMTrainer", plans_name: str = "LNMPlans", device: str | None = "cpu",
                   num_epochs: int | None = None, num_workers: int | None = None,
-                  trainer_cls: type[LNMTrainer] | None = None) -> LNMTrainer:
-    """The trainer of one fold, its model folder prepared (plans, dataset.json and fingerprint copied)."""
+                  trainer_cls: type[LNMTrainer] | None = None, raw_root: Path | None = None) -> LNMTrainer:
+    """The trainer of one fold, its model folder prepared (plans, dataset.json and fingerprint copied).
+    ``raw_root`` is where the radiomics configuration reads the raw images (default $LNM_raw)."""
     name = resolve_preprocessed_dataset(dataset, preprocessed_root)
     pre = Path(preprocessed_root) / name
     plans = Plans.load(pre / f"{plans_name}.json")
     check_configuration(plans, configuration)
     config = plans.configuration(configuration)
     if trainer_cls is None:
-        trainer_cls, epochs_in_name = trainer_class(trainer_name)
+        trainer_cls, epochs_in_name = trainer_class(trainer_name_for_configuration(config, trainer_name))
         if num_epochs is not None and epochs_in_name is not None and num_epochs != epochs_in_name:
             raise LNMError(f"-tr {trainer_name} names {epochs_in_name} epochs but --epochs says {num_epochs}; give one")
         num_epochs = num_epochs if num_epochs is not None else epochs_in_name
@@ -98,10 +100,33 @@ def setup_trainer(dataset: str | int, configuration: str, fold: str, preprocesse
                        f"plans name (-p) or move {out} away")
     trainer = trainer_cls(plans, configuration, fold_value, pre, out / f"fold_{fold_value}", resolve_device(device),
                           epochs, num_workers=num_workers, splits=splits)
+    if raw_root is not None:
+        trainer.raw_root = Path(raw_root)
     plans.save(saved)
     for f in ("dataset.json", FINGERPRINT_FILE):
         atomic_copy(pre / f, out / f)
     return trainer
+
+
+def trainer_name_for_configuration(config: ConfigurationPlan, trainer_name: str) -> str:
+    """The radiomics configuration is fitted by RadiomicsTrainer (the default trainer name maps to it); the
+    network trainers cannot fit it, nor it a network."""
+    radiomics = isinstance(config.network, RadiomicsTopology)
+    cls_name = split_trainer_name(trainer_name)[0]
+    if radiomics and cls_name == LNMTrainer.__name__:
+        return "RadiomicsTrainer"
+    if radiomics != (cls_name == "RadiomicsTrainer"):
+        raise LNMError(f"-tr {trainer_name} cannot train the configuration '{config.name}': "
+                       + ("radiomics is fitted by RadiomicsTrainer" if radiomics else
+                          "RadiomicsTrainer only fits the radiomics configuration"))
+    return trainer_name
+
+
+def recommended_scheme(plans: Plans, configuration: str) -> list[str]:
+    """The trainers the plans recommend for the dataset's label mix (radiomics: its own trainer)."""
+    if isinstance(plans.configuration(configuration).network, RadiomicsTopology):
+        return ["RadiomicsTrainer"]
+    return list(plans.recommended_trainers)
 
 
 def setup_pretrainer(dataset, configuration: str, fold: str, preprocessed_root: Path, results_root: Path,

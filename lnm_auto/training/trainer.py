@@ -6,7 +6,7 @@ background workers; per epoch validation AUROC on the fold's validation patients
 level, see training/validation.py), ``checkpoint_best`` by an EMA (0.9 old + 0.1 new) of it,
 ``checkpoint_latest`` every epoch, ``checkpoint_final`` at the end.
 
-Hooks a variant overrides (nothing else): ``default_num_epochs``, ``configure_optimizers``,
+Hooks a variant overrides (nothing else): ``default_num_epochs``, ``build_network``, ``configure_optimizers``,
 ``training_records``, ``validation_records``, ``batch_groups``, ``make_loader``, ``steps_per_epoch``,
 ``network_outputs``, ``compute_loss``, ``after_optimizer_step``, ``on_train_start``, ``on_epoch_start``,
 ``on_epoch_end``, ``on_train_end``, ``checkpoint_state`` / ``restore_state``.
@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from lnm_auto.evaluation.metrics import binary_metrics
+from lnm_auto.evaluation.report import metric_settings, metrics_document, validation_metrics
 from lnm_auto.networks import load_pretrained_weights, network_for
 from lnm_auto.networks.node_predictor import predict_node_crops
 from lnm_auto.planning.plans import ConfigurationPlan, Plans
@@ -33,7 +33,7 @@ from lnm_auto.training.progress import TrainingLog, progress_bar
 from lnm_auto.training.validation import auroc_or_nan, bce, validation_level, validation_units
 from lnm_auto.utils.checkpoints import load_checkpoint, save_checkpoint
 from lnm_auto.utils.errors import LNMError
-from lnm_auto.utils.io import save_csv_atomic, save_json
+from lnm_auto.utils.io import atomic_path, save_csv_atomic, save_json
 
 GRAD_CLIP_NORM = 12.0
 EMA_KEEP = 0.9
@@ -67,7 +67,7 @@ class LNMTrainer:
         self.train_cases, self.val_cases = self._fold_cases(splits)
         self.store = CropStore(self.crops_dir, self.config.scales)
         torch.manual_seed(seed)  # same initial weights for the same seed
-        self.network = network_for(plans, self.config).to(self.device)
+        self.network = self.build_network()
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
         self.loss_fn = nn.BCEWithLogitsLoss()
         self.output_folder.mkdir(parents=True, exist_ok=True)
@@ -87,6 +87,10 @@ class LNMTrainer:
     def default_num_epochs(cls, config: ConfigurationPlan) -> int:
         """The default number of epochs (the plan's)."""
         return config.recipe.num_epochs
+
+    def build_network(self) -> nn.Module:
+        """The configuration's network, as the plans size it."""
+        return network_for(self.plans, self.config).to(self.device)
 
     def configure_optimizers(self):
         """(optimizer, per-epoch lr scheduler): the recipe's optimizer (SGD with Nesterov momentum, or AdamW for
@@ -242,14 +246,16 @@ class LNMTrainer:
         return np.concatenate(probs) if probs else np.zeros(0)
 
     def validate(self) -> dict:
-        """Loss and AUROC on the validation cases at the finest labelled level."""
+        """Loss and AUROC on the validation cases at the finest labelled level; ``nodes``: every validation node
+        with its probability (labelled or not)."""
         records = self.validation_records()
+        nodes = records.assign(probability=self.predict_records(records)) if len(records) else None
         level = validation_level(records) if len(records) else None
         if level is None:
-            return {"loss": float("nan"), "auroc": float("nan"), "level": "no", "units": None}
-        units = validation_units(records, self.predict_records(records), level)
+            return {"loss": float("nan"), "auroc": float("nan"), "level": "no", "units": None, "nodes": nodes}
+        units = validation_units(records, nodes["probability"].to_numpy(), level)
         y, p = units["label"].to_numpy(), units["probability"].to_numpy()
-        return {"loss": bce(y, p), "auroc": auroc_or_nan(y, p), "level": level, "units": units}
+        return {"loss": bce(y, p), "auroc": auroc_or_nan(y, p), "level": level, "units": units, "nodes": nodes}
 
     def _say_validation_level(self, records: pd.DataFrame) -> None:
         level = validation_level(records) if len(records) else None
@@ -263,22 +269,24 @@ class LNMTrainer:
         self.log.print(f"validation at {level} level: {len(units)} labelled units ({n_pos} positive){note}")
 
     def export_validation(self, checkpoint: str = "checkpoint_final.pth", save_probabilities: bool = False) -> None:
-        """validation/<level>s.csv (the fold's validation predictions by the network as loaded from
-        ``checkpoint``, named in metrics.json), validation/metrics.json (documentation/outputs.md) and, with
-        ``save_probabilities``, validation/probabilities.npz (case, node, probability of every validation node)."""
-        from lnm_auto.evaluation.report import metric_settings, metrics_document, validation_metrics
-        from lnm_auto.utils.io import atomic_path
+        """validation/<level>s.csv (the fold's labelled validation units by the model as loaded from
+        ``checkpoint``, named in metrics.json), validation/metrics.json (documentation/outputs.md),
+        validation/predictions.csv (every validation node, labelled or not: what lnm_find_best_configuration
+        pools) and, with ``save_probabilities``, validation/probabilities.npz (case, node, probability)."""
         val = self.validate()
         out = self.output_folder / "validation"
         source = {"model_folder": str(self.output_folder.parent), "fold": str(self.fold), "checkpoint": checkpoint,
                   "validation_level": val["level"] if val["units"] is not None else "none"}
-        if save_probabilities:   # nnU-Net's --npz: every validation node, labelled or not
-            records = self.validation_records()
+        nodes = val["nodes"]
+        if nodes is not None:
+            save_csv_atomic(nodes[["case", "node", "station", "label", "station_label", "patient_label",
+                                   "probability"]], out / "predictions.csv")
+        if save_probabilities and nodes is not None:   # nnU-Net's --npz
             with atomic_path(out / "probabilities.npz", suffix=".npz") as tmp:
                 # plain str / int / float arrays: np.load(..., allow_pickle=False) reads them
-                np.savez_compressed(tmp, case=records["case"].to_numpy().astype(str),
-                                    node=records["node"].to_numpy().astype(np.int64),
-                                    probability=self.predict_records(records).astype(np.float64))
+                np.savez_compressed(tmp, case=nodes["case"].to_numpy().astype(str),
+                                    node=nodes["node"].to_numpy().astype(np.int64),
+                                    probability=nodes["probability"].to_numpy(np.float64))
         if val["units"] is None:
             save_json(metrics_document("validation", source, metric_settings(0, 0), {}, ["no labelled validation data"]),
                       out / "metrics.json")

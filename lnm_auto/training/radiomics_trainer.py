@@ -1,0 +1,105 @@
+"""``lnm_train DATASET radiomics FOLD``: the classical configuration, trained like every other one.
+
+Same folds, same fold folder, same ``validation/`` outputs and the same validation-level rule as the deep
+configurations (it reuses LNMTrainer's folds, logging and validation export): only the model differs. The
+model is IBSI node features (lnm_auto.radiomics, computed once per dataset from the raw images in $LNM_raw and
+cached in the preprocessed folder) + a scikit-learn classifier chosen by patient-grouped inner CV on the
+training fold, stored as JSON (``fold_<k>/radiomics_model.json``: no pickle, safe to share). There is no
+epoch loop: fitting takes seconds.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lnm_auto.planning.learning_scheme import RadiomicsTopology
+from lnm_auto.planning.plans import ConfigurationPlan
+from lnm_auto.radiomics.classifier import RadiomicsClassifier
+from lnm_auto.radiomics.dataset_features import dataset_node_features
+from lnm_auto.radiomics.features import FEATURE_COLUMNS
+from lnm_auto.training.trainer import LNMTrainer
+from lnm_auto.utils.errors import LNMError
+from lnm_auto.utils.io import load_json
+from lnm_auto.utils.paths import base_folder
+
+MODEL_FILE = "radiomics_model.json"
+
+
+class RadiomicsTrainer(LNMTrainer):
+    """Fits the radiomics classifier on the fold's node-labelled training nodes."""
+
+    raw_root: Path | None = None     # the raw data folder (else $LNM_raw): features come from the raw images
+    classifier: RadiomicsClassifier | None = None
+    _features: pd.DataFrame | None = None
+
+    @classmethod
+    def default_num_epochs(cls, config: ConfigurationPlan) -> int:
+        """One fit."""
+        return 1
+
+    def build_network(self):
+        """No network: the model is the classifier fitted in run_training."""
+        if not isinstance(self.config.network, RadiomicsTopology):
+            raise LNMError(f"RadiomicsTrainer trains the 'radiomics' configuration, not '{self.config.name}'")
+        return None
+
+    def configure_optimizers(self):
+        """Nothing to optimise by gradient descent."""
+        return None, None
+
+    def features(self) -> pd.DataFrame:
+        """Node features of every case (index (case, node)), computed once per dataset and cached."""
+        if self._features is None:
+            raw = Path(self.raw_root or base_folder("raw")) / self.plans.dataset_name
+            cache = self.preprocessed_dataset / f"{self.plans.plans_name}_radiomics"
+            table = dataset_node_features(raw, self.config.network, cache, max(1, self.num_workers),
+                                          log=self.log.print)
+            self._features = table.set_index(["case", "node"])
+        return self._features
+
+    def feature_rows(self, records: pd.DataFrame) -> pd.DataFrame:
+        """The feature rows of ``records`` (rows of nodes_index.csv), in their order."""
+        keys = pd.MultiIndex.from_arrays([records["case"].astype(str), records["node"].astype(int)])
+        missing = keys.difference(self.features().index)
+        if len(missing):
+            raise LNMError(f"radiomics features missing for node(s) {list(missing[:3])}: the raw dataset and the "
+                           "preprocessed data disagree; re-run lnm_plan_and_preprocess")
+        return self.features().loc[keys, FEATURE_COLUMNS]
+
+    def patient_groups(self, records: pd.DataFrame) -> np.ndarray:
+        """The patient of each record (inner CV never splits a patient)."""
+        fingerprint = load_json(self.preprocessed_dataset / "dataset_fingerprint.json")
+        return np.asarray([fingerprint["cases"][c].get("patient", c) for c in records["case"]])
+
+    def run_training(self, stop_after_epoch: int | None = None) -> None:
+        """Fit, save radiomics_model.json, export the fold's validation like every configuration."""
+        records = self.training_records()
+        self.log.print(f"training {self.trainer_name} {self.plans.plans_name} radiomics fold {self.fold}: "
+                       f"{len(records)} node-labelled training nodes ({int((records.label == 1).sum())} positive)")
+        self.on_train_start()
+        self.classifier = RadiomicsClassifier(self.seed).fit(self.feature_rows(records), records["label"].to_numpy(),
+                                                             self.patient_groups(records))
+        scores = ", ".join(f"{k} {v:.3f}" for k, v in self.classifier.inner_cv_auroc.items())
+        self.log.print(f"inner-CV AUROC: {scores}; chosen: {self.classifier.chosen_model}")
+        self.classifier.save(self.output_folder / MODEL_FILE)
+        self.current_epoch = 1
+        self.export_validation(MODEL_FILE)
+
+    def predict_records(self, records: pd.DataFrame, network=None) -> np.ndarray:
+        """Probabilities of the fitted classifier for cached nodes."""
+        if self.classifier is None:
+            path = self.output_folder / MODEL_FILE
+            if not path.is_file():
+                raise LNMError(f"{path}: missing; train this fold first")
+            self.classifier = RadiomicsClassifier.load(path)
+        return self.classifier.predict_proba(self.feature_rows(records)) if len(records) else np.zeros(0)
+
+    def load_checkpoint(self, path: Path) -> dict:
+        """Nothing to continue: the model is fitted in one step."""
+        raise LNMError("the radiomics configuration trains in one step (seconds): run lnm_train again without --c")
+
+    def load_pretrained(self, path: Path) -> dict:
+        """No network to initialise."""
+        raise LNMError("the radiomics configuration has no network: -pretrained_weights does not apply")
