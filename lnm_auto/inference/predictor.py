@@ -237,6 +237,11 @@ def prepare_output(output_dir: Path, info_file: Path, settings: dict, case_ids: 
     remove = previous_cases | set(case_ids) if overwrite else previous_cases - set(case_ids)
     for f in tables + [f for c in sorted(remove) for f in case_files(output_dir, c)]:
         f.unlink(missing_ok=True)
+    ours = {f.name for c in previous_cases | set(case_ids) for f in case_files(output_dir, c)}
+    ours |= {f.name for f in tables} | {info_file.name}
+    for leftover in [*output_dir.glob(".*"), *(output_dir / CASE_ROWS).glob(".*")]:   # temp files of a killed run
+        if leftover.is_file() and leftover.name[1:].split(".")[0] in {n.split(".")[0] for n in ours}:
+            leftover.unlink(missing_ok=True)
     if overwrite:
         return set()
     return {c for c in case_ids if c in previous_cases and (output_dir / CASE_ROWS / f"{c}.csv").is_file()

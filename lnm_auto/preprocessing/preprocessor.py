@@ -230,6 +230,8 @@ def run_preprocessing(ds: RawDataset, plans: Plans, preprocessed_dataset: Path, 
     if clean and out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in out_dir.glob(".*.tmp"):   # half-written temp files of a run that was killed
+        leftover.unlink(missing_ok=True)
     plans_key = plans_digest(plans)
     labels = _case_labels(ds)
     args = []
