@@ -183,3 +183,10 @@ def test_positive_bag_never_loses_its_evidence():
     nodes = pd.DataFrame({"label": [-1] * 31, "station_label": [0] * 28 + [1] * 3})
     kept = subsample_bag(list(range(31)), nodes, 1, rs)
     assert {28, 29, 30} <= set(kept)
+
+
+def test_random_bytes_are_not_a_checkpoint_rather_than_refused_code(tmp_path):
+    path = tmp_path / "checkpoint_final.pth"
+    path.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(LNMError, match="not a checkpoint"):
+        load_checkpoint(path)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 import SimpleITK as sitk
 
 pytestmark = pytest.mark.slow   # trains models or runs the pipeline: deselect with -m "not slow"

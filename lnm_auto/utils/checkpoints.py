@@ -31,6 +31,8 @@ def load_checkpoint(path: str | Path, plans_identifier: str | None = None,
     path = Path(path)
     if not path.is_file():
         raise LNMError(f"{path}: checkpoint not found")
+    if not zipfile.is_zipfile(path):   # torch.save writes a zip archive; anything else is not a checkpoint
+        raise LNMError(f"{path}: not a checkpoint (not a torch zip archive): damaged, truncated or another kind of file")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
