@@ -1,0 +1,90 @@
+"""What every command shares at the command-line boundary.
+
+At this boundary: bad input (LNMError) is one line per problem and exit status 1, our own bugs keep their
+traceback, and warnings raised inside third-party packages (torch, pandas, scikit-learn, batchgenerators)
+are hidden; lnm_auto's own warnings always show. ``LNM_DEBUG=1`` shows every warning and the traceback of
+input errors too.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+import warnings
+from typing import Callable
+
+from lnm_auto.utils.errors import LNMError
+from lnm_auto.utils.threads import configure_threads
+
+
+DEBUG_ENV = "LNM_DEBUG"
+NO_PROGRESS_ENV = "LNM_NO_PROGRESS"            # read by lnm_auto.training.progress.show_progress
+OWN_PACKAGE = r"lnm_auto(\.|$)"
+DEVICE_HELP = ("auto (cuda when available, then mps, then cpu; the command prints which), cuda, mps or cpu "
+               "(default: %(default)s)")
+
+
+def debug_mode() -> bool:
+    """$LNM_DEBUG=1: every warning, and tracebacks for input errors too."""
+    return os.environ.get(DEBUG_ENV, "0") == "1"
+
+
+def hide_third_party_warnings() -> None:
+    """Ignore warnings raised from modules outside lnm_auto (a torch FutureWarning at import, pandas and
+    scikit-learn deprecations): users cannot act on them. Warnings attributed to lnm_auto code still show."""
+    warnings.filterwarnings("ignore", module=f"(?!{OWN_PACKAGE})")
+
+
+def _run(prog: str, fn: Callable[[argparse.Namespace], int | None], parser: argparse.ArgumentParser,
+         argv: list[str] | None) -> int:
+    args = parser.parse_args(argv)
+    debug = debug_mode()
+    saved_no_progress = os.environ.get(NO_PROGRESS_ENV)
+    if getattr(args, "disable_progress_bar", False):
+        os.environ[NO_PROGRESS_ENV] = "1"    # the switch every progress bar reads, worker processes included
+    try:
+        with warnings.catch_warnings():      # filters restored afterwards (commands also run in-process)
+            if debug:
+                warnings.simplefilter("default")
+            else:
+                hide_third_party_warnings()
+            configure_threads(getattr(args, "num_threads", None))   # before torch loads: documentation/threads.md
+            return int(fn(args) or 0)
+    except LNMError as e:
+        if debug:
+            traceback.print_exc()
+        for line in str(e).splitlines():
+            print(f"{prog}: error: {line}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if saved_no_progress is None:
+            os.environ.pop(NO_PROGRESS_ENV, None)
+        else:
+            os.environ[NO_PROGRESS_ENV] = saved_no_progress
+
+
+def _add_location_flags(p: argparse.ArgumentParser, *kinds: str) -> None:
+    for kind in kinds:
+        p.add_argument(f"--{kind}", default=None, metavar="DIR",
+                       help=f"{kind} data folder (default: $LNM_{kind})")
+
+
+def _add_progress_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--disable_progress_bar", action="store_true",
+                   help="no progress bars, whole lines only (same as $LNM_NO_PROGRESS=1; bars are off anyway when "
+                        "stdout is not a terminal) (default: bars on a terminal)")
+
+
+def _say_device(requested: str) -> str:
+    """Resolve -device and print the choice (auto picks cuda, then mps, then cpu)."""
+    from lnm_auto.training.run import resolve_device
+    device = resolve_device(requested)
+    how = "picked automatically: cuda > mps > cpu; choose with -device" if requested.lower() == "auto" else "-device"
+    print(f"device: {device} ({how})", flush=True)
+    return device
+
+

@@ -1,0 +1,153 @@
+"""lnm_predict, lnm_export_model and lnm_evaluate."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from lnm_auto.cli.common import DEVICE_HELP, _add_location_flags, _add_progress_flag, _run, _say_device
+from lnm_auto.utils.paths import base_folder
+
+
+# ---- lnm_predict ----------------------------------------------------------------------------------
+def predict_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lnm_predict", description="Score every lymph node of new cases with the fold "
+                                                                "ensemble of a trained model.")
+    p.add_argument("-i", "--input", required=True, help="folder of cases (see documentation/outputs.md)")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("-d", "--dataset", default=None,
+                   help="dataset of the model (default: the only trained model's)")
+    p.add_argument("-c", "--configuration", default=None,
+                   help="configuration of the model (default: with -d, the model or ensemble lnm_find_best_configuration "
+                        "chose; else the only trained model's)")
+    p.add_argument("-tr", "--trainer", default="LNMTrainer", help="trainer of the model (default: %(default)s)")
+    p.add_argument("-p", "--plans_name", default="LNMPlans", help="plans of the model (default: %(default)s)")
+    p.add_argument("-m", "--model", default=None,
+                   help="a model folder or a zip from lnm_export_model (default: found from -d/-c in $LNM_results)")
+    p.add_argument("-f", "--folds", nargs="+", default=None, help="folds to ensemble (default: every planned fold)")
+    p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth",
+                   help="checkpoint file of each fold (default: %(default)s)")
+    p.add_argument("-device", "--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("-npp", "--num_processes_preprocessing", type=int, default=1,
+                   help="processes preprocessing cases (default: %(default)s)")
+    p.add_argument("--disable_tta", action="store_true", help="no test-time mirroring, 4x faster (default: mirror)")
+    p.add_argument("--no_probmaps", action="store_true",
+                   help="do not write <case>_probmap.nii.gz (default: write them)")
+    p.add_argument("--quiet", action="store_true", help="no progress output (default: progress shown)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo cases already predicted in -o and replace that folder's previous outputs (default: "
+                        "skip finished cases, refuse outputs of other settings)")
+    p.add_argument("-num_parts", "--num_parts", type=int, default=1,
+                   help="split the cases into this many parts, e.g. one per machine (default: %(default)s)")
+    p.add_argument("-part_id", "--part_id", type=int, default=0,
+                   help="which part this run predicts, 0..num_parts-1; each part writes nodes_part<K>.csv "
+                        "(default: %(default)s)")
+    _add_progress_flag(p)
+    _add_location_flags(p, "results")
+    return p
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from lnm_auto.inference.model import find_model
+    from lnm_auto.inference.predictor import predict_folder
+    from lnm_auto.inference.ensemble import chosen_models, predict_ensemble
+    from lnm_auto.utils.paths import resolve_dataset_name
+    results = Path(args.results) if args.results else (Path(os.environ["LNM_results"]) if os.environ.get("LNM_results") else None)
+    chosen = None
+    if args.model is None and args.configuration is None and args.dataset is not None and results is not None:
+        chosen = chosen_models(results / resolve_dataset_name(args.dataset, results))   # lnm_find_best_configuration
+    if chosen:
+        print(f"model chosen by lnm_find_best_configuration: {' + '.join(c.name for c in chosen)}", flush=True)
+    if chosen and len(chosen) > 1:
+        info = predict_ensemble(Path(args.input), Path(args.output), chosen, _say_device(args.device),
+                                args.num_processes_preprocessing, not args.disable_tta, not args.no_probmaps,
+                                not args.quiet, args.overwrite)
+        print(f"{info['n_nodes']} nodes of {info['n_cases']} case(s) scored by the ensemble; results in {args.output}")
+        return 0
+    folder = chosen[0] if chosen else find_model(results, args.dataset, args.configuration, args.trainer,
+                                                 args.plans_name, args.model)
+    device = _say_device(args.device)
+    info = predict_folder(Path(args.input), Path(args.output), folder, args.folds, args.checkpoint,
+                          device, args.num_processes_preprocessing, not args.disable_tta,
+                          not args.no_probmaps, not args.quiet, args.overwrite, args.num_parts,
+                          args.part_id)
+    print(f"{info['n_nodes']} nodes of {info['n_cases']} case(s) scored by folds {', '.join(info['folds'])} of "
+          f"{folder}; results in {args.output}")
+    return 0
+
+
+def predict_entry(argv: list[str] | None = None) -> int:
+    return _run("lnm_predict", _predict, predict_parser(), argv)
+
+
+def predict_cli() -> None:
+    sys.exit(predict_entry())
+
+
+# ---- lnm_export_model -----------------------------------------------------------------------------
+def export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lnm_export_model", description="Pack a trained model into one zip.")
+    p.add_argument("-d", "--dataset", required=True, help="dataset id: 001, 1 or Dataset001_Name")
+    p.add_argument("-c", "--configuration", required=True, help="configuration of the model, e.g. 2d25")
+    p.add_argument("-o", "--output", required=True, help="the zip to write")
+    p.add_argument("-tr", "--trainer", default="LNMTrainer", help="trainer of the model (default: %(default)s)")
+    p.add_argument("-p", "--plans_name", default="LNMPlans", help="plans of the model (default: %(default)s)")
+    p.add_argument("-f", "--folds", nargs="+", default=None, help="folds to pack (default: every trained fold)")
+    p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth",
+                   help="checkpoint file of each fold (default: %(default)s)")
+    _add_location_flags(p, "results")
+    return p
+
+
+def _export(args: argparse.Namespace) -> int:
+    from lnm_auto.inference.model import export_model, find_model
+    folder = find_model(base_folder("results", args.results), args.dataset, args.configuration, args.trainer,
+                        args.plans_name)
+    out = export_model(folder, Path(args.output), args.folds, args.checkpoint)
+    print(f"model {folder.name} written to {out}")
+    return 0
+
+
+def export_entry(argv: list[str] | None = None) -> int:
+    return _run("lnm_export_model", _export, export_parser(), argv)
+
+
+def export_cli() -> None:
+    sys.exit(export_entry())
+
+
+# ---- lnm_evaluate ---------------------------------------------------------------------------------
+def evaluate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lnm_evaluate", description="AUROC, operating points, bootstrap CIs, DeLong; "
+                                                                 "node, station and patient level.")
+    p.add_argument("-ref", "--reference", required=True, help="reference nodes CSV: case,node,station,label")
+    p.add_argument("-pred", "--prediction", required=True, help="predicted nodes.csv from lnm_predict")
+    p.add_argument("-o", "--output", required=True, help="report folder")
+    p.add_argument("--ref_stations", default=None,
+                   help="reference stations CSV (default: station labels derived from node labels)")
+    p.add_argument("--ref_patients", default=None,
+                   help="reference patients CSV (default: patient labels derived from node labels)")
+    p.add_argument("--compare", default=None,
+                   help="a second nodes.csv: DeLong test of the AUROC difference (default: no comparison)")
+    p.add_argument("--n_bootstrap", type=int, default=1000,
+                   help="patient-bootstrap resamples for the 95%% CIs, 0 for none (default: %(default)s)")
+    return p
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from lnm_auto.evaluation.report import evaluate, format_table
+    metrics = evaluate(args.reference, args.prediction, args.output, args.ref_stations, args.ref_patients,
+                       args.compare, n_bootstrap=args.n_bootstrap)
+    print(format_table(metrics))
+    print(f"report: {Path(args.output) / 'metrics.json'}, {Path(args.output) / 'roc.png'}, "
+          f"{Path(args.output) / 'calibration.png'}")
+    return 0
+
+
+def evaluate_entry(argv: list[str] | None = None) -> int:
+    return _run("lnm_evaluate", _evaluate, evaluate_parser(), argv)
+
+
+def evaluate_cli() -> None:
+    sys.exit(evaluate_entry())

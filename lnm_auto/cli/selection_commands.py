@@ -1,0 +1,87 @@
+"""lnm_find_best_configuration and lnm_accumulate_crossval_results."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from lnm_auto.cli.common import _add_location_flags, _run
+from lnm_auto.utils.paths import ENV_VARS, base_folder
+
+
+# ---- lnm_find_best_configuration ------------------------------------------------------------------
+def find_best_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lnm_find_best_configuration",
+                                description="Score every trained model with all folds complete, and every ensemble "
+                                            "of 2-3 of them, on the pooled out-of-fold predictions; choose one for "
+                                            "lnm_predict (documentation/model_selection.md).")
+    p.add_argument("-d", "--dataset", required=True, help="dataset id: 001, 1 or Dataset001_Name")
+    p.add_argument("-f", "--folds", type=int, default=5, help="number of cross-validation folds (default: %(default)s)")
+    p.add_argument("--max_members", type=int, default=3, help="largest ensemble tried (default: %(default)s)")
+    p.add_argument("--n_bootstrap", type=int, default=1000,
+                   help="patient-bootstrap resamples for the CIs (default: %(default)s)")
+    p.add_argument("-p", "--plans_name", default="LNMPlans",
+                   help="plans whose crop caches give the size-rule row (default: %(default)s)")
+    _add_location_flags(p, "preprocessed", "results")
+    return p
+
+
+def _find_best(args: argparse.Namespace) -> int:
+    from lnm_auto.evaluation.crossval import find_best_configuration, size_rule_table
+    from lnm_auto.utils.paths import resolve_dataset_name
+    results = base_folder("results", args.results)
+    name = resolve_dataset_name(args.dataset, results)
+    size_rule = None
+    if args.preprocessed or os.environ.get(ENV_VARS["preprocessed"]):   # the size-rule row needs the crop caches
+        crops = base_folder("preprocessed", args.preprocessed) / name / f"{args.plans_name}_crops"
+        size_rule = size_rule_table(crops) if crops.is_dir() else None
+    out = find_best_configuration(results / name, args.folds, args.max_members, args.n_bootstrap, size_rule)
+    print((results / name / "crossval_table.md").read_text())
+    print(f"chosen: {' + '.join(out['chosen'])} ({out['instructions']['selected_by']}); written: "
+          f"{results / name / 'inference_instructions.json'}, crossval_table.md, crossval_table.png")
+    return 0
+
+
+def find_best_entry(argv: list[str] | None = None) -> int:
+    return _run("lnm_find_best_configuration", _find_best, find_best_parser(), argv)
+
+
+def find_best_cli() -> None:
+    sys.exit(find_best_entry())
+
+
+# ---- lnm_accumulate_crossval_results --------------------------------------------------------------
+def accumulate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lnm_accumulate_crossval_results",
+                                description="Pool the out-of-fold validation predictions of one model's folds into "
+                                            "<model>/crossval_results/nodes.csv.")
+    p.add_argument("-d", "--dataset", required=True, help="dataset id: 001, 1 or Dataset001_Name")
+    p.add_argument("-c", "--configuration", required=True, help="configuration of the model, e.g. 2d25")
+    p.add_argument("-tr", "--trainer", default="LNMTrainer", help="trainer run name (default: %(default)s)")
+    p.add_argument("-p", "--plans_name", default="LNMPlans", help="plans name (default: %(default)s)")
+    p.add_argument("-f", "--folds", type=int, default=5, help="number of cross-validation folds (default: %(default)s)")
+    _add_location_flags(p, "results")
+    return p
+
+
+def _accumulate(args: argparse.Namespace) -> int:
+    from lnm_auto.evaluation.crossval import accumulate_crossval_results
+    from lnm_auto.utils.errors import LNMError
+    from lnm_auto.utils.paths import resolve_dataset_name
+    results = base_folder("results", args.results)
+    folder = results / resolve_dataset_name(args.dataset, results) / f"{args.trainer}__{args.plans_name}__{args.configuration}"
+    if not folder.is_dir():
+        raise LNMError(f"{folder}: no such model folder")
+    pooled = accumulate_crossval_results(folder, args.folds)
+    if pooled is None:
+        raise LNMError(f"{folder}: not every fold 0..{args.folds - 1} has validation/predictions.csv; train them first")
+    print(f"{len(pooled)} nodes of {pooled['case'].nunique()} cases -> {folder / 'crossval_results' / 'nodes.csv'}")
+    return 0
+
+
+def accumulate_entry(argv: list[str] | None = None) -> int:
+    return _run("lnm_accumulate_crossval_results", _accumulate, accumulate_parser(), argv)
+
+
+def accumulate_cli() -> None:
+    sys.exit(accumulate_entry())

@@ -1,0 +1,115 @@
+"""lnm_train and lnm_pretrain."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lnm_auto.cli.common import DEVICE_HELP, _add_location_flags, _add_progress_flag, _run, _say_device
+from lnm_auto.utils.errors import LNMError
+from lnm_auto.utils.paths import base_folder
+
+
+# ---- lnm_train ------------------------------------------------------------------------------------
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lnm_train", description="Train one fold of one configuration, or re-run the "
+                                                              "validation of a trained fold (--val).")
+    p.add_argument("dataset", help="dataset id: 001, 1 or Dataset001_Name")
+    p.add_argument("configuration", help="a configuration of the plans, e.g. 2d25 or 3d_resenc")
+    p.add_argument("fold", help="fold number (0..4) or 'all'")
+    p.add_argument("-tr", "--trainer", default=None,
+                   help="trainer class, optionally NAME_<N>epochs (default: the scheme the plans recommend for the "
+                        "dataset's label mix, e.g. LNMTrainer then LNMTrainerPGLS, each stage in its own model folder; "
+                        "radiomics: RadiomicsTrainer)")
+    p.add_argument("-p", "--plans_name", default="LNMPlans", help="plans to train with (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="override the number of epochs (default: the trainer's, from the plans)")
+    p.add_argument("-pretrained_weights", "--pretrained_weights", default=None, metavar="FILE",
+                   help="state dict (or checkpoint) whose matching tensors initialise the network (default: none)")
+    p.add_argument("--c", "--continue", dest="continue_training", action="store_true",
+                   help="continue from checkpoint_latest.pth (checkpoint_final.pth for a finished fold) "
+                        "(default: start afresh)")
+    p.add_argument("--val", action="store_true",
+                   help="only re-run the validation of a trained fold with checkpoint_final.pth, no training "
+                        "(default: train)")
+    p.add_argument("--val_best", action="store_true",
+                   help="validate with checkpoint_best.pth instead of checkpoint_final.pth: after training, or alone "
+                        "with --val (default: final)")
+    p.add_argument("--npz", action="store_true",
+                   help="also save every validation node's probability as validation/probabilities.npz "
+                        "(default: not saved)")
+    p.add_argument("-device", "--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("-num_workers", "--num_workers", type=int, default=None,
+                   help="background augmentation processes (default: $LNM_n_proc_DA or cores - 1)")
+    _add_progress_flag(p)
+    _add_location_flags(p, "raw", "preprocessed", "results")
+    return p
+
+
+def _train(args: argparse.Namespace) -> int:
+    from lnm_auto.training.run import run_training, run_validation, setup_trainer, training_scheme
+    if args.val and (args.continue_training or args.pretrained_weights):
+        raise LNMError("--val only validates a trained fold; leave out --c and -pretrained_weights")
+    device = _say_device(args.device)
+    preprocessed, results = base_folder("preprocessed", args.preprocessed), base_folder("results", args.results)
+    raw = args.raw or None   # radiomics reads the raw images ($LNM_raw when not given)
+    stages = training_scheme(args.dataset, args.configuration, preprocessed, args.plans_name, args.trainer)
+    if len(stages) > 1:
+        print(f"training scheme (the plans' recommendation for this label mix): {' -> '.join(stages)}")
+    checkpoint = "checkpoint_best.pth" if args.val_best else "checkpoint_final.pth"
+    for i, stage in enumerate(stages):
+        trainer = setup_trainer(args.dataset, args.configuration, args.fold, preprocessed, results, stage,
+                                args.plans_name, device, args.epochs, args.num_workers, raw_root=raw)
+        if not args.val:
+            run_training(trainer, args.continue_training, args.pretrained_weights if i == 0 else None,
+                         save_probabilities=args.npz and not args.val_best)
+            if not args.val_best:
+                print(f"results in {trainer.output_folder}")
+                continue
+        run_validation(trainer, checkpoint, args.npz)
+        print(f"validation with {checkpoint} in {trainer.output_folder / 'validation'}")
+    return 0
+
+
+def train_entry(argv: list[str] | None = None) -> int:
+    return _run("lnm_train", _train, train_parser(), argv)
+
+
+def train_cli() -> None:
+    sys.exit(train_entry())
+
+
+# ---- lnm_pretrain ---------------------------------------------------------------------------------
+def pretrain_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lnm_pretrain", description="WSP positional contrastive pre-training on all "
+                                                                 "nodes; writes weights for lnm_train -pretrained_weights.")
+    p.add_argument("dataset", help="dataset id: 001, 1 or Dataset001_Name")
+    p.add_argument("configuration", help="a configuration of the plans, e.g. 2d25 or 3d_resenc")
+    p.add_argument("fold", nargs="?", default="all",
+                   help="pre-train on this fold's training cases; use the fold you will train so its validation "
+                        "patients' weak labels stay unseen (default: %(default)s, every case)")
+    p.add_argument("-p", "--plans_name", default="LNMPlans", help="plans to use (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=None, help="number of epochs (default: 20)")
+    p.add_argument("-device", "--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("-num_workers", "--num_workers", type=int, default=None,
+                   help="background augmentation processes (default: $LNM_n_proc_DA or cores - 1)")
+    _add_progress_flag(p)
+    _add_location_flags(p, "preprocessed", "results")
+    return p
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from lnm_auto.training.run import setup_pretrainer
+    device = _say_device(args.device)
+    trainer = setup_pretrainer(args.dataset, args.configuration, args.fold, base_folder("preprocessed", args.preprocessed),
+                               base_folder("results", args.results), args.plans_name, device, args.epochs,
+                               args.num_workers)
+    print(f"pretrained weights: {trainer.run_pretraining()}")
+    return 0
+
+
+def pretrain_entry(argv: list[str] | None = None) -> int:
+    return _run("lnm_pretrain", _pretrain, pretrain_parser(), argv)
+
+
+def pretrain_cli() -> None:
+    sys.exit(pretrain_entry())
