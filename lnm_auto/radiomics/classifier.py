@@ -26,6 +26,7 @@ from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import save_json
 
 FORMAT_NAME = "lnm_auto.radiomics_classifier"
+MODEL_FILE_NAME = "radiomics_model.json"   # a radiomics fold's model, where network folds keep checkpoints
 FORMAT_VERSION = 1
 SIZE_RULE_COLUMN = "short_axis_mm"
 MAX_INNER_FOLDS = 5

@@ -24,6 +24,13 @@ def case_node_features(case: RawCase, topology: RadiomicsTopology) -> pd.DataFra
     return node_features(image, mask, modality_hint=topology.modality_hint, texture_mode=topology.texture_mode)
 
 
+def case_inputs(images: list, mask, topology: RadiomicsTopology) -> dict:
+    """What a radiomics model scores for one new case: node ids and their feature rows (lnm_predict)."""
+    table = node_features(images[topology.image_channel], mask, modality_hint=topology.modality_hint,
+                          texture_mode=topology.texture_mode)
+    return {"node_ids": table.index.to_numpy(), "radiomics_features": table[FEATURE_COLUMNS]}
+
+
 def _settings_key(case: RawCase, topology: RadiomicsTopology) -> str:
     files = [case.image_files[topology.image_channel], case.node_mask_file]
     stamp = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]

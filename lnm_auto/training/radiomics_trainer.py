@@ -16,7 +16,7 @@ import pandas as pd
 
 from lnm_auto.planning.learning_scheme import RadiomicsTopology
 from lnm_auto.planning.plans import ConfigurationPlan
-from lnm_auto.radiomics.classifier import RadiomicsClassifier
+from lnm_auto.radiomics.classifier import MODEL_FILE_NAME, RadiomicsClassifier
 from lnm_auto.radiomics.dataset_features import dataset_node_features
 from lnm_auto.radiomics.features import FEATURE_COLUMNS
 from lnm_auto.training.trainer import LNMTrainer
@@ -24,7 +24,7 @@ from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import load_json
 from lnm_auto.utils.paths import base_folder
 
-MODEL_FILE = "radiomics_model.json"
+MODEL_FILE = MODEL_FILE_NAME
 
 
 class RadiomicsTrainer(LNMTrainer):

@@ -122,6 +122,17 @@ def trainer_name_for_configuration(config: ConfigurationPlan, trainer_name: str)
     return trainer_name
 
 
+def training_scheme(dataset: str | int, configuration: str, preprocessed_root: Path, plans_name: str,
+                    trainer_name: str | None) -> list[str]:
+    """The trainers ``lnm_train`` runs in order: ``-tr`` alone when given, else the plans' recommendation."""
+    if trainer_name:
+        return [trainer_name]
+    pre = Path(preprocessed_root) / resolve_preprocessed_dataset(dataset, preprocessed_root)
+    plans = Plans.load(pre / f"{plans_name}.json")
+    check_configuration(plans, configuration)
+    return recommended_scheme(plans, configuration)
+
+
 def recommended_scheme(plans: Plans, configuration: str) -> list[str]:
     """The trainers the plans recommend for the dataset's label mix (radiomics: its own trainer)."""
     if isinstance(plans.configuration(configuration).network, RadiomicsTopology):

@@ -68,20 +68,23 @@ def pathology_guided_pseudo_labels(teacher_scores: np.ndarray, station_labels: n
 
 # ---- trainers ---------------------------------------------------------------------------------------
 def supervised_checkpoint(trainer: LNMTrainer) -> Path:
-    """The fold's supervised result of the same plans and configuration: ``LNMTrainer`` first, then its
-    runs with other epoch counts (``LNMTrainer_5epochs`` ...)."""
+    """The fold's supervised result of the same plans and configuration: the run with this trainer's epoch count
+    first (``LNMTrainerPGLS_5epochs`` starts from ``LNMTrainer_5epochs``: one scheme run with ``--epochs``), then
+    ``LNMTrainer``, then its runs with other epoch counts."""
     dataset_results = trainer.output_folder.parent.parent
     plans, config, fold = trainer.plans.plans_name, trainer.config.name, trainer.fold
+    own_epochs = split_trainer_name(trainer.trainer_name)[1]
     found = []
     for path in dataset_results.glob(f"*__{plans}__{config}/fold_{fold}/checkpoint_final.pth"):
         run_name = path.parent.parent.name.split("__")[0]
-        if split_trainer_name(run_name)[0] == LNMTrainer.__name__:
-            found.append((run_name != LNMTrainer.__name__, run_name, path))
+        cls_name, epochs = split_trainer_name(run_name)
+        if cls_name == LNMTrainer.__name__:
+            found.append((epochs != own_epochs, run_name != LNMTrainer.__name__, run_name, path))
     if not found:
         raise LNMError(f"{type(trainer).__name__} starts from a supervised model, but {dataset_results} has no "
                        f"LNMTrainer*__{plans}__{config}/fold_{fold}/checkpoint_final.pth: run lnm_train with the "
                        f"default trainer first, or pass -pretrained_weights FILE")
-    return sorted(found)[0][2]
+    return sorted(found)[0][-1]
 
 
 class LNMTrainerMeanTeacher(LNMTrainer):
