@@ -1,0 +1,105 @@
+"""Benchmark: lnm_plan_and_preprocess against what a user would run instead, nnU-Net v2's
+nnUNetv2_plan_and_preprocess, on the same images (the node mask binarised as the label), the same
+machine and the same process count: ratio of wall times and of peak memory.
+
+nnU-Net is only a benchmark dependency: ``pip install -e .[bench]``. Without it this script says so and
+exits 0.
+
+    python benchmarks/nnunet_compare.py --quick          # nnU-Net's 3d_fullres only
+    python benchmarks/nnunet_compare.py --cases 40       # nnU-Net's default configurations
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (bench_env, dataset_dir, lnm_command, machine_header, make_phantom, run_timed,  # noqa: E402
+                    write_results)
+
+DATASET_ID = 982   # the preprocessing benchmark's phantom: generated once for both
+
+_NNUNET = ("import sys\n"
+           "from nnunetv2.experiment_planning.plan_and_preprocess_entrypoints import plan_and_preprocess_entry\n"
+           "sys.argv[0] = 'nnUNetv2_plan_and_preprocess'\n"
+           "plan_and_preprocess_entry()\n")
+
+
+def nnunet_raw_dataset(lnm_raw_dataset: Path, nnunet_raw: Path, dataset_id: int) -> Path:
+    """The same training images (linked) with binarised node masks as labels, in nnU-Net's raw layout."""
+    import SimpleITK as sitk
+    out = nnunet_raw / f"Dataset{dataset_id:03d}_LNMCompare"
+    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (out / "labelsTr").mkdir(parents=True, exist_ok=True)
+    info = json.loads((lnm_raw_dataset / "dataset.json").read_text())
+    images = sorted((lnm_raw_dataset / "imagesTr").glob("*.nii.gz"))
+    for image in images:
+        link = out / "imagesTr" / image.name
+        if not link.exists():
+            link.symlink_to(image.resolve())
+    for mask_file in sorted((lnm_raw_dataset / "nodesTr").glob("*.nii.gz")):
+        label_file = out / "labelsTr" / mask_file.name
+        if not label_file.exists():
+            mask = sitk.ReadImage(str(mask_file))
+            label = sitk.Cast(mask > 0, sitk.sitkUInt8)
+            label.CopyInformation(mask)
+            sitk.WriteImage(label, str(label_file), useCompression=True)
+    dataset_json = {"channel_names": info.get("channel_names", {"0": "CT"}), "labels": {"background": 0, "node": 1},
+                    "numTraining": len(list((out / "labelsTr").glob("*.nii.gz"))), "file_ending": ".nii.gz"}
+    (out / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="10 cases, nnU-Net 3d_fullres only")
+    ap.add_argument("--cases", type=int, default=None)
+    ap.add_argument("--processes", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/lnm_bench/preprocessing"))
+    args = ap.parse_args(argv)
+    if importlib.util.find_spec("nnunetv2") is None:
+        print("nnunet_compare: skipped - nnunetv2 is not installed (pip install -e .[bench] installs it)")
+        return 0
+    cases = args.cases or (10 if args.quick else 40)
+    header, env = machine_header(), bench_env(args.workdir)
+    make_phantom(args.workdir, DATASET_ID, cases, env=env)
+    nn_root = args.workdir / "nnunet"
+    nnunet_raw_dataset(dataset_dir(args.workdir / "raw", DATASET_ID), nn_root / "raw", DATASET_ID)
+    nn_env = dict(env, nnUNet_raw=str(nn_root / "raw"), nnUNet_preprocessed=str(nn_root / "preprocessed"),
+                  nnUNet_results=str(nn_root / "results"))
+    configs = ["-c", "3d_fullres"] if args.quick else []
+    rows = []
+    for np_ in args.processes:
+        ours = run_timed(lnm_command("plan_and_preprocess", "-d", DATASET_ID, "-np", np_, "--clean", "--quiet"), env=env)
+        theirs = run_timed([sys.executable, "-c", _NNUNET, "-d", str(DATASET_ID), "-np", str(np_), "-npfp", str(np_),
+                            "--verify_dataset_integrity", "--clean", *configs], env=nn_env)
+        row = {"-np": np_, "cases": cases, "nnU-Net configurations": "3d_fullres" if configs else "default",
+               "lnm s": ours.wall_s, "nnU-Net s": theirs.wall_s, "time ratio lnm/nnU-Net": ours.wall_s / theirs.wall_s,
+               "lnm peak RSS MB": ours.peak_rss_mb, "nnU-Net peak RSS MB": theirs.peak_rss_mb,
+               "memory ratio": ours.peak_rss_mb / theirs.peak_rss_mb}
+        if ours.peak_tree_rss_mb and theirs.peak_tree_rss_mb:
+            row.update({"lnm all-process MB": ours.peak_tree_rss_mb, "nnU-Net all-process MB": theirs.peak_tree_rss_mb})
+        rows.append(row)
+        print(row, flush=True)
+    notes = ["both with --clean and dataset verification, process start included",
+             "peak RSS MB: the largest single process; all-process MB: sampled sum over the process tree (psutil)",
+             "nnU-Net reads the same image files (symlinks); its label = node mask > 0",
+             f"nnU-Net {_version('nnunetv2')}"]
+    write_results("nnunet_compare_quick" if args.quick else "nnunet_compare", header, rows, notes)
+    return 0
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "?"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
