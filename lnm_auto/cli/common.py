@@ -15,11 +15,11 @@ import warnings
 from typing import Callable
 
 from lnm_auto.utils.errors import LNMError
+from lnm_auto.utils.terminal import NO_PROGRESS_ENV
 from lnm_auto.utils.threads import configure_threads
 
 
 DEBUG_ENV = "LNM_DEBUG"
-NO_PROGRESS_ENV = "LNM_NO_PROGRESS"            # read by lnm_auto.training.progress.show_progress
 OWN_PACKAGE = r"lnm_auto(\.|$)"
 DEVICE_HELP = ("auto (cuda when available, then mps, then cpu; the command prints which), cuda, mps or cpu "
                "(default: %(default)s)")

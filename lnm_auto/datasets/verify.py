@@ -19,6 +19,7 @@ from lnm_auto.conversion.components import DEFAULT_MIN_VOLUME_MM3, needs_splitti
 from lnm_auto.datasets.raw_dataset import (SAFE_CASE_ID, RawCase, RawDataset, parse_label, read_image,
                                            read_image_header)
 from lnm_auto.utils.errors import LNMError
+from lnm_auto.utils.terminal import show_progress
 from lnm_auto.utils.processes import die_with_parent
 
 # Geometry tolerances: scanners and converters round differently; these catch real mismatches only.
@@ -257,9 +258,9 @@ def verify_dataset(ds: RawDataset, num_processes: int = 1, progress: bool = True
     cases = [ds.case(c) for c in case_ids]
     if num_processes > 1:
         with ProcessPoolExecutor(num_processes, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
-            checks = list(tqdm(pool.map(check_case, cases), total=len(cases), desc="verify", disable=not progress))
+            checks = list(tqdm(pool.map(check_case, cases), total=len(cases), desc="verify", disable=not (progress and show_progress())))
     else:
-        checks = [check_case(c) for c in tqdm(cases, desc="verify", disable=not progress)]
+        checks = [check_case(c) for c in tqdm(cases, desc="verify", disable=not (progress and show_progress()))]
     by_case = {c.case_id: c for c in checks}
     for c in checks:
         problems.extend(c.problems)

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from lnm_auto.datasets.raw_dataset import UNKNOWN, RawCase, RawDataset, read_image
 from lnm_auto.utils.errors import LNMError
+from lnm_auto.utils.terminal import show_progress
 from lnm_auto.utils.processes import die_with_parent
 from lnm_auto.preprocessing.geometry import measure_nodes, sitk_spacing_zyx, slice_axis
 
@@ -96,9 +97,9 @@ def compute_fingerprint(ds: RawDataset, num_processes: int = 1, progress: bool =
     work = _case_fingerprint_seeded
     if num_processes > 1:
         with ProcessPoolExecutor(num_processes, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
-            results = list(tqdm(pool.map(work, cases), total=len(cases), desc="fingerprint", disable=not progress))
+            results = list(tqdm(pool.map(work, cases), total=len(cases), desc="fingerprint", disable=not (progress and show_progress())))
     else:
-        results = [work(c) for c in tqdm(cases, desc="fingerprint", disable=not progress)]
+        results = [work(c) for c in tqdm(cases, desc="fingerprint", disable=not (progress and show_progress()))]
 
     node_table = ds.node_table().set_index(["case", "node"])
     station_table = ds.station_table()

@@ -36,6 +36,7 @@ from lnm_auto.preprocessing.geometry import (canonical_axes, measure_nodes, resa
                                              sitk_spacing_zyx)
 from lnm_auto.preprocessing.normalization import case_zscore_statistics, normalize
 from lnm_auto.utils.errors import LNMError
+from lnm_auto.utils.terminal import show_progress
 from lnm_auto.utils.io import save_csv_atomic, save_npz_atomic
 from lnm_auto.utils.processes import die_with_parent
 
@@ -242,7 +243,7 @@ def run_preprocessing(ds: RawDataset, plans: Plans, preprocessed_dataset: Path, 
             args.append((c, lab, digest))
     work = partial(_work, plans=plans, out_dir=out_dir)
     errors = []
-    bar = tqdm(total=len(args), desc="preprocess", disable=not progress, unit="case")
+    bar = tqdm(total=len(args), desc="preprocess", disable=not (progress and show_progress()), unit="case")
     if num_processes > 1 and len(args) > 1:
         with ProcessPoolExecutor(num_processes, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
             for _, _, err in pool.map(work, *zip(*args)):

@@ -7,8 +7,6 @@ log files never hold carriage returns.
 from __future__ import annotations
 
 import datetime
-import os
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -20,14 +18,9 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from lnm_auto.utils.io import atomic_path  # noqa: E402
+from lnm_auto.utils.terminal import show_progress  # noqa: E402
 
-NO_PROGRESS_ENV = "LNM_NO_PROGRESS"
 FEW_POINTS = 25            # up to this many epochs every point gets a marker (one epoch is one point)
-
-
-def show_progress() -> bool:
-    """Progress bars only on a terminal, and never with $LNM_NO_PROGRESS=1 (log files get whole lines)."""
-    return os.environ.get(NO_PROGRESS_ENV, "0") != "1" and sys.stdout.isatty()
 
 
 def progress_bar(total: int, desc: str, unit: str = "step") -> tqdm:

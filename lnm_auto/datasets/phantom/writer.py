@@ -17,6 +17,7 @@ from lnm_auto.datasets.phantom.case import PhantomConfig, generate_case
 from lnm_auto.datasets.phantom.labels import LabelTables, labeled_cases
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import atomic_path, load_json, save_json
+from lnm_auto.utils.terminal import show_progress
 
 PHANTOM_VERSION = 1
 FILE_ENDING = ".nii.gz"
@@ -82,7 +83,7 @@ def _write_dataset(root: Path, name: str, config: PhantomConfig, progress: bool)
     labeled = labeled_cases(config)
     n_total = config.n_cases + config.n_test_cases
     tables = LabelTables()
-    show = progress and os.environ.get("LNM_NO_PROGRESS", "0") != "1"
+    show = progress and show_progress()
     bar = tqdm(range(n_total), desc="phantom", unit="case", disable=not show)
     for index in bar:
         test = index >= config.n_cases
