@@ -210,6 +210,7 @@ def _label_mix_fingerprint(n_nodes, labelled, positive, station_for_unlabelled=0
 
 @pytest.mark.parametrize("n,labelled,positive,stations,weak,expected", [
     (100, 80, 20, 0, True, ["LNMTrainer"]),                               # plenty of node labels
+    (40, 40, 4, 0, True, ["LNMTrainer"]),                                 # every node labelled, few positives
     (100, 30, 8, 50, True, ["LNMTrainer", "LNMTrainerPGLS"]),             # scarce node labels + pathology
     (100, 30, 8, 0, True, ["LNMTrainer", "LNMTrainerMeanTeacher"]),       # scarce, no station labels
     (100, 0, 0, 0, True, ["LNMTrainerWeak"]),                             # patient / station labels only

@@ -3,7 +3,7 @@ the classical ``radiomics`` configuration. Pure functions of the fingerprint, un
 
 Label-mix rule (documentation/planning.md, "Learning scheme"); L = node-labelled nodes, P = those labelled 1,
 N = all nodes, S = unlabelled nodes whose station has a pathology label:
-* L >= 0.5 N and P >= 10                              -> LNMTrainer (node labels are plentiful)
+* L >= 0.5 N and 1 <= P < L                           -> LNMTrainer (node labels are plentiful)
 * P >= 3, L >= 10 and S >= 0.2 (N - L)                -> LNMTrainer, then LNMTrainerPGLS from it
 * P >= 3, L >= 10 (no usable station labels)          -> LNMTrainer, then LNMTrainerMeanTeacher from it
 * otherwise, with station or patient labels           -> LNMTrainerWeak (multiple-instance learning)
@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from lnm_auto.radiomics.features import texture_mode_for_spacing
 
 PLENTIFUL_FRACTION = 0.5
-MIN_POSITIVE_PLENTIFUL = 10
 MIN_POSITIVE_SEMI = 3
 MIN_LABELLED_SEMI = 10
 MIN_STATION_COVERAGE = 0.2
@@ -42,7 +41,7 @@ def plan_learning_scheme(fingerprint: dict) -> tuple[list[str], str]:
     counts = (f"{m['labelled']} of {m['nodes']} nodes node-labelled ({m['positive']} positive), "
               f"{m['unlabelled_with_station']} unlabelled nodes with a station label")
     unlabelled = m["nodes"] - m["labelled"]
-    if m["labelled"] >= PLENTIFUL_FRACTION * m["nodes"] and m["positive"] >= MIN_POSITIVE_PLENTIFUL:
+    if m["labelled"] >= PLENTIFUL_FRACTION * m["nodes"] and 0 < m["positive"] < m["labelled"]:
         return ["LNMTrainer"], f"{counts}: node labels are plentiful -> supervised"
     if m["positive"] >= MIN_POSITIVE_SEMI and m["labelled"] >= MIN_LABELLED_SEMI and unlabelled:
         if m["unlabelled_with_station"] >= MIN_STATION_COVERAGE * unlabelled:
