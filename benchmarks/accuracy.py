@@ -24,17 +24,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lnm_auto.datasets.phantom import PhantomConfig, make_phantom_dataset  # noqa: E402
 from lnm_auto.evaluation.crossval import find_best_configuration, size_rule_table  # noqa: E402
 from lnm_auto.evaluation.metrics import binary_metrics  # noqa: E402
+from lnm_auto.evaluation.size_rule import write_size_rule_predictions  # noqa: E402
 from lnm_auto.evaluation.statistics import bootstrap_ci  # noqa: E402
 from lnm_auto.inference.predictor import predict_folder  # noqa: E402
 from lnm_auto.planning.plan_and_preprocess import plan_and_preprocess  # noqa: E402
-from lnm_auto.preprocessing.geometry import measure_nodes  # noqa: E402
 from lnm_auto.training.run import run_training, setup_trainer  # noqa: E402
 from common import machine_header, markdown_table, write_results  # noqa: E402
 
@@ -57,16 +56,6 @@ def lidc_maker():
     def make(raw: Path, dataset_id: int, n_cases: int, n_test: int, labeled_fraction: float, seed: int) -> Path:
         return make_lidc_dataset(raw, dataset_id, n_cases, n_test, seed, labeled_fraction=labeled_fraction)
     return make
-
-
-def test_size_rule(dataset: Path) -> pd.DataFrame:
-    """Short axis of every test node, from the test masks (the clinician's rule needs no training)."""
-    rows = []
-    for mask_file in sorted((dataset / "nodesTs").glob("*.nii.gz")):
-        case = mask_file.name.removesuffix(".nii.gz")
-        rows += [{"case": case, "node": n.node, "probability": n.short_axis_mm}
-                 for n in measure_nodes(sitk.ReadImage(str(mask_file)))]
-    return pd.DataFrame(rows)
 
 
 def test_metrics(reference: pd.DataFrame, predictions: pd.DataFrame, n_bootstrap: int) -> dict:
@@ -104,7 +93,9 @@ def run_dataset(name: str, make, dataset_id: int, args, workdir: Path) -> list[d
     reference = pd.read_csv(dataset / "nodesTs.csv", dtype={"case": str}, keep_default_na=False)
     reference["label"] = pd.to_numeric(reference["label"].replace("", -1))
     rows = [{"dataset": name, "method": "size rule (short axis)", "train_s": 0.0,
-             **test_metrics(reference, test_size_rule(dataset), args.n_bootstrap)}]
+             **test_metrics(reference, write_size_rule_predictions(dataset / "nodesTs",
+                                                                   workdir / name / "test" / "size_rule.csv"),
+                            args.n_bootstrap)}]
     test_predictions = {}
     folders = {"radiomics": "RadiomicsTrainer__LNMPlans__radiomics", "2d25": f"LNMTrainer_{args.epochs}epochs__LNMPlans__2d25",
                "3d_resenc": f"LNMTrainer_{args.epochs}epochs__LNMPlans__3d_resenc",

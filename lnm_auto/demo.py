@@ -1,45 +1,65 @@
-"""The end-to-end demo on the embedded phantom: make data -> plan -> train folds -> predict -> evaluate."""
+"""The end-to-end demo on the embedded phantom: make data -> plan -> cross-validate every configuration with the
+scheme the plans recommend -> choose the model by cross-validation -> predict the held-out test cases ->
+evaluate beside the size rule."""
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
 from lnm_auto.datasets.phantom import PhantomConfig, make_phantom_dataset
+from lnm_auto.evaluation.crossval import find_best_configuration, size_rule_table
 from lnm_auto.evaluation.report import evaluate, format_table
-from lnm_auto.inference.predictor import predict_folder
+from lnm_auto.evaluation.size_rule import write_size_rule_predictions
+from lnm_auto.inference.ensemble import chosen_models, predict_ensemble
 from lnm_auto.planning.plan_and_preprocess import plan_and_preprocess
-from lnm_auto.training.run import run_training, setup_trainer
+from lnm_auto.training.run import recommended_scheme, run_training, setup_trainer
+from lnm_auto.utils.errors import LNMError
 
 DEMO_DATASET_ID = 999
 
 
-def run_demo(workdir: Path, configuration: str = "2d25", folds: tuple[int, ...] = (0, 1, 2, 3, 4),
-             trainer: str = "LNMTrainer_5epochs", epochs: int | None = None, n_cases: int = 40, n_test_cases: int = 20,
-             seed: int = 0) -> dict:
+def run_demo(workdir: Path, configurations: tuple[str, ...] = ("radiomics", "2d25"), folds: tuple[int, ...] = (0, 1, 2, 3, 4),
+             epochs: int | None = 5, n_cases: int = 40, n_test_cases: int = 20, seed: int = 0,
+             labeled_fraction: float = 1.0) -> dict:
+    """Run the whole pipeline; returns the test metrics document (model vs size rule)."""
     t0 = time.time()
     workdir = Path(workdir)
     raw, pre, res = workdir / "raw", workdir / "preprocessed", workdir / "results"
-    print(f"[1/5] phantom: {n_cases} training + {n_test_cases} test cases -> {raw}", flush=True)
+    print(f"[1/6] phantom: {n_cases} training + {n_test_cases} test cases -> {raw}", flush=True)
     dataset = make_phantom_dataset(raw, DEMO_DATASET_ID, "Phantom",
-                                   PhantomConfig(n_cases=n_cases, n_test_cases=n_test_cases, seed=seed), progress=True)
-    print("[2/5] verify, fingerprint, plan, preprocess", flush=True)
+                                   PhantomConfig(n_cases=n_cases, n_test_cases=n_test_cases, seed=seed,
+                                                 labeled_fraction=labeled_fraction), progress=True)
+    print("[2/6] verify, fingerprint, plan, preprocess", flush=True)
     planned = plan_and_preprocess(DEMO_DATASET_ID, raw, pre, num_processes=2)
-    trained = None
-    for fold in folds:
-        print(f"[3/5] train {configuration} fold {fold} ({trainer})", flush=True)
-        trained = setup_trainer(DEMO_DATASET_ID, configuration, str(fold), pre, res, trainer, planned.plans.plans_name,
-                                num_epochs=epochs)
-        run_training(trained, continue_training=True)   # a re-run of the demo picks up where it stopped
-    print(f"[4/5] predict the test cases with the {len(folds)}-fold ensemble", flush=True)
+    print(f"      learning scheme for this label mix: {' -> '.join(planned.plans.recommended_trainers)} "
+          f"({planned.plans.notes['learning_scheme']})", flush=True)
+    for configuration in configurations:
+        for trainer in recommended_scheme(planned.plans, configuration):
+            for fold in folds:
+                print(f"[3/6] train {configuration} fold {fold} ({trainer})", flush=True)
+                tr = setup_trainer(DEMO_DATASET_ID, configuration, str(fold), pre, res, trainer,
+                                   planned.plans.plans_name, num_epochs=None if configuration == "radiomics" else epochs,
+                                   raw_root=raw)
+                run_training(tr, continue_training=True)   # a re-run of the demo picks up where it stopped
+    print("[4/6] choose the model by cross-validation (lnm_find_best_configuration)", flush=True)
+    results = res / dataset.name
+    if sorted(folds) != list(range(len(folds))):
+        raise LNMError(f"the demo's folds must be 0..k-1 (cross-validation pools them), got {list(folds)}")
+    find_best_configuration(results, len(folds), size_rule=size_rule_table(planned.crops_dir or
+                                                                           pre / dataset.name / "LNMPlans_crops"))
+    print((results / "crossval_table.md").read_text(), flush=True)
+    chosen = chosen_models(results)
+    print(f"[5/6] predict the test cases with the chosen {' + '.join(c.name for c in chosen)}", flush=True)
     preds = workdir / "predictions"
-    predict_folder(dataset / "imagesTs", preds, trained.output_folder.parent, [str(f) for f in folds],
-                   num_processes=1)
-    print("[5/5] evaluate", flush=True)
+    predict_ensemble(dataset / "imagesTs", preds, chosen, overwrite=True, folds=[str(f) for f in folds])
+    print("[6/6] evaluate on the test cases; A = the chosen model, B = the size rule (short axis)", flush=True)
+    size_rule = workdir / "size_rule" / "nodes.csv"
+    write_size_rule_predictions(dataset / "nodesTs", size_rule)
     report = workdir / "report"
     metrics = evaluate(dataset / "nodesTs.csv", preds / "nodes.csv", report, dataset / "stationsTs.csv",
-                       dataset / "patientsTs.csv")
+                       dataset / "patientsTs.csv", compare_pred_csv=size_rule)
     print(format_table(metrics))
-    print(f"plots: {report / 'roc.png'}, {report / 'calibration.png'}; training curves: "
-          f"{trained.output_folder.parent}/fold_*/progress.png")
+    print(f"plots: {report / 'roc.png'}, {report / 'calibration.png'}, {results / 'crossval_table.png'}; "
+          f"training curves: {results}/*/fold_*/progress.png")
     print(f"demo finished in {time.time() - t0:.0f} s")
     return metrics

@@ -11,13 +11,19 @@ from lnm_auto.cli.common import _run
 # ---- lnm_demo -------------------------------------------------------------------------------------
 def demo_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lnm_demo", description="End to end on the embedded phantom: make data, plan, "
-                                                             "train the folds, predict the test cases, evaluate.")
+                                                             "cross-validate the configurations with the recommended "
+                                                             "learning scheme, choose the model, predict the test "
+                                                             "cases, evaluate beside the size rule.")
     p.add_argument("--workdir", default="lnm_demo_data", help="where everything is written (default: %(default)s)")
-    p.add_argument("-c", "--configuration", default="2d25", help="configuration to train (default: %(default)s)")
+    p.add_argument("-c", "--configurations", nargs="+", default=["radiomics", "2d25"],
+                   help="configurations to cross-validate and choose from (default: %(default)s)")
     p.add_argument("-f", "--folds", nargs="+", type=int, default=[0, 1, 2, 3, 4],
-                   help="folds to train and ensemble (default: %(default)s)")
-    p.add_argument("-tr", "--trainer", default="LNMTrainer_5epochs", help="trainer (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=None, help="override the number of epochs (default: the trainer's)")
+                   help="folds 0..k-1 to train, pool for the choice and ensemble (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=5,
+                   help="epochs of every network stage (default: %(default)s, a quick demo; the plans' own is 50)")
+    p.add_argument("--labeled-fraction", type=float, default=1.0,
+                   help="fraction of training cases with node labels; below about 0.5 the plans recommend "
+                        "supervised then PGLS (default: %(default)s)")
     p.add_argument("--cases", type=int, default=40, help="phantom training cases (default: %(default)s)")
     p.add_argument("--test-cases", type=int, default=20, help="phantom test cases (default: %(default)s)")
     return p
@@ -25,8 +31,8 @@ def demo_parser() -> argparse.ArgumentParser:
 
 def _demo(args: argparse.Namespace) -> int:
     from lnm_auto.demo import run_demo
-    run_demo(Path(args.workdir), args.configuration, tuple(args.folds), args.trainer, args.epochs, args.cases,
-             args.test_cases)
+    run_demo(Path(args.workdir), tuple(args.configurations), tuple(args.folds), args.epochs, args.cases,
+             args.test_cases, labeled_fraction=args.labeled_fraction)
     return 0
 
 

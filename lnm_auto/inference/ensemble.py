@@ -35,11 +35,11 @@ def chosen_models(dataset_results: Path) -> list[Path] | None:
 
 def predict_ensemble(input_dir: Path, output_dir: Path, model_folders: list[Path], device: str = "cpu",
                      num_processes: int = 1, mirror: bool = True, save_probmaps: bool = True, progress: bool = True,
-                     overwrite: bool = False) -> dict:
-    """Predict with every member (all planned folds each), then average them node by node."""
+                     overwrite: bool = False, folds: list[str] | None = None) -> dict:
+    """Predict with every member (``folds``, default all planned folds, each), then average them node by node."""
     output_dir = Path(output_dir)
     if len(model_folders) == 1:
-        return predict_folder(input_dir, output_dir, model_folders[0], None, device=device,
+        return predict_folder(input_dir, output_dir, model_folders[0], folds, device=device,
                               num_processes=num_processes, mirror=mirror, save_probmaps=save_probmaps,
                               progress=progress, overwrite=overwrite)
     members = {}
@@ -47,7 +47,7 @@ def predict_ensemble(input_dir: Path, output_dir: Path, model_folders: list[Path
         out = output_dir / MEMBERS_DIR / folder.name
         if progress:
             print(f"ensemble member {folder.name}", flush=True)
-        predict_folder(input_dir, out, folder, None, device=device, num_processes=num_processes, mirror=mirror,
+        predict_folder(input_dir, out, folder, folds, device=device, num_processes=num_processes, mirror=mirror,
                        save_probmaps=False, progress=progress, overwrite=overwrite)
         members[folder.name] = pd.read_csv(out / "nodes.csv", dtype={"case": str, "station": str},
                                            keep_default_na=False)
@@ -68,7 +68,7 @@ def predict_ensemble(input_dir: Path, output_dir: Path, model_folders: list[Path
                                   output_dir / f"{case}_probmap.nii.gz")
     info = {"status": "finished", "ensemble": [str(f) for f in model_folders], "members_dir": MEMBERS_DIR,
             "combination": "mean of the members' probabilities", "n_cases": int(nodes["case"].nunique()),
-            "n_nodes": len(nodes), "folds": ["all planned folds of each member"]}
+            "n_nodes": len(nodes), "folds": folds or ["all planned folds of each member"]}
     save_json(info, output_dir / "predict_info.json")
     return info
 

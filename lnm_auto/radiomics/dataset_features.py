@@ -28,7 +28,7 @@ def case_inputs(images: list, mask, topology: RadiomicsTopology) -> dict:
     """What a radiomics model scores for one new case: node ids and their feature rows (lnm_predict)."""
     table = node_features(images[topology.image_channel], mask, modality_hint=topology.modality_hint,
                           texture_mode=topology.texture_mode)
-    return {"node_ids": table.index.to_numpy(), "radiomics_features": table[FEATURE_COLUMNS]}
+    return {"node_ids": table.index.to_numpy(), "radiomics_features": table[list(FEATURE_COLUMNS)]}
 
 
 def _settings_key(case: RawCase, topology: RadiomicsTopology) -> str:
