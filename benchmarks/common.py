@@ -14,6 +14,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -324,7 +325,9 @@ def prediction_input(raw_dataset: Path, n_cases: int, out: Path) -> list[str]:
 
 def predict(input_dir: Path, output_dir: Path, model_folder: Path, env: dict, extra_args: tuple = ()) -> tuple[RunResult, float]:
     """One lnm_predict run; returns its timing and the prediction time it reports in predict_info.json
-    (interpreter start excluded; the wall time when the file has none)."""
+    (interpreter start excluded; the wall time when the file has none). ``output_dir`` is emptied first:
+    lnm_predict skips cases already predicted there."""
+    shutil.rmtree(output_dir, ignore_errors=True)
     r = run_timed(lnm_command("predict", "-i", input_dir, "-o", output_dir, "-m", model_folder, "--quiet",
                               "--no_probmaps", *extra_args), env=env)
     info = json.loads((output_dir / "predict_info.json").read_text())

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (bench_env, competing_process, lnm_command, machine_header, make_phantom,  # noqa: E402
+from common import (bench_env, competing_process, lnm_command, machine_header, make_phantom, predict,  # noqa: E402
                     run_timed, thread_env, train, write_results)
 
 TARGET_RATIO = 0.4
@@ -102,7 +102,7 @@ def cli_rows(workdir: Path, cases: int, epochs: int, threads: int | None, repeat
     make_phantom(workdir, DATASET_ID, cases, test_cases=max(2, cases // 4), env=env)
     run_timed(lnm_command("plan_and_preprocess", "-d", DATASET_ID, "--quiet"), env=env)
     label = "default threads" if threads is None else f"{threads} thread(s)"
-    rows, speeds, predict = [], {False: [], True: []}, {False: [], True: []}
+    rows, speeds, predict_times = [], {False: [], True: []}, {False: [], True: []}
     test_dir = next((workdir / "raw").glob(f"Dataset{DATASET_ID:03d}_*")) / "imagesTs"
     n_test = len({p.name.rsplit("_", 1)[0] for p in test_dir.glob("*.nii.gz")})
     for _ in range(repeats):
@@ -111,14 +111,13 @@ def cli_rows(workdir: Path, cases: int, epochs: int, threads: int | None, repeat
                 _, fold_dir, log = train(workdir, DATASET_ID, configuration, epochs, env)
                 speeds[busy].append(statistics.median(log["nodes_per_s"]))
                 out = workdir / f"pred_{'busy' if busy else 'alone'}"
-                r = run_timed(lnm_command("predict", "-i", test_dir, "-o", out, "-m", fold_dir.parent, "-f", 0,
-                                          "--quiet", "--no_probmaps"), env=env)
-                predict[busy].append(r.wall_s / n_test)
+                _, predict_s = predict(test_dir, out, fold_dir.parent, env, ("-f", "0"))
+                predict_times[busy].append(predict_s / n_test)
     a, b = statistics.median(speeds[False]), statistics.median(speeds[True])
     rows.append({"part": f"lnm_train {configuration}", "setting": label, "alone nodes/s": a, "beside nodes/s": b,
                  "ratio": b / a, "target": f">= {TARGET_RATIO}", "met": b / a >= TARGET_RATIO,
                  "nodes/s source": log["nodes_per_s_source"]})
-    a, b = statistics.median(predict[False]), statistics.median(predict[True])
+    a, b = statistics.median(predict_times[False]), statistics.median(predict_times[True])
     rows.append({"part": f"lnm_predict {configuration} (1 fold, TTA)", "setting": label, "alone s/case": a,
                  "beside s/case": b, "ratio": a / b, "target": f">= {TARGET_RATIO}", "met": a / b >= TARGET_RATIO})
     return rows

@@ -41,6 +41,7 @@ def forward_seconds(model_folder: Path, nodes_per_case: list[int], folds: list[s
     networks = model.load_networks(folds, "checkpoint_final.pth", device)
     n_channels = len(model.dataset_json.get("channel_names", {"0": ""}))
     config, plans = model.configuration, model.plans
+    batch_size = getattr(getattr(config, "recipe", None), "batch_size", 16)   # as lnm_predict batches
 
     def crops(n: int) -> dict:
         out = {}
@@ -56,7 +57,7 @@ def forward_seconds(model_folder: Path, nodes_per_case: list[int], folds: list[s
         if n:
             case_crops = crops(n)
             for net in networks.values():
-                predict_node_crops(net, case_crops, plans, config, device, mirror=True)
+                predict_node_crops(net, case_crops, plans, config, device, batch_size, mirror=True)
     return time.perf_counter() - t0, len(tta_flips(config))
 
 
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
              "lnm_predict with all folds and test-time mirroring, no probability maps",
              "predict s/case: predict_info.json wall time / cases; process s/case adds interpreter start and imports",
              "bound = SimpleITK read of image + node mask + forwards of every fold and flip on the case's nodes "
-             "(batches of 16, zeros of the planned crop shapes)",
+             "(the configuration's batch size, zeros of the planned crop shapes)",
              "last row: peak RSS many / few cases"]
     write_results("inference_bound_quick" if args.quick else "inference_bound", header, rows, notes)
     return 0
