@@ -257,9 +257,14 @@ def test_crafted_or_corrupt_model_files_are_refused(tmp_path):
             RadiomicsClassifier.load(path)
 
 
-def test_fit_refuses_training_data_without_both_classes_from_two_patients():
+def test_fit_refuses_one_class_and_falls_back_to_logistic_without_inner_cv_for_one_patient(tmp_path):
     table, labels, groups = _synthetic_nodes(10, seed=9)
     with pytest.raises(LNMError, match="both classes"):
         RadiomicsClassifier().fit(table, np.zeros_like(labels), groups)
-    with pytest.raises(LNMError, match="both classes"):
-        RadiomicsClassifier().fit(table, labels, np.zeros_like(groups))
+    # every node from one patient: nothing to cross-validate a choice on, so the simplest model, still usable
+    model = RadiomicsClassifier().fit(table, labels, np.zeros_like(groups))
+    assert model.chosen_model == "logistic_regression" and np.isnan(model.inner_cv_auroc["logistic_regression"])
+    model.save(tmp_path / "m.json")
+    again = RadiomicsClassifier.load(tmp_path / "m.json")
+    assert np.array_equal(again.predict_proba(table), model.predict_proba(table))
+    assert roc_auc_score(labels, model.predict_proba(table)) > 0.7     # it learnt from what it saw

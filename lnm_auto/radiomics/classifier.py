@@ -69,10 +69,11 @@ class RadiomicsClassifier:
         if not set(np.unique(labels)) <= {0, 1}:
             raise LNMError(f"radiomics fit: labels must be 0/1, found {sorted(set(np.unique(labels)))}")
         groups_per_class = [len(np.unique(groups[labels == c])) for c in (0, 1)]
-        n_splits = min(MAX_INNER_FOLDS, *groups_per_class)
-        if n_splits < 2:
-            raise LNMError("radiomics fit needs labelled nodes of both classes from at least two patients each "
-                           f"(benign from {groups_per_class[0]}, metastatic from {groups_per_class[1]})")
+        if min(groups_per_class) < 1:
+            raise LNMError("radiomics fit needs labelled nodes of both classes "
+                           f"(benign from {groups_per_class[0]} patients, metastatic from {groups_per_class[1]})")
+        # a class seen in one patient only leaves nothing to cross-validate a choice on: the simplest model
+        n_splits = max(2, min(MAX_INNER_FOLDS, *groups_per_class))
         columns = [str(c) for c in features.columns]
         x = _as_matrix(features, columns)
         pipeline = Pipeline([
@@ -82,16 +83,25 @@ class RadiomicsClassifier:
             ("model", _candidate_models(self.seed)["logistic_regression"]),
         ])
         candidates = _candidate_models(self.seed)
+        weights = compute_sample_weight("balanced", labels)
+        if min(groups_per_class) < 2:
+            pipeline.fit(x, labels, model__sample_weight=weights)
+            self.params = _export(pipeline, columns, CANDIDATES[0],
+                                  {"auroc": {CANDIDATES[0]: float("nan")}, "n_splits": 0, "seed": self.seed,
+                                   "n_nodes": int(len(labels)), "n_groups": int(len(np.unique(groups))),
+                                   "note": "a class from one patient only: no inner CV, the simplest model"})
+            self._sklearn_pipeline = pipeline
+            return self
         search = GridSearchCV(pipeline, [{"model": [candidates[name]]} for name in CANDIDATES], scoring="roc_auc",
                               cv=StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=self.seed),
                               refit=True, error_score=np.nan, n_jobs=None)
-        search.fit(x, labels, groups=groups, model__sample_weight=compute_sample_weight("balanced", labels))
+        search.fit(x, labels, groups=groups, model__sample_weight=weights)
         scores = np.asarray(search.cv_results_["mean_test_score"], dtype=float)
         # a NaN score (a fold without both classes) never wins; all NaN -> the simplest model
         best = int(np.nanargmax(scores)) if np.isfinite(scores).any() else 0
         if best != search.best_index_:
             search.best_estimator_.set_params(model=candidates[CANDIDATES[best]])
-            search.best_estimator_.fit(x, labels, model__sample_weight=compute_sample_weight("balanced", labels))
+            search.best_estimator_.fit(x, labels, model__sample_weight=weights)
         self.params = _export(search.best_estimator_, columns, CANDIDATES[best],
                               {"auroc": dict(zip(CANDIDATES, scores.tolist())), "n_splits": n_splits,
                                "seed": self.seed, "n_nodes": int(len(labels)),
