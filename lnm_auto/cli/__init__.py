@@ -39,6 +39,7 @@ COMMANDS: dict[str, Callable[[list[str] | None], int]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the lnm_auto command named by ``argv[0]``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0].removeprefix("lnm_") not in COMMANDS:
         names = ", ".join(COMMANDS)

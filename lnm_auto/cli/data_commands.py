@@ -11,6 +11,7 @@ from lnm_auto.utils.paths import base_folder
 
 # ---- lnm_make_phantom -----------------------------------------------------------------------------
 def make_phantom_parser() -> argparse.ArgumentParser:
+    """The lnm_make_phantom argument parser."""
     p = argparse.ArgumentParser(prog="lnm_make_phantom",
                                 description="Write a synthetic CT/MRI lymph node dataset in the raw dataset convention.")
     p.add_argument("-d", "--dataset_id", type=int, default=999, help="id of the new dataset (default: %(default)s)")
@@ -44,15 +45,18 @@ def _make_phantom(args: argparse.Namespace) -> int:
 
 
 def make_phantom_entry(argv: list[str] | None = None) -> int:
+    """Run lnm_make_phantom with ``argv``; returns the exit status."""
     return _run("lnm_make_phantom", _make_phantom, make_phantom_parser(), argv)
 
 
 def make_phantom_cli() -> None:
+    """Console entry point of lnm_make_phantom."""
     sys.exit(make_phantom_entry())
 
 
 # ---- lnm_plan_and_preprocess ----------------------------------------------------------------------
 def plan_and_preprocess_parser() -> argparse.ArgumentParser:
+    """The lnm_plan_and_preprocess argument parser."""
     p = argparse.ArgumentParser(prog="lnm_plan_and_preprocess",
                                 description="Verify a raw dataset, fingerprint it, plan every configuration and "
                                             "write the npz crop caches.")
@@ -100,8 +104,10 @@ def _mm(values) -> str:
 
 
 def plan_and_preprocess_entry(argv: list[str] | None = None) -> int:
+    """Run lnm_plan_and_preprocess with ``argv``; returns the exit status."""
     return _run("lnm_plan_and_preprocess", _plan_and_preprocess, plan_and_preprocess_parser(), argv)
 
 
 def plan_and_preprocess_cli() -> None:
+    """Console entry point of lnm_plan_and_preprocess."""
     sys.exit(plan_and_preprocess_entry())

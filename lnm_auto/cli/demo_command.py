@@ -10,6 +10,7 @@ from lnm_auto.cli.common import _run
 
 # ---- lnm_demo -------------------------------------------------------------------------------------
 def demo_parser() -> argparse.ArgumentParser:
+    """The lnm_demo argument parser."""
     p = argparse.ArgumentParser(prog="lnm_demo", description="End to end on the embedded phantom: make data, plan, "
                                                              "cross-validate the configurations with the recommended "
                                                              "learning scheme, choose the model, predict the test "
@@ -37,18 +38,22 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def demo_entry(argv: list[str] | None = None) -> int:
+    """Run lnm_demo with ``argv``; returns the exit status."""
     return _run("lnm_demo", _demo, demo_parser(), argv)
 
 
 def demo_cli() -> None:
+    """Console entry point of lnm_demo."""
     sys.exit(demo_entry())
 
 
 # ---- lnm_convert (parser and work in lnm_auto.conversion) ----------------------------------------
 def convert_entry(argv: list[str] | None = None) -> int:
+    """Run lnm_convert with ``argv``; returns the exit status."""
     from lnm_auto.conversion.cli import convert_entry as run_convert
     return run_convert(argv)
 
 
 def convert_cli() -> None:
+    """Console entry point of lnm_convert."""
     sys.exit(convert_entry())

@@ -12,6 +12,7 @@ from lnm_auto.utils.paths import base_folder
 
 # ---- lnm_predict ----------------------------------------------------------------------------------
 def predict_parser() -> argparse.ArgumentParser:
+    """The lnm_predict argument parser."""
     p = argparse.ArgumentParser(prog="lnm_predict", description="Score every lymph node of new cases with the fold "
                                                                 "ensemble of a trained model.")
     p.add_argument("-i", "--input", required=True, help="folder of cases (see documentation/outputs.md)")
@@ -78,15 +79,18 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def predict_entry(argv: list[str] | None = None) -> int:
+    """Run lnm_predict with ``argv``; returns the exit status."""
     return _run("lnm_predict", _predict, predict_parser(), argv)
 
 
 def predict_cli() -> None:
+    """Console entry point of lnm_predict."""
     sys.exit(predict_entry())
 
 
 # ---- lnm_export_model -----------------------------------------------------------------------------
 def export_parser() -> argparse.ArgumentParser:
+    """The lnm_export_model argument parser."""
     p = argparse.ArgumentParser(prog="lnm_export_model", description="Pack a trained model into one zip.")
     p.add_argument("-d", "--dataset", required=True, help="dataset id: 001, 1 or Dataset001_Name")
     p.add_argument("-c", "--configuration", required=True, help="configuration of the model, e.g. 2d25")
@@ -110,15 +114,18 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def export_entry(argv: list[str] | None = None) -> int:
+    """Run lnm_export_model with ``argv``; returns the exit status."""
     return _run("lnm_export_model", _export, export_parser(), argv)
 
 
 def export_cli() -> None:
+    """Console entry point of lnm_export_model."""
     sys.exit(export_entry())
 
 
 # ---- lnm_evaluate ---------------------------------------------------------------------------------
 def evaluate_parser() -> argparse.ArgumentParser:
+    """The lnm_evaluate argument parser."""
     p = argparse.ArgumentParser(prog="lnm_evaluate", description="AUROC, operating points, bootstrap CIs, DeLong; "
                                                                  "node, station and patient level.")
     p.add_argument("-ref", "--reference", required=True, help="reference nodes CSV: case,node,station,label")
@@ -146,8 +153,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def evaluate_entry(argv: list[str] | None = None) -> int:
+    """Run lnm_evaluate with ``argv``; returns the exit status."""
     return _run("lnm_evaluate", _evaluate, evaluate_parser(), argv)
 
 
 def evaluate_cli() -> None:
+    """Console entry point of lnm_evaluate."""
     sys.exit(evaluate_entry())

@@ -11,6 +11,7 @@ from lnm_auto.utils.paths import ENV_VARS, base_folder
 
 # ---- lnm_find_best_configuration ------------------------------------------------------------------
 def find_best_parser() -> argparse.ArgumentParser:
+    """The lnm_find_best_configuration argument parser."""
     p = argparse.ArgumentParser(prog="lnm_find_best_configuration",
                                 description="Score every trained model with all folds complete, and every ensemble "
                                             "of 2-3 of them, on the pooled out-of-fold predictions; choose one for "
@@ -43,15 +44,18 @@ def _find_best(args: argparse.Namespace) -> int:
 
 
 def find_best_entry(argv: list[str] | None = None) -> int:
+    """Run lnm_find_best_configuration with ``argv``; returns the exit status."""
     return _run("lnm_find_best_configuration", _find_best, find_best_parser(), argv)
 
 
 def find_best_cli() -> None:
+    """Console entry point of lnm_find_best_configuration."""
     sys.exit(find_best_entry())
 
 
 # ---- lnm_accumulate_crossval_results --------------------------------------------------------------
 def accumulate_parser() -> argparse.ArgumentParser:
+    """The lnm_accumulate_crossval_results argument parser."""
     p = argparse.ArgumentParser(prog="lnm_accumulate_crossval_results",
                                 description="Pool the out-of-fold validation predictions of one model's folds into "
                                             "<model>/crossval_results/nodes.csv.")
@@ -80,8 +84,10 @@ def _accumulate(args: argparse.Namespace) -> int:
 
 
 def accumulate_entry(argv: list[str] | None = None) -> int:
+    """Run lnm_accumulate_crossval_results with ``argv``; returns the exit status."""
     return _run("lnm_accumulate_crossval_results", _accumulate, accumulate_parser(), argv)
 
 
 def accumulate_cli() -> None:
+    """Console entry point of lnm_accumulate_crossval_results."""
     sys.exit(accumulate_entry())

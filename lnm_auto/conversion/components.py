@@ -38,6 +38,7 @@ class InstanceSplit:
 
     @property
     def n_nodes(self) -> int:
+        """Number of instances (nodes) in the mask."""
         return len(self.source_values)
 
     def summary(self, min_volume_mm3: float = DEFAULT_MIN_VOLUME_MM3) -> str:

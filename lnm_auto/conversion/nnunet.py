@@ -46,6 +46,7 @@ class ConversionSummary:
 def find_ln_label_values(labels: dict, wanted: str | None, json_file: Path) -> dict[int, str]:
     """Value -> name of the lymph-node label(s) in an nnU-Net "labels" dict {name: value or [values]}."""
     def values_of(v) -> list[int]:
+        """A label's value or list of values, as a list of ints."""
         return [int(x) for x in (v if isinstance(v, list) else [v])]
     foreground = {str(n): values_of(v) for n, v in labels.items() if values_of(v) != [0]}
     if wanted is not None:

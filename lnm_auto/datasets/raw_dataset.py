@@ -50,6 +50,7 @@ class RawDataset:
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
     def load(cls, root: str | Path) -> "RawDataset":
+        """The dataset at ``root`` as described by its dataset.json."""
         root = Path(root)
         json_file = root / "dataset.json"
         if not json_file.is_file():
@@ -72,6 +73,7 @@ class RawDataset:
 
     @property
     def num_channels(self) -> int:
+        """Number of image channels per case."""
         return len(self.channel_names)
 
     # ---- cases ---------------------------------------------------------------------------------
@@ -87,12 +89,14 @@ class RawDataset:
         return sorted(ids)
 
     def case(self, case_id: str, split: str = "Tr") -> RawCase:
+        """The files of case ``case_id`` in split ``Tr`` or ``Ts``."""
         images = [self.root / f"images{split}" / f"{case_id}_{c:04d}{self.file_ending}" for c in range(self.num_channels)]
         region = self.root / f"regions{split}" / f"{case_id}{self.file_ending}"
         return RawCase(case_id, images, self.root / f"nodes{split}" / f"{case_id}{self.file_ending}",
                        region if region.is_file() else None)
 
     def cases(self, split: str = "Tr") -> list[RawCase]:
+        """Every case of split ``Tr`` or ``Ts``."""
         return [self.case(c, split) for c in self.case_ids(split)]
 
     # ---- label tables (as text: verify checks them) ---------------------------------------------
@@ -113,6 +117,7 @@ class RawDataset:
                                  "label": df["label"].map(parse_label)})
 
     def station_table(self) -> pd.DataFrame | None:
+        """case (str), station (str), label (int: 1, 0 or UNKNOWN); None when the dataset has no stations.csv."""
         df = self.read_csv_text("stations.csv")
         if df is None:
             return None

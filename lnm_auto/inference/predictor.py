@@ -124,6 +124,7 @@ def discover_cases(input_dir: Path, num_channels: int) -> tuple[list[InputCase],
 
 
 def read_case_images(case: InputCase) -> list[sitk.Image]:
+    """The image channels of one input case (NIfTI files or its DICOM series)."""
     if case.dicom_dir is not None:
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(case.dicom_dir)))

@@ -145,6 +145,7 @@ def load_pretrained_weights(network: nn.Module, path: "str | os.PathLike", prefi
                 prefixes_of_suffix.setdefault(t[i + 1:], []).append(t[:i + 1])
 
     def counts_for(strip: str) -> dict[str, int]:
+        """Add prefix -> number of source keys that match a network key once ``strip`` is removed."""
         counts: dict[str, int] = {}
         for k in source:
             if k.startswith(strip):

@@ -16,6 +16,7 @@ from lnm_auto.planning.network_topology import ResEncTopology
 
 
 def build_resenc_encoder(topology: ResEncTopology, in_channels: int) -> ResidualEncoder:
+    """The dynamic-network-architectures ResidualEncoder of a ResEnc topology."""
     return ResidualEncoder(
         input_channels=in_channels,
         n_stages=topology.n_stages,
@@ -71,6 +72,7 @@ class ResEncClassifier(nn.Module):
         return x.mean(dim=(2, 3, 4))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Batch dict -> ``{"fused"}`` logits (B,)."""
         x = scale_input(batch, "global", self.mask_channel, self.in_channels, "3d_resenc")
         feats = self.features(x)
         logit = self.head(self.dropout(feats))

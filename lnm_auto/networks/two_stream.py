@@ -69,6 +69,7 @@ class Stream(nn.Module):
                                           nn.ReLU(inplace=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, Z, Y, X) -> stream features (B, F)."""
         b = x.shape[0]
         images = group_slices(x, self.starts)                               # (B*G, 3C, Y, X)
         levels = self.backbone(images)
@@ -100,6 +101,7 @@ class TwoStreamNet(nn.Module):
         self.fused_head = nn.Linear(t.fused_channels, 1)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Batch dict -> ``{"fused", "global", "local"}`` logits (B,)."""
         xg, xl = (scale_input(batch, s, self.mask_channel, self.in_channels, "2d25") for s in ("global", "local"))
         if xg.shape[0] != xl.shape[0]:
             raise ValueError(f"2d25: global and local batch sizes differ ({xg.shape[0]} vs {xl.shape[0]})")

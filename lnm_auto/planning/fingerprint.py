@@ -39,6 +39,7 @@ def node_neighbourhood(mask_arr: np.ndarray, spacing_zyx, margin_mm: float = INT
 
 
 def intensity_samples(channels: list[np.ndarray], region: np.ndarray, n: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Up to ``n`` random voxel values of every channel inside ``region``."""
     idx = np.flatnonzero(region)
     if len(idx) > n:
         idx = rng.choice(idx, n, replace=False)
@@ -74,6 +75,7 @@ def _stable_seed(case_id: str, seed: int) -> int:
 
 
 def channel_statistics(samples: np.ndarray) -> dict:
+    """Mean, median, std, min, max and 0.5/99.5 percentiles of a channel's samples (NaN when none)."""
     if samples.size == 0:
         return {k: float("nan") for k in ("mean", "median", "std", "min", "max", "percentile_00_5", "percentile_99_5")}
     return {
@@ -86,6 +88,7 @@ def channel_statistics(samples: np.ndarray) -> dict:
 
 
 def label_counts(labels) -> dict:
+    """Number of positive, negative and unknown labels."""
     labels = list(labels)
     return {"positive": sum(1 for v in labels if v == 1), "negative": sum(1 for v in labels if v == 0),
             "unknown": sum(1 for v in labels if v == UNKNOWN)}

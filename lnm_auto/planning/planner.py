@@ -78,6 +78,7 @@ def canonical_case_spacings(fingerprint: dict) -> np.ndarray:
 
 
 def canonical_case_shapes(fingerprint: dict) -> np.ndarray:
+    """(n_cases, 3) image shapes in canonical (slice, row, col) order."""
     rows = []
     for case in fingerprint["cases"].values():
         sh = np.asarray(case["shape_zyx"], dtype=float)
@@ -114,6 +115,7 @@ def _round_up(x: float, multiple: int) -> int:
 
 
 def plan_global_scale(target_spacing, slice_extent_mm: float, inplane_extent_mm: float) -> tuple[CropScale, list[str]]:
+    """The node-context view (field, voxels, spacing) and notes on where the voxel caps changed the spacing."""
     notes = []
     spacing = list(target_spacing)
     fov_inplane = max(MIN_FOV_MM, CONTEXT_FACTOR * inplane_extent_mm)
@@ -148,6 +150,7 @@ def plan_local_scale(global_scale: CropScale, inplane_extent_mm: float) -> CropS
 
 
 def cache_shape_for(roi_shape) -> tuple[int, int, int]:
+    """Shape of the cached crop: the ROI with an in-plane margin for augmentation."""
     inplane = [_round_up(s * AUGMENTATION_MARGIN, 2) for s in roi_shape[1:]]
     return (int(roi_shape[0]), inplane[0], inplane[1])
 
@@ -169,6 +172,7 @@ def plan_normalization(fingerprint: dict) -> list[ChannelNormalization]:
 
 # ---- training recipe --------------------------------------------------------------------------------
 def labelled_node_counts(fingerprint: dict) -> tuple[int, int]:
+    """Number of positive and of negative nodes in the fingerprint."""
     labels = [n["label"] for n in fingerprint["nodes"]]
     return sum(1 for v in labels if v == 1), sum(1 for v in labels if v == 0)
 
@@ -181,11 +185,13 @@ def plan_batch_size(n_labelled_nodes: int, n_folds: int, preferred: int) -> int:
 
 
 def plan_positive_fraction(n_pos: int, n_neg: int) -> float:
+    """Minimum share of positive nodes per training batch: the prevalence, clipped to the planned range."""
     prevalence = n_pos / max(n_pos + n_neg, 1)
     return float(min(MAX_POSITIVE_FRACTION, max(MIN_POSITIVE_FRACTION, prevalence)))
 
 
 def plan_recipe(fingerprint: dict, n_folds: int, planner: str) -> TrainingRecipe:
+    """Batch size, positive share, epochs and optimiser settings of the training recipe."""
     preset = _planner(planner)[1]
     n_pos, n_neg = labelled_node_counts(fingerprint)
     # without any node label (station/patient labels only) the weak trainers learn from every node
@@ -257,6 +263,7 @@ def switch_on_multitask(plans: Plans, configuration: str) -> ConfigurationPlan:
 # ---- the whole plan ---------------------------------------------------------------------------------
 def plan_experiment(fingerprint: dict, planner: str = "LNMPlannerCPU", plans_name: str = DEFAULT_PLANS_NAME,
                     n_folds: int = 5, split_seed: int = 12345) -> Plans:
+    """The plans of every configuration for a dataset fingerprint."""
     budget = budget_for_planner(planner)
     spacings = canonical_case_spacings(fingerprint)
     target, anisotropic = plan_target_spacing(spacings, canonical_case_shapes(fingerprint))

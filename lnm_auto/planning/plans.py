@@ -112,10 +112,12 @@ class Plans:
     recommended_trainers: list[str] = field(default_factory=lambda: ["LNMTrainer"])
 
     def to_dict(self) -> dict:
+        """The plans as JSON-ready dicts and lists."""
         return to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Plans":
+        """Plans from their ``to_dict`` form; an unsupported version is one clear error."""
         version = data.get("plans_version")
         if version != PLANS_VERSION:
             raise LNMError(f"plans version {version} is not supported by this lnm_auto (expects {PLANS_VERSION}); "
@@ -127,10 +129,12 @@ class Plans:
         return hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
     def save(self, path: str | Path) -> None:
+        """Write the plans to ``path`` (JSON, atomically)."""
         save_json(self.to_dict(), path)
 
     @classmethod
     def load(cls, path: str | Path) -> "Plans":
+        """The plans in ``path``; a missing or invalid file is one clear error."""
         path = Path(path)
         if not path.is_file():
             raise LNMError(f"{path}: plans not found; run lnm_plan_and_preprocess first")
@@ -140,6 +144,7 @@ class Plans:
             raise LNMError(f"{path}: not a valid plans file ({e})") from None
 
     def configuration(self, name: str) -> ConfigurationPlan:
+        """The plan of configuration ``name``; an unknown name is one clear error."""
         if name not in self.configurations:
             raise LNMError(f"configuration '{name}' is not in the plans {self.plans_name}; "
                            f"available: {', '.join(self.configurations)}")

@@ -37,10 +37,12 @@ def canonical_axes(spacing_zyx) -> tuple[int, int, int]:
 
 
 def sitk_spacing_zyx(img: sitk.Image) -> tuple[float, float, float]:
+    """The image's spacing in numpy (z, y, x) order."""
     return tuple(float(v) for v in img.GetSpacing()[::-1])
 
 
 def canonical_spacing(img: sitk.Image) -> np.ndarray:
+    """The image's spacing in canonical (slice, row, column) order."""
     sp = np.asarray(sitk_spacing_zyx(img))
     return sp[list(canonical_axes(sp))]
 

@@ -61,6 +61,7 @@ def plans_digest(plans: Plans) -> str:
 
 
 def crops_folder(preprocessed_dataset: Path, plans_name: str) -> Path:
+    """Folder of the npz crop caches of plans ``plans_name``."""
     return Path(preprocessed_dataset) / f"{plans_name}_crops"
 
 
@@ -173,6 +174,7 @@ def preprocess_case(case: RawCase, labels: NodeLabels, plans: Plans) -> dict[str
 
 
 def load_case_crops(path: str | Path) -> dict[str, np.ndarray]:
+    """The arrays of one case's crop cache; a missing or damaged cache is one clear error."""
     path = Path(path)
     if not path.is_file():
         raise LNMError(f"{path}: preprocessed case missing; run lnm_plan_and_preprocess")
@@ -215,6 +217,7 @@ def _work(case: RawCase, labels: NodeLabels, digest: str, plans: Plans, out_dir:
 
 
 def is_up_to_date(path: Path, digest: str) -> bool:
+    """Whether the cache at ``path`` exists, reads, and was made for plans digest ``digest``."""
     if not path.is_file():
         return False
     try:

@@ -77,11 +77,13 @@ class OnePerPatientLoader(NodeBatchLoader):
         self.position_and_label = dict(zip(keys, zip(records["slice_position"], records["weak_label"])))
 
     def draw(self, g: BatchGroup, positives: np.ndarray) -> np.ndarray:
+        """Record indices of one batch group: one node from each of up to ``g.n`` distinct patients."""
         cases = list(self.by_case)
         chosen = self.rs.choice(len(cases), min(g.n, len(cases)), replace=False)
         return np.asarray([self.rs.choice(self.by_case[cases[i]]) for i in chosen], dtype=int)
 
     def generate_train_batch(self) -> dict:
+        """The base batch plus each sample's ``slice_position`` and ``weak_label``."""
         batch = super().generate_train_batch()
         values = np.asarray([self.position_and_label[k] for k in batch["keys"]], dtype=np.float32)
         batch["slice_position"], batch["weak_label"] = values[:, 0], values[:, 1]

@@ -180,10 +180,12 @@ class LNMTrainerMeanTeacher(LNMTrainer):
         labels = batch["label"][student]
 
         def part(name: str) -> torch.Tensor:
+            """Mask of the student samples in batch part ``name`` (all False when the batch has no such part)."""
             mask = batch["parts"].get(name)
             return mask[student] if mask is not None else torch.zeros_like(labels, dtype=torch.bool)
 
         def supervised(mask: torch.Tensor) -> torch.Tensor:
+            """The base trainer's supervised loss on the student samples in ``mask``."""
             return super(LNMTrainerMeanTeacher, self).compute_loss({h: o[mask] for h, o in heads.items()},
                                                                    {"label": labels[mask]})
 

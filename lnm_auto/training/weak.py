@@ -90,6 +90,7 @@ class BagBatchLoader(NodeBatchLoader):
         self.positive_bags = np.flatnonzero(self.bags["label"].to_numpy() == 1)
 
     def generate_train_batch(self) -> dict:
+        """One batch of whole bags, with each sample's bag index and the bags' labels and kinds."""
         rows, bag_of_row, labels, kinds = [], [], [], []
         while len(rows) < self.batch_nodes:
             want_pos = len(self.positive_bags) and self.rs.rand() < self.positive_fraction

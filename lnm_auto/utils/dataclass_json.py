@@ -8,6 +8,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 
 def to_dict(obj: Any) -> Any:
+    """Dataclasses, tuples and dicts -> JSON-ready dicts and lists, recursively."""
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):

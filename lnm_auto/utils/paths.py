@@ -25,6 +25,7 @@ def base_folder(kind: str, override: str | os.PathLike | None = None) -> Path:
 
 
 def dataset_folder_name(dataset_id: int, name: str) -> str:
+    """``Dataset<id:03d>_<name>``, the folder name of a dataset."""
     return f"Dataset{int(dataset_id):03d}_{name}"
 
 

@@ -161,6 +161,7 @@ def paint_anatomy(grid: Grid, ap: dict) -> np.ndarray:
 
     # fixed structure positions (nominal mm * s)
     def S(v):
+        """Nominal mm -> mm of this case's body (scaled to its size)."""
         return v * s
 
     vb_y = S(58.0)                       # vertebral body centre
