@@ -19,9 +19,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from lnm_auto.planning.network_topology import (ComputeBudget, ResEncTopology, _check_shape,
-                                                estimate_resenc_gflops, get_budget, plan_resenc_axes,
-                                                resenc_topology_from_rung, slice_group_starts)
+from lnm_auto.planning.compute_budget import _check_shape
+from lnm_auto.planning.network_topology import (ComputeBudget, ResEncTopology, estimate_resenc_gflops,
+                                                get_budget, plan_resenc_axes, resenc_topology_from_rung,
+                                                slice_group_starts)
 
 PATCH_SIZE = 14                 # DINOv2's patch; the context image side is a multiple of it
 
