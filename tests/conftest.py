@@ -8,10 +8,14 @@ import os
 import subprocess
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-import pytest
-import SimpleITK as sitk
+from lnm_auto.utils.threads import configure_threads
+
+configure_threads()   # before torch loads: passive OpenMP waiting, threads = the cores this run may use
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import SimpleITK as sitk  # noqa: E402
 
 TINY_DIRECTION = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)   # LPS flip: non-identity on purpose
 TINY_ORIGIN = (40.5, 30.25, -120.0)

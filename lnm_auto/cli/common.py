@@ -79,6 +79,12 @@ def _add_progress_flag(p: argparse.ArgumentParser) -> None:
                         "stdout is not a terminal) (default: bars on a terminal)")
 
 
+def _add_threads_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-nt", "--num_threads", type=int, default=None,
+                   help="torch threads of this process; workers get one each (default: $LNM_NUM_THREADS, else the cores "
+                        "this process may use: affinity and cgroup quota; documentation/threads.md)")
+
+
 def _say_device(requested: str) -> str:
     """Resolve -device and print the choice (auto picks cuda, then mps, then cpu)."""
     from lnm_auto.training.run import resolve_device

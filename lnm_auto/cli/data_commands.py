@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lnm_auto.cli.common import _add_location_flags, _add_progress_flag, _run
+from lnm_auto.cli.common import _add_threads_flag, _add_location_flags, _add_progress_flag, _run
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.paths import base_folder
 
@@ -80,6 +80,7 @@ def plan_and_preprocess_parser() -> argparse.ArgumentParser:
                         "26-connected component of at least MIN_MM3 (default 10) mm^3; originals kept in "
                         "nodesTr_binary/, new nodes added to nodes.csv with empty labels")
     _add_location_flags(p, "raw", "preprocessed")
+    _add_threads_flag(p)
     return p
 
 

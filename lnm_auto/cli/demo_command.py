@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lnm_auto.cli.common import _run
+from lnm_auto.cli.common import _add_threads_flag, _run
 
 
 # ---- lnm_demo -------------------------------------------------------------------------------------
@@ -27,6 +27,7 @@ def demo_parser() -> argparse.ArgumentParser:
                         "supervised then PGLS (default: %(default)s)")
     p.add_argument("--cases", type=int, default=40, help="phantom training cases (default: %(default)s)")
     p.add_argument("--test-cases", type=int, default=20, help="phantom test cases (default: %(default)s)")
+    _add_threads_flag(p)
     return p
 
 

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from lnm_auto.cli.common import DEVICE_HELP, _add_location_flags, _add_progress_flag, _run, _say_device
+from lnm_auto.cli.common import _add_threads_flag, DEVICE_HELP, _add_location_flags, _add_progress_flag, _run, _say_device
 from lnm_auto.utils.paths import base_folder
 
 
@@ -46,6 +46,7 @@ def predict_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     _add_progress_flag(p)
     _add_location_flags(p, "results")
+    _add_threads_flag(p)
     return p
 
 

@@ -20,7 +20,7 @@ from lnm_auto.datasets.raw_dataset import (SAFE_CASE_ID, RawCase, RawDataset, pa
                                            read_image_header)
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.terminal import show_progress
-from lnm_auto.utils.processes import die_with_parent
+from lnm_auto.utils.processes import worker_process_init
 
 # Geometry tolerances: scanners and converters round differently; these catch real mismatches only.
 SPACING_RTOL = 1e-4
@@ -257,7 +257,7 @@ def verify_dataset(ds: RawDataset, num_processes: int = 1, progress: bool = True
         lower[c.lower()] = c
     cases = [ds.case(c) for c in case_ids]
     if num_processes > 1:
-        with ProcessPoolExecutor(num_processes, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
+        with ProcessPoolExecutor(num_processes, initializer=worker_process_init, initargs=(os.getpid(),)) as pool:
             checks = list(tqdm(pool.map(check_case, cases), total=len(cases), desc="verify", disable=not (progress and show_progress())))
     else:
         checks = [check_case(c) for c in tqdm(cases, desc="verify", disable=not (progress and show_progress()))]

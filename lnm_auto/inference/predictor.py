@@ -40,7 +40,7 @@ from lnm_auto.preprocessing.preprocessor import check_case_images, preprocess_im
 from lnm_auto.training.progress import progress_bar, show_progress
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import atomic_path, load_json, save_csv_atomic, save_json
-from lnm_auto.utils.processes import die_with_parent
+from lnm_auto.utils.processes import worker_process_init
 from lnm_auto.utils.tables import node_ids, read_csv_text
 
 IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -369,7 +369,7 @@ def _preprocessed(cases: list[InputCase], plans: Plans, num_processes: int, outp
         for c in cases:
             yield load_and_preprocess(c, plans, output_dir, configuration)
         return
-    with ProcessPoolExecutor(num_processes, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
+    with ProcessPoolExecutor(num_processes, initializer=worker_process_init, initargs=(os.getpid(),)) as pool:
         pending: deque = deque()
         it = iter(cases)
         for c in it:

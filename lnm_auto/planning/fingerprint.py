@@ -18,7 +18,7 @@ from tqdm import tqdm
 from lnm_auto.datasets.raw_dataset import UNKNOWN, RawCase, RawDataset, read_image
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.terminal import show_progress
-from lnm_auto.utils.processes import die_with_parent
+from lnm_auto.utils.processes import worker_process_init
 from lnm_auto.preprocessing.geometry import measure_nodes, sitk_spacing_zyx, slice_axis
 
 FINGERPRINT_VERSION = 1
@@ -99,7 +99,7 @@ def compute_fingerprint(ds: RawDataset, num_processes: int = 1, progress: bool =
     cases = ds.cases("Tr")
     work = _case_fingerprint_seeded
     if num_processes > 1:
-        with ProcessPoolExecutor(num_processes, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
+        with ProcessPoolExecutor(num_processes, initializer=worker_process_init, initargs=(os.getpid(),)) as pool:
             results = list(tqdm(pool.map(work, cases), total=len(cases), desc="fingerprint", disable=not (progress and show_progress())))
     else:
         results = [work(c) for c in tqdm(cases, desc="fingerprint", disable=not (progress and show_progress()))]

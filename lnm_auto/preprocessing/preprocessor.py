@@ -38,7 +38,7 @@ from lnm_auto.preprocessing.normalization import case_zscore_statistics, normali
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.terminal import show_progress
 from lnm_auto.utils.io import save_csv_atomic, save_npz_atomic
-from lnm_auto.utils.processes import die_with_parent
+from lnm_auto.utils.processes import worker_process_init
 
 
 @dataclass
@@ -248,7 +248,7 @@ def run_preprocessing(ds: RawDataset, plans: Plans, preprocessed_dataset: Path, 
     errors = []
     bar = tqdm(total=len(args), desc="preprocess", disable=not (progress and show_progress()), unit="case")
     if num_processes > 1 and len(args) > 1:
-        with ProcessPoolExecutor(num_processes, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
+        with ProcessPoolExecutor(num_processes, initializer=worker_process_init, initargs=(os.getpid(),)) as pool:
             for _, _, err in pool.map(work, *zip(*args)):
                 errors.append(err) if err else None
                 bar.update()

@@ -14,7 +14,7 @@ from lnm_auto.datasets.raw_dataset import RawCase, RawDataset, read_image
 from lnm_auto.planning.learning_scheme import RadiomicsTopology
 from lnm_auto.radiomics.features import FEATURE_COLUMNS, node_features
 from lnm_auto.utils.io import save_csv_atomic
-from lnm_auto.utils.processes import die_with_parent
+from lnm_auto.utils.processes import worker_process_init
 
 
 def case_node_features(case: RawCase, topology: RadiomicsTopology) -> pd.DataFrame:
@@ -61,7 +61,7 @@ def dataset_node_features(raw_dataset: Path, topology: RadiomicsTopology, cache_
     log(f"radiomics features of {len(cases)} cases ({topology.modality_hint}, {topology.texture_mode} texture); "
         f"cached in {cache_dir}")
     if num_processes > 1:
-        with ProcessPoolExecutor(num_processes, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
+        with ProcessPoolExecutor(num_processes, initializer=worker_process_init, initargs=(os.getpid(),)) as pool:
             tables = list(pool.map(_cached_or_computed, todo))
     else:
         tables = [_cached_or_computed(t) for t in todo]

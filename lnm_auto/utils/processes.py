@@ -19,6 +19,8 @@ import sys
 import threading
 import time
 
+from lnm_auto.utils.threads import worker_init
+
 PR_SET_PDEATHSIG = 1   # <linux/prctl.h>
 POLL_INTERVAL_S = 1.0
 
@@ -48,3 +50,10 @@ def _poll_parent(parent_pid: int) -> None:
     while os.getppid() == parent_pid:
         time.sleep(POLL_INTERVAL_S)
     os._exit(1)
+
+
+def worker_process_init(parent_pid: int | None = None) -> None:
+    """Initializer of every worker process: end with the parent, and one thread per library (a worker running
+    its own multi-threaded torch/BLAS/SimpleITK pools would oversubscribe the cores, documentation/threads.md)."""
+    die_with_parent(parent_pid)
+    worker_init()
