@@ -87,6 +87,9 @@ def run_dataset(name: str, make, dataset_id: int, args, workdir: Path) -> list[d
     for config in ("2d25", "3d_resenc"):
         times[config] = train_folds(dataset_id, config, "LNMTrainer", pre, res, args.epochs)
     times["PGLS (2d25)"] = times["2d25"] + train_folds(dataset_id, "2d25", "LNMTrainerPGLS", pre, res, args.ssl_epochs)
+    if args.with_global_local:   # issue 11's rows: same folds, same epochs
+        times["wega"] = train_folds(dataset_id, "wega", "LNMTrainer", pre, res, args.epochs)
+        times["3d_resenc multi-task"] = train_folds(dataset_id, "3d_resenc", "LNMTrainerMultiTask", pre, res, args.epochs)
     results = res / dataset.name
     crops = pre / dataset.name / "LNMPlans_crops"
     selection = find_best_configuration(results, n_bootstrap=args.n_bootstrap, size_rule=size_rule_table(crops))
@@ -100,6 +103,9 @@ def run_dataset(name: str, make, dataset_id: int, args, workdir: Path) -> list[d
     folders = {"radiomics": "RadiomicsTrainer__LNMPlans__radiomics", "2d25": f"LNMTrainer_{args.epochs}epochs__LNMPlans__2d25",
                "3d_resenc": f"LNMTrainer_{args.epochs}epochs__LNMPlans__3d_resenc",
                "PGLS (2d25)": f"LNMTrainerPGLS_{args.ssl_epochs}epochs__LNMPlans__2d25"}
+    if args.with_global_local:
+        folders["wega"] = f"LNMTrainer_{args.epochs}epochs__LNMPlans__wega"
+        folders["3d_resenc multi-task"] = f"LNMTrainerMultiTask_{args.epochs}epochs__LNMPlans__3d_resenc"
     for method, folder in folders.items():
         out = workdir / name / "test" / folder
         predict_folder(dataset / "imagesTs", out, results / folder, list(FOLDS), device="cpu", save_probmaps=False,
@@ -149,6 +155,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--datasets", nargs="+", default=None, help="subset of dataset names to run")
     ap.add_argument("--no-tta", action="store_true", help="no test-time mirroring (4x faster prediction)")
+    ap.add_argument("--with-global-local", action="store_true",
+                    help="also the wega configuration and the multi-task head on 3d_resenc (issue 11's rows)")
     args = ap.parse_args()
     if args.quick:
         args.cases, args.test_cases, args.epochs, args.ssl_epochs, args.n_bootstrap = 24, 16, 8, 4, 200
