@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 from lnm_auto.cli.common import DEVICE_HELP, _add_location_flags, _add_progress_flag, _run, _say_device
@@ -39,22 +40,41 @@ def train_parser() -> argparse.ArgumentParser:
                         "(default: not saved)")
     p.add_argument("-device", "--device", default="auto", help=DEVICE_HELP)
     p.add_argument("-num_workers", "--num_workers", type=int, default=None,
-                   help="background augmentation processes (default: $LNM_n_proc_DA or cores - 1)")
+                   help="background augmentation processes per training process (default: $LNM_n_proc_DA, else "
+                        "its share of the cores - 1)")
+    p.add_argument("-num_gpus", "--num_gpus", type=int, default=1,
+                   help="train on N processes of this machine with DistributedDataParallel, as torchrun "
+                        "--standalone --nproc_per_node N would: one per GPU with -device cuda, N gloo processes with "
+                        "-device cpu; the plan's batch is split over them (documentation/scaling.md) (default: 1)")
     _add_progress_flag(p)
     _add_location_flags(p, "raw", "preprocessed", "results")
     return p
 
 
-def _train(args: argparse.Namespace) -> int:
-    from lnm_auto.training.run import run_training, run_validation, setup_trainer, training_scheme
+def _train(args: argparse.Namespace, argv: list[str]) -> int:
+    from lnm_auto.training.distributed import is_main_process, launch_local_processes
+    from lnm_auto.training.run import check_processes_fit_batch, distributed_training, resolve_device
     if args.val and (args.continue_training or args.pretrained_weights):
         raise LNMError("--val only validates a trained fold; leave out --c and -pretrained_weights")
-    device = _say_device(args.device)
+    if args.num_gpus != 1:   # each of the N processes parses the same arguments, told to be one of them
+        if args.num_gpus > 1:
+            check_processes_fit_batch(args.dataset, args.configuration, base_folder("preprocessed", args.preprocessed),
+                                      args.plans_name, args.num_gpus)
+        return launch_local_processes(args.num_gpus, resolve_device(args.device), train_entry,
+                                      [*argv, "-num_gpus", "1"])
+    main = is_main_process()   # under torchrun only rank 0 talks
+    device = _say_device(args.device) if main else resolve_device(args.device)
+    with distributed_training(device):
+        return _train_stages(args, device, print if main else (lambda *a: None))
+
+
+def _train_stages(args: argparse.Namespace, device: str, say) -> int:
+    from lnm_auto.training.run import run_training, run_validation, setup_trainer, training_scheme
     preprocessed, results = base_folder("preprocessed", args.preprocessed), base_folder("results", args.results)
     raw = args.raw or None   # radiomics reads the raw images ($LNM_raw when not given)
     stages = training_scheme(args.dataset, args.configuration, preprocessed, args.plans_name, args.trainer)
     if len(stages) > 1:
-        print(f"training scheme (the plans' recommendation for this label mix): {' -> '.join(stages)}")
+        say(f"training scheme (the plans' recommendation for this label mix): {' -> '.join(stages)}")
     checkpoint = "checkpoint_best.pth" if args.val_best else "checkpoint_final.pth"
     for i, stage in enumerate(stages):
         trainer = setup_trainer(args.dataset, args.configuration, args.fold, preprocessed, results, stage,
@@ -63,15 +83,16 @@ def _train(args: argparse.Namespace) -> int:
             run_training(trainer, args.continue_training, args.pretrained_weights if i == 0 else None,
                          save_probabilities=args.npz and not args.val_best)
             if not args.val_best:
-                print(f"results in {trainer.output_folder}")
+                say(f"results in {trainer.output_folder}")
                 continue
         run_validation(trainer, checkpoint, args.npz)
-        print(f"validation with {checkpoint} in {trainer.output_folder / 'validation'}")
+        say(f"validation with {checkpoint} in {trainer.output_folder / 'validation'}")
     return 0
 
 
 def train_entry(argv: list[str] | None = None) -> int:
-    return _run("lnm_train", _train, train_parser(), argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return _run("lnm_train", functools.partial(_train, argv=argv), train_parser(), argv)
 
 
 def train_cli() -> None:
@@ -98,12 +119,16 @@ def pretrain_parser() -> argparse.ArgumentParser:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from lnm_auto.training.run import setup_pretrainer
-    device = _say_device(args.device)
-    trainer = setup_pretrainer(args.dataset, args.configuration, args.fold, base_folder("preprocessed", args.preprocessed),
-                               base_folder("results", args.results), args.plans_name, device, args.epochs,
-                               args.num_workers)
-    print(f"pretrained weights: {trainer.run_pretraining()}")
+    from lnm_auto.training.distributed import is_main_process
+    from lnm_auto.training.run import distributed_training, resolve_device, setup_pretrainer
+    device = _say_device(args.device) if is_main_process() else resolve_device(args.device)
+    with distributed_training(device):   # under torchrun as lnm_train
+        trainer = setup_pretrainer(args.dataset, args.configuration, args.fold,
+                                   base_folder("preprocessed", args.preprocessed), base_folder("results", args.results),
+                                   args.plans_name, device, args.epochs, args.num_workers)
+        weights = trainer.run_pretraining()
+        if is_main_process():
+            print(f"pretrained weights: {weights}")
     return 0
 
 

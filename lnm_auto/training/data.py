@@ -226,14 +226,15 @@ def batch_to_device(batch: dict, device: torch.device) -> dict:
     return out
 
 
-def default_num_workers() -> int:
-    """Background augmentation processes: $LNM_n_proc_DA, else one less than the cores (at least 1)."""
+def default_num_workers(trainers_on_node: int = 1) -> int:
+    """Background augmentation processes of one trainer: $LNM_n_proc_DA, else one less than its share of the
+    cores (``trainers_on_node``: torchrun's processes on this node), at least 1."""
     env = os.environ.get("LNM_n_proc_DA")
     if env is not None:
         if not env.strip().isdigit():
             raise LNMError(f"$LNM_n_proc_DA must be a whole number of worker processes, got '{env}'")
         return int(env)
-    return max(1, (os.cpu_count() or 2) - 1)
+    return max(1, (os.cpu_count() or 2) // max(1, trainers_on_node) - 1)
 
 
 def training_batches(plans: Plans, config: ConfigurationPlan, loader: SlimDataLoaderBase, seed: int, num_workers: int):

@@ -1,8 +1,11 @@
 """``lnm_train DATASET CONFIG FOLD``: resolve folders, set up the trainer, continue or start, train; or
-re-run a finished fold's validation (``--val`` / ``--val_best``)."""
+re-run a finished fold's validation (``--val`` / ``--val_best``). Under torchrun, ``distributed_training``
+joins the job's process group around the run (documentation/scaling.md)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -10,6 +13,7 @@ from lnm_auto.planning.plan_and_preprocess import FINGERPRINT_FILE, SPLITS_FILE
 from lnm_auto.planning.learning_scheme import RadiomicsTopology
 from lnm_auto.planning.plans import ConfigurationPlan, Plans
 from lnm_auto.planning.splits import load_splits
+from lnm_auto.training.distributed import DistributedRun, destroy_process_group, init_process_group, is_main_process
 from lnm_auto.training.pretraining import WSPPretrainer
 from lnm_auto.training.registry import split_trainer_name, trainer_class
 from lnm_auto.training.registry import trainer_name as trainer_name_for
@@ -78,6 +82,7 @@ def setup_trainer(dataset: str | int, configuration: str, fold: str, preprocesse
     plans = Plans.load(pre / f"{plans_name}.json")
     check_configuration(plans, configuration)
     config = plans.configuration(configuration)
+    check_fits_processes(config, DistributedRun.current().world_size)
     if trainer_cls is None:
         trainer_cls, epochs_in_name = trainer_class(trainer_name_for_configuration(config, trainer_name))
         if num_epochs is not None and epochs_in_name is not None and num_epochs != epochs_in_name:
@@ -102,10 +107,23 @@ def setup_trainer(dataset: str | int, configuration: str, fold: str, preprocesse
                           epochs, num_workers=num_workers, splits=splits)
     if raw_root is not None:
         trainer.raw_root = Path(raw_root)
-    plans.save(saved)
-    for f in ("dataset.json", FINGERPRINT_FILE):
-        atomic_copy(pre / f, out / f)
+    if is_main_process():   # under torchrun rank 0 writes every file
+        plans.save(saved)
+        for f in ("dataset.json", FINGERPRINT_FILE):
+            atomic_copy(pre / f, out / f)
     return trainer
+
+
+@contextmanager
+def distributed_training(device: str) -> Iterator[None]:
+    """Under torchrun (or -num_gpus): this process joins the job's process group (NCCL on cuda, gloo on cpu)
+    for the run and leaves it afterwards. Outside such a job: nothing."""
+    joined = init_process_group(device)
+    try:
+        yield
+    finally:
+        if joined:
+            destroy_process_group()
 
 
 def trainer_name_for_configuration(config: ConfigurationPlan, trainer_name: str) -> str:
@@ -131,6 +149,24 @@ def training_scheme(dataset: str | int, configuration: str, preprocessed_root: P
     plans = Plans.load(pre / f"{plans_name}.json")
     check_configuration(plans, configuration)
     return recommended_scheme(plans, configuration)
+
+
+def check_processes_fit_batch(dataset: str | int, configuration: str, preprocessed_root: Path, plans_name: str,
+                              n_processes: int) -> None:
+    """One line before any process starts when ``n_processes`` cannot share the plan's batch (-num_gpus)."""
+    pre = Path(preprocessed_root) / resolve_preprocessed_dataset(dataset, preprocessed_root)
+    plans = Plans.load(pre / f"{plans_name}.json")
+    check_configuration(plans, configuration)
+    check_fits_processes(plans.configuration(configuration), n_processes)
+
+
+def check_fits_processes(config: ConfigurationPlan, n_processes: int) -> None:
+    """Refuse a configuration that cannot train on ``n_processes``: radiomics (one fit, seconds), or a plan's
+    batch with fewer nodes than processes."""
+    if n_processes > 1 and isinstance(config.network, RadiomicsTopology):
+        raise LNMError("the radiomics configuration is fitted in seconds by one process: train it without torchrun "
+                       "or -num_gpus")
+    DistributedRun(0, n_processes).batch_share(config)
 
 
 def recommended_scheme(plans: Plans, configuration: str) -> list[str]:
@@ -185,6 +221,7 @@ def run_training(trainer: LNMTrainer, continue_training: bool = False, pretraine
     if save_probabilities and trainer.current_epoch >= trainer.num_epochs:
         # the trainer's on_train_end exported validation without probabilities; one more pass adds them
         trainer.export_validation("checkpoint_final.pth", save_probabilities=True)
+        trainer.distributed.barrier()
     return trainer
 
 
@@ -201,6 +238,7 @@ def run_validation(trainer: LNMTrainer, checkpoint: str = "checkpoint_final.pth"
         raise LNMError(f"{path}: missing; {why}")
     trainer.load_checkpoint(path)
     trainer.log.print(f"validation only, with {checkpoint} (after epoch {trainer.current_epoch})")
-    trainer.store.unpack(sorted(trainer.val_cases))
+    trainer.distributed.node_leader_first(trainer.store.unpack, sorted(trainer.val_cases))
     trainer.export_validation(checkpoint, save_probabilities)
+    trainer.distributed.barrier()   # rank 0 has written metrics.json
     return load_json(trainer.output_folder / "validation" / "metrics.json")

@@ -10,11 +10,15 @@ Hooks a variant overrides (nothing else): ``default_num_epochs``, ``build_networ
 ``training_records``, ``validation_records``, ``batch_groups``, ``make_loader``, ``steps_per_epoch``,
 ``network_outputs``, ``compute_loss``, ``after_optimizer_step``, ``on_train_start``, ``on_epoch_start``,
 ``on_epoch_end``, ``on_train_end``, ``checkpoint_state`` / ``restore_state``.
+
+Under torchrun / ``-num_gpus`` every process runs this loop; ``self.distributed`` (training/distributed.py) splits
+batches and validation over the ranks, and only rank 0 writes files (documentation/scaling.md).
 """
 from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +33,7 @@ from lnm_auto.planning.plans import ConfigurationPlan, Plans
 from lnm_auto.training import registry
 from lnm_auto.training.data import (BatchGroup, CropStore, NodeBatchLoader, batch_to_device, default_num_workers,
                                     load_batch, training_batches)
+from lnm_auto.training.distributed import DistributedRun
 from lnm_auto.training.progress import TrainingLog, progress_bar
 from lnm_auto.training.validation import auroc_or_nan, bce, validation_level, validation_units
 from lnm_auto.utils.checkpoints import load_checkpoint, save_checkpoint
@@ -55,10 +60,12 @@ class LNMTrainer:
         self.fold = fold
         self.preprocessed_dataset = Path(preprocessed_dataset)
         self.output_folder = Path(output_folder)
-        self.device = torch.device(device)
+        self.distributed = DistributedRun.current()   # a world of one outside torchrun / -num_gpus
+        self.device = self.distributed.device(device)
         self.seed = seed
         self.num_epochs = int(num_epochs or self.default_num_epochs(self.config))
-        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.num_workers = num_workers if num_workers is not None else \
+            default_num_workers(self.distributed.local_world_size)   # its share of the machine's cores
         self.crops_dir = self.preprocessed_dataset / f"{plans.plans_name}_crops"
         index_file = self.crops_dir / "nodes_index.csv"
         if not index_file.is_file():
@@ -70,8 +77,9 @@ class LNMTrainer:
         self.network = self.build_network()
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
         self.loss_fn = nn.BCEWithLogitsLoss()
-        self.output_folder.mkdir(parents=True, exist_ok=True)
-        self.log = TrainingLog.for_run(self.output_folder)   # training_log_<date>.txt, one per run
+        if self.distributed.is_main:
+            self.output_folder.mkdir(parents=True, exist_ok=True)
+        self.log: TrainingLog = self.distributed.training_log(self.output_folder)   # training_log_<date>.txt per run
         self.current_epoch = 0
         self.best_ema: float | None = None
         self.ema_auroc: float | None = None
@@ -162,42 +170,61 @@ class LNMTrainer:
         """checkpoint_final.pth (checkpoint_latest.pth then goes, as in nnU-Net: --c resumes from final), then
         the fold's validation predictions."""
         self.save_checkpoint("checkpoint_final.pth")
-        (self.output_folder / "checkpoint_latest.pth").unlink(missing_ok=True)
+        if self.distributed.is_main:
+            (self.output_folder / "checkpoint_latest.pth").unlink(missing_ok=True)
         self.export_validation("checkpoint_final.pth")
 
     # ---- the loop -----------------------------------------------------------------------------------
     def train_step(self, batch: dict) -> float:
         """forward -> loss -> backward -> clip -> step: the only place any trainer updates weights."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.compute_loss(self.network_outputs(batch), batch)
-        loss.backward()
+        with self._replicated_network():
+            loss = self.compute_loss(self.network_outputs(batch), batch)
+            loss.backward()
+        self.distributed.synchronize_step(self.network, self.optimizer)
         torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], GRAD_CLIP_NORM)
         self.optimizer.step()
         self.after_optimizer_step()
         return float(loss.detach())
 
+    @contextmanager
+    def _replicated_network(self):
+        """In a step's forward and backward ``self.network`` is the DDP replica (gradients averaged over the ranks), so
+        every ``network_outputs`` works unchanged; elsewhere the plain one (checkpoints, EMA teacher, validation)."""
+        plain, self.network = self.network, self.distributed.replica(self.network)
+        try:
+            yield
+        finally:
+            self.network = plain
+
     def run_training(self, stop_after_epoch: int | None = None) -> None:
         """Train from ``current_epoch`` to ``num_epochs`` (or stop early after ``stop_after_epoch``)."""
         records = self.training_records()
-        self.store.unpack(sorted(set(self.train_cases) | set(self.val_cases)))
+        # once per node under torchrun (the other ranks wait)
+        self.distributed.node_leader_first(self.store.unpack, sorted(set(self.train_cases) | set(self.val_cases)))
         val = self.validation_records()
+        batch = self.config.recipe.batch_size
+        self.distributed.batch_share(self.config)   # refuses more ranks than the batch has nodes, before any work
         self.log.print(f"training {self.trainer_name} {self.plans.plans_name} {self.config.name} fold {self.fold}: "
                        f"{len(records)} training nodes ({int((records.label == 1).sum())} positive), "
-                       f"{len(val)} validation nodes, {self.num_epochs} epochs, batch {self.config.recipe.batch_size}, "
-                       f"device {self.device}, {self.num_workers} data worker(s)")
+                       f"{len(val)} validation nodes, {self.num_epochs} epochs, batch {batch}, device {self.device}, "
+                       f"{self.num_workers} data worker(s){self.distributed.describe_batch(batch)}")
         self.on_train_start()
         while self.current_epoch < self.num_epochs:
             if stop_after_epoch is not None and self.current_epoch >= stop_after_epoch:
-                return
+                break
             self._train_one_epoch(records)
-        self.on_train_end()
+        if self.current_epoch >= self.num_epochs:
+            self.on_train_end()
+        self.distributed.barrier()   # the other ranks leave once rank 0 has written everything
 
     def _train_one_epoch(self, records: pd.DataFrame) -> None:
         self.on_epoch_start()
         self.network.train()
-        epoch_seed = self.seed * 100003 + self.current_epoch  # batches depend on (seed, epoch) only: exact resume
+        # batches depend on (seed, epoch, rank) only: exact resume
+        epoch_seed = self.distributed.seed(self.seed * 100003 + self.current_epoch)
         torch.manual_seed(epoch_seed)
-        batches = training_batches(self.plans, self.config, self.make_loader(records, epoch_seed), epoch_seed,
+        batches = training_batches(self.plans, self.config, self._rank_loader(records, epoch_seed), epoch_seed,
                                    self.num_workers)
         n_steps = self.steps_per_epoch(records)
         t0, wait, losses = time.perf_counter(), 0.0, []
@@ -235,15 +262,26 @@ class LNMTrainer:
         self.save_checkpoint("checkpoint_latest.pth")
         self.log.plot(self.output_folder / "progress.png")
 
+    def _rank_loader(self, records: pd.DataFrame, seed: int):
+        """This rank's batch source: ``make_loader`` sees this rank's share of the plan's batch in
+        ``self.config`` (all of it in one process); steps per epoch and the rest keep the plan's global batch."""
+        plan_config, self.config = self.config, self.distributed.batch_share(self.config)
+        try:
+            return self.make_loader(records, seed)
+        finally:
+            self.config = plan_config
+
     # ---- validation -----------------------------------------------------------------------------------
     def predict_records(self, records: pd.DataFrame, network: nn.Module | None = None) -> np.ndarray:
-        """Probabilities (fused head) of cached nodes: the same code path as lnm_predict."""
+        """Probabilities (fused head) of cached nodes: the same code path as lnm_predict. Under torchrun each rank
+        predicts its shard and every rank gets all of them (every rank must call this with the same records)."""
         network = network or self.network
         bs = max(1, self.config.recipe.batch_size)
-        probs = [predict_node_crops(network, load_batch(self.store, records.iloc[i:i + bs], self.config.scales),
+        mine = self.distributed.shard(records)
+        probs = [predict_node_crops(network, load_batch(self.store, mine.iloc[i:i + bs], self.config.scales),
                                     self.plans, self.config, self.device, bs)
-                 for i in range(0, len(records), bs)]
-        return np.concatenate(probs) if probs else np.zeros(0)
+                 for i in range(0, len(mine), bs)]
+        return self.distributed.gather(np.concatenate(probs) if probs else np.zeros(0), len(records), self.device)
 
     def validate(self) -> dict:
         """Loss and AUROC on the validation cases at the finest labelled level; ``nodes``: every validation node
@@ -274,6 +312,8 @@ class LNMTrainer:
         validation/predictions.csv (every validation node, labelled or not: what lnm_find_best_configuration
         pools) and, with ``save_probabilities``, validation/probabilities.npz (case, node, probability)."""
         val = self.validate()
+        if not self.distributed.is_main:   # every rank predicted its shard; rank 0 writes
+            return
         out = self.output_folder / "validation"
         source = {"model_folder": str(self.output_folder.parent), "fold": str(self.fold), "checkpoint": checkpoint,
                   "validation_level": val["level"] if val["units"] is not None else "none"}
@@ -320,8 +360,9 @@ class LNMTrainer:
         }
 
     def save_checkpoint(self, name: str) -> None:
-        """Write ``checkpoint_state()`` atomically into the fold folder."""
-        save_checkpoint(self.checkpoint_state(), self.output_folder / name)
+        """Write ``checkpoint_state()`` atomically into the fold folder (rank 0 only: every rank holds the same)."""
+        if self.distributed.is_main:
+            save_checkpoint(self.checkpoint_state(), self.output_folder / name)
 
     def load_checkpoint(self, path: Path) -> dict:
         """Restore the run from one of its own checkpoints (``--c``)."""
