@@ -9,7 +9,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lnm_auto.cli.common import _run
 from lnm_auto.conversion.components import DEFAULT_MIN_VOLUME_MM3
+from lnm_auto.conversion.dicom import convert_dicom_folder
+from lnm_auto.conversion.nnunet import convert_nnunet_dataset
+from lnm_auto.utils.paths import base_folder
 
 
 def convert_parser() -> argparse.ArgumentParser:
@@ -62,8 +66,6 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _nnunet(args: argparse.Namespace) -> int:
-    from lnm_auto.conversion.nnunet import convert_nnunet_dataset
-    from lnm_auto.utils.paths import base_folder
     summary = convert_nnunet_dataset(Path(args.input), base_folder("raw", args.raw), args.dataset_id, args.name,
                                      args.label, Path(args.labels_csv) if args.labels_csv else None, args.link,
                                      args.min_volume)
@@ -77,8 +79,6 @@ def _nnunet(args: argparse.Namespace) -> int:
 
 
 def _dicom(args: argparse.Namespace) -> int:
-    from lnm_auto.conversion.dicom import convert_dicom_folder
-    from lnm_auto.utils.paths import base_folder
     raw = base_folder("raw", args.raw) if args.dataset_id is not None else None
     root, cases = convert_dicom_folder(Path(args.input), Path(args.output) if args.output else None, raw,
                                        args.dataset_id, args.name, args.test, args.case, args.segment, args.min_volume)
@@ -91,5 +91,4 @@ def _dicom(args: argparse.Namespace) -> int:
 
 def convert_entry(argv: list[str] | None = None) -> int:
     """Run lnm_convert with ``argv``; bad input gives one line per problem and exit status 1."""
-    from lnm_auto.cli import _run
     return _run("lnm_convert", lambda args: args.func(args), convert_parser(), argv)

@@ -21,6 +21,8 @@ import pandas as pd
 import SimpleITK as sitk
 from scipy import ndimage
 
+from lnm_auto.utils.io import save_csv_atomic
+
 # 10 mm^3 lies below any node an annotator outlines (a sphere of 2.7 mm diameter; nodes are reported
 # from about 5 mm short axis = 65 mm^3) and above specks of a few voxels (one CT voxel is 0.3-5 mm^3).
 DEFAULT_MIN_VOLUME_MM3 = 10.0
@@ -167,7 +169,6 @@ def nodes_skeleton(node_counts: dict[str, int], source: dict[str, list[str]] | N
 
 def write_nodes_skeleton(path, node_counts: dict[str, int], source: dict[str, list[str]] | None = None) -> pd.DataFrame:
     """Write ``nodes_skeleton`` atomically to ``path`` (a new nodes.csv) and return it."""
-    from lnm_auto.utils.io import save_csv_atomic
     table = nodes_skeleton(node_counts, source)
     save_csv_atomic(table, path)
     return table

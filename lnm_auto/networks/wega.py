@@ -30,6 +30,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from lnm_auto.networks.inputs import image_key, mask_key, scale_input
+from lnm_auto.networks.pretrained import _WRAPPER_KEYS, load_pretrained_weights
 from lnm_auto.networks.resenc_classifier import build_resenc_encoder, pad_to_multiple
 from lnm_auto.networks.two_stream import group_slices
 from lnm_auto.planning.global_local_topology import MLP_RATIO, PATCH_SIZE, WegaTopology
@@ -159,7 +160,6 @@ class WegaNet(nn.Module):
         the planned token grid when the file's grid differs (518 px -> 37 x 37 for DINOv2); it is then
         listed in ``matched`` and in ``resampled``. See ``load_pretrained_weights`` for the report.
         """
-        from lnm_auto.networks import load_pretrained_weights   # lazy: lnm_auto.networks dispatches to this module
         report = load_pretrained_weights(self.global_vit, path, prefix_hint=prefix_hint)
         report["resampled"] = []
         mismatch = [m for m in report["shape_mismatch"] if m.startswith("pos_embed:")]
@@ -179,7 +179,6 @@ class WegaNet(nn.Module):
 
 def _read_state_dict(path) -> dict:
     """The tensors of a weights file, unwrapped like ``load_pretrained_weights`` does (already validated there)."""
-    from lnm_auto.networks import _WRAPPER_KEYS
     obj = torch.load(path, map_location="cpu", weights_only=True)
     for key in _WRAPPER_KEYS:
         if isinstance(obj.get(key), dict):

@@ -9,8 +9,6 @@ Pure arithmetic, no torch (like ``network_topology``). The network is
 - Local branch: the ``3d_resenc`` residual encoder on the node ROI (scale ``"global"``).
 - Fusion: one cross-attention block in which local tokens query the global tokens.
 
-``CropScale`` is imported inside :func:`plan_context_scale` only: ``plans.py`` imports this module
-for its union of topologies, so a top-level import of ``plans`` here would be circular.
 """
 from __future__ import annotations
 
@@ -19,10 +17,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from lnm_auto.planning.compute_budget import _check_shape
-from lnm_auto.planning.network_topology import (ComputeBudget, ResEncTopology, estimate_resenc_gflops,
-                                                get_budget, plan_resenc_axes, resenc_topology_from_rung,
-                                                slice_group_starts)
+from lnm_auto.planning.compute_budget import ComputeBudget, _check_shape, get_budget
+from lnm_auto.planning.crop_scale import CropScale, cache_shape_for
+from lnm_auto.planning.resenc_topology import (ResEncTopology, estimate_resenc_gflops, plan_resenc_axes,
+                                               resenc_topology_from_rung)
+from lnm_auto.planning.two_stream_topology import slice_group_starts
 
 PATCH_SIZE = 14                 # DINOv2's patch; the context image side is a multiple of it
 
@@ -199,9 +198,6 @@ def plan_context_scale(node_roi_size_mm: Sequence[float], node_spacing_mm: Seque
     14 * g pixels, g = min(budget cap, the most patches that keep pixels no finer than the node ROI's),
     at least MIN_CONTEXT_GRID. Returns ``(CropScale, note)``.
     """
-    from lnm_auto.planning.planner import cache_shape_for   # lazy: planner imports this module's users
-    from lnm_auto.planning.plans import CropScale
-
     size_mm = [float(s) for s in node_roi_size_mm]
     spacing = [float(s) for s in node_spacing_mm]
     if len(size_mm) != 3 or len(spacing) != 3 or min(size_mm + spacing) <= 0:

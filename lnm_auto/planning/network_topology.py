@@ -27,6 +27,7 @@ from typing import Any
 
 # The budgets and each configuration's topology live in their own modules; every name stays importable
 # from here, where the plans and the networks have always found them.
+from lnm_auto.planning.global_local_topology import WegaTopology
 from lnm_auto.planning.compute_budget import BUDGETS, CPU_BUDGET, GPU_BUDGET, ComputeBudget, get_budget
 from lnm_auto.planning.resenc_topology import (MAX_RESENC_STAGES, MIN_FEATURE_MAP_SIZE, RESENC_LADDER,
                                                ResEncTopology, estimate_resenc_gflops, plan_resenc_axes,
@@ -43,17 +44,15 @@ __all__ = [
     "BACKBONE_SPECS", "BACKBONES", "MOBILENET_COST_FACTOR", "TWO_STREAM_LADDER", "BackboneSpec",
     "TwoStreamTopology", "estimate_two_stream_gflops", "plan_two_stream_topology", "slice_group_starts",
     "two_stream_cost",
-    "TOPOLOGY_TYPES", "topology_from_dict",
+    "TOPOLOGY_TYPES", "topology_from_dict", "WegaTopology",
 ]
 
-TOPOLOGY_TYPES = {TwoStreamTopology.config_name: TwoStreamTopology, ResEncTopology.config_name: ResEncTopology}
+TOPOLOGY_TYPES = {TwoStreamTopology.config_name: TwoStreamTopology, ResEncTopology.config_name: ResEncTopology,
+                  WegaTopology.config_name: WegaTopology}
 
 
 def topology_from_dict(config_name: str, d: dict[str, Any]):
     """Rebuild a topology from its ``asdict`` form (plans.json) given the configuration name."""
-    if "wega" not in TOPOLOGY_TYPES:   # registered lazily: global_local_topology imports this module
-        from lnm_auto.planning.global_local_topology import WegaTopology
-        TOPOLOGY_TYPES[WegaTopology.config_name] = WegaTopology
     try:
         return TOPOLOGY_TYPES[config_name].from_dict(d)
     except KeyError:

@@ -9,6 +9,7 @@ from typing import Callable
 import numpy as np
 import SimpleITK as sitk
 
+from lnm_auto.conversion.split_dataset import split_dataset_components
 from lnm_auto.datasets.raw_dataset import RawDataset, read_image
 from lnm_auto.datasets.verify import safety_problems, verify_dataset
 from lnm_auto.planning.fingerprint import compute_fingerprint
@@ -52,7 +53,6 @@ def plan_and_preprocess(dataset: str | int, raw_root: Path, preprocessed_root: P
         if folder.exists() and not folder.is_dir():
             raise LNMError(f"{folder}: is a file, not a folder; give a folder for the preprocessed data")
     if split_components_min_mm3 is not None:
-        from lnm_auto.conversion.split_dataset import split_dataset_components
         for line in split_dataset_components(ds, split_components_min_mm3):
             log(f"{name}: {line}")
     # --no-verify skips the full voxel check, never what would make the plans or crops wrong

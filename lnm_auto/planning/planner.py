@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 
+from lnm_auto.planning.crop_scale import cache_shape_for, round_up
 from lnm_auto.planning.global_local_topology import estimate_wega_gflops, plan_context_scale, plan_wega_topology
 from lnm_auto.planning.multitask_topology import plan_multitask_topology
 from lnm_auto.planning.learning_scheme import plan_learning_scheme, plan_radiomics
@@ -35,8 +36,6 @@ MAX_SLICES = 32
 # The zoom-in (local) view: the node itself with a 25% margin, between 1x and 2x zoom of the global view.
 LOCAL_MARGIN_FACTOR = 1.25
 MAX_ZOOM = 2.0
-# Caches hold a larger crop so in-plane rotation/scaling augmentation does not sample outside it.
-AUGMENTATION_MARGIN = 1.25
 # Oversampling: at least a third of each batch positive (like nnU-Net's 33% foreground oversampling).
 MIN_POSITIVE_FRACTION = 0.33
 MAX_POSITIVE_FRACTION = 0.5
@@ -110,16 +109,12 @@ def node_extent_percentiles(fingerprint: dict) -> tuple[float, float]:
             float(np.percentile(ext[:, 1:].max(axis=1), NODE_EXTENT_PERCENTILE)))
 
 
-def _round_up(x: float, multiple: int) -> int:
-    return int(math.ceil(x / multiple - 1e-9) * multiple)
-
-
 def plan_global_scale(target_spacing, slice_extent_mm: float, inplane_extent_mm: float) -> tuple[CropScale, list[str]]:
     """The node-context view (field, voxels, spacing) and notes on where the voxel caps changed the spacing."""
     notes = []
     spacing = list(target_spacing)
     fov_inplane = max(MIN_FOV_MM, CONTEXT_FACTOR * inplane_extent_mm)
-    n_inplane = max(MIN_INPLANE_VOXELS, _round_up(fov_inplane / spacing[1], INPLANE_MULTIPLE))
+    n_inplane = max(MIN_INPLANE_VOXELS, round_up(fov_inplane / spacing[1], INPLANE_MULTIPLE))
     if n_inplane > MAX_INPLANE_VOXELS:
         n_inplane = MAX_INPLANE_VOXELS
         spacing[1] = spacing[2] = fov_inplane / n_inplane
@@ -147,12 +142,6 @@ def plan_local_scale(global_scale: CropScale, inplane_extent_mm: float) -> CropS
     spacing = (global_scale.spacing_mm[0], fov_local / n, fov_local / n)
     shape = global_scale.roi_shape
     return CropScale("local", spacing, shape, tuple(float(a * b) for a, b in zip(shape, spacing)), cache_shape_for(shape))
-
-
-def cache_shape_for(roi_shape) -> tuple[int, int, int]:
-    """Shape of the cached crop: the ROI with an in-plane margin for augmentation."""
-    inplane = [_round_up(s * AUGMENTATION_MARGIN, 2) for s in roi_shape[1:]]
-    return (int(roi_shape[0]), inplane[0], inplane[1])
 
 
 # ---- normalization ----------------------------------------------------------------------------------

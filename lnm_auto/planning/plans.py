@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lnm_auto.planning.learning_scheme import RadiomicsTopology
+from lnm_auto.planning.crop_scale import CropScale  # noqa: F401  (part of the plans; re-exported)
 from lnm_auto.planning.global_local_topology import WegaTopology
 from lnm_auto.planning.multitask_topology import MultiTaskTopology
 from lnm_auto.planning.network_topology import ComputeBudget, ResEncTopology, TwoStreamTopology
@@ -29,16 +30,6 @@ class ChannelNormalization:
     clip_high: float | None = None    # CT only: 99.5th percentile
     mean: float | None = None         # CT only: dataset mean (of the same samples)
     std: float | None = None          # CT only: dataset std
-
-
-@dataclass
-class CropScale:
-    """One resampled view of a node: the network input and the (larger) crop kept in the caches."""
-    name: str
-    spacing_mm: tuple[float, float, float]   # (slice, row, col)
-    roi_shape: tuple[int, int, int]          # voxels the network sees
-    roi_size_mm: tuple[float, float, float]
-    cache_shape: tuple[int, int, int]        # voxels stored: ROI + room for rotation/scaling augmentation
 
 
 @dataclass

@@ -12,6 +12,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from lnm_auto.datasets.raw_dataset import UNKNOWN
 from lnm_auto.utils.errors import LNMError
+from lnm_auto.utils.io import load_json
 
 
 def case_strata(fingerprint: dict) -> dict[str, int]:
@@ -102,7 +103,6 @@ def split_problems(fingerprint: dict, folds: list[dict[str, list[str]]]) -> list
 
 def load_splits(path) -> list[dict[str, list[str]]]:
     """splits_final.json, checked: a list of {"train": [...], "val": [...]}."""
-    from lnm_auto.utils.io import load_json
     try:
         splits = load_json(path)
         if not isinstance(splits, list) or not all(isinstance(f, dict) and {"train", "val"} <= set(f) for f in splits):
