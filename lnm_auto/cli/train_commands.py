@@ -5,13 +5,14 @@ import argparse
 import functools
 import sys
 
-from lnm_auto.cli.common import DEVICE_HELP, _add_location_flags, _add_progress_flag, _run, _say_device
+from lnm_auto.cli.common import DEVICE_HELP, _add_location_flags, _add_progress_flag, _add_threads_flag, _run, _say_device
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.paths import base_folder
 
 
 # ---- lnm_train ------------------------------------------------------------------------------------
 def train_parser() -> argparse.ArgumentParser:
+    """The lnm_train argument parser."""
     p = argparse.ArgumentParser(prog="lnm_train", description="Train one fold of one configuration, or re-run the "
                                                               "validation of a trained fold (--val).")
     p.add_argument("dataset", help="dataset id: 001, 1 or Dataset001_Name")
@@ -47,6 +48,7 @@ def train_parser() -> argparse.ArgumentParser:
                         "--standalone --nproc_per_node N would: one per GPU with -device cuda, N gloo processes with "
                         "-device cpu; the plan's batch is split over them (documentation/scaling.md) (default: 1)")
     _add_progress_flag(p)
+    _add_threads_flag(p)
     _add_location_flags(p, "raw", "preprocessed", "results")
     return p
 
@@ -91,16 +93,19 @@ def _train_stages(args: argparse.Namespace, device: str, say) -> int:
 
 
 def train_entry(argv: list[str] | None = None) -> int:
+    """Run lnm_train with ``argv``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     return _run("lnm_train", functools.partial(_train, argv=argv), train_parser(), argv)
 
 
 def train_cli() -> None:
+    """Console entry point of lnm_train."""
     sys.exit(train_entry())
 
 
 # ---- lnm_pretrain ---------------------------------------------------------------------------------
 def pretrain_parser() -> argparse.ArgumentParser:
+    """The lnm_pretrain argument parser."""
     p = argparse.ArgumentParser(prog="lnm_pretrain", description="WSP positional contrastive pre-training on all "
                                                                  "nodes; writes weights for lnm_train -pretrained_weights.")
     p.add_argument("dataset", help="dataset id: 001, 1 or Dataset001_Name")
@@ -114,6 +119,7 @@ def pretrain_parser() -> argparse.ArgumentParser:
     p.add_argument("-num_workers", "--num_workers", type=int, default=None,
                    help="background augmentation processes (default: $LNM_n_proc_DA or cores - 1)")
     _add_progress_flag(p)
+    _add_threads_flag(p)
     _add_location_flags(p, "preprocessed", "results")
     return p
 
@@ -133,8 +139,10 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def pretrain_entry(argv: list[str] | None = None) -> int:
+    """Run lnm_pretrain with ``argv``; returns the exit status."""
     return _run("lnm_pretrain", _pretrain, pretrain_parser(), argv)
 
 
 def pretrain_cli() -> None:
+    """Console entry point of lnm_pretrain."""
     sys.exit(pretrain_entry())

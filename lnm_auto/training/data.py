@@ -28,7 +28,8 @@ from lnm_auto.networks.inputs import image_key, mask_key
 from lnm_auto.planning.plans import ConfigurationPlan, Plans
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import atomic_path
-from lnm_auto.utils.processes import die_with_parent
+from lnm_auto.utils.processes import worker_process_init
+from lnm_auto.utils.threads import available_cores
 
 UNPACKED = "unpacked"
 
@@ -65,6 +66,7 @@ class CropStore:
                 raise LNMError(f"{npz}: damaged cache; re-run lnm_plan_and_preprocess (with --clean)") from None
 
     def arrays(self, case_id: str) -> dict[str, np.ndarray]:
+        """The memory-mapped crops of one case (image_<scale>, mask_<scale>)."""
         if case_id in self._open:
             self._open.move_to_end(case_id)
             return self._open[case_id]
@@ -77,6 +79,7 @@ class CropStore:
         return arrays
 
     def node(self, case_id: str, index: int, scale: str) -> tuple[np.ndarray, np.ndarray]:
+        """(image (C, ...), mask (...)) of one cached node at one scale."""
         a = self.arrays(case_id)
         return np.asarray(a[f"image_{scale}"][index], dtype=np.float32), np.asarray(a[f"mask_{scale}"][index])
 
@@ -129,18 +132,20 @@ class NodeBatchLoader(SlimDataLoaderBase):
         """Called in each worker: seeds node sampling and python's ``random`` (batchgenerators' noise
         transforms draw from it) per worker; a worker process also ends with the trainer that started it."""
         if os.getpid() != self.creator_pid:   # in a background augmenter process, not in-process loading
-            die_with_parent(self.creator_pid)
+            worker_process_init(self.creator_pid)   # dies with the trainer; one thread per library
         super().set_thread_id(thread_id)
         worker_seed = (self.seed * 1009 + thread_id) % (2**32)
         self.rs = np.random.RandomState(worker_seed)
         random.seed(worker_seed)
 
     def draw(self, g: BatchGroup, positives: np.ndarray) -> np.ndarray:
+        """Row positions of one group's nodes in a batch, positives oversampled."""
         n_pos = int(math.ceil(g.n * g.positive_fraction)) if len(positives) else 0
         return np.concatenate([self.rs.choice(positives, n_pos, replace=True) if n_pos else np.zeros(0, int),
                                self.rs.randint(0, len(g.records), g.n - n_pos)]).astype(int)
 
     def generate_train_batch(self) -> dict:
+        """One batch of every group, in the batch vocabulary, with ``part`` and ``view``."""
         parts, part_names, view_ids = [], [], []
         for g, pos in zip(self.groups, self.positives):
             if g.n == 0 or g.records.empty:
@@ -234,7 +239,7 @@ def default_num_workers(trainers_on_node: int = 1) -> int:
         if not env.strip().isdigit():
             raise LNMError(f"$LNM_n_proc_DA must be a whole number of worker processes, got '{env}'")
         return int(env)
-    return max(1, (os.cpu_count() or 2) // max(1, trainers_on_node) - 1)
+    return max(1, available_cores() // max(1, trainers_on_node) - 1)   # cores this process may use, not the host's
 
 
 def training_batches(plans: Plans, config: ConfigurationPlan, loader: SlimDataLoaderBase, seed: int, num_workers: int):

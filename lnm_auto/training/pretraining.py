@@ -153,8 +153,9 @@ class WSPPretrainer(LNMTrainer, register=False):
     def on_train_end(self) -> None:
         """The network's weights (heads untrained) -> pretrained_weights.pth."""
         out = self.output_folder / "pretrained_weights.pth"
-        with atomic_path(out, suffix=".pth") as tmp:
-            torch.save(self.network.state_dict(), tmp)
+        if self.distributed.is_main:   # rank 0 writes every file
+            with atomic_path(out, suffix=".pth") as tmp:
+                torch.save(self.network.state_dict(), tmp)
         self.log.print(f"pretrained weights written to {out}; use: lnm_train ... -pretrained_weights {out}")
 
     def run_pretraining(self) -> Path:

@@ -9,6 +9,7 @@ from typing import Iterator
 
 import torch
 
+from lnm_auto.networks import global_branch_for
 from lnm_auto.planning.plan_and_preprocess import FINGERPRINT_FILE, SPLITS_FILE
 from lnm_auto.planning.learning_scheme import RadiomicsTopology
 from lnm_auto.planning.plans import ConfigurationPlan, Plans
@@ -206,7 +207,6 @@ def run_training(trainer: LNMTrainer, continue_training: bool = False, pretraine
                     run_validation(trainer, "checkpoint_final.pth", save_probabilities=True)
                 return trainer
     elif pretrained_weights:
-        from lnm_auto.networks import global_branch_for
         wega = global_branch_for(trainer.network, Path(pretrained_weights))
         if wega is not None:   # a DINOv2 (bare ViT) file: into wega's global branch, position embedding resampled
             report = wega.load_global_weights(Path(pretrained_weights))
