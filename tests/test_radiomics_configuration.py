@@ -58,3 +58,19 @@ def test_recommended_scheme_comes_from_the_plans(prepared):
     assert recommended_scheme(plans, "radiomics") == ["RadiomicsTrainer"]
     assert recommended_scheme(plans, "2d25") == plans.recommended_trainers
     assert plans.notes["learning_scheme"]
+
+
+@pytest.mark.slow
+def test_radiomics_learns_from_station_labels_when_node_labels_hold_one_class(tmp_path):
+    root = write_tiny_dataset(tmp_path / "raw", n_cases=10)
+    nodes = pd.read_csv(root / "nodes.csv", dtype=str, keep_default_na=False)
+    nodes.loc[nodes["label"] == "1", "label"] = ""                   # only benign node labels remain
+    nodes.to_csv(root / "nodes.csv", index=False)
+    plan_and_preprocess(42, tmp_path / "raw", tmp_path / "pre", planner="LNMPlannerCPU", progress=False)
+    tr = setup_trainer(42, "radiomics", "0", tmp_path / "pre", tmp_path / "res", raw_root=tmp_path / "raw",
+                       num_workers=0)
+    records = tr.training_records()
+    assert set(records["label"]) == {0, 1} and (records["label"] == records["station_label"]).all()
+    run_training(tr)
+    log = next(tr.output_folder.glob("training_log_*.txt")).read_text()
+    assert "learns from station labels" in log

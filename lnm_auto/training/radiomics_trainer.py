@@ -73,6 +73,21 @@ class RadiomicsTrainer(LNMTrainer):
         fingerprint = load_json(self.preprocessed_dataset / "dataset_fingerprint.json")
         return np.asarray([fingerprint["cases"][c].get("patient", c) for c in records["case"]])
 
+    def training_records(self) -> pd.DataFrame:
+        """The fold's node-labelled training nodes; when they hold one class only (sparse node labels), every node
+        of a pathology-labelled station with the station's label instead, else of a labelled patient with the
+        patient's (noisy, but the label levels the dataset has), said in the log."""
+        nodes = self.nodes[self.nodes["case"].isin(self.train_cases)]
+        for column, what in (("label", "node"), ("station_label", "station"), ("patient_label", "patient")):
+            records = nodes[nodes[column] >= 0].assign(label=lambda d, c=column: d[c])
+            if records["label"].nunique() == 2:
+                if what != "node":
+                    self.log.print(f"fold {self.fold}: the node labels of the training cases hold one class only; "
+                                   f"the radiomics model learns from {what} labels given to their nodes instead")
+                return records
+        raise LNMError(f"fold {self.fold}: no label level of the training cases holds both classes; the radiomics "
+                       "model cannot be fitted")
+
     def run_training(self, stop_after_epoch: int | None = None) -> None:
         """Fit, save radiomics_model.json, export the fold's validation like every configuration."""
         records = self.training_records()
