@@ -183,6 +183,7 @@ def fold_folder(root):
     return root / "res" / FOLD_MODEL[0] / FOLD_MODEL[1] / "fold_0"
 
 
+@pytest.mark.slow
 def test_training_says_its_device_and_keeps_final_not_latest(trained):
     root, proc = trained
     expected = training_run.default_device()
@@ -206,6 +207,7 @@ def test_continue_on_a_finished_fold_uses_final_in_a_new_log(trained):
     assert "already finished" not in logs[0].read_text()
 
 
+@pytest.mark.slow
 def test_val_reruns_validation_and_npz_holds_every_validation_node(trained):
     root, _ = trained
     out = fold_folder(root)
@@ -233,6 +235,7 @@ def test_val_reruns_validation_and_npz_holds_every_validation_node(trained):
     np.testing.assert_allclose(joined.probability_npz, joined.probability, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_val_best_names_its_checkpoint(trained):
     root, _ = trained
     out = fold_folder(root)

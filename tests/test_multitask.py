@@ -159,6 +159,7 @@ def test_a_base_fed_the_mask_is_refused():
         MultiTaskNet(base, HEAD)
 
 
+@pytest.mark.slow
 def test_a_multitask_network_learns_the_label_and_the_mask():
     """16 nodes, all brighter than their surroundings; positives twice as bright. The mask is a second target."""
     torch.manual_seed(0)

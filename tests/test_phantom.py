@@ -259,6 +259,7 @@ def test_default_spacing_small_grid_does_not_break(tmp_path):
     assert len(_csv(root / "nodes.csv")) >= 2 * 3
 
 
+@pytest.mark.slow
 def test_default_dataset_separability():
     """Default 40 cases at difficulty 0.5: size alone must not solve it (AUROC < 0.9), a simple combination of
     size and intensity features must be clearly informative (> 0.7). Measured: 0.80 and 0.82-0.84."""

@@ -113,6 +113,7 @@ def test_checkpoint_killed_while_writing_is_never_half(tmp_path):
     assert ckpt["w"].shape == (4_000_000,)
 
 
+@pytest.mark.slow
 def test_pretrained_weights_round_trip(prepared, tmp_path):
     tr = run_training(make_trainer(prepared, tmp_path / "src"))
     weights = tmp_path / "encoder.pth"

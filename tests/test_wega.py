@@ -213,6 +213,7 @@ def test_a_wrong_sized_vit_file_is_reported_and_an_unrelated_file_is_refused(tmp
 
 # ------------------------------------------------------------------------------------------ learning
 
+@pytest.mark.slow
 def test_a_tiny_wega_net_learns_a_label_only_its_context_shows():
     """16 nodes with the same node ROI; positives have a bright square far from the node in the context."""
     torch.manual_seed(0)
