@@ -43,7 +43,8 @@ def test_auto_device_prefers_cuda_then_mps(monkeypatch, cuda, mps, expected):
 def test_device_defaults_to_auto_and_bad_names_are_one_line():
     for parser in (cli.train_parser(), cli.predict_parser(), cli.pretrain_parser()):
         assert parser.get_default("device") == "auto", parser.prog
-        assert not any(a.dest == "num_gpus" for a in parser._actions)   # reserved for the scale-out issue
+        # -num_gpus belongs to training only (the scale-out of issue 10), as in nnU-Net
+        assert any(a.dest == "num_gpus" for a in parser._actions) == (parser.prog == "lnm_train"), parser.prog
     with pytest.raises(cli.LNMError, match="did you mean cuda"):
         training_run.resolve_device("cdua")
 

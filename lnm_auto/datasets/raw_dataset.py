@@ -275,3 +275,25 @@ def read_image_header(path: str | Path) -> sitk.ImageFileReader:
 def image_array(img: sitk.Image) -> np.ndarray:
     """Voxel array in numpy order (z, y, x) = SimpleITK index order reversed."""
     return sitk.GetArrayFromImage(img)
+
+
+INTEGER_PIXELS = (sitk.sitkUInt8, sitk.sitkUInt16, sitk.sitkUInt32, sitk.sitkUInt64, sitk.sitkInt8, sitk.sitkInt16,
+                  sitk.sitkInt32, sitk.sitkInt64)
+
+
+def read_instance_mask(path: Path) -> sitk.Image:
+    """A node instance mask as an unsigned integer image (integer-valued float masks accepted; fractions,
+    NaN and negative ids refused: rounding them would invent or merge nodes)."""
+    mask = read_image(path)
+    if mask.GetNumberOfComponentsPerPixel() != 1 or mask.GetDimension() != 3:
+        raise LNMError(f"{path}: the node mask must be a 3D single-component image, got {mask.GetDimension()}D with "
+                       f"{mask.GetNumberOfComponentsPerPixel()} component(s)")
+    arr = sitk.GetArrayViewFromImage(mask)
+    if arr.size and float(arr.min()) < 0:
+        raise LNMError(f"{path}: negative node ids; use 0 for background and k > 0 for node k")
+    if mask.GetPixelID() not in INTEGER_PIXELS:
+        if not (np.isfinite(arr).all() and np.array_equal(arr, np.round(arr))):
+            raise LNMError(f"{path}: the node mask holds non-integer values; it must hold integer node ids "
+                           "(0 background, k for node k), not probabilities or resampled labels")
+        mask = sitk.Cast(mask, sitk.sitkUInt32)
+    return mask

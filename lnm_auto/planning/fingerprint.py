@@ -15,7 +15,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 from tqdm import tqdm
 
-from lnm_auto.datasets.raw_dataset import UNKNOWN, RawCase, RawDataset, read_image
+from lnm_auto.datasets.raw_dataset import UNKNOWN, RawCase, RawDataset, read_image, read_instance_mask
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.terminal import show_progress
 from lnm_auto.utils.processes import worker_process_init
@@ -49,7 +49,7 @@ def intensity_samples(channels: list[np.ndarray], region: np.ndarray, n: int, rn
 def case_fingerprint(case: RawCase, seed: int = 0) -> tuple[dict, list[dict], list[np.ndarray]]:
     """(case entry, node entries, intensity samples per channel) of one case."""
     images = [read_image(f) for f in case.image_files]
-    mask = read_image(case.node_mask_file)
+    mask = read_instance_mask(case.node_mask_file)   # integer node ids or one line naming the file
     spacing = sitk_spacing_zyx(images[0])
     mask_arr = sitk.GetArrayViewFromImage(mask)
     nodes = measure_nodes(mask)

@@ -28,7 +28,7 @@ import pandas as pd
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from lnm_auto.datasets.raw_dataset import UNKNOWN, RawCase, RawDataset, read_image
+from lnm_auto.datasets.raw_dataset import UNKNOWN, RawCase, RawDataset, read_image, read_instance_mask  # noqa: F401  (re-exported)
 from lnm_auto.datasets.verify import geometry_mismatches
 from lnm_auto.planning.fingerprint import node_neighbourhood
 from lnm_auto.planning.plans import Plans
@@ -97,28 +97,6 @@ def preprocess_images(images: list[sitk.Image], mask: sitk.Image, plans: Plans) 
     n_slices = max(mask_arr.shape[axis] - 1, 1)
     out["slice_position"] = np.asarray([n.centre_index_zyx[axis] / n_slices for n in nodes], dtype=np.float32)
     return out
-
-
-INTEGER_PIXELS = (sitk.sitkUInt8, sitk.sitkUInt16, sitk.sitkUInt32, sitk.sitkUInt64, sitk.sitkInt8, sitk.sitkInt16,
-                  sitk.sitkInt32, sitk.sitkInt64)
-
-
-def read_instance_mask(path: Path) -> sitk.Image:
-    """A node instance mask as an unsigned integer image (integer-valued float masks accepted; fractions,
-    NaN and negative ids refused: rounding them would invent or merge nodes)."""
-    mask = read_image(path)
-    if mask.GetNumberOfComponentsPerPixel() != 1 or mask.GetDimension() != 3:
-        raise LNMError(f"{path}: the node mask must be a 3D single-component image, got {mask.GetDimension()}D with "
-                       f"{mask.GetNumberOfComponentsPerPixel()} component(s)")
-    arr = sitk.GetArrayViewFromImage(mask)
-    if arr.size and float(arr.min()) < 0:
-        raise LNMError(f"{path}: negative node ids; use 0 for background and k > 0 for node k")
-    if mask.GetPixelID() not in INTEGER_PIXELS:
-        if not (np.isfinite(arr).all() and np.array_equal(arr, np.round(arr))):
-            raise LNMError(f"{path}: the node mask holds non-integer values; it must hold integer node ids "
-                           "(0 background, k for node k), not probabilities or resampled labels")
-        mask = sitk.Cast(mask, sitk.sitkUInt32)
-    return mask
 
 
 def check_case_images(images: list[sitk.Image], sources: list, mask: sitk.Image, mask_file) -> None:
