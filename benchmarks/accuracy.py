@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import sys
 import time
 from pathlib import Path
@@ -35,10 +36,13 @@ from lnm_auto.evaluation.statistics import bootstrap_ci  # noqa: E402
 from lnm_auto.inference.predictor import predict_folder  # noqa: E402
 from lnm_auto.planning.plan_and_preprocess import plan_and_preprocess  # noqa: E402
 from lnm_auto.training.run import run_training, setup_trainer  # noqa: E402
+from lnm_auto.utils.io import atomic_write_text  # noqa: E402
 from common import machine_header, markdown_table, write_results  # noqa: E402
 
 METRICS = ("auroc", "s_at_r75", "r_at_s75", "a_at_r75", "a_at_s75")
 FOLDS = ("0", "1", "2", "3", "4")
+SHAPE_PLANS = "LNMPlans_shapehead"
+PLANS_OPTIONS: dict[str, dict] = {}   # plans name -> plan_and_preprocess options
 
 
 def phantom_maker(texture: float, difficulty: float):
@@ -69,28 +73,74 @@ def test_metrics(reference: pd.DataFrame, predictions: pd.DataFrame, n_bootstrap
             "auroc_ci95": [float(ci[0]), float(ci[1])]}
 
 
-def train_folds(dataset_id, configuration, trainer, pre, res, epochs, raw_root=None) -> float:
+def folds_complete(model_folder: Path) -> bool:
+    """Every fold of a model folder has finished (its validation table is written at the end of training)."""
+    return all((model_folder / f"fold_{f}" / "validation" / "nodes.csv").is_file() for f in FOLDS)
+
+
+def train_folds(dataset_id, configuration, trainer, pre, res, epochs, plans_name, raw_root=None) -> float:
     t0 = time.time()
     for fold in FOLDS:
-        tr = setup_trainer(dataset_id, configuration, fold, pre, res, trainer, num_epochs=epochs, device="cpu")
+        tr = setup_trainer(dataset_id, configuration, fold, pre, res, trainer, plans_name=plans_name,
+                           num_epochs=epochs, device="cpu")
         if raw_root is not None:
             tr.raw_root = raw_root
         run_training(tr, continue_training=configuration != "radiomics")
     return time.time() - t0
 
 
-def run_dataset(name: str, make, dataset_id: int, args, workdir: Path) -> list[dict]:
-    raw, pre, res = workdir / name / "raw", workdir / name / "pre", workdir / name / "res"
-    dataset = make(raw, dataset_id, args.cases, args.test_cases, args.labeled_fraction, args.seed)
-    plan_and_preprocess(dataset_id, raw, pre, planner="LNMPlannerCPU", num_processes=2, progress=False)
-    times = {"radiomics": train_folds(dataset_id, "radiomics", "RadiomicsTrainer", pre, res, None, raw)}
-    for config in ("2d25", "3d_resenc"):
-        times[config] = train_folds(dataset_id, config, "LNMTrainer", pre, res, args.epochs)
-    times["PGLS (2d25)"] = times["2d25"] + train_folds(dataset_id, "2d25", "LNMTrainerPGLS", pre, res, args.ssl_epochs)
+def methods(args) -> dict[str, tuple[str, str, int | None, str]]:
+    """Row name -> (configuration, trainer, epochs, plans name), in training order (PGLS starts from 2d25)."""
+    rows = {"radiomics": ("radiomics", "RadiomicsTrainer", None, "LNMPlans"),
+            "2d25": ("2d25", "LNMTrainer", args.epochs, "LNMPlans"),
+            "3d_resenc": ("3d_resenc", "LNMTrainer", args.epochs, "LNMPlans"),
+            "PGLS (2d25)": ("2d25", "LNMTrainerPGLS", args.ssl_epochs, "LNMPlans")}
     if args.with_global_local:   # issue 11's rows: same folds, same epochs
-        times["wega"] = train_folds(dataset_id, "wega", "LNMTrainer", pre, res, args.epochs)
-        times["3d_resenc multi-task"] = train_folds(dataset_id, "3d_resenc", "LNMTrainerMultiTask", pre, res, args.epochs)
+        rows["wega"] = ("wega", "LNMTrainer", args.epochs, "LNMPlans")
+        rows["3d_resenc multi-task"] = ("3d_resenc", "LNMTrainerMultiTask", args.epochs, "LNMPlans")
+        rows["2d25 multi-task"] = ("2d25", "LNMTrainerMultiTask", args.epochs, "LNMPlans")
+    if args.with_shape_head:     # the hybrid head: the same networks with the node's shape features in the head
+        rows["2d25 + shape head"] = ("2d25", "LNMTrainer", args.epochs, SHAPE_PLANS)
+        rows["3d_resenc + shape head"] = ("3d_resenc", "LNMTrainer", args.epochs, SHAPE_PLANS)
+    return rows
+
+
+def model_folder_name(configuration: str, trainer: str, epochs: int | None, plans_name: str) -> str:
+    return f"{trainer}{'' if epochs is None else f'_{epochs}epochs'}__{plans_name}__{configuration}"
+
+
+def predict_test(dataset: Path, out: Path, model_folder: Path, args) -> pd.DataFrame:
+    """The 5-fold ensemble's test predictions (kept: a resumed run reuses them)."""
+    if not (out / "nodes.csv").is_file():
+        predict_folder(dataset / "imagesTs", out, model_folder, list(FOLDS), device="cpu", save_probmaps=False,
+                       progress=False, mirror=not args.no_tta)
+    return pd.read_csv(out / "nodes.csv", dtype={"case": str})
+
+
+def run_dataset(name: str, make, dataset_id: int, args, workdir: Path) -> list[dict]:
+    """Train every method's five folds (resuming what a previous run finished), choose by CV, score on test."""
+    raw, pre, res = workdir / name / "raw", workdir / name / "pre", workdir / name / "res"
+    times_file = workdir / name / "train_times.json"
+    times = json.loads(times_file.read_text()) if times_file.is_file() else {}
+    dataset = next(raw.glob(f"Dataset{dataset_id:03d}_*"), None) if raw.is_dir() else None
+    if dataset is None:
+        dataset = make(raw, dataset_id, args.cases, args.test_cases, args.labeled_fraction, args.seed)
+    plans_names = {spec[3] for spec in methods(args).values()}
+    for plans_name in sorted(plans_names):
+        if not (pre / dataset.name / f"{plans_name}.json").is_file():
+            plan_and_preprocess(dataset_id, raw, pre, planner="LNMPlannerCPU", plans_name=plans_name,
+                                num_processes=2, progress=False, **PLANS_OPTIONS.get(plans_name, {}))
     results = res / dataset.name
+    folders = {}
+    for method, (configuration, trainer, epochs, plans_name) in methods(args).items():
+        folders[method] = model_folder_name(configuration, trainer, epochs, plans_name)
+        if folds_complete(results / folders[method]) and method in times:
+            continue
+        times[method] = train_folds(dataset_id, configuration, trainer, pre, res, epochs, plans_name,
+                                    raw if configuration == "radiomics" else None)
+        if method == "PGLS (2d25)":   # PGLS starts from the supervised 2d25 folds: their time counts too
+            times[method] += times["2d25"]
+        atomic_write_text(times_file, json.dumps(times, indent=1))
     crops = pre / dataset.name / "LNMPlans_crops"
     selection = find_best_configuration(results, n_bootstrap=args.n_bootstrap, size_rule=size_rule_table(crops))
     reference = pd.read_csv(dataset / "nodesTs.csv", dtype={"case": str}, keep_default_na=False)
@@ -100,26 +150,14 @@ def run_dataset(name: str, make, dataset_id: int, args, workdir: Path) -> list[d
                                                                    workdir / name / "test" / "size_rule.csv"),
                             args.n_bootstrap)}]
     test_predictions = {}
-    folders = {"radiomics": "RadiomicsTrainer__LNMPlans__radiomics", "2d25": f"LNMTrainer_{args.epochs}epochs__LNMPlans__2d25",
-               "3d_resenc": f"LNMTrainer_{args.epochs}epochs__LNMPlans__3d_resenc",
-               "PGLS (2d25)": f"LNMTrainerPGLS_{args.ssl_epochs}epochs__LNMPlans__2d25"}
-    if args.with_global_local:
-        folders["wega"] = f"LNMTrainer_{args.epochs}epochs__LNMPlans__wega"
-        folders["3d_resenc multi-task"] = f"LNMTrainerMultiTask_{args.epochs}epochs__LNMPlans__3d_resenc"
     for method, folder in folders.items():
-        out = workdir / name / "test" / folder
-        predict_folder(dataset / "imagesTs", out, results / folder, list(FOLDS), device="cpu", save_probmaps=False,
-                       progress=False, mirror=not args.no_tta)
-        test_predictions[folder] = pd.read_csv(out / "nodes.csv", dtype={"case": str})
+        test_predictions[folder] = predict_test(dataset, workdir / name / "test" / folder, results / folder, args)
         rows.append({"dataset": name, "method": method, "train_s": round(times[method], 1),
                      **test_metrics(reference, test_predictions[folder], args.n_bootstrap)})
     chosen = selection["chosen"]
-    missing = [m for m in chosen if m not in test_predictions]
-    for m in missing:
-        out = workdir / name / "test" / m
-        predict_folder(dataset / "imagesTs", out, results / m, list(FOLDS), device="cpu", save_probmaps=False,
-                       progress=False, mirror=not args.no_tta)
-        test_predictions[m] = pd.read_csv(out / "nodes.csv", dtype={"case": str})
+    for m in chosen:   # a candidate trained outside this run's rows (e.g. by hand in the same results folder)
+        if m not in test_predictions:
+            test_predictions[m] = predict_test(dataset, workdir / name / "test" / m, results / m, args)
     ensemble = test_predictions[chosen[0]][["case", "node"]].copy()
     ensemble["probability"] = np.mean([test_predictions[m].set_index(["case", "node"]).loc[
         list(zip(ensemble.case, ensemble.node)), "probability"].to_numpy() for m in chosen], axis=0)
@@ -156,7 +194,9 @@ def main() -> None:
     ap.add_argument("--datasets", nargs="+", default=None, help="subset of dataset names to run")
     ap.add_argument("--no-tta", action="store_true", help="no test-time mirroring (4x faster prediction)")
     ap.add_argument("--with-global-local", action="store_true",
-                    help="also the wega configuration and the multi-task head on 3d_resenc (issue 11's rows)")
+                    help="also the wega configuration and the multi-task head on 3d_resenc and 2d25 (issue 11's rows)")
+    ap.add_argument("--with-shape-head", action="store_true",
+                    help="also 2d25 and 3d_resenc with the node's shape features in the head (plans LNMPlans_shapehead)")
     args = ap.parse_args()
     if args.quick:
         args.cases, args.test_cases, args.epochs, args.ssl_epochs, args.n_bootstrap = 24, 16, 8, 4, 200
