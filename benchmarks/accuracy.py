@@ -74,8 +74,8 @@ def test_metrics(reference: pd.DataFrame, predictions: pd.DataFrame, n_bootstrap
 
 
 def folds_complete(model_folder: Path) -> bool:
-    """Every fold of a model folder has finished (its validation table is written at the end of training)."""
-    return all((model_folder / f"fold_{f}" / "validation" / "nodes.csv").is_file() for f in FOLDS)
+    """Every fold of a model folder has finished (its validation predictions are written at the end of training)."""
+    return all((model_folder / f"fold_{f}" / "validation" / "predictions.csv").is_file() for f in FOLDS)
 
 
 def train_folds(dataset_id, configuration, trainer, pre, res, epochs, plans_name, raw_root=None) -> float:

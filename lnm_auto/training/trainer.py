@@ -35,7 +35,7 @@ from lnm_auto.training.data import (BatchGroup, CropStore, NodeBatchLoader, batc
                                     load_batch, training_batches)
 from lnm_auto.training.distributed import DistributedRun
 from lnm_auto.training.progress import TrainingLog, progress_bar
-from lnm_auto.training.validation import auroc_or_nan, bce, validation_level, validation_units
+from lnm_auto.training.validation import auroc_or_nan, bce, passed_over, validation_level, validation_units
 from lnm_auto.utils.checkpoints import load_checkpoint, save_checkpoint
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import atomic_path, save_csv_atomic, save_json
@@ -304,7 +304,8 @@ class LNMTrainer:
         units = validation_units(records, np.zeros(len(records)), level)
         n_pos = int(units["label"].sum())
         note = "" if 0 < n_pos < len(units) else " WARNING: one class only, so no AUROC and no checkpoint_best.pth"
-        self.log.print(f"validation at {level} level: {len(units)} labelled units ({n_pos} positive){note}")
+        self.log.print(f"validation at {level} level{passed_over(records, level)}: {len(units)} labelled units "
+                       f"({n_pos} positive){note}")
 
     def export_validation(self, checkpoint: str = "checkpoint_final.pth", save_probabilities: bool = False) -> None:
         """validation/<level>s.csv (the fold's labelled validation units by the model as loaded from

@@ -1,9 +1,9 @@
 """What a fold validates on, so validation never goes blind.
 
-Level rule: node labels of the validation cases when there are any; else the patients' labels (N stage,
-the clinical end point) with each patient's probability = the max over its nodes (the roll-up rule of
-documentation/evaluation.md); else the stations' pathology labels, rolled up the same way. A level whose
-labels hold only one class gives no AUROC; the trainer says so in the log.
+Level rule: node labels of the validation cases when they hold both classes; else the patients' labels
+(N stage, the clinical end point) with each patient's probability = the max over its nodes (the roll-up rule
+of documentation/evaluation.md); else the stations' pathology labels, rolled up the same way. When no level
+holds both classes, the finest labelled level is kept: it gives no AUROC, and the trainer says so in the log.
 """
 from __future__ import annotations
 
@@ -17,15 +17,23 @@ LEVELS = ("node", "patient", "station")
 
 
 def validation_level(val_nodes: pd.DataFrame) -> str | None:
-    """The finest level with labels among the validation nodes (columns label, patient_label,
-    station_label of nodes_index.csv), or None when nothing is labelled."""
-    if (val_nodes["label"] >= 0).any():
-        return "node"
-    if (val_nodes["patient_label"] >= 0).any():
-        return "patient"
-    if (val_nodes["station_label"] >= 0).any():
-        return "station"
-    return None
+    """The first level (node, patient, station) whose labels among the validation nodes (columns label,
+    patient_label, station_label of nodes_index.csv) hold both classes; else the first with any label;
+    None when nothing is labelled."""
+    unit_labels = {"node": val_nodes["label"],
+                   "patient": val_nodes.groupby("case")["patient_label"].first(),
+                   "station": val_nodes.groupby(["case", "station"])["station_label"].first()}
+    labelled = {level: labels[labels >= 0] for level, labels in unit_labels.items()}
+    both_classes = [level for level in LEVELS if labelled[level].nunique() == 2]
+    any_label = [level for level in LEVELS if len(labelled[level])]
+    return (both_classes or any_label or [None])[0]
+
+
+def passed_over(val_nodes: pd.DataFrame, level: str) -> str:
+    """Why finer labelled levels than ``level`` were passed over, as a phrase for the log ('' when none were)."""
+    columns = {"node": "label", "patient": "patient_label", "station": "station_label"}
+    skipped = [lv for lv in LEVELS[:LEVELS.index(level)] if (val_nodes[columns[lv]] >= 0).any()]
+    return f" (the {' and '.join(skipped)} labels here hold one class only)" if skipped else ""
 
 
 def validation_units(val_nodes: pd.DataFrame, probabilities: np.ndarray, level: str) -> pd.DataFrame:
