@@ -7,6 +7,8 @@ Cache layout (``$LNM_preprocessed/DatasetXXX_Name/<plans_name>_crops/<case>.npz`
     node_ids        int32 (N,); stations <U (N,); node_labels / station_labels int8 (N,) (-1 = unknown)
     patient_label   int8 (); case_id <U (); centre_mm float64 (N, 3) physical (x, y, z) centre
     volume_mm3, short_axis_mm, long_axis_mm, slice_position (0..1 along the slice axis) float32 (N,)
+    sphericity float32 (N,)   (36 pi V^2)^(1/3) / surface, the radiomics shape feature's definition
+                              (the shape measurements are the hybrid head's features, stored for every node)
     plans_digest <U (): which plans, labels and files made it (stale caches are redone)
 Crops are sampled straight from the original image on a grid aligned with the image's own axes, so
 only the node neighbourhoods are ever resampled, and any direction/origin is honoured exactly.
@@ -26,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
+from scipy import ndimage
 from tqdm import tqdm
 
 from lnm_auto.datasets.raw_dataset import UNKNOWN, RawCase, RawDataset, read_image, read_instance_mask  # noqa: F401  (re-exported)
@@ -35,6 +38,8 @@ from lnm_auto.planning.plans import Plans
 from lnm_auto.preprocessing.geometry import (canonical_axes, measure_nodes, resample_mask_to_grid, resample_to_grid, roi_grid,
                                              sitk_spacing_zyx)
 from lnm_auto.preprocessing.normalization import case_zscore_statistics, normalize
+# the radiomics shape features' surface estimate: one sphericity for the caches and the radiomics configuration
+from lnm_auto.radiomics.features import MARGIN_VOXELS, _isotropic_surface_and_volume
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.terminal import show_progress
 from lnm_auto.utils.io import save_csv_atomic, save_npz_atomic
@@ -50,7 +55,7 @@ class NodeLabels:
     patient_label: int = UNKNOWN
 
 
-CACHE_FORMAT_VERSION = 3   # bump when the npz layout or a cached value changes (3: radiological short axis)
+CACHE_FORMAT_VERSION = 4   # bump when the npz layout or a cached value changes (3: radiological short axis, 4: sphericity)
 
 
 def plans_digest(plans: Plans) -> str:
@@ -92,10 +97,28 @@ def preprocess_images(images: list[sitk.Image], mask: sitk.Image, plans: Plans) 
     out["volume_mm3"] = np.asarray([n.volume_mm3 for n in nodes], dtype=np.float32)
     out["short_axis_mm"] = np.asarray([n.short_axis_mm for n in nodes], dtype=np.float32)
     out["long_axis_mm"] = np.asarray([n.long_axis_mm for n in nodes], dtype=np.float32)
+    out["sphericity"] = node_sphericities(mask, [n.node for n in nodes])
     # where along the slice axis the node sits, 0 = first slice .. 1 = last (WSP's positional kernel)
     axis = canonical_axes(sitk_spacing_zyx(mask))[0]
     n_slices = max(mask_arr.shape[axis] - 1, 1)
     out["slice_position"] = np.asarray([n.centre_index_zyx[axis] / n_slices for n in nodes], dtype=np.float32)
+    return out
+
+
+def node_sphericities(mask: sitk.Image, node_ids: list[int]) -> np.ndarray:
+    """Sphericity of each node of an instance mask, (N,) float32 (NaN for a node too thin to have a surface):
+    each node is cut out with a small margin (physical geometry kept) for the radiomics surface estimate."""
+    arr = np.asarray(sitk.GetArrayViewFromImage(mask)).astype(np.int64)
+    boxes = ndimage.find_objects(arr)
+    out = np.full(len(node_ids), np.nan, dtype=np.float32)
+    for i, k in enumerate(node_ids):
+        box = boxes[k - 1]
+        lo = [max(s.start - MARGIN_VOXELS, 0) for s in box]
+        hi = [min(s.stop + MARGIN_VOXELS, n) for s, n in zip(box, arr.shape)]
+        region = mask[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]]          # SimpleITK slices (x, y, z), origin kept
+        surface, volume = _isotropic_surface_and_volume(sitk.Cast(region == k, sitk.sitkUInt8))
+        if surface > 0:
+            out[i] = (36.0 * np.pi * volume ** 2) ** (1.0 / 3.0) / surface
     return out
 
 
@@ -242,6 +265,10 @@ def run_preprocessing(ds: RawDataset, plans: Plans, preprocessed_dataset: Path, 
     return out_dir
 
 
+# per-node shape measurements copied into nodes_index.csv too, so batches carry them without opening the npz
+NODE_SHAPE_COLUMNS = ("short_axis_mm", "long_axis_mm", "sphericity")
+
+
 def write_nodes_index(crops_dir: Path, case_ids: list[str]) -> pd.DataFrame:
     """One row per cached node (case, node, station, labels, row in the npz) so trainers can sample
     nodes without opening every npz."""
@@ -252,8 +279,9 @@ def write_nodes_index(crops_dir: Path, case_ids: list[str]) -> pd.DataFrame:
                 rows.append({"case": case_id, "node": int(k), "index": i, "station": str(f["stations"][i]),
                              "label": int(f["node_labels"][i]), "station_label": int(f["station_labels"][i]),
                              "patient_label": int(f["patient_label"]), "volume_mm3": float(f["volume_mm3"][i]),
-                             "slice_position": float(f["slice_position"][i])})
+                             "slice_position": float(f["slice_position"][i]),
+                             **{k: float(f[k][i]) for k in NODE_SHAPE_COLUMNS}})
     df = pd.DataFrame(rows, columns=["case", "node", "index", "station", "label", "station_label",
-                                     "patient_label", "volume_mm3", "slice_position"])
+                                     "patient_label", "volume_mm3", "slice_position", *NODE_SHAPE_COLUMNS])
     save_csv_atomic(df, crops_dir / "nodes_index.csv")
     return df
