@@ -72,6 +72,12 @@ def plan_and_preprocess_parser() -> argparse.ArgumentParser:
                         help="skip the dataset check (default: check)")
     p.add_argument("--clean", action="store_true",
                    help="redo every case and the folds, even if up to date (default: only what changed)")
+    head = p.add_mutually_exclusive_group()
+    head.add_argument("--shape_head", dest="shape_head", action="store_true", default=None,
+                      help="hybrid head: the node's short/long axis, volume and sphericity join the final classifier "
+                           "of 2d25 and 3d_resenc (a plan setting; default: the planner's, currently off)")
+    head.add_argument("--no_shape_head", dest="shape_head", action="store_false",
+                      help="image features only in the final classifier")
     p.add_argument("--no_pp", action="store_true", help="plan only, do not write the crop caches (default: write them)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (default: bars on a terminal)")
     _add_progress_flag(p)
@@ -91,11 +97,13 @@ def _plan_and_preprocess(args: argparse.Namespace) -> int:
     progress = not args.quiet and show_progress()   # no bars where they would write \r into a log
     for d in args.dataset:
         r = plan_and_preprocess(d, raw, pre, args.planner, args.plans_name, max(1, args.num_processes),
-                                args.verify, args.clean, not args.no_pp, progress, args.split_components)
+                                args.verify, args.clean, not args.no_pp, progress, args.split_components,
+                                shape_head=args.shape_head)
         g = r.plans.scales["global"]
         print(f"{r.preprocessed_dataset.name}: plans {r.plans_file} ({r.plans.planner}); target spacing "
               f"{_mm(r.plans.target_spacing_mm)} mm; ROI {'x'.join(map(str, g.roi_shape))} voxels = "
               f"{_mm(g.roi_size_mm)} mm; configurations {', '.join(r.plans.configurations)}"
+              + ("; shape head on" if any(c.head_shape_features for c in r.plans.configurations.values()) else "")
               + (f"; crops in {r.crops_dir}" if r.crops_dir else ""))
     return 0
 

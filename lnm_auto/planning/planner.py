@@ -18,7 +18,7 @@ from lnm_auto.planning.network_topology import (CPU_BUDGET, GPU_BUDGET, ComputeB
                                                 estimate_two_stream_gflops, plan_resenc_topology,
                                                 plan_two_stream_topology)
 from lnm_auto.planning.plans import (DEFAULT_PLANS_NAME, PLANS_VERSION, AugmentationPlan, ChannelNormalization,
-                                     ConfigurationPlan, CropScale, Plans, TrainingRecipe)
+                                     ConfigurationPlan, CropScale, Plans, ShapeFeature, TrainingRecipe)
 from lnm_auto.utils.errors import LNMError
 
 # nnU-Net's anisotropy rule: the slice axis is "anisotropic" when its spacing is > 3x the in-plane one.
@@ -249,10 +249,53 @@ def switch_on_multitask(plans: Plans, configuration: str) -> ConfigurationPlan:
     return config
 
 
+# ---- the hybrid head: physical shape features into the final classifier ----------------------------------
+# Off until the accuracy benchmark shows it helps (lnm_plan_and_preprocess --shape_head turns it on).
+DEFAULT_SHAPE_HEAD = False
+HYBRID_HEAD_CONFIGURATIONS = ("2d25", "3d_resenc")
+SHAPE_EMBEDDING_WIDTH = 16        # the shape features' embedding joins the pooled image features at this width
+MIN_SIZE_SCALE_MM = 1.0           # a dataset of equal-sized nodes still gets a finite, physical scale
+MIN_LOG_VOLUME_SCALE = 0.1
+SPHERICITY_CENTRE, SPHERICITY_SCALE = 0.8, 0.1   # dimensionless, in (0, 1]: a fixed scale (not in the fingerprint)
+
+
+def plan_shape_features(fingerprint: dict) -> list[ShapeFeature]:
+    """The hybrid head's features and their scaling: sizes centred on the median training node and scaled by
+    the robust spread (IQR / 1.349) of the fingerprint's nodes (the training cases only, like the CT
+    normalization), the volume on a log axis; sphericity on a fixed scale."""
+    nodes = fingerprint["nodes"]
+
+    def robust(values, minimum: float) -> tuple[float, float]:
+        v = np.asarray(values, dtype=float)
+        q25, q50, q75 = np.percentile(v, [25, 50, 75])
+        return float(q50), float(max((q75 - q25) / 1.349, minimum))
+
+    out = [ShapeFeature(name, False, *robust([n[name] for n in nodes], MIN_SIZE_SCALE_MM))
+           for name in ("short_axis_mm", "long_axis_mm")]
+    volumes = np.log(np.maximum([n["volume_mm3"] for n in nodes], 1e-3))
+    out.append(ShapeFeature("volume_mm3", True, *robust(volumes, MIN_LOG_VOLUME_SCALE)))
+    out.append(ShapeFeature("sphericity", False, SPHERICITY_CENTRE, SPHERICITY_SCALE))
+    return out
+
+
+def shape_head_gflops(n_features: int, width: int = SHAPE_EMBEDDING_WIDTH) -> float:
+    """What the hybrid head adds to a forward pass (counted like FlopCounterMode, 2 per multiply-add): the
+    embedding Linear(n_features, width) and ``width`` more inputs of the final Linear(., 1)."""
+    return 2.0 * (n_features * width + width) / 1e9 if n_features else 0.0
+
+
+def with_shape_head(config: ConfigurationPlan, features: list[ShapeFeature]) -> ConfigurationPlan:
+    """``config`` with the hybrid head's ``features`` (empty: off) and its planned cost updated to match."""
+    extra = shape_head_gflops(len(features)) - shape_head_gflops(len(config.head_shape_features))
+    return dataclasses.replace(config, head_shape_features=list(features),
+                               estimated_gflops_per_sample=config.estimated_gflops_per_sample + extra)
+
+
 # ---- the whole plan ---------------------------------------------------------------------------------
 def plan_experiment(fingerprint: dict, planner: str = "LNMPlannerCPU", plans_name: str = DEFAULT_PLANS_NAME,
-                    n_folds: int = 5, split_seed: int = 12345) -> Plans:
-    """The plans of every configuration for a dataset fingerprint."""
+                    n_folds: int = 5, split_seed: int = 12345, shape_head: bool | None = None) -> Plans:
+    """The plans of every configuration for a dataset fingerprint. ``shape_head``: feed the node's shape
+    features into the final classifier of 2d25 and 3d_resenc (None: ``DEFAULT_SHAPE_HEAD``)."""
     budget = budget_for_planner(planner)
     spacings = canonical_case_spacings(fingerprint)
     target, anisotropic = plan_target_spacing(spacings, canonical_case_shapes(fingerprint))
@@ -274,6 +317,11 @@ def plan_experiment(fingerprint: dict, planner: str = "LNMPlannerCPU", plans_nam
         "radiomics": ConfigurationPlan("radiomics", plan_radiomics(fingerprint, target), (), False, recipe,
                                        augmentation, 0.0),
     }
+    shape_head = DEFAULT_SHAPE_HEAD if shape_head is None else bool(shape_head)
+    if shape_head:
+        features = plan_shape_features(fingerprint)
+        for name in HYBRID_HEAD_CONFIGURATIONS:
+            configurations[name] = with_shape_head(configurations[name], features)
     context_scale, configurations["wega"], context_note = plan_wega_configuration(global_scale, n_channels, budget,
                                                                                  recipe, augmentation)
     trainers, why_trainers = plan_learning_scheme(fingerprint)
@@ -288,6 +336,9 @@ def plan_experiment(fingerprint: dict, planner: str = "LNMPlannerCPU", plans_nam
     }
     if notes:
         notes_out["roi_capped"] = "; ".join(notes)
+    if shape_head:   # (no note when off: plans without the head stay as they were before the setting existed)
+        notes_out["shape_head"] = (f"{', '.join(f.name for f in features)} join the final classifier of "
+                                   f"{' and '.join(HYBRID_HEAD_CONFIGURATIONS)}")
     return Plans(PLANS_VERSION, plans_name, planner, fingerprint["dataset_name"], budget, target, anisotropic,
                  plan_normalization(fingerprint), {"global": global_scale, "local": local_scale, "context": context_scale},
                  configurations,

@@ -63,6 +63,16 @@ class TrainingRecipe:
 
 
 @dataclass
+class ShapeFeature:
+    """One physical shape measurement of the node fed to the classification head (the hybrid head), with its
+    fixed scaling, written by the planner: ``(f(value) - centre) / scale``, f = natural log when ``log``."""
+    name: str        # a per-node cache array: short_axis_mm, long_axis_mm, volume_mm3 or sphericity
+    log: bool        # volumes span orders of magnitude: scaled on a log axis
+    centre: float    # in the (log) unit of the measurement
+    scale: float     # > 0, same unit
+
+
+@dataclass
 class ConfigurationPlan:
     name: str
     network: TwoStreamTopology | ResEncTopology | WegaTopology | RadiomicsTopology
@@ -78,6 +88,11 @@ class ConfigurationPlan:
     # (lnm_train's "plans changed under trained folds" check); Plans.identifier(), which checkpoints
     # record, does include it, so a checkpoint never loads into the other kind of network.
     multitask: MultiTaskTopology | None = field(default=None, compare=False)
+    # The hybrid head: physical shape measurements of the node (measured once at preprocessing, in the crop
+    # caches) that join the pooled image features in the final classifier. Empty = off: the network is then
+    # exactly the image-only one. A plan setting (lnm_plan_and_preprocess --shape_head), so unlike the
+    # multi-task switch it takes part in plans equality.
+    head_shape_features: list[ShapeFeature] = field(default_factory=list)
 
     def with_multitask(self, head: MultiTaskTopology | None) -> "ConfigurationPlan":
         """This configuration with the multi-task switch set to ``head`` (None: off)."""
@@ -117,7 +132,12 @@ class Plans:
 
     def identifier(self) -> str:
         """A short hash of everything in the plans: checkpoints and caches record it."""
-        return hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        data = self.to_dict()
+        for config in data["configurations"].values():
+            # plans without a hybrid head hash as they did before the setting existed: their checkpoints still load
+            if not config.get("head_shape_features"):
+                config.pop("head_shape_features", None)
+        return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def save(self, path: str | Path) -> None:
         """Write the plans to ``path`` (JSON, atomically)."""
