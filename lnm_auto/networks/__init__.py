@@ -19,25 +19,27 @@ from lnm_auto.networks.two_stream import TwoStreamNet
 from lnm_auto.networks.wega import WegaNet
 from lnm_auto.planning.global_local_topology import WegaTopology
 from lnm_auto.planning.network_topology import ResEncTopology, TwoStreamTopology
-from lnm_auto.planning.plans import ConfigurationPlan, Plans
+from lnm_auto.planning.plans import ConfigurationPlan, Plans, ShapeFeature
 
 __all__ = ["build_network", "network_for", "load_pretrained_weights", "count_parameters", "global_branch_for"]
 
 
 def build_network(topology: "TwoStreamTopology | ResEncTopology | WegaTopology", in_channels: int,
-                  mask_channel: bool = False) -> nn.Module:
+                  mask_channel: bool = False, shape_features: "list[ShapeFeature] | tuple" = ()) -> nn.Module:
     """Build the network of a planned topology.
 
     ``in_channels``: channels C the first layer sees (image channels, + 1 when ``mask_channel``: the
     network then appends ``mask_<scale>`` to ``image_<scale>`` itself). For ``2d25`` each 2D image then
-    has 3 * C channels.
+    has 3 * C channels. ``shape_features``: the plan's hybrid head (2d25 and 3d_resenc; empty: off).
     """
     if int(in_channels) < 1 + int(mask_channel):
         raise ValueError(f"in_channels must be >= {1 + int(mask_channel)}, got {in_channels}")
     if isinstance(topology, TwoStreamTopology):
-        return TwoStreamNet(topology, in_channels, mask_channel)
+        return TwoStreamNet(topology, in_channels, mask_channel, shape_features)
     if isinstance(topology, ResEncTopology):
-        return ResEncClassifier(topology, in_channels, mask_channel)
+        return ResEncClassifier(topology, in_channels, mask_channel, shape_features)
+    if shape_features:
+        raise ValueError(f"no hybrid shape head for a {type(topology).__name__} network (2d25 and 3d_resenc have one)")
     if isinstance(topology, WegaTopology):
         return WegaNet(topology, in_channels, mask_channel)
     raise TypeError(f"no network for topology of type {type(topology).__name__}")
@@ -48,10 +50,11 @@ def network_for(plans: "Plans", config: "ConfigurationPlan") -> nn.Module:
 
     With the configuration's multi-task switch on (``config.multitask``): ``MultiTaskNet`` around the
     base network, the base built without the mask channel (the mask enters through the soft pooling)."""
+    shape = config.head_shape_features
     if config.multitask is not None:
-        return MultiTaskNet(build_network(config.network, len(plans.normalization), False), config.multitask)
+        return MultiTaskNet(build_network(config.network, len(plans.normalization), False, shape), config.multitask)
     n_in = len(plans.normalization) + int(config.use_mask_channel)
-    return build_network(config.network, n_in, config.use_mask_channel)
+    return build_network(config.network, n_in, config.use_mask_channel, shape)
 
 
 def count_parameters(network: nn.Module) -> int:

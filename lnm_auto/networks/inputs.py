@@ -1,4 +1,5 @@
-"""The batch vocabulary networks read: ``image_<scale>`` (B, C, S, R, Cc) and ``mask_<scale>`` (B, 1, S, R, Cc).
+"""The batch vocabulary networks read: ``image_<scale>`` (B, C, S, R, Cc), ``mask_<scale>`` (B, 1, S, R, Cc) and
+``shape_features`` (B, 4), the node's physical shape measurements the plan's hybrid head reads (shape_head.py).
 
 The same names are used from the data loader through augmentation and the trainer to the networks and the
 node predictor (see documentation/architecture.md).
@@ -6,6 +7,8 @@ node predictor (see documentation/architecture.md).
 from __future__ import annotations
 
 import torch
+
+from lnm_auto.networks.shape_head import SHAPE_FEATURES_KEY
 
 
 def image_key(scale: str) -> str:
@@ -16,6 +19,12 @@ def image_key(scale: str) -> str:
 def mask_key(scale: str) -> str:
     """Batch key of a scale's node-mask crops."""
     return f"mask_{scale}"
+
+
+def network_inputs(batch: dict) -> dict:
+    """The per-sample parts of ``batch`` a network reads (``image_<scale>``, ``mask_<scale>``, ``shape_features``),
+    e.g. to run a network on a subset of the samples."""
+    return {k: v for k, v in batch.items() if k.startswith(("image_", "mask_")) or k == SHAPE_FEATURES_KEY}
 
 
 def scale_input(batch: dict[str, torch.Tensor], scale: str, mask_channel: bool, in_channels: int,

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from lnm_auto.networks.inputs import image_key, mask_key
+from lnm_auto.networks.shape_head import SHAPE_FEATURES_KEY, shape_measurements
 from lnm_auto.planning.plans import ConfigurationPlan, Plans
 
 
@@ -31,7 +32,8 @@ def tta_flips(config: ConfigurationPlan) -> list[tuple[int, ...]]:
 def roi_batch(crops: dict[str, np.ndarray], plans: Plans, config: ConfigurationPlan, rows: slice,
               device: torch.device) -> dict[str, torch.Tensor]:
     """``image_<scale>`` (B, C, ...) and ``mask_<scale>`` (B, 1, ...) tensors of ``rows`` of node crops (masks as
-    stored in the caches, (N, ...), or as batches hold them, (N, 1, ...)), centre-cropped to each scale's ROI."""
+    stored in the caches, (N, ...), or as batches hold them, (N, 1, ...)), centre-cropped to each scale's ROI,
+    and the nodes' ``shape_features`` (B, 4) where the crops carry their measurements."""
     batch = {}
     for s in config.scales:
         roi = plans.scales[s].roi_shape
@@ -40,6 +42,9 @@ def roi_batch(crops: dict[str, np.ndarray], plans: Plans, config: ConfigurationP
         mask = center_crop(mask if mask.ndim == image.ndim else mask[:, None], roi)
         batch[image_key(s)] = torch.from_numpy(np.ascontiguousarray(image)).to(device)
         batch[mask_key(s)] = torch.from_numpy(np.ascontiguousarray(mask)).to(device)
+    measurements = shape_measurements(crops)
+    if measurements is not None:
+        batch[SHAPE_FEATURES_KEY] = torch.from_numpy(np.ascontiguousarray(measurements[rows])).to(device)
     return batch
 
 
@@ -55,7 +60,9 @@ def predict_node_crops(network: nn.Module, crops: dict[str, np.ndarray], plans: 
     for start in range(0, n, max(1, batch_size)):
         rows = slice(start, start + batch_size)
         batch = roi_batch(crops, plans, config, rows, device)
-        p = sum(torch.sigmoid(network({k: torch.flip(x, f) if f else x for k, x in batch.items()})["fused"])
+        # flips mirror the crops; the shape measurements are the same for every flip
+        p = sum(torch.sigmoid(network({k: torch.flip(x, f) if f and k != SHAPE_FEATURES_KEY else x
+                                       for k, x in batch.items()})["fused"])
                 for f in flips) / len(flips)
         probs[rows] = p.float().cpu().numpy()
     return probs

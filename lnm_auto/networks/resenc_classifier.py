@@ -1,5 +1,6 @@
 """Configuration ``3d_resenc``: nnU-Net's residual encoder + global average pooling + a linear head.
 
+With the plan's hybrid head the linear head reads [pooled features, shape embedding] (shape_head.py).
 This is WeGA's local branch; ``self.encoder`` is a plain dynamic-network-architectures
 ``ResidualEncoder`` so that its weights can be reused (a global-local configuration, pretrained
 nnU-Net ResEnc encoders).
@@ -12,7 +13,10 @@ from dynamic_network_architectures.building_blocks.residual_encoders import Resi
 from torch import nn
 
 from lnm_auto.networks.inputs import scale_input
+from lnm_auto.networks.shape_head import shape_embedding
 from lnm_auto.planning.network_topology import ResEncTopology
+from lnm_auto.planning.planner import SHAPE_EMBEDDING_WIDTH
+from lnm_auto.planning.plans import ShapeFeature
 
 
 def build_resenc_encoder(topology: ResEncTopology, in_channels: int) -> ResidualEncoder:
@@ -51,9 +55,12 @@ def pad_to_multiple(x: torch.Tensor, multiple: tuple[int, ...]) -> torch.Tensor:
 
 class ResEncClassifier(nn.Module):
     """``forward({"image_global": (B, C, Z, Y, X)[, "mask_global"]}) -> {"fused": (B,)}``; with
-    ``mask_channel`` the node mask is appended as a channel, so C + 1 == ``in_channels``."""
+    ``mask_channel`` the node mask is appended as a channel, so C + 1 == ``in_channels``. ``shape_features``
+    (the plan's hybrid head; empty: off) adds their embedding to the head's input, read from the batch's
+    ``shape_features``."""
 
-    def __init__(self, topology: ResEncTopology, in_channels: int, mask_channel: bool = False):
+    def __init__(self, topology: ResEncTopology, in_channels: int, mask_channel: bool = False,
+                 shape_features: tuple[ShapeFeature, ...] | list[ShapeFeature] = ()):
         super().__init__()
         self.topology = topology
         self.in_channels = int(in_channels)
@@ -61,7 +68,9 @@ class ResEncClassifier(nn.Module):
         self.encoder = build_resenc_encoder(topology, self.in_channels)
         self.total_stride = topology.total_stride
         self.dropout = nn.Dropout(p=topology.dropout)
-        self.head = nn.Linear(topology.features_per_stage[-1], 1)
+        # a module only when on (None otherwise): the head-off network keeps today's parameter names
+        self.shape_embedding = shape_embedding(shape_features, SHAPE_EMBEDDING_WIDTH)
+        self.head = nn.Linear(topology.features_per_stage[-1] + (SHAPE_EMBEDDING_WIDTH if shape_features else 0), 1)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, Z, Y, X) -> pooled encoder features (B, F)."""
@@ -74,6 +83,8 @@ class ResEncClassifier(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Batch dict -> ``{"fused"}`` logits (B,)."""
         x = scale_input(batch, "global", self.mask_channel, self.in_channels, "3d_resenc")
-        feats = self.features(x)
-        logit = self.head(self.dropout(feats))
+        feats = self.dropout(self.features(x))
+        if self.shape_embedding is not None:
+            feats = torch.cat([feats, self.shape_embedding(batch)], dim=1)
+        logit = self.head(feats)
         return {"fused": logit.reshape(x.shape[0])}

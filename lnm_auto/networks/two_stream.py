@@ -13,7 +13,7 @@ Per stream (global = node ROI at plan scale, local = zoomed-in ROI):
    stream feature; a side classifier gives the stream's logit.
 
 The two stream features are concatenated and fused by a 1x1 conv; the fused classifier gives
-``"fused"``, the prediction. Outputs ``{"fused", "global", "local"}``, each (B,); the trainer sums
+``"fused"``, the prediction (with the plan's hybrid head, of [fused features, shape embedding]: shape_head.py). Outputs ``{"fused", "global", "local"}``, each (B,); the trainer sums
 their BCE (eq. 1 of the paper). The fusion convs are followed by ReLU; dropout precedes every
 classifier.
 """
@@ -28,7 +28,10 @@ from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 
 from lnm_auto.networks.inputs import scale_input
+from lnm_auto.networks.shape_head import shape_embedding
 from lnm_auto.planning.network_topology import TwoStreamTopology
+from lnm_auto.planning.planner import SHAPE_EMBEDDING_WIDTH
+from lnm_auto.planning.plans import ShapeFeature
 
 
 def group_slices(x: torch.Tensor, starts: tuple[int, ...]) -> torch.Tensor:
@@ -83,9 +86,11 @@ class Stream(nn.Module):
 class TwoStreamNet(nn.Module):
     """``forward({"image_global": (B,C,Z,Y,X), "image_local": (B,C,Z',Y',X')[, "mask_global", "mask_local"]})
     -> {"fused", "global", "local"}`` (logits (B,)); with ``mask_channel`` the node masks are appended as a
-    channel, so C + 1 == ``in_channels``."""
+    channel, so C + 1 == ``in_channels``. ``shape_features`` (the plan's hybrid head; empty: off) adds their
+    embedding to the fused classifier's input, read from the batch's ``shape_features``."""
 
-    def __init__(self, topology: TwoStreamTopology, in_channels: int, mask_channel: bool = False):
+    def __init__(self, topology: TwoStreamTopology, in_channels: int, mask_channel: bool = False,
+                 shape_features: tuple[ShapeFeature, ...] | list[ShapeFeature] = ()):
         super().__init__()
         self.topology = topology
         self.in_channels = int(in_channels)
@@ -98,7 +103,9 @@ class TwoStreamNet(nn.Module):
         self.dropout = nn.Dropout(p=t.dropout)
         self.global_head = nn.Linear(t.fused_channels, 1)
         self.local_head = nn.Linear(t.fused_channels, 1)
-        self.fused_head = nn.Linear(t.fused_channels, 1)
+        # a module only when on (None otherwise): the head-off network keeps today's parameter names
+        self.shape_embedding = shape_embedding(shape_features, SHAPE_EMBEDDING_WIDTH)
+        self.fused_head = nn.Linear(t.fused_channels + (SHAPE_EMBEDDING_WIDTH if shape_features else 0), 1)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Batch dict -> ``{"fused", "global", "local"}`` logits (B,)."""
@@ -108,9 +115,11 @@ class TwoStreamNet(nn.Module):
         b = xg.shape[0]
         fg = self.global_stream(xg)
         fl = self.local_stream(xl)
-        fused = self.stream_fusion(torch.cat([fg, fl], dim=1)[:, :, None, None]).flatten(1)
+        fused = self.dropout(self.stream_fusion(torch.cat([fg, fl], dim=1)[:, :, None, None]).flatten(1))
+        if self.shape_embedding is not None:
+            fused = torch.cat([fused, self.shape_embedding(batch)], dim=1)
         return {
-            "fused": self.fused_head(self.dropout(fused)).reshape(b),
+            "fused": self.fused_head(fused).reshape(b),
             "global": self.global_head(self.dropout(fg)).reshape(b),
             "local": self.local_head(self.dropout(fl)).reshape(b),
         }

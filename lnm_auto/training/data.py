@@ -25,6 +25,7 @@ from batchgenerators.transforms.noise_transforms import GaussianNoiseTransform
 from batchgenerators.transforms.spatial_transforms import MirrorTransform, SpatialTransform
 
 from lnm_auto.networks.inputs import image_key, mask_key
+from lnm_auto.networks.shape_head import SHAPE_FEATURES_KEY, shape_measurements
 from lnm_auto.planning.plans import ConfigurationPlan, Plans
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import atomic_path
@@ -91,7 +92,8 @@ class CropStore:
 
 def load_batch(store: CropStore, records: pd.DataFrame, scales: tuple[str, ...]) -> dict:
     """The cached crops of ``records`` (rows of nodes_index.csv) in the batch vocabulary: ``image_<scale>``
-    (B, C, ...), ``mask_<scale>`` (B, 1, ...), ``label`` (B,) and ``keys`` [(case, node)]."""
+    (B, C, ...), ``mask_<scale>`` (B, 1, ...), ``label`` (B,), ``keys`` [(case, node)] and ``shape_features``
+    (B, 4) (networks/shape_head.py; absent for an index written before the caches held them)."""
     batch: dict = {}
     for s in scales:
         images, masks = zip(*(store.node(r.case, int(r.index), s) for r in records.itertuples()))
@@ -99,6 +101,9 @@ def load_batch(store: CropStore, records: pd.DataFrame, scales: tuple[str, ...])
         batch[mask_key(s)] = np.ascontiguousarray(np.stack(masks)[:, None].astype(np.float32))
     batch["label"] = records["label"].to_numpy(dtype=np.float32)
     batch["keys"] = list(zip(records["case"], records["node"].astype(int)))
+    measurements = shape_measurements(records)
+    if measurements is not None:
+        batch[SHAPE_FEATURES_KEY] = measurements
     return batch
 
 
