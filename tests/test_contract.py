@@ -52,6 +52,28 @@ def test_planned_gflops_equal_flop_counter_with_real_channels(channels, configur
     assert config.estimated_gflops_per_sample == pytest.approx(counter.get_total_flops() / 1e9, rel=0.05)
 
 
+@pytest.mark.parametrize("configuration", ["2d25", "3d_resenc"])
+def test_planned_gflops_equal_flop_counter_with_the_shape_head(configuration):
+    """The hybrid head's planned cost is what it adds to the real forward pass, and the total stays right."""
+    plans = hand_plans()
+    nodes = [{"short_axis_mm": s, "long_axis_mm": 1.5 * s, "volume_mm3": s ** 3} for s in (6.0, 9.0, 14.0)]
+    off = plans.configuration(configuration)
+    on = planner.with_shape_head(off, planner.plan_shape_features({"nodes": nodes}))
+    counted = {}
+    for name, config in (("off", off), ("on", on)):
+        batch = {"shape_features": torch.tensor([[8.0, 12.0, 500.0, 0.9]])}
+        for s in config.scales:
+            shape = plans.scales[s].roi_shape
+            batch[f"image_{s}"], batch[f"mask_{s}"] = torch.randn(1, 1, *shape), torch.ones(1, 1, *shape)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            network_for(plans, config).eval()(batch)
+        counted[name] = counter.get_total_flops() / 1e9
+    assert len(on.head_shape_features) == 4 and not off.head_shape_features
+    assert on.estimated_gflops_per_sample == pytest.approx(counted["on"], rel=0.05)
+    assert on.estimated_gflops_per_sample - off.estimated_gflops_per_sample == pytest.approx(
+        counted["on"] - counted["off"], rel=1e-6)
+
+
 def test_budget_counts_the_mask_channel():
     """The CPU budget is checked with image + mask channels: what the network really receives."""
     plans = hand_plans()
