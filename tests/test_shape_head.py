@@ -288,8 +288,6 @@ def test_train_one_epoch_and_predict_every_node(prepared, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="LNMTrainerMeanTeacher.network_outputs passes the network "
-                   "only image_/mask_ parts; it must use networks.inputs.network_inputs(batch)")
 def test_pgls_trains_with_the_head(prepared, tmp_path):
     """PGLS from the fold's supervised model, on plans with the head: the shape part reaches student and teacher."""
     run_training(setup_trainer(42, "3d_resenc", "0", prepared / "pre", tmp_path, "LNMTrainer_1epochs",

@@ -39,7 +39,7 @@ from lnm_auto.preprocessing.geometry import (canonical_axes, measure_nodes, resa
                                              sitk_spacing_zyx)
 from lnm_auto.preprocessing.normalization import case_zscore_statistics, normalize
 # the radiomics shape features' surface estimate: one sphericity for the caches and the radiomics configuration
-from lnm_auto.radiomics.features import MARGIN_VOXELS, _isotropic_surface_and_volume
+from lnm_auto.radiomics.features import MARGIN_VOXELS, isotropic_surface_and_volume
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.terminal import show_progress
 from lnm_auto.utils.io import save_csv_atomic, save_npz_atomic
@@ -116,7 +116,7 @@ def node_sphericities(mask: sitk.Image, node_ids: list[int]) -> np.ndarray:
         lo = [max(s.start - MARGIN_VOXELS, 0) for s in box]
         hi = [min(s.stop + MARGIN_VOXELS, n) for s, n in zip(box, arr.shape)]
         region = mask[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]]          # SimpleITK slices (x, y, z), origin kept
-        surface, volume = _isotropic_surface_and_volume(sitk.Cast(region == k, sitk.sitkUInt8))
+        surface, volume = isotropic_surface_and_volume(sitk.Cast(region == k, sitk.sitkUInt8))
         if surface > 0:
             out[i] = (36.0 * np.pi * volume ** 2) ** (1.0 / 3.0) / surface
     return out

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from lnm_auto.networks.inputs import network_inputs
 from lnm_auto.training.data import BatchGroup
 from lnm_auto.training.registry import split_trainer_name
 from lnm_auto.training.trainer import LNMTrainer
@@ -164,7 +165,7 @@ class LNMTrainerMeanTeacher(LNMTrainer):
     def network_outputs(self, batch: dict) -> dict[str, torch.Tensor]:
         """The student on every sample but the teacher's views; the teacher on those (no gradient)."""
         teacher_view = self._teacher_view(batch)
-        crops = {k: v for k, v in batch.items() if k.startswith(("image_", "mask_"))}
+        crops = network_inputs(batch)
         outputs = self.network({k: v[~teacher_view] for k, v in crops.items()})
         if teacher_view.any():
             teacher = self.ensure_teacher().train()   # the teacher sees its own augmented view with dropout
