@@ -10,7 +10,8 @@ import pytest
 import SimpleITK as sitk
 from sklearn.metrics import roc_auc_score
 
-from lnm_auto.radiomics import FEATURE_COLUMNS, RadiomicsClassifier, node_features, size_rule_scores
+from lnm_auto.radiomics.classifier import RadiomicsClassifier, size_rule_scores
+from lnm_auto.radiomics.features import FEATURE_COLUMNS, node_features
 from lnm_auto.radiomics.features import discretisation_settings, texture_mode_for_spacing
 from lnm_auto.utils.errors import LNMError
 

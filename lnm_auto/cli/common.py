@@ -37,7 +37,9 @@ def hide_third_party_warnings() -> None:
 
 
 def _run(prog: str, fn: Callable[[argparse.Namespace], int | None], parser: argparse.ArgumentParser,
-         argv: list[str] | None) -> int:
+         argv: list[str] | None, uses_torch: bool = True) -> int:
+    """Parse ``argv``, set threads and warning filters, run ``fn``; input errors become one line and exit 1.
+    ``uses_torch=False``: the command never runs a network, so torch is not imported for it."""
     args = parser.parse_args(argv)
     debug = debug_mode()
     saved_no_progress = os.environ.get(NO_PROGRESS_ENV)
@@ -49,7 +51,7 @@ def _run(prog: str, fn: Callable[[argparse.Namespace], int | None], parser: argp
                 warnings.simplefilter("default")
             else:
                 hide_third_party_warnings()
-            configure_threads(getattr(args, "num_threads", None))   # before torch loads: documentation/threads.md
+            configure_threads(getattr(args, "num_threads", None), uses_torch)   # before torch loads: threads.md
             return int(fn(args) or 0)
     except LNMError as e:
         if debug:

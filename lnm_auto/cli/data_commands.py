@@ -46,7 +46,7 @@ def _make_phantom(args: argparse.Namespace) -> int:
 
 def make_phantom_entry(argv: list[str] | None = None) -> int:
     """Run lnm_make_phantom with ``argv``; returns the exit status."""
-    return _run("lnm_make_phantom", _make_phantom, make_phantom_parser(), argv)
+    return _run("lnm_make_phantom", _make_phantom, make_phantom_parser(), argv, uses_torch=False)
 
 
 def make_phantom_cli() -> None:
@@ -77,7 +77,7 @@ def plan_and_preprocess_parser() -> argparse.ArgumentParser:
                       help="hybrid head: the node's short/long axis, volume and sphericity join the final classifier "
                            "of 2d25 and 3d_resenc (a plan setting; default: the planner's, currently off)")
     head.add_argument("--no_shape_head", dest="shape_head", action="store_false",
-                      help="image features only in the final classifier")
+                      help="image features only in the final classifier (default: the planner's, currently this)")
     p.add_argument("--no_pp", action="store_true", help="plan only, do not write the crop caches (default: write them)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (default: bars on a terminal)")
     _add_progress_flag(p)
@@ -114,7 +114,7 @@ def _mm(values) -> str:
 
 def plan_and_preprocess_entry(argv: list[str] | None = None) -> int:
     """Run lnm_plan_and_preprocess with ``argv``; returns the exit status."""
-    return _run("lnm_plan_and_preprocess", _plan_and_preprocess, plan_and_preprocess_parser(), argv)
+    return _run("lnm_plan_and_preprocess", _plan_and_preprocess, plan_and_preprocess_parser(), argv, uses_torch=False)
 
 
 def plan_and_preprocess_cli() -> None:

@@ -155,7 +155,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def evaluate_entry(argv: list[str] | None = None) -> int:
     """Run lnm_evaluate with ``argv``; returns the exit status."""
-    return _run("lnm_evaluate", _evaluate, evaluate_parser(), argv)
+    return _run("lnm_evaluate", _evaluate, evaluate_parser(), argv, uses_torch=False)
 
 
 def evaluate_cli() -> None:

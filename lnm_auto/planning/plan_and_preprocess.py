@@ -23,10 +23,13 @@ from lnm_auto.utils.paths import resolve_dataset_name
 
 FINGERPRINT_FILE = "dataset_fingerprint.json"
 SPLITS_FILE = "splits_final.json"
+NVIDIA_DRIVER_FILES = ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/nvidia0")
 
 
 def default_planner() -> str:
     """GPU-sized plans when CUDA is available, CPU-sized ones otherwise."""
+    if not any(Path(p).exists() for p in NVIDIA_DRIVER_FILES):
+        return "LNMPlannerCPU"    # no NVIDIA driver: CUDA cannot be available, and importing torch costs seconds
     import torch
     return "LNMPlanner" if torch.cuda.is_available() else "LNMPlannerCPU"
 

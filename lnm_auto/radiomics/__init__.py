@@ -1,5 +1,3 @@
-"""Classical radiomics configuration: IBSI-style node features and a scikit-learn classifier stored as JSON."""
-from lnm_auto.radiomics.classifier import RadiomicsClassifier, size_rule_scores
-from lnm_auto.radiomics.features import FEATURE_COLUMNS, SHAPE_COLUMNS, node_features
-
-__all__ = ["FEATURE_COLUMNS", "SHAPE_COLUMNS", "RadiomicsClassifier", "node_features", "size_rule_scores"]
+"""Classical radiomics configuration: IBSI-style node features (``features``), a scikit-learn classifier
+stored as JSON (``classifier``) and the per-dataset feature cache (``dataset_features``). The submodules are
+imported where used: the planner needs the feature rules without scikit-learn."""

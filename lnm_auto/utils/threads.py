@@ -137,10 +137,12 @@ def requested_threads(num_threads: int | None = None) -> int | None:
     return int(env)
 
 
-def configure_threads(num_threads: int | None = None) -> int:
+def configure_threads(num_threads: int | None = None, uses_torch: bool = True) -> int:
     """Set torch's thread counts for this process, OpenMP's passive waiting, and one thread per library for
     processes started later. Returns the intra-op thread count. Call at the start of a command, before
-    torch is imported (else the wait policy cannot change); calling again is harmless."""
+    torch is imported (else the wait policy cannot change); calling again is harmless. ``uses_torch=False``
+    (commands that never run a network, e.g. preprocessing) leaves torch unimported: importing it costs
+    seconds at every start; should it be imported later anyway, it runs single-threaded."""
     n = requested_threads(num_threads) or plan_threads(available_cores()).intra_op_threads
     for var in CHILD_THREAD_ENV_VARS:
         os.environ[var] = "1"
@@ -148,6 +150,8 @@ def configure_threads(num_threads: int | None = None) -> int:
     # sleeps instead of spinning on a core another process needs (busy-waiting made training 10-40x slower
     # beside one competing job). A user's own setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if not uses_torch and "torch" not in sys.modules:
+        return n
     import torch
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
