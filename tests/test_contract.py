@@ -131,6 +131,7 @@ def test_registry_epoch_names():
         trainer_class("LNMTrainerPGSL")
 
 
+@pytest.mark.slow   # a fresh interpreter importing torch
 def test_semi_supervised_module_imports_alone():
     import subprocess
     import sys

@@ -176,6 +176,7 @@ print(json.dumps({"intra": torch.get_num_threads(), "interop": torch.get_num_int
 """
 
 
+@pytest.mark.slow   # a fresh interpreter (and its child) importing torch
 def test_fresh_process_gets_its_threads_and_its_children_one(restore_threads):
     env = {k: v for k, v in os.environ.items() if k not in (*CHILD_THREAD_ENV_VARS, "OMP_WAIT_POLICY", "LNM_NUM_THREADS")}
     out = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, env=env, timeout=120)
