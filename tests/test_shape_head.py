@@ -224,6 +224,7 @@ def size_task(n, rng):
     return torch.tensor(measurements, dtype=torch.float32), torch.tensor((short > 10).astype(np.float32))
 
 
+@pytest.mark.slow   # trains two networks
 def test_the_head_learns_what_only_the_size_tells():
     """Label = pure function of node size, image = noise, no mask channel: the head-on network learns it, the
     head-off one cannot."""
