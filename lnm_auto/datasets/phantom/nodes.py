@@ -111,16 +111,18 @@ def _draw_node(rng: np.random.Generator, label: int, difficulty: float, node_sca
         base_hu = rng.normal(38.0, 7.0)
         het = rng.uniform(3.0, 7.0 + 3.0 * td)
         irregular = rng.uniform(0.03, 0.09 + 0.04 * td)
-    return dict(kind=kind, short=short * node_scale, mid=mid * node_scale, long=long * node_scale,
-                necrosis=bool(necrosis or pseudo_necrosis),
-                nec_frac=float(rng.uniform(0.45, 0.7)), nec_drop=float(rng.uniform(40.0, 70.0) * (0.6 + 0.4 * tsep)
-                                                                     if necrosis else rng.uniform(8.0, 15.0)),
-                hilum=bool(hilum), calcified=bool(calcified), base_hu=float(base_hu), het=float(het),
-                irregular=float(irregular), long_along_z=bool(rng.random() < 0.6),
-                pert_dirs=rng.standard_normal((4, 3)), pert_m=rng.integers(2, 5, size=4),
-                pert_sign=rng.choice([-1.0, 1.0], size=4), pert_w=rng.dirichlet(np.ones(4)),
-                hilum_dir=rng.standard_normal(3), nec_offset=rng.normal(0.0, 0.12, size=3),
-                calc_pos=rng.normal(0.0, 0.3, size=3))
+    nd = dict(kind=kind, short=short * node_scale, mid=mid * node_scale, long=long * node_scale,
+              necrosis=bool(necrosis or pseudo_necrosis),
+              nec_frac=float(rng.uniform(0.45, 0.7)), nec_drop=float(rng.uniform(40.0, 70.0) * (0.6 + 0.4 * tsep)
+                                                                   if necrosis else rng.uniform(8.0, 15.0)),
+              hilum=bool(hilum), calcified=bool(calcified), base_hu=float(base_hu), het=float(het),
+              irregular=float(irregular), long_along_z=bool(rng.random() < 0.6),
+              pert_dirs=rng.standard_normal((4, 3)), pert_m=rng.integers(2, 5, size=4),
+              pert_sign=rng.choice([-1.0, 1.0], size=4), pert_w=rng.dirichlet(np.ones(4)),
+              hilum_dir=rng.standard_normal(3), nec_offset=rng.normal(0.0, 0.12, size=3),
+              calc_pos=rng.normal(0.0, 0.3, size=3))
+    nd["pert_unit"] = [v / (np.linalg.norm(v) + 1e-12) for v in nd["pert_dirs"]]   # once, not per rendering
+    return nd
 
 
 _CHEBYSHEV = {2: lambda c: 2.0 * c * c - 1.0, 3: lambda c: (4.0 * c * c - 3.0) * c,
@@ -131,8 +133,7 @@ def _radial(dirs: np.ndarray, nd: dict, amp: float) -> np.ndarray:
     """Smooth radial perturbation of the unit sphere: a sum of zonal harmonics cos(m * angle to v_k),
     evaluated as Chebyshev polynomials of cos(angle) (no trigonometry per voxel)."""
     out = np.zeros(dirs.shape[1:], np.float32)
-    for v, m, sign, w in zip(nd["pert_dirs"], nd["pert_m"], nd["pert_sign"], nd["pert_w"]):
-        v = v / (np.linalg.norm(v) + 1e-12)
+    for v, m, sign, w in zip(nd["pert_unit"], nd["pert_m"], nd["pert_sign"], nd["pert_w"]):
         c = v[0] * dirs[0] + v[1] * dirs[1] + v[2] * dirs[2]
         out += (sign * w) * _CHEBYSHEV[int(m)](c)
     return amp * out
@@ -142,7 +143,10 @@ N_SUB_Z = 4           # sub-samples per slice: slice-thickness partial volume
 
 
 def _render_node(grid: Grid, centre, R: np.ndarray, nd: dict):
-    """Index box and sub-voxel occupancies (total, necrosis, hilum, calcification) of one node."""
+    """Index box, sub-voxel occupancy and node-frame samples of one node at ``centre`` (None if off the grid).
+
+    Most positions are rejected on the occupancy alone, so the inner parts are painted separately
+    (:func:`_render_parts`) once a position is accepted."""
     semi = np.array([nd["short"], nd["mid"], nd["long"]]) / 2.0
     reach = semi.max() * (1.0 + nd["irregular"] * 1.2) + 1.0
     ci = grid.body_to_index(centre)
@@ -155,33 +159,40 @@ def _render_node(grid: Grid, centre, R: np.ndarray, nd: dict):
     qx, qy, qz = grid.box_coords(lo[0], hi[0], lo[1], hi[1], lo[2], hi[2])
     dxy = (qx - centre[0], qy - centre[1])
     offs = (np.arange(N_SUB_Z) + 0.5) / N_SUB_Z - 0.5
-    shape = (hi[2] - lo[2], hi[1] - lo[1], hi[0] - lo[0])
-    occ = np.zeros(shape, np.float32)
+    # all N_SUB_Z sub-slices at once: leading axis = sub-slice (numpy work, not a Python loop per sub-slice)
+    dz = (qz[None, :] + offs[:, None] * grid.spacing[2] - centre[2])[:, :, None, None]
+    # node frame coordinates scaled by the semi-axes
+    u = [(R[0, a] * dxy[0][None] + R[1, a] * dxy[1][None] + R[2, a] * dz) / semi[a] for a in range(3)]
+    rho = np.sqrt(u[0] ** 2 + u[1] ** 2 + u[2] ** 2) + 1e-6
+    dirs = np.stack([u[0] / rho, u[1] / rho, u[2] / rho])
+    inside = rho <= 1.0 + _radial(dirs, nd, nd["irregular"])
+    occ = inside.sum(axis=0, dtype=np.float32)
+    box = (slice(lo[2], hi[2]), slice(lo[1], hi[1]), slice(lo[0], hi[0]))
+    return box, occ * (1.0 / N_SUB_Z), (u, rho, dirs, inside)
+
+
+def _render_parts(nd: dict, samples: tuple) -> tuple:
+    """Sub-voxel occupancies (necrosis, hilum, calcification) of a node from :func:`_render_node`'s samples."""
+    u, rho, dirs, inside = samples
+    shape = inside.shape[1:]
     nec = np.zeros(shape, np.float32)
     hil = np.zeros(shape, np.float32)
     calc = np.zeros(shape, np.float32)
-    hdir = nd["hilum_dir"] / (np.linalg.norm(nd["hilum_dir"]) + 1e-12)
-    for o in offs:
-        dz = (qz + o * grid.spacing[2] - centre[2])[:, None, None]
-        # node frame coordinates scaled by the semi-axes
-        u = [(R[0, a] * dxy[0][None] + R[1, a] * dxy[1][None] + R[2, a] * dz) / semi[a] for a in range(3)]
-        rho = np.sqrt(u[0] ** 2 + u[1] ** 2 + u[2] ** 2) + 1e-6
-        dirs = np.stack([u[0] / rho, u[1] / rho, u[2] / rho])
-        inside = rho <= 1.0 + _radial(dirs, nd, nd["irregular"])
-        occ += inside
-        if nd["necrosis"]:
-            v = [u[a] - nd["nec_offset"][a] for a in range(3)]
-            rn = np.sqrt(v[0] ** 2 + v[1] ** 2 + v[2] ** 2) / nd["nec_frac"]
-            nec += inside * np.clip((1.0 - rn) / 0.25, 0.0, 1.0)
-        if nd["hilum"]:
-            cosang = dirs[0] * hdir[0] + dirs[1] * hdir[1] + dirs[2] * hdir[2]
-            hil += inside & (cosang > 0.8) & (rho > 0.3)
-        if nd["calcified"]:
-            v = [u[a] - nd["calc_pos"][a] for a in range(3)]
-            calc += inside & (np.sqrt(v[0] ** 2 + v[1] ** 2 + v[2] ** 2) < 0.35)
+    if nd["necrosis"]:
+        v = [u[a] - nd["nec_offset"][a] for a in range(3)]
+        rn = np.sqrt(v[0] ** 2 + v[1] ** 2 + v[2] ** 2) / nd["nec_frac"]
+        nec_sub = inside * np.clip((1.0 - rn) / 0.25, 0.0, 1.0)
+        for part in nec_sub:                    # float32 accumulation in sub-slice order: same bytes per seed
+            nec += part
+    if nd["hilum"]:
+        hdir = nd["hilum_dir"] / (np.linalg.norm(nd["hilum_dir"]) + 1e-12)
+        cosang = dirs[0] * hdir[0] + dirs[1] * hdir[1] + dirs[2] * hdir[2]
+        hil = (inside & (cosang > 0.8) & (rho > 0.3)).sum(axis=0, dtype=np.float32)
+    if nd["calcified"]:
+        v = [u[a] - nd["calc_pos"][a] for a in range(3)]
+        calc = (inside & (np.sqrt(v[0] ** 2 + v[1] ** 2 + v[2] ** 2) < 0.35)).sum(axis=0, dtype=np.float32)
     k = 1.0 / N_SUB_Z
-    box = (slice(lo[2], hi[2]), slice(lo[1], hi[1]), slice(lo[0], hi[0]))
-    return box, occ * k, nec * k, hil * k, calc * k
+    return nec * k, hil * k, calc * k
 
 
 def _node_values(nd: dict, modality: str, tex: np.ndarray, bg_fat: float) -> tuple:
@@ -241,7 +252,7 @@ def place_nodes(grid: Grid, cls: np.ndarray, img: np.ndarray, rng: np.random.Gen
             out = _render_node(grid, c, R, nd)
             if out is None:
                 continue
-            box, occ, nec, hil, calc = out
+            box, occ, samples = out
             node = occ >= 0.5
             n = int(node.sum())
             if n < 3:
@@ -252,7 +263,7 @@ def place_nodes(grid: Grid, cls: np.ndarray, img: np.ndarray, rng: np.random.Gen
             near = ndi.binary_dilation(mask[box] > 0, iterations=1) if mask[box].any() else None
             if near is not None and (near & (occ > 0.05)).any():
                 continue
-            placed = (box, occ, nec, hil, calc, station)
+            placed = (box, occ, *_render_parts(nd, samples), station)
             break
         if placed is None:
             continue
