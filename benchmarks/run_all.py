@@ -22,7 +22,8 @@ from common import RESULTS_DIR, header_line, machine_header, markdown_table  # n
 from lnm_auto.utils.io import atomic_write_text  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("contention", "preprocessing_bound", "nnunet_compare", "training_speed", "inference_bound", "scaling")
+BENCHMARKS = ("contention", "preprocessing_bound", "nnunet_compare", "training_speed", "cpu_levers", "inference_bound",
+              "scaling")
 
 
 def main(argv: list[str] | None = None) -> int:
