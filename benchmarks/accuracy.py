@@ -103,6 +103,8 @@ def methods(args) -> dict[str, tuple[str, str, int | None, str]]:
         rows["wega"] = ("wega", "LNMTrainer", args.epochs, "LNMPlans")
         rows["3d_resenc multi-task"] = ("3d_resenc", "LNMTrainerMultiTask", args.epochs, "LNMPlans")
         rows["2d25 multi-task"] = ("2d25", "LNMTrainerMultiTask", args.epochs, "LNMPlans")
+    for epochs in args.longer_epochs:   # does more training change the picture? (the quick run's 8 epochs are ~32 steps)
+        rows[f"2d25 ({epochs} epochs)"] = ("2d25", "LNMTrainer", epochs, "LNMPlans")
     if args.with_shape_head:     # the hybrid head: the same networks with the node's shape features in the head
         rows["2d25 + shape head"] = ("2d25", "LNMTrainer", args.epochs, SHAPE_PLANS)
         rows["3d_resenc + shape head"] = ("3d_resenc", "LNMTrainer", args.epochs, SHAPE_PLANS)
@@ -199,6 +201,8 @@ def main() -> None:
     ap.add_argument("--no-tta", action="store_true", help="no test-time mirroring (4x faster prediction)")
     ap.add_argument("--with-global-local", action="store_true",
                     help="also the wega configuration and the multi-task head on 3d_resenc and 2d25 (issue 11's rows)")
+    ap.add_argument("--longer-epochs", type=int, nargs="*", default=[],
+                    help="also 2d25 trained for these epoch counts (same folds), to see what more training gives")
     ap.add_argument("--with-shape-head", action="store_true",
                     help="also 2d25 and 3d_resenc with the node's shape features in the head (plans LNMPlans_shapehead)")
     args = ap.parse_args()
