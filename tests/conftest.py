@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -97,6 +98,34 @@ def write_tiny_dataset(raw_root: Path, dataset_id: int = 42, name: str = "Tiny",
     return root
 
 
+@pytest.fixture(scope="session")
+def pristine_tiny_dataset(tmp_path_factory) -> Path:
+    """The default tiny dataset, written once per session; never changed (tests get copies: ``tiny_dataset``)."""
+    return write_tiny_dataset(tmp_path_factory.mktemp("pristine") / "raw")
+
+
 @pytest.fixture
-def tiny_dataset(tmp_path) -> Path:
-    return write_tiny_dataset(tmp_path / "raw")
+def tiny_dataset(pristine_tiny_dataset, tmp_path) -> Path:
+    """A fresh copy of the default tiny dataset under tmp_path/raw, free to change (copying costs a few
+    milliseconds, writing it a tenth of a second)."""
+    return Path(shutil.copytree(pristine_tiny_dataset, tmp_path / "raw" / pristine_tiny_dataset.name,
+                                copy_function=shutil.copy))
+
+
+@pytest.fixture(scope="session")
+def planned_tiny(tmp_path_factory):
+    """``planned_tiny(n_cases, hide_node_labels)``: a folder with ``raw/`` (:func:`write_tiny_dataset`, id 42) and
+    ``pre/`` (planned and preprocessed with LNMPlannerCPU), made once per session for each setting. Shared:
+    tests only read it (training's crop unpacking aside); to change anything, ``shutil.copytree`` it first."""
+    from lnm_auto.planning.plan_and_preprocess import plan_and_preprocess
+    made: dict[tuple[int, int], Path] = {}
+
+    def planned(n_cases: int = 8, hide_node_labels: int = 0) -> Path:
+        key = (int(n_cases), int(hide_node_labels))
+        if key not in made:
+            root = tmp_path_factory.mktemp(f"planned_tiny_{key[0]}_{key[1]}")
+            write_tiny_dataset(root / "raw", n_cases=key[0], hide_node_labels=key[1])
+            plan_and_preprocess(42, root / "raw", root / "pre", planner="LNMPlannerCPU", progress=False)
+            made[key] = root
+        return made[key]
+    return planned

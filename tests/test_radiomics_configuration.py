@@ -45,16 +45,17 @@ def test_radiomics_fold_writes_the_standard_outputs(prepared, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in cache.glob("*.csv")} == stamps
 
 
-def test_trainers_and_configurations_that_do_not_fit_are_one_line(prepared, tmp_path):
+def test_trainers_and_configurations_that_do_not_fit_are_one_line(planned_tiny, tmp_path):
+    pre = planned_tiny(8) / "pre"           # shared, read-only: only the plans are read
     with pytest.raises(LNMError, match="radiomics is fitted by RadiomicsTrainer"):
-        setup_trainer(42, "radiomics", "0", prepared / "pre", tmp_path, "LNMTrainerPGLS")
+        setup_trainer(42, "radiomics", "0", pre, tmp_path, "LNMTrainerPGLS")
     with pytest.raises(LNMError, match="RadiomicsTrainer only fits the radiomics configuration"):
-        setup_trainer(42, "3d_resenc", "0", prepared / "pre", tmp_path, "RadiomicsTrainer")
+        setup_trainer(42, "3d_resenc", "0", pre, tmp_path, "RadiomicsTrainer")
 
 
-def test_recommended_scheme_comes_from_the_plans(prepared):
+def test_recommended_scheme_comes_from_the_plans(planned_tiny):
     from lnm_auto.planning.plans import Plans
-    plans = Plans.load(prepared / "pre" / "Dataset042_Tiny" / "LNMPlans.json")
+    plans = Plans.load(planned_tiny(8) / "pre" / "Dataset042_Tiny" / "LNMPlans.json")
     assert recommended_scheme(plans, "radiomics") == ["RadiomicsTrainer"]
     assert recommended_scheme(plans, "2d25") == plans.recommended_trainers
     assert plans.notes["learning_scheme"]

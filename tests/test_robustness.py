@@ -308,12 +308,9 @@ def write_malicious_checkpoint(path: Path, marker: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def planned(base, tmp_path_factory) -> Path:
-    """The tiny dataset planned and cached once, for the checkpoint tests."""
-    root = tmp_path_factory.mktemp("planned")
-    shutil.copytree(base, root / "raw" / DS)
-    assert plan(root / "raw" / DS).returncode == 0
-    return root
+def planned(planned_tiny) -> Path:
+    """The tiny dataset planned and cached once (shared, read-only), for the checkpoint and prediction tests."""
+    return planned_tiny(6)
 
 
 def model_with_checkpoint(planned: Path, tmp_path: Path, checkpoint: bytes | None, marker: Path) -> Path:
@@ -434,11 +431,11 @@ def test_die_with_parent_uses_prctl_on_linux():
 
 # ---- lnm_predict: input tables, output folder, resume, parts --------------------------------------
 @pytest.fixture(scope="module")
-def model(planned) -> Path:
+def model(planned, tmp_path_factory) -> Path:
     """One fold trained for one epoch on the planned tiny dataset (enough to predict with)."""
     from lnm_auto.training.run import run_training, setup_trainer
-    trainer = setup_trainer(42, "3d_resenc", "0", planned / "pre", planned / "results", "LNMTrainer_1epochs",
-                            num_workers=0)
+    trainer = setup_trainer(42, "3d_resenc", "0", planned / "pre", tmp_path_factory.mktemp("results"),
+                            "LNMTrainer_1epochs", num_workers=0)
     run_training(trainer)
     return trainer.output_folder.parent
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -23,23 +24,22 @@ from lnm_auto.planning import planner
 from lnm_auto.planning.multitask_topology import plan_multitask_topology
 from lnm_auto.planning.network_topology import (CPU_BUDGET, TWO_STREAM_LADDER, TwoStreamTopology, plan_resenc_axes,
                                                 resenc_topology_from_rung, slice_group_starts)
-from lnm_auto.planning.plan_and_preprocess import plan_and_preprocess
 from lnm_auto.planning.plans import Plans, ShapeFeature
 from lnm_auto.preprocessing.preprocessor import crops_folder, load_case_crops, preprocess_images
 from lnm_auto.training.data import load_batch
 from lnm_auto.training.run import run_training, setup_trainer
-from conftest import run_cli, write_tiny_dataset
+from conftest import run_cli
 
 HEAD_PLANS = "LNMPlans_shapehead"
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    """The tiny dataset planned and preprocessed twice in one folder: default plans and a plans name with the head
-    (the second through the command line, as a user would)."""
+def prepared(planned_tiny, tmp_path_factory):
+    """The tiny dataset planned and preprocessed twice in one folder: default plans (the session's, copied) and a
+    plans name with the head (through the command line, as a user would)."""
     root = tmp_path_factory.mktemp("shape_head")
-    write_tiny_dataset(root / "raw", n_cases=8, hide_node_labels=3)
-    plan_and_preprocess(42, root / "raw", root / "pre", planner="LNMPlannerCPU", progress=False)
+    for part in ("raw", "pre"):
+        shutil.copytree(planned_tiny(8, hide_node_labels=3) / part, root / part)
     proc = run_cli("plan_and_preprocess", "-d", "42", "-pl", "LNMPlannerCPU", "-p", HEAD_PLANS, "--shape_head",
                    "-np", "1", "--raw", root / "raw", "--preprocessed", root / "pre")
     assert proc.returncode == 0, proc.stderr

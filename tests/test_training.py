@@ -11,18 +11,14 @@ import pandas as pd
 import pytest
 import torch
 
-from lnm_auto.planning.plan_and_preprocess import plan_and_preprocess
 from lnm_auto.training.progress import training_logs
 from lnm_auto.training.run import run_training, setup_trainer
-from conftest import run_train_cli, write_tiny_dataset
+from conftest import run_train_cli
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    write_tiny_dataset(root / "raw", n_cases=8)
-    plan_and_preprocess(42, root / "raw", root / "pre", planner="LNMPlannerCPU", progress=False)
-    return root
+def prepared(planned_tiny):
+    return planned_tiny(8)        # shared, read-only: runs write their results under tmp_path
 
 
 def make_trainer(prepared, results, config="3d_resenc", fold="0", trainer="LNMTrainer_2epochs", epochs=None,

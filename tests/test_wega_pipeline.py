@@ -22,14 +22,13 @@ from lnm_auto.networks.multitask import MultiTaskNet
 from lnm_auto.networks.wega import TIMM_DINOV2_ARCHITECTURE, WegaNet
 from lnm_auto.planning import planner
 from lnm_auto.planning.global_local_topology import PATCH_SIZE, VIT_SMALL, VIT_TINY, WegaTopology
-from lnm_auto.planning.plan_and_preprocess import plan_and_preprocess
 from lnm_auto.planning.plans import Plans
 from lnm_auto.training.losses import regional_affinity_loss
 from lnm_auto.training.run import run_training, setup_trainer
 from lnm_auto.training.weak import (REGIONAL_AFFINITY_WEIGHT, BagBatchLoader, LNMTrainerWeak, make_bags, mil_loss,
                                     station_region_labels)
 from lnm_auto.utils.errors import LNMError
-from conftest import run_cli, write_tiny_dataset
+from conftest import run_cli
 from test_planning import make_fingerprint
 
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -132,11 +131,8 @@ def test_the_multitask_switch_builds_multitasknet_without_the_mask_channel():
 # ------------------------------------------------------------------------------------------ on real caches
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("wega")
-    write_tiny_dataset(root / "raw", n_cases=8, hide_node_labels=3)
-    plan_and_preprocess(42, root / "raw", root / "pre", planner="LNMPlannerCPU", progress=False)
-    return root
+def prepared(planned_tiny):
+    return planned_tiny(8, hide_node_labels=3)        # shared, read-only: runs write under tmp_path
 
 
 def test_context_crops_are_cached_and_padded_outside_the_image(prepared):
