@@ -22,7 +22,6 @@ from sklearn.metrics import roc_auc_score
 from lnm_auto import cli
 from lnm_auto.conversion.cli import convert_parser
 from lnm_auto.evaluation.report import evaluate
-from lnm_auto.planning.plan_and_preprocess import plan_and_preprocess
 from lnm_auto.training import run as training_run
 from lnm_auto.training.progress import ItemProgress, TrainingLog, training_logs
 from conftest import run_cli, run_train_cli, write_tiny_dataset
@@ -170,10 +169,17 @@ def test_our_bugs_keep_their_traceback():
 
 # ---- a trained fold: per-run logs, checkpoints, --c, --val, --val_best, --npz, metrics.json ---------------
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def planned(planned_tiny, tmp_path_factory):
+    """The session's planned 8-case tiny dataset, copied here (raw/, pre/) so that runs can add res/ beside it."""
     root = tmp_path_factory.mktemp("habits")
-    write_tiny_dataset(root / "raw", n_cases=8)
-    plan_and_preprocess(42, root / "raw", root / "pre", planner="LNMPlannerCPU", progress=False)
+    for part in ("raw", "pre"):
+        shutil.copytree(planned_tiny(8) / part, root / part)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(planned):
+    root = planned
     proc = run_train_cli("42", "3d_resenc", "0", "-tr", "LNMTrainer_1epochs", preprocessed=root / "pre",
                          results=root / "res")
     assert proc.returncode == 0, proc.stderr
@@ -196,6 +202,7 @@ def test_training_says_its_device_and_keeps_final_not_latest(trained):
     assert "\r" not in logs[0].read_text() and "epoch 1/1:" in logs[0].read_text()
 
 
+@pytest.mark.slow   # needs the trained fold (a network trained for seconds)
 def test_continue_on_a_finished_fold_uses_final_in_a_new_log(trained):
     root, _ = trained
     time.sleep(1.1)                           # log names have one-second resolution
@@ -249,6 +256,7 @@ def test_val_best_names_its_checkpoint(trained):
     assert "with checkpoint_best.pth" in training_logs(out)[-1].read_text()
 
 
+@pytest.mark.slow   # needs the trained fold (a network trained for seconds)
 def test_prediction_to_a_log_prints_one_line_per_case(trained, tmp_path):
     root, _ = trained
     raw = root / "raw" / "Dataset042_Tiny"
@@ -265,14 +273,15 @@ def test_prediction_to_a_log_prints_one_line_per_case(trained, tmp_path):
     assert "\r" not in proc.stdout + proc.stderr
 
 
-def test_val_without_a_finished_fold_is_one_line(trained, tmp_path):
-    root, _ = trained
+def test_val_without_a_finished_fold_is_one_line(planned, tmp_path):
+    root = planned
     proc = run_train_cli("42", "3d_resenc", "1", "-tr", "LNMTrainer_1epochs", "--val", preprocessed=root / "pre",
                          results=tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "checkpoint_final.pth: missing; this fold has not finished training" in proc.stderr
 
 
+@pytest.mark.slow   # needs the trained fold (a network trained for seconds)
 def test_validation_and_evaluation_share_one_metrics_layout(trained, tmp_path):
     root, _ = trained
     validation = json.loads((fold_folder(root) / "validation" / "metrics.json").read_text())
@@ -293,16 +302,16 @@ def test_validation_and_evaluation_share_one_metrics_layout(trained, tmp_path):
     (["Tiny", "3d_resenc", "0"], "did you mean Dataset042_Tiny?"),
     (["42", "3d_resnc", "0"], "configuration '3d_resnc' is not in the plans LNMPlans; did you mean 3d_resenc?"),
 ])
-def test_training_errors_suggest_the_nearest_name(trained, tmp_path, args, message):
-    root, _ = trained
+def test_training_errors_suggest_the_nearest_name(planned, tmp_path, args, message):
+    root = planned
     proc = run_train_cli(*args, preprocessed=root / "pre", results=tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert message in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_raw_but_not_preprocessed_dataset_says_what_to_run(trained, tmp_path):
-    root, _ = trained
+def test_raw_but_not_preprocessed_dataset_says_what_to_run(planned, tmp_path):
+    root = planned
     write_tiny_dataset(tmp_path / "raw", dataset_id=43, name="Fresh", n_cases=2)
     proc = run_cli("train", "43", "3d_resenc", "0", "--preprocessed", root / "pre", "--results", tmp_path / "res",
                    env={"LNM_raw": str(tmp_path / "raw")})
@@ -310,6 +319,7 @@ def test_raw_but_not_preprocessed_dataset_says_what_to_run(trained, tmp_path):
     assert "Dataset043_Fresh is in" in proc.stderr and "run lnm_plan_and_preprocess -d 043 first" in proc.stderr
 
 
+@pytest.mark.slow   # needs the trained fold (a network trained for seconds)
 @pytest.mark.parametrize("configuration,checkpoint,message", [
     ("3d_resenc", "checkpoint_bset.pth", "did you mean -chk checkpoint_best.pth?"),
     ("3d_resnc", "checkpoint_final.pth", "did you mean -c 3d_resenc?"),

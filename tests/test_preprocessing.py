@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import SimpleITK as sitk
 from lnm_auto.planning.plans import ChannelNormalization, CropScale
 from lnm_auto.preprocessing.geometry import measure_nodes, roi_grid
 from lnm_auto.preprocessing.normalization import normalize
-from lnm_auto.preprocessing.preprocessor import load_case_crops, preprocess_images
+from lnm_auto.preprocessing.preprocessor import crops_folder, load_case_crops, preprocess_images
 from test_planning import make_fingerprint
 from conftest import run_cli
 
@@ -109,11 +110,22 @@ def test_mri_crops_do_not_depend_on_intensity_scale():
     np.testing.assert_allclose(a, b, atol=2e-2)
 
 
-def test_plan_and_preprocess_writes_everything_and_npz_round_trips(tiny_dataset, tmp_path):
+def planned_copy(planned_tiny, tmp_path):
+    """A copy of the session's planned 6-case tiny dataset (raw/, pre/; file times kept) and its crops folder."""
+    for part in ("raw", "pre"):
+        shutil.copytree(planned_tiny(6) / part, tmp_path / part)
+    return tmp_path / "raw" / "Dataset042_Tiny", crops_folder(tmp_path / "pre" / "Dataset042_Tiny", "LNMPlans")
+
+
+def test_plan_and_preprocess_writes_everything_and_npz_round_trips(planned_tiny, tmp_path):
     from lnm_auto.planning.plan_and_preprocess import plan_and_preprocess
     from lnm_auto.planning.plans import Plans
     from lnm_auto.utils.io import load_json
+    tiny_dataset, crops_dir = planned_copy(planned_tiny, tmp_path)     # what a first run wrote
+    # re-running skips finished cases (files untouched) unless clean
+    mtime = (crops_dir / "case_001.npz").stat().st_mtime_ns
     r = plan_and_preprocess("42", tiny_dataset.parent, tmp_path / "pre", planner="LNMPlannerCPU", progress=False)
+    assert r.crops_dir == crops_dir and (r.crops_dir / "case_001.npz").stat().st_mtime_ns == mtime
     out = tmp_path / "pre" / "Dataset042_Tiny"
     for f in ("dataset.json", "dataset_fingerprint.json", "LNMPlans.json", "splits_final.json"):
         assert (out / f).is_file()
@@ -134,31 +146,28 @@ def test_plan_and_preprocess_writes_everything_and_npz_round_trips(tiny_dataset,
     # the crop's centre voxel lies inside the node it is centred on
     s, r_, c = (np.array(g.cache_shape) - 1) // 2
     assert crops["mask_global"][:, s, r_, c].all()
-    # re-running skips finished cases (files untouched) unless --clean
-    mtime = (r.crops_dir / "case_001.npz").stat().st_mtime_ns
-    plan_and_preprocess("42", tiny_dataset.parent, tmp_path / "pre", planner="LNMPlannerCPU", progress=False)
-    assert (r.crops_dir / "case_001.npz").stat().st_mtime_ns == mtime
     plan_and_preprocess("42", tiny_dataset.parent, tmp_path / "pre", planner="LNMPlannerCPU", progress=False, clean=True)
     assert (r.crops_dir / "case_001.npz").stat().st_mtime_ns != mtime
 
 
-def test_multiprocess_preprocessing_equals_single_process(tiny_dataset, tmp_path):
+@pytest.mark.slow   # starts worker processes
+def test_multiprocess_preprocessing_equals_single_process(planned_tiny, tmp_path):
     from lnm_auto.planning.plan_and_preprocess import plan_and_preprocess
-    a = plan_and_preprocess(42, tiny_dataset.parent, tmp_path / "a", planner="LNMPlannerCPU", progress=False)
-    b = plan_and_preprocess(42, tiny_dataset.parent, tmp_path / "b", planner="LNMPlannerCPU", progress=False,
+    single = crops_folder(planned_tiny(6) / "pre" / "Dataset042_Tiny", "LNMPlans")     # planned in one process
+    b = plan_and_preprocess(42, planned_tiny(6) / "raw", tmp_path / "b", planner="LNMPlannerCPU", progress=False,
                             num_processes=2)
     for case in ("case_000", "case_005"):
-        x, y = load_case_crops(a.crops_dir / f"{case}.npz"), load_case_crops(b.crops_dir / f"{case}.npz")
+        x, y = load_case_crops(single / f"{case}.npz"), load_case_crops(b.crops_dir / f"{case}.npz")
         for k in x:
             np.testing.assert_array_equal(x[k], y[k])
 
 
-def test_changed_labels_redo_the_cache_without_clean(tiny_dataset, tmp_path):
+def test_changed_labels_redo_the_cache_without_clean(planned_tiny, tmp_path):
     import pandas as pd
     from lnm_auto.planning.plan_and_preprocess import plan_and_preprocess
-    r = plan_and_preprocess(42, tiny_dataset.parent, tmp_path / "pre", planner="LNMPlannerCPU", progress=False)
-    assert load_case_crops(r.crops_dir / "case_000.npz")["node_labels"].tolist() == [0, 0]
-    untouched = (r.crops_dir / "case_002.npz").stat().st_mtime_ns
+    tiny_dataset, crops = planned_copy(planned_tiny, tmp_path)
+    assert load_case_crops(crops / "case_000.npz")["node_labels"].tolist() == [0, 0]
+    untouched = (crops / "case_002.npz").stat().st_mtime_ns
     df = pd.read_csv(tiny_dataset / "nodes.csv", dtype=str, keep_default_na=False)
     df.loc[(df.case == "case_000") & (df.node == "2"), "label"] = ""
     df.loc[(df.case == "case_000") & (df.node == "1"), "node"] = "1.0"     # same id, written as a float
@@ -168,10 +177,10 @@ def test_changed_labels_redo_the_cache_without_clean(tiny_dataset, tmp_path):
     assert (r.crops_dir / "case_002.npz").stat().st_mtime_ns == untouched   # other cases are not redone
 
 
-def test_damaged_cache_is_redone(tiny_dataset, tmp_path):
+def test_damaged_cache_is_redone(planned_tiny, tmp_path):
     from lnm_auto.planning.plan_and_preprocess import plan_and_preprocess
-    r = plan_and_preprocess(42, tiny_dataset.parent, tmp_path / "pre", planner="LNMPlannerCPU", progress=False)
-    (r.crops_dir / "case_001.npz").write_bytes(b"PK\x03\x04 truncated")
+    tiny_dataset, crops = planned_copy(planned_tiny, tmp_path)
+    (crops / "case_001.npz").write_bytes(b"PK\x03\x04 truncated")
     r = plan_and_preprocess(42, tiny_dataset.parent, tmp_path / "pre", planner="LNMPlannerCPU", progress=False)
     assert load_case_crops(r.crops_dir / "case_001.npz")["node_ids"].tolist() == [1, 2, 3]
 
