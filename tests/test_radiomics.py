@@ -169,6 +169,24 @@ def _synthetic_nodes(n_patients: int, seed: int, nonlinear: bool = False, n_nois
     return table, labels, groups
 
 
+@pytest.fixture(scope="module")
+def fitted():
+    """``fitted(nonlinear)``: (table, model) of a classifier fitted once on synthetic nodes: a linear signal in 20
+    patients, or an interaction in 120 (no linear model can see it). The tests only read them."""
+    made = {}
+
+    def fit(nonlinear: bool):
+        if nonlinear not in made:
+            if nonlinear:
+                table, labels, groups = _synthetic_nodes(120, seed=6, nonlinear=True, n_noise=3)
+                made[nonlinear] = table, RadiomicsClassifier(seed=0).fit(table, labels, groups)
+            else:
+                table, labels, groups = _synthetic_nodes(20, seed=7, n_noise=4)
+                made[nonlinear] = table, RadiomicsClassifier(seed=1).fit(table, labels, groups)
+        return made[nonlinear]
+    return fit
+
+
 def test_classifier_learns_and_beats_chance_on_held_out_patients():
     table, labels, groups = _synthetic_nodes(90, seed=3)
     train = groups < 60
@@ -180,7 +198,7 @@ def test_classifier_learns_and_beats_chance_on_held_out_patients():
     assert np.array_equal(size_rule_scores(table), table["short_axis_mm"].to_numpy())
 
 
-def test_model_selection_picks_logistic_for_linear_signal_and_boosting_for_an_interaction():
+def test_model_selection_picks_logistic_for_linear_signal_and_boosting_for_an_interaction(fitted):
     # ~60 nodes of 20 patients; the log-odds are a sum of six features: easy for a line, hard for shallow trees
     rng = np.random.default_rng(3)
     groups = np.repeat(np.arange(20), rng.integers(2, 6, 20))
@@ -191,16 +209,14 @@ def test_model_selection_picks_logistic_for_linear_signal_and_boosting_for_an_in
     auroc = linear.inner_cv_auroc
     assert auroc["logistic_regression"] > auroc["gradient_boosting"] + 0.05 and auroc["logistic_regression"] > 0.8
 
-    table, labels, groups = _synthetic_nodes(120, seed=6, nonlinear=True, n_noise=3)
-    interaction = RadiomicsClassifier(seed=0).fit(table, labels, groups)
+    _, interaction = fitted(nonlinear=True)
     assert interaction.chosen_model == "gradient_boosting"
     assert interaction.inner_cv_auroc["gradient_boosting"] > interaction.inner_cv_auroc["logistic_regression"] + 0.2
 
 
 @pytest.mark.parametrize("nonlinear", [False, True], ids=["logistic", "boosting"])
-def test_save_load_round_trip_is_identical_and_never_unpickles(tmp_path, monkeypatch, nonlinear):
-    table, labels, groups = _synthetic_nodes(60 if nonlinear else 20, seed=7, nonlinear=nonlinear, n_noise=4)
-    model = RadiomicsClassifier(seed=1).fit(table, labels, groups)
+def test_save_load_round_trip_is_identical_and_never_unpickles(tmp_path, monkeypatch, fitted, nonlinear):
+    table, model = fitted(nonlinear)
     assert model.chosen_model == ("gradient_boosting" if nonlinear else "logistic_regression")
     # the stored numbers reproduce scikit-learn's own pipeline
     x = table[model.params["feature_columns"]].to_numpy(dtype=float)
@@ -224,9 +240,8 @@ def test_save_load_round_trip_is_identical_and_never_unpickles(tmp_path, monkeyp
         loaded.predict_proba(table.drop(columns=["short_axis_mm"]))
 
 
-def test_crafted_or_corrupt_model_files_are_refused(tmp_path):
-    table, labels, groups = _synthetic_nodes(60, seed=8, nonlinear=True, n_noise=2)
-    good = RadiomicsClassifier(seed=0).fit(table, labels, groups)
+def test_crafted_or_corrupt_model_files_are_refused(tmp_path, fitted):
+    _, good = fitted(nonlinear=True)
     assert good.chosen_model == "gradient_boosting"
     params = json.loads(json.dumps(good.params))
 
