@@ -142,8 +142,10 @@ def _radial(dirs: np.ndarray, nd: dict, amp: float) -> np.ndarray:
 N_SUB_Z = 4           # sub-samples per slice: slice-thickness partial volume
 
 
-def _render_node(grid: Grid, centre, R: np.ndarray, nd: dict):
-    """Index box, sub-voxel occupancy and node-frame samples of one node at ``centre`` (None if off the grid).
+def _render_node(grid: Grid, centre, R: np.ndarray, nd: dict, allowed: np.ndarray | None = None,
+                 lung: np.ndarray | None = None):
+    """Index box, sub-voxel occupancy and node-frame samples of one node at ``centre``; None if off the grid
+    or if, given the ``allowed`` and ``lung`` masks, :func:`place_nodes` would surely reject the position.
 
     Most positions are rejected on the occupancy alone, so the inner parts are painted separately
     (:func:`_render_parts`) once a position is accepted."""
@@ -164,11 +166,25 @@ def _render_node(grid: Grid, centre, R: np.ndarray, nd: dict):
     # node frame coordinates scaled by the semi-axes
     u = [(R[0, a] * dxy[0][None] + R[1, a] * dxy[1][None] + R[2, a] * dz) / semi[a] for a in range(3)]
     rho = np.sqrt(u[0] ** 2 + u[1] ** 2 + u[2] ** 2) + 1e-6
+    box = (slice(lo[2], hi[2]), slice(lo[1], hi[1]), slice(lo[0], hi[0]))
+    if allowed is not None and _surely_misplaced(rho, nd["irregular"], allowed[box], lung[box]):
+        return None
     dirs = np.stack([u[0] / rho, u[1] / rho, u[2] / rho])
     inside = rho <= 1.0 + _radial(dirs, nd, nd["irregular"])
     occ = inside.sum(axis=0, dtype=np.float32)
-    box = (slice(lo[2], hi[2]), slice(lo[1], hi[1]), slice(lo[0], hi[0]))
     return box, occ * (1.0 / N_SUB_Z), (u, rho, dirs, inside)
+
+
+def _surely_misplaced(rho: np.ndarray, irregular: float, allowed: np.ndarray, lung: np.ndarray) -> bool:
+    """True if the node's voxels are surely more than 5 % outside ``allowed`` or more than half in ``lung``,
+    before its surface perturbation is computed (most positions fail so). The perturbation is at most
+    ``irregular`` in size: a sub-sample with rho below 1 - margin is inside whatever the surface, one above
+    1 + margin outside; so every real node voxel (occupancy >= 0.5) lies in ``maybe``, every ``sure`` one is
+    real, and the test on these bounds rejects only what :func:`place_nodes`' exact test rejects."""
+    margin = irregular * 1.001 + 1e-5                     # float32 rounding of the perturbation: far below 0.1 %
+    sure = (rho <= 1.0 - margin).sum(axis=0) * 2 >= N_SUB_Z
+    n_maybe = int(((rho <= 1.0 + margin).sum(axis=0) * 2 >= N_SUB_Z).sum())
+    return bool((sure & ~allowed).sum() > 0.05 * n_maybe or (sure & lung).sum() > 0.5 * n_maybe)
 
 
 def _render_parts(nd: dict, samples: tuple) -> tuple:
@@ -249,7 +265,7 @@ def place_nodes(grid: Grid, cls: np.ndarray, img: np.ndarray, rng: np.random.Gen
             if np.any(ci < 0) or np.any(ci >= [nx, ny, nz]) or not allowed[ci[2], ci[1], ci[0]] \
                     or mask[ci[2], ci[1], ci[0]]:
                 continue                                   # cheap rejection before rendering
-            out = _render_node(grid, c, R, nd)
+            out = _render_node(grid, c, R, nd, allowed, lung)
             if out is None:
                 continue
             box, occ, samples = out
