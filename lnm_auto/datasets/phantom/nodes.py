@@ -167,7 +167,7 @@ def _render_node(grid: Grid, centre, R: np.ndarray, nd: dict, allowed: np.ndarra
     u = [(R[0, a] * dxy[0][None] + R[1, a] * dxy[1][None] + R[2, a] * dz) / semi[a] for a in range(3)]
     rho = np.sqrt(u[0] ** 2 + u[1] ** 2 + u[2] ** 2) + 1e-6
     box = (slice(lo[2], hi[2]), slice(lo[1], hi[1]), slice(lo[0], hi[0]))
-    if allowed is not None and _surely_misplaced(rho, nd["irregular"], allowed[box], lung[box]):
+    if allowed is not None and _surely_rejected(rho, nd["irregular"], allowed[box], lung[box]):
         return None
     dirs = np.stack([u[0] / rho, u[1] / rho, u[2] / rho])
     inside = rho <= 1.0 + _radial(dirs, nd, nd["irregular"])
@@ -175,15 +175,18 @@ def _render_node(grid: Grid, centre, R: np.ndarray, nd: dict, allowed: np.ndarra
     return box, occ * (1.0 / N_SUB_Z), (u, rho, dirs, inside)
 
 
-def _surely_misplaced(rho: np.ndarray, irregular: float, allowed: np.ndarray, lung: np.ndarray) -> bool:
-    """True if the node's voxels are surely more than 5 % outside ``allowed`` or more than half in ``lung``,
-    before its surface perturbation is computed (most positions fail so). The perturbation is at most
-    ``irregular`` in size: a sub-sample with rho below 1 - margin is inside whatever the surface, one above
-    1 + margin outside; so every real node voxel (occupancy >= 0.5) lies in ``maybe``, every ``sure`` one is
-    real, and the test on these bounds rejects only what :func:`place_nodes`' exact test rejects."""
+def _surely_rejected(rho: np.ndarray, irregular: float, allowed: np.ndarray, lung: np.ndarray) -> bool:
+    """True if :func:`place_nodes` would surely reject the node (fewer than 3 voxels, more than 5 % of them
+    outside ``allowed`` or more than half in ``lung``), known before its surface perturbation is computed
+    (most positions fail so). The perturbation is at most ``irregular`` in size: a sub-sample with rho below
+    1 - margin is inside whatever the surface, one above 1 + margin outside; so every real node voxel
+    (occupancy >= 0.5) is among the ``n_maybe``, every ``sure`` one is real, and these bounds reject only
+    what the exact test rejects."""
     margin = irregular * 1.001 + 1e-5                     # float32 rounding of the perturbation: far below 0.1 %
-    sure = (rho <= 1.0 - margin).sum(axis=0) * 2 >= N_SUB_Z
     n_maybe = int(((rho <= 1.0 + margin).sum(axis=0) * 2 >= N_SUB_Z).sum())
+    if n_maybe < 3:
+        return True
+    sure = (rho <= 1.0 - margin).sum(axis=0) * 2 >= N_SUB_Z
     return bool((sure & ~allowed).sum() > 0.05 * n_maybe or (sure & lung).sum() > 0.5 * n_maybe)
 
 
