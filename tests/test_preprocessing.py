@@ -111,9 +111,9 @@ def test_mri_crops_do_not_depend_on_intensity_scale():
 
 
 def planned_copy(planned_tiny, tmp_path):
-    """A copy of the session's planned 6-case tiny dataset (raw/, pre/; file times kept) and its crops folder."""
+    """A copy of the session's planned 8-case tiny dataset (raw/, pre/; file times kept) and its crops folder."""
     for part in ("raw", "pre"):
-        shutil.copytree(planned_tiny(6) / part, tmp_path / part)
+        shutil.copytree(planned_tiny(8) / part, tmp_path / part)
     return tmp_path / "raw" / "Dataset042_Tiny", crops_folder(tmp_path / "pre" / "Dataset042_Tiny", "LNMPlans")
 
 
@@ -132,8 +132,8 @@ def test_plan_and_preprocess_writes_everything_and_npz_round_trips(planned_tiny,
     plans = Plans.load(out / "LNMPlans.json")
     assert plans == r.plans
     fp = load_json(out / "dataset_fingerprint.json")
-    assert len(fp["cases"]) == 6 and len(fp["nodes"]) == 15
-    assert fp["label_counts"]["node"] == {"positive": 3, "negative": 12, "unknown": 0}
+    assert len(fp["cases"]) == 8 and len(fp["nodes"]) == 20                 # 2 nodes in even cases, 3 in odd
+    assert fp["label_counts"]["node"] == {"positive": 4, "negative": 16, "unknown": 0}   # node 1 of odd cases
     crops = load_case_crops(r.crops_dir / "case_001.npz")
     g = plans.scales["global"]
     assert crops["image_global"].shape == (3, 1, *g.cache_shape)
@@ -153,8 +153,8 @@ def test_plan_and_preprocess_writes_everything_and_npz_round_trips(planned_tiny,
 @pytest.mark.slow   # starts worker processes
 def test_multiprocess_preprocessing_equals_single_process(planned_tiny, tmp_path):
     from lnm_auto.planning.plan_and_preprocess import plan_and_preprocess
-    single = crops_folder(planned_tiny(6) / "pre" / "Dataset042_Tiny", "LNMPlans")     # planned in one process
-    b = plan_and_preprocess(42, planned_tiny(6) / "raw", tmp_path / "b", planner="LNMPlannerCPU", progress=False,
+    single = crops_folder(planned_tiny(8) / "pre" / "Dataset042_Tiny", "LNMPlans")     # planned in one process
+    b = plan_and_preprocess(42, planned_tiny(8) / "raw", tmp_path / "b", planner="LNMPlannerCPU", progress=False,
                             num_processes=2)
     for case in ("case_000", "case_005"):
         x, y = load_case_crops(single / f"{case}.npz"), load_case_crops(b.crops_dir / f"{case}.npz")

@@ -310,7 +310,7 @@ def write_malicious_checkpoint(path: Path, marker: Path) -> None:
 @pytest.fixture(scope="module")
 def planned(planned_tiny) -> Path:
     """The tiny dataset planned and cached once (shared, read-only), for the checkpoint and prediction tests."""
-    return planned_tiny(6)
+    return planned_tiny(8)
 
 
 def model_with_checkpoint(planned: Path, tmp_path: Path, checkpoint: bytes | None, marker: Path) -> Path:
