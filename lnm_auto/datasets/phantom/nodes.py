@@ -245,6 +245,9 @@ def place_nodes(grid: Grid, cls: np.ndarray, img: np.ndarray, rng: np.random.Gen
     lung = cls == LUNG
     s, gz, zc = ap["s"], ap["gz"], ap["z_carina"]
     sx, sy = ap["shift"]
+    scale = np.array([s, s, gz])
+    centres = {name: np.array(st["c"], float) * scale + np.array([sx, sy, zc]) for name, st in STATIONS.items()}
+    extents = {name: np.array(st["ext"]) for name, st in STATIONS.items()}
     records: list[PhantomNode] = []
     for label in labels:
         nd = _draw_node(rng, int(label), difficulty, node_scale, texture_separation)
@@ -260,13 +263,11 @@ def place_nodes(grid: Grid, cls: np.ndarray, img: np.ndarray, rng: np.random.Gen
                 if attempt >= 60:
                     for key in ("short", "mid", "long"):
                         nd[key] *= 0.85
-            st = STATIONS[station]
             grow = 1.0 + attempt % 15 / 10.0
-            c = np.array(st["c"], float) * np.array([s, s, gz]) + np.array([sx, sy, zc])
-            c += rng.uniform(-1.0, 1.0, 3) * np.array(st["ext"]) * np.array([s, s, gz]) * grow
-            ci = np.round(grid.body_to_index(c)).astype(int)
-            if np.any(ci < 0) or np.any(ci >= [nx, ny, nz]) or not allowed[ci[2], ci[1], ci[0]] \
-                    or mask[ci[2], ci[1], ci[0]]:
+            c = centres[station].copy()
+            c += rng.uniform(-1.0, 1.0, 3) * extents[station] * scale * grow
+            i, j, k = np.round(grid.body_to_index(c)).astype(int).tolist()
+            if not (0 <= i < nx and 0 <= j < ny and 0 <= k < nz) or not allowed[k, j, i] or mask[k, j, i]:
                 continue                                   # cheap rejection before rendering
             out = _render_node(grid, c, R, nd, allowed, lung)
             if out is None:
