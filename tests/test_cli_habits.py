@@ -131,6 +131,12 @@ def test_progress_figure_has_one_quantity_per_axis_and_legends_outside(tmp_path)
     assert axes[3].get_lines()[0].get_ydata()[0] == pytest.approx(25.0)
     log.plot(tmp_path / "progress.png")
     assert (tmp_path / "progress.png").read_bytes()[:4] == b"\x89PNG"
+    # during training it is redrawn at most every PLOT_INTERVAL_S; the last epoch forces it
+    (tmp_path / "progress.png").unlink()
+    log.plot(tmp_path / "progress.png", force=False)
+    assert not (tmp_path / "progress.png").exists()
+    log.plot(tmp_path / "progress.png", force=True)
+    assert (tmp_path / "progress.png").is_file()
 
 
 # ---- warnings and tracebacks ----------------------------------------------------------------------------

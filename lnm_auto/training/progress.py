@@ -7,6 +7,7 @@ log files never hold carriage returns.
 from __future__ import annotations
 
 import datetime
+import time
 from pathlib import Path
 
 import matplotlib
@@ -20,6 +21,7 @@ from tqdm import tqdm  # noqa: E402
 from lnm_auto.utils.io import atomic_path  # noqa: E402
 from lnm_auto.utils.terminal import show_progress  # noqa: E402
 
+PLOT_INTERVAL_S = 30.0     # progress.png is redrawn at most this often during training, and after the last epoch
 FEW_POINTS = 25            # up to this many epochs every point gets a marker (one epoch is one point)
 
 
@@ -70,6 +72,7 @@ class TrainingLog:
     def __init__(self, log_file: Path):
         self.log_file = Path(log_file)
         self.values: dict[str, list[float]] = {k: [] for k in LOG_KEYS}
+        self._last_plot = float("-inf")
 
     @classmethod
     def for_run(cls, fold_folder: Path) -> "TrainingLog":
@@ -130,8 +133,13 @@ class TrainingLog:
         fig.tight_layout()
         return fig
 
-    def plot(self, path: Path) -> None:
-        """progress.png (written atomically)."""
+    def plot(self, path: Path, force: bool = True) -> None:
+        """progress.png (written atomically). ``force=False``: only when the last one is at least
+        PLOT_INTERVAL_S old - drawing costs ~1 s of CPU, a quarter of a short CPU epoch."""
+        now = time.monotonic()
+        if not force and now - self._last_plot < PLOT_INTERVAL_S:
+            return
+        self._last_plot = now
         fig = self.figure()
         with atomic_path(path, suffix=".png") as tmp:
             fig.savefig(tmp, dpi=80, bbox_inches="tight")

@@ -260,7 +260,7 @@ class LNMTrainer:
             self.log.print(f"new best EMA AUROC {self.best_ema:.4f}: checkpoint_best.pth written", echo=False)
         self.on_epoch_end()
         self.save_checkpoint("checkpoint_latest.pth")
-        self.log.plot(self.output_folder / "progress.png")
+        self.log.plot(self.output_folder / "progress.png", force=self.current_epoch >= self.num_epochs)
 
     def _rank_loader(self, records: pd.DataFrame, seed: int):
         """This rank's batch source: ``make_loader`` sees this rank's share of the plan's batch in
