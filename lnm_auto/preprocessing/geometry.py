@@ -84,8 +84,11 @@ def resample_to_grid(img: sitk.Image, grid: RoiGrid, interpolator=sitk.sitkLinea
 
 
 def resample_mask_to_grid(binary_mask: sitk.Image, grid: RoiGrid) -> np.ndarray:
-    """A binary mask sampled like nnU-Net resamples labels: linear interpolation, then threshold 0.5."""
-    return (resample_to_grid(sitk.Cast(binary_mask, sitk.sitkFloat32), grid) >= 0.5).astype(np.uint8)
+    """A binary mask sampled like nnU-Net resamples labels: linear interpolation, then threshold 0.5.
+    A mask already in float32 is used as is (cast it once when sampling it onto several grids)."""
+    if binary_mask.GetPixelID() != sitk.sitkFloat32:
+        binary_mask = sitk.Cast(binary_mask, sitk.sitkFloat32)
+    return (resample_to_grid(binary_mask, grid) >= 0.5).astype(np.uint8)
 
 
 @dataclass

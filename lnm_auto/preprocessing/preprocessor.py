@@ -85,7 +85,7 @@ def preprocess_images(images: list[sitk.Image], mask: sitk.Image, plans: Plans) 
         out[f"image_{scale.name}"] = np.zeros((len(nodes), len(images), *scale.cache_shape), dtype=np.float16)
         out[f"mask_{scale.name}"] = np.zeros((len(nodes), *scale.cache_shape), dtype=np.uint8)
     for i, node in enumerate(nodes):
-        node_mask = mask == node.node
+        node_mask = sitk.Cast(mask == node.node, sitk.sitkFloat32)   # once per node, not per scale
         for scale in plans.scales.values():
             grid = roi_grid(mask, node.centre_mm, scale.spacing_mm, scale.cache_shape)
             for c, (img, norm) in enumerate(zip(images, plans.normalization)):
