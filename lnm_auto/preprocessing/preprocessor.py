@@ -84,8 +84,9 @@ def preprocess_images(images: list[sitk.Image], mask: sitk.Image, plans: Plans) 
     for scale in plans.scales.values():
         out[f"image_{scale.name}"] = np.zeros((len(nodes), len(images), *scale.cache_shape), dtype=np.float16)
         out[f"mask_{scale.name}"] = np.zeros((len(nodes), *scale.cache_shape), dtype=np.uint8)
+    boxes = ndimage.find_objects(mask_arr.astype(np.int64, copy=False))
     for i, node in enumerate(nodes):
-        node_mask = sitk.Cast(mask == node.node, sitk.sitkFloat32)   # once per node, not per scale
+        node_mask = sitk.Cast(node_box(mask, boxes[node.node - 1]) == node.node, sitk.sitkFloat32)
         for scale in plans.scales.values():
             grid = roi_grid(mask, node.centre_mm, scale.spacing_mm, scale.cache_shape)
             for c, (img, norm) in enumerate(zip(images, plans.normalization)):
@@ -105,6 +106,15 @@ def preprocess_images(images: list[sitk.Image], mask: sitk.Image, plans: Plans) 
     return out
 
 
+def node_box(mask: sitk.Image, box: tuple[slice, ...], margin: int = 2) -> sitk.Image:
+    """The part of ``mask`` around one node's bounding box (numpy z, y, x slices) plus ``margin`` voxels, with
+    its physical geometry: outside it the node's own mask is 0, so sampling the node there gives the same crops
+    as sampling the whole volume, without comparing and casting every voxel of a large image per node."""
+    lo = [max(s.start - margin, 0) for s in box]
+    hi = [min(s.stop + margin, n) for s, n in zip(box, mask.GetSize()[::-1])]
+    return mask[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]]
+
+
 def node_sphericities(mask: sitk.Image, node_ids: list[int]) -> np.ndarray:
     """Sphericity of each node of an instance mask, (N,) float32 (NaN for a node too thin to have a surface):
     each node is cut out with a small margin (physical geometry kept) for the radiomics surface estimate."""
@@ -112,10 +122,7 @@ def node_sphericities(mask: sitk.Image, node_ids: list[int]) -> np.ndarray:
     boxes = ndimage.find_objects(arr)
     out = np.full(len(node_ids), np.nan, dtype=np.float32)
     for i, k in enumerate(node_ids):
-        box = boxes[k - 1]
-        lo = [max(s.start - MARGIN_VOXELS, 0) for s in box]
-        hi = [min(s.stop + MARGIN_VOXELS, n) for s, n in zip(box, arr.shape)]
-        region = mask[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]]          # SimpleITK slices (x, y, z), origin kept
+        region = node_box(mask, boxes[k - 1], MARGIN_VOXELS)
         surface, volume = isotropic_surface_and_volume(sitk.Cast(region == k, sitk.sitkUInt8))
         if surface > 0:
             out[i] = (36.0 * np.pi * volume ** 2) ** (1.0 / 3.0) / surface
