@@ -26,13 +26,13 @@ from lnm_auto.utils.tables import node_ids, parse_node_id, read_csv_text
 from test_planning import make_fingerprint
 
 
-def hand_plans(channels=None, spacing=(5.0, 0.8, 0.8)):
+def hand_plans(channels=None, spacing=(5.0, 0.8, 0.8), shape_head=None):
     fp = make_fingerprint([spacing] * 6, [(60, 256, 256)] * 6, [(10, 12, 12), (15, 20, 20), (8, 9, 9)] * 4,
                           channel_names=channels)
     if channels:
         fp["intensity_statistics"] = {k: {"mean": 0.0, "std": 1.0, "percentile_00_5": -1.0, "percentile_99_5": 1.0}
                                       for k in channels}
-    return planner.plan_experiment(fp, "LNMPlannerCPU")
+    return planner.plan_experiment(fp, "LNMPlannerCPU", shape_head=shape_head)
 
 
 @pytest.mark.parametrize("channels", [None, {"0": "T2", "1": "ADC"}])
@@ -46,6 +46,7 @@ def test_planned_gflops_equal_flop_counter_with_real_channels(channels, configur
     for s in config.scales:
         shape = plans.scales[s].roi_shape
         batch[f"image_{s}"], batch[f"mask_{s}"] = torch.randn(1, n_image, *shape), torch.ones(1, 1, *shape)
+    batch["shape_features"] = torch.tensor([[8.0, 12.0, 500.0, 0.9]])   # read when the plan has the shape head
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         net(batch)
     assert config.estimated_gflops_per_sample > 0
@@ -55,7 +56,7 @@ def test_planned_gflops_equal_flop_counter_with_real_channels(channels, configur
 @pytest.mark.parametrize("configuration", ["2d25", "3d_resenc"])
 def test_planned_gflops_equal_flop_counter_with_the_shape_head(configuration):
     """The hybrid head's planned cost is what it adds to the real forward pass, and the total stays right."""
-    plans = hand_plans()
+    plans = hand_plans(shape_head=False)
     nodes = [{"short_axis_mm": s, "long_axis_mm": 1.5 * s, "volume_mm3": s ** 3} for s in (6.0, 9.0, 14.0)]
     off = plans.configuration(configuration)
     on = planner.with_shape_head(off, planner.plan_shape_features({"nodes": nodes}))

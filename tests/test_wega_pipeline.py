@@ -60,6 +60,7 @@ def random_batch(plans, config, n=1):
         mask = torch.zeros(n, 1, *shape)
         mask[..., shape[0] // 2, shape[1] // 2 - 3:shape[1] // 2 + 3, shape[2] // 2 - 3:shape[2] // 2 + 3] = 1
         batch[f"image_{s}"], batch[f"mask_{s}"] = torch.randn(n, len(plans.normalization), *shape), mask
+    batch["shape_features"] = torch.tensor([[8.0, 12.0, 400.0, 0.8]]).repeat(n, 1)   # the hybrid head's input
     return batch
 
 

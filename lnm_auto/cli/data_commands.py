@@ -75,9 +75,9 @@ def plan_and_preprocess_parser() -> argparse.ArgumentParser:
     head = p.add_mutually_exclusive_group()
     head.add_argument("--shape_head", dest="shape_head", action="store_true", default=None,
                       help="hybrid head: the node's short/long axis, volume and sphericity join the final classifier "
-                           "of 2d25 and 3d_resenc (a plan setting; default: the planner's, currently off)")
+                           "of 2d25 and 3d_resenc (a plan setting; default: the planner's, currently on)")
     head.add_argument("--no_shape_head", dest="shape_head", action="store_false",
-                      help="image features only in the final classifier (default: the planner's, currently this)")
+                      help="image features only in the final classifier (default: the planner's, currently off)")
     p.add_argument("--no_pp", action="store_true", help="plan only, do not write the crop caches (default: write them)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (default: bars on a terminal)")
     _add_progress_flag(p)

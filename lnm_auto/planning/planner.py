@@ -250,12 +250,16 @@ def switch_on_multitask(plans: Plans, configuration: str) -> ConfigurationPlan:
 
 
 # ---- the hybrid head: physical shape features into the final classifier ----------------------------------
-# Off until the accuracy benchmark shows it helps (lnm_plan_and_preprocess --shape_head turns it on).
-DEFAULT_SHAPE_HEAD = False
+# On: in the accuracy benchmark (benchmarks/results/accuracy_quick_*.md) the head raised the test AUROC of 2d25 /
+# 3d_resenc on three of four datasets (t50 +44 / +17, t80 +4 / +4, LIDC shapes +10 / +0.2) and lowered both by
+# 3 points on one (t20). lnm_plan_and_preprocess --no_shape_head turns it off.
+DEFAULT_SHAPE_HEAD = True
 HYBRID_HEAD_CONFIGURATIONS = ("2d25", "3d_resenc")
 SHAPE_EMBEDDING_WIDTH = 16        # the shape features' embedding joins the pooled image features at this width
 MIN_SIZE_SCALE_MM = 1.0           # a dataset of equal-sized nodes still gets a finite, physical scale
 MIN_LOG_VOLUME_SCALE = 0.1
+# (centre, scale) when the fingerprint holds no node measurements: a typical lymph node (~8 x 12 mm, ~400 mm3)
+TYPICAL_NODE_MM = {"short_axis_mm": (8.0, 4.0), "long_axis_mm": (12.0, 5.0), "log_volume": (6.0, 1.0)}
 SPHERICITY_CENTRE, SPHERICITY_SCALE = 0.8, 0.1   # dimensionless, in (0, 1]: a fixed scale (not in the fingerprint)
 
 
@@ -265,15 +269,20 @@ def plan_shape_features(fingerprint: dict) -> list[ShapeFeature]:
     normalization), the volume on a log axis; sphericity on a fixed scale."""
     nodes = fingerprint["nodes"]
 
-    def robust(values, minimum: float) -> tuple[float, float]:
+    def robust(values, minimum: float, fallback: tuple[float, float]) -> tuple[float, float]:
         v = np.asarray(values, dtype=float)
+        if not len(v):   # a fingerprint without node measurements: a typical lymph node's scale
+            return fallback
         q25, q50, q75 = np.percentile(v, [25, 50, 75])
         return float(q50), float(max((q75 - q25) / 1.349, minimum))
 
-    out = [ShapeFeature(name, False, *robust([n[name] for n in nodes], MIN_SIZE_SCALE_MM))
+    def measured(name: str) -> list[float]:
+        return [n[name] for n in nodes if name in n]
+
+    out = [ShapeFeature(name, False, *robust(measured(name), MIN_SIZE_SCALE_MM, TYPICAL_NODE_MM[name]))
            for name in ("short_axis_mm", "long_axis_mm")]
-    volumes = np.log(np.maximum([n["volume_mm3"] for n in nodes], 1e-3))
-    out.append(ShapeFeature("volume_mm3", True, *robust(volumes, MIN_LOG_VOLUME_SCALE)))
+    volumes = np.log(np.maximum(measured("volume_mm3"), 1e-3)) if measured("volume_mm3") else []
+    out.append(ShapeFeature("volume_mm3", True, *robust(volumes, MIN_LOG_VOLUME_SCALE, TYPICAL_NODE_MM["log_volume"])))
     out.append(ShapeFeature("sphericity", False, SPHERICITY_CENTRE, SPHERICITY_SCALE))
     return out
 
