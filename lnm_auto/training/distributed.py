@@ -94,7 +94,7 @@ class SilentTrainingLog(TrainingLog):
     def print(self, *parts, echo: bool = True) -> None:
         """Nothing: rank 0 says it."""
 
-    def plot(self, path) -> None:
+    def plot(self, path, force: bool = True) -> None:
         """Nothing: rank 0 draws progress.png."""
 
 
