@@ -168,10 +168,14 @@ def test_weak_trainer_without_any_node_label_validates_per_patient(tmp_path):
     assert tr.config.recipe.batch_size >= 4          # sized on all nodes when there are no node labels
     run_training(tr)
     metrics = json.loads((tr.output_folder / "validation" / "metrics.json").read_text())
-    patients = pd.read_csv(tr.output_folder / "validation" / "patients.csv", dtype={"case": str})
-    assert metrics["source"]["validation_level"].startswith("patient") and \
-        metrics["levels"]["patient"]["n_patients"] == len(patients)
-    assert set(patients.case) == set(tr.val_cases) and patients.probability.between(0, 1).all()
+    # no node label: patients when their labels hold both classes here, else stations (training/validation.py)
+    patient_labels = tr.validation_records().groupby("case")["patient_label"].first()
+    level = "patient" if patient_labels.nunique() == 2 else "station"
+    units = pd.read_csv(tr.output_folder / "validation" / f"{level}s.csv", dtype={"case": str})
+    assert metrics["source"]["validation_level"].startswith(level)
+    if level == "patient":
+        assert metrics["levels"]["patient"]["n_patients"] == len(units)
+    assert set(units.case) == set(tr.val_cases) and units.probability.between(0, 1).all()
 
 
 @pytest.mark.slow
