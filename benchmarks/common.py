@@ -299,8 +299,17 @@ def fold_folder_of(train_stdout: str, results_root: Path) -> Path:
 
 def train(workdir: Path, dataset_id: int, configuration: str, epochs: int, env: dict, fold: int | str = 0,
           extra_args: tuple = ()) -> tuple[RunResult, Path, dict]:
-    """One lnm_train run: its timing, its fold folder and its parsed training log."""
-    r = run_timed(lnm_command("train", dataset_id, configuration, fold, "--epochs", epochs, *extra_args), env=env)
+    """One lnm_train run: its timing, its fold folder and its parsed training log. A model folder left in the
+    workdir by a run under other plans (an older lnm_auto) is removed first: benchmarks always train afresh."""
+    cmd = lnm_command("train", dataset_id, configuration, fold, "--epochs", epochs, *extra_args)
+    try:
+        r = run_timed(cmd, env=env)
+    except RuntimeError as e:
+        stale = re.search(r"error: (\S+)/plans\.json: the plans changed", str(e))
+        if not stale:
+            raise
+        shutil.rmtree(stale.group(1))
+        r = run_timed(cmd, env=env)
     folder = fold_folder_of(r.stdout, workdir / "results")
     return r, folder, parse_training_log(newest_training_log(folder).read_text())
 

@@ -35,6 +35,7 @@ def forward_seconds(model_folder: Path, nodes_per_case: list[int], folds: list[s
     from lnm_auto.inference.model import TrainedModel
     from lnm_auto.networks.inputs import image_key, mask_key
     from lnm_auto.networks.node_predictor import predict_node_crops, tta_flips
+    from lnm_auto.networks.shape_head import SHAPE_MEASUREMENTS
 
     model = TrainedModel.load(model_folder)
     device = torch.device("cpu")
@@ -49,6 +50,8 @@ def forward_seconds(model_folder: Path, nodes_per_case: list[int], folds: list[s
             roi = tuple(plans.scales[s].roi_shape)
             out[image_key(s)] = np.zeros((n, n_channels, *roi), np.float32)
             out[mask_key(s)] = np.ones((n, *roi), np.float32)
+        for name, value in zip(SHAPE_MEASUREMENTS, (8.0, 12.0, 400.0, 0.8)):   # the hybrid head's inputs
+            out[name] = np.full(n, value, np.float32)
         return out
 
     predict_node_crops(next(iter(networks.values())), crops(2), plans, config, device, mirror=True)   # warm-up
