@@ -98,7 +98,7 @@ def preprocess_images(images: list[sitk.Image], mask: sitk.Image, plans: Plans) 
     out["volume_mm3"] = np.asarray([n.volume_mm3 for n in nodes], dtype=np.float32)
     out["short_axis_mm"] = np.asarray([n.short_axis_mm for n in nodes], dtype=np.float32)
     out["long_axis_mm"] = np.asarray([n.long_axis_mm for n in nodes], dtype=np.float32)
-    out["sphericity"] = node_sphericities(mask, [n.node for n in nodes])
+    out["sphericity"] = node_sphericities(mask, [n.node for n in nodes], boxes)
     # where along the slice axis the node sits, 0 = first slice .. 1 = last (WSP's positional kernel)
     axis = canonical_axes(sitk_spacing_zyx(mask))[0]
     n_slices = max(mask_arr.shape[axis] - 1, 1)
@@ -115,11 +115,10 @@ def node_box(mask: sitk.Image, box: tuple[slice, ...], margin: int = 2) -> sitk.
     return mask[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]]
 
 
-def node_sphericities(mask: sitk.Image, node_ids: list[int]) -> np.ndarray:
+def node_sphericities(mask: sitk.Image, node_ids: list[int], boxes: list[tuple[slice, ...]]) -> np.ndarray:
     """Sphericity of each node of an instance mask, (N,) float32 (NaN for a node too thin to have a surface):
-    each node is cut out with a small margin (physical geometry kept) for the radiomics surface estimate."""
-    arr = np.asarray(sitk.GetArrayViewFromImage(mask)).astype(np.int64)
-    boxes = ndimage.find_objects(arr)
+    each node is cut out of its bounding box (``boxes``: ``ndimage.find_objects`` of the mask, which the caller
+    has already computed) with a small margin, physical geometry kept, for the radiomics surface estimate."""
     out = np.full(len(node_ids), np.nan, dtype=np.float32)
     for i, k in enumerate(node_ids):
         region = node_box(mask, boxes[k - 1], MARGIN_VOXELS)
