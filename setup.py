@@ -11,6 +11,7 @@ setup(
         "scipy>=1.10",
         "pandas>=2.0",
         "SimpleITK>=2.3",
+        "isal>=1.6",   # fast gzip inflate for the NIfTI check-and-read (datasets/nifti.py)
         "torch>=2.4",
         "torchvision",
         "timm>=1.0",

@@ -10,11 +10,22 @@ import SimpleITK as sitk
 
 from lnm_auto.datasets.raw_dataset import RawDataset
 from lnm_auto.datasets.verify import verify_dataset
+from lnm_auto.planning.fingerprint import compute_fingerprint, verify_and_fingerprint
 from conftest import write_image, run_cli
 
 
 def problems_of(root):
-    return verify_dataset(RawDataset.load(root), progress=False)
+    """The problems verify_dataset reports, checked to be exactly those of the one-pass verify + fingerprint
+    that lnm_plan_and_preprocess runs (which then also returns the fingerprint compute_fingerprint makes)."""
+    ds = RawDataset.load(root)
+    problems = verify_dataset(ds, progress=False)
+    one_pass, fingerprint = verify_and_fingerprint(ds, progress=False)
+    assert one_pass == problems
+    assert (fingerprint is None) == bool(problems)
+    if fingerprint is not None:
+        assert json.dumps(fingerprint, sort_keys=True) == json.dumps(compute_fingerprint(ds, progress=False),
+                                                                     sort_keys=True)
+    return problems
 
 
 def edit_csv(path, fn):

@@ -57,8 +57,9 @@ class _Component:
     centre_lps: tuple[float, float, float]
 
 
-def _components(mask: sitk.Image, min_volume_mm3: float) -> tuple[list[_Component], int, int]:
-    """Every 26-connected component of every label value, how many were too small, how many values occur."""
+def _components(mask: sitk.Image, min_volume_mm3: float, boxes: list | None = None) -> tuple[list[_Component], int, int]:
+    """Every 26-connected component of every label value, how many were too small, how many values occur
+    (``boxes``: ``ndimage.find_objects`` of the mask, when the caller has it)."""
     arr = sitk.GetArrayViewFromImage(mask)
     if np.issubdtype(arr.dtype, np.floating):
         arr = np.rint(arr).astype(np.int32)     # verification reports non-integer masks; round like the reader
@@ -68,7 +69,8 @@ def _components(mask: sitk.Image, min_volume_mm3: float) -> tuple[list[_Componen
     min_voxels = max(1, int(np.ceil(min_volume_mm3 / voxel_mm3 - 1e-9)))
     found, n_removed = [], 0
     # find_objects gives each value's bounding box, so labelling only touches the voxels around nodes
-    boxes = ndimage.find_objects(arr) if arr.size and arr.max() > 0 else []
+    if boxes is None:
+        boxes = ndimage.find_objects(arr) if arr.size and arr.max() > 0 else []
     for value_minus_1, box in enumerate(boxes):
         if box is None:
             continue
@@ -121,14 +123,15 @@ def _looks_binary(components: list[_Component], n_labels: int) -> bool:
     return len(components) > n_labels and 2 * int((per_value > 1).sum()) >= n_labels
 
 
-def needs_splitting(mask: sitk.Image, min_volume_mm3: float = DEFAULT_MIN_VOLUME_MM3) -> tuple[int, int] | None:
+def needs_splitting(mask: sitk.Image, min_volume_mm3: float = DEFAULT_MIN_VOLUME_MM3,
+                    boxes: list | None = None) -> tuple[int, int] | None:
     """(labels present, components) when ``mask`` looks binary/few-label rather than an instance mask, else None.
 
     Components are counted at least ``min_volume_mm3`` large. A mask looks binary when its components
     outnumber its labels and at least half of its labels have several components: an instance mask in
-    which one node of many has a detached piece is left alone.
+    which one node of many has a detached piece is left alone. ``boxes``: ``ndimage.find_objects`` of the mask.
     """
-    components, _, n_labels = _components(mask, min_volume_mm3)
+    components, _, n_labels = _components(mask, min_volume_mm3, boxes)
     return (n_labels, len(components)) if _looks_binary(components, n_labels) else None
 
 

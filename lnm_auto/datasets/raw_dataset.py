@@ -10,11 +10,8 @@ problem; the typed tables (``node_table`` ...) are for data that passed verifica
 from __future__ import annotations
 
 import contextlib
-import gzip
 import math
 import re
-import struct
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +19,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
+from lnm_auto.datasets.nifti import check_nifti_file, read_checked_nifti
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import load_json
 from lnm_auto.utils.labels import UNKNOWN, parse_label  # noqa: F401  (re-exported)
@@ -155,19 +153,17 @@ def _files_with_ending(folder: Path, ending: str) -> list[Path]:
 
 def read_image(path: str | Path) -> sitk.Image:
     """Read any SimpleITK-readable image, turning reader failures into one clear line. NIfTI files are
-    checked first (SimpleITK zero-fills a truncated .nii/.nii.gz and reads a 0 spacing as 1 mm, silently)."""
+    checked on the way (SimpleITK zero-fills a truncated .nii/.nii.gz and reads a 0 spacing as 1 mm, silently)
+    and decompressed once (``nifti.read_checked_nifti``)."""
     path = Path(path)
     if not path.is_file():
         raise LNMError(f"{path}: file not found")
     if path.stat().st_size == 0:
         raise LNMError(f"{path}: empty file (0 bytes); copy or convert it again")
     if path.name.lower().endswith((".nii", ".nii.gz")):
-        check_nifti_file(path)
-    try:
-        img = sitk.ReadImage(str(path))
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else "unknown reader error"
-        raise LNMError(f"{path}: SimpleITK cannot read it ({first[:200]})") from None
+        img = read_checked_nifti(path, sitk_read)
+    else:
+        img = sitk_read(path)
     spacing = img.GetSpacing()
     if not all(math.isfinite(s) and s > 0 for s in spacing):
         raise LNMError(f"{path}: voxel spacing {tuple(round(s, 4) for s in spacing)} mm must be positive; fix the "
@@ -175,82 +171,13 @@ def read_image(path: str | Path) -> sitk.Image:
     return img
 
 
-# NIfTI-1 / NIfTI-2 header fields: (dim, datatype, bitpix, pixdim, vox_offset) struct formats and offsets
-_NIFTI_LAYOUT = {348: (("8h", 40), ("h", 70), ("h", 72), ("8f", 76), ("f", 108)),
-                 540: (("8q", 16), ("h", 12), ("h", 14), ("8d", 104), ("q", 168))}
-_NIFTI_FLOATS = {16: "f4", 64: "f8"}   # NIfTI datatype codes of float32 / float64
-_READ_CHUNK = 1 << 22
-
-
-def check_nifti_file(path: Path, header_only: bool = False) -> None:
-    """Refuse a NIfTI file that SimpleITK would read wrongly without an error: header spacing (pixdim[1..3])
-    not positive (read as 1 mm), voxel data shorter than the header says (truncated copy, damaged gzip
-    stream: zero-filled), NaN/Inf voxels (read as 0). Streams the voxels once unless ``header_only``."""
-    with open(path, "rb") as f:
-        gzipped = f.read(2) == b"\x1f\x8b"   # SimpleITK also reads an uncompressed file named .nii.gz
+def sitk_read(path: Path, shown_as: Path | None = None) -> sitk.Image:
+    """``sitk.ReadImage`` with its failure as one line naming ``shown_as`` (the user's file) or ``path``."""
     try:
-        with (gzip.open if gzipped else open)(path, "rb") as f:
-            header = f.read(540)
-            fields = _nifti_header_fields(header)
-            if fields is None:
-                raise LNMError(f"{path}: not a NIfTI file (no valid NIfTI-1/NIfTI-2 header)")
-            order, dim, datatype, bitpix, pixdim, vox_offset, single_file = fields
-            n_dims = int(dim[0])
-            if not 1 <= n_dims <= 7 or bitpix <= 0 or any(d < 1 for d in dim[1:n_dims + 1]):
-                raise LNMError(f"{path}: invalid NIfTI header (dim {list(dim[:n_dims + 1])}, bitpix {bitpix})")
-            bad = [i for i in range(1, min(n_dims, 3) + 1) if not (math.isfinite(pixdim[i]) and pixdim[i] > 0)]
-            if bad:
-                raise LNMError(f"{path}: header spacing pixdim[{bad[0]}] = {pixdim[bad[0]]:g} mm; every voxel spacing "
-                               "must be positive (fix the header: the spacing the scanner used)")
-            if header_only or not single_file:
-                return
-            n_voxel_bytes = int(np.prod([int(d) for d in dim[1:n_dims + 1]], dtype=np.int64)) * bitpix // 8
-            n_data, n_bad = _scan_voxels(f, header, int(vox_offset), n_voxel_bytes, _NIFTI_FLOATS.get(datatype), order)
-    except (OSError, EOFError, zlib.error) as e:   # gzip.BadGzipFile is an OSError
-        raise LNMError(f"{path}: damaged or truncated file ({str(e).strip()[:120] or type(e).__name__}); copy or "
-                       "convert it again") from None
-    if n_data < n_voxel_bytes:
-        raise LNMError(f"{path}: truncated: {n_data} of the {n_voxel_bytes} bytes of voxel data its header "
-                       "announces; copy or convert it again")
-    if n_bad:
-        raise LNMError(f"{path}: {n_bad} NaN/Inf voxel(s); replace them with a finite value (SimpleITK "
-                       "would silently read NaN as 0)")
-
-
-def _scan_voxels(f, header: bytes, vox_offset: int, n_voxel_bytes: int, float_code: str | None,
-                 order: str) -> tuple[int, int]:
-    """Read the rest of an open NIfTI stream: (voxel bytes present, NaN/Inf voxels among them)."""
-    dtype = np.dtype(order + float_code) if float_code else None
-    pending, to_skip = header[vox_offset:], max(0, vox_offset - len(header))
-    n_present, n_scanned, n_bad = len(pending), 0, 0
-    while chunk := f.read(_READ_CHUNK):
-        skipped = min(to_skip, len(chunk))
-        chunk, to_skip = chunk[skipped:], to_skip - skipped
-        n_present += len(chunk)
-        if dtype is None:
-            continue
-        buf = pending + chunk
-        usable = min(len(buf) - len(buf) % dtype.itemsize, max(0, n_voxel_bytes - n_scanned))
-        n_bad += int(np.count_nonzero(~np.isfinite(np.frombuffer(buf[:usable], dtype))))
-        n_scanned, pending = n_scanned + usable, buf[usable:]
-    if dtype is not None and pending and n_scanned < n_voxel_bytes:
-        usable = min(len(pending) - len(pending) % dtype.itemsize, n_voxel_bytes - n_scanned)
-        n_bad += int(np.count_nonzero(~np.isfinite(np.frombuffer(pending[:usable], dtype))))
-    return n_present, n_bad
-
-
-def _nifti_header_fields(header: bytes):
-    """(byte order, dim, datatype, bitpix, pixdim, vox_offset, single_file) of a NIfTI-1/2 header, or None."""
-    if len(header) < 348:
-        return None
-    for order in "<>":
-        size = struct.unpack(order + "i", header[:4])[0]
-        if size in _NIFTI_LAYOUT and len(header) >= size:
-            dim, datatype, bitpix, pixdim, offset = [struct.unpack_from(order + fmt, header, at)
-                                                     for fmt, at in _NIFTI_LAYOUT[size]]
-            magic = header[344:348] if size == 348 else header[4:8]
-            return order, dim, datatype[0], bitpix[0], pixdim, offset[0], magic.startswith(b"n+")
-    return None
+        return sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else "unknown reader error"
+        raise LNMError(f"{shown_as or path}: SimpleITK cannot read it ({first[:200]})") from None
 
 
 def read_image_header(path: str | Path) -> sitk.ImageFileReader:

@@ -5,22 +5,19 @@ bad data; ``verify_dataset`` returns the list of problems and the CLI turns it i
 """
 from __future__ import annotations
 
-import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
-from tqdm import tqdm
 
 from lnm_auto.conversion.components import DEFAULT_MIN_VOLUME_MM3, needs_splitting
 from lnm_auto.datasets.raw_dataset import (SAFE_CASE_ID, RawCase, RawDataset, parse_label, read_image,
                                            read_image_header)
+from lnm_auto.preprocessing.geometry import node_boxes
 from lnm_auto.utils.errors import LNMError
-from lnm_auto.utils.terminal import show_progress
-from lnm_auto.utils.processes import worker_process_init
+from lnm_auto.utils.processes import map_in_workers
 
 # Geometry tolerances: scanners and converters round differently; these catch real mismatches only.
 SPACING_RTOL = 1e-4
@@ -39,6 +36,10 @@ class CaseCheck:
     case_id: str
     problems: list[str] = field(default_factory=list)
     mask_node_ids: set[int] = field(default_factory=set)
+    # what was read, kept when asked (``check_case(keep_voxels=True)``) so the fingerprint needs no second read
+    images: list[sitk.Image] | None = None
+    mask: sitk.Image | None = None
+    boxes: list | None = None          # the mask's node_boxes
 
 
 def geometry_mismatches(reference: sitk.Image, other: sitk.Image) -> list[str]:
@@ -70,9 +71,10 @@ def _read(path: Path, problems: list[str]) -> sitk.Image | None:
         return None
 
 
-def binary_mask_problems(mask: sitk.Image, path: Path) -> list[str]:
-    """One line when the node mask looks binary (more separate nodes than ids), else nothing."""
-    counts = needs_splitting(mask)
+def binary_mask_problems(mask: sitk.Image, path: Path, boxes: list | None = None) -> list[str]:
+    """One line when the node mask looks binary (more separate nodes than ids), else nothing (``boxes``: the
+    mask's node_boxes, when known)."""
+    counts = needs_splitting(mask, boxes=boxes)
     if counts is None:
         return []
     n_labels, n_components = counts
@@ -97,9 +99,11 @@ def extra_channel_problems(case: RawCase) -> list[str]:
             f"channel(s) of dataset.json's channel_names; add the channel there or remove the file(s)"]
 
 
-def check_case(case: RawCase) -> CaseCheck:
-    """Every per-file check of one case: files present, readable, finite, same geometry, integer mask."""
+def check_case(case: RawCase, keep_voxels: bool = False) -> CaseCheck:
+    """Every per-file check of one case: files present, readable, finite, same geometry, integer mask.
+    ``keep_voxels``: keep the images, mask and node boxes read (when the case has no problem)."""
     result = CaseCheck(case.case_id)
+    images = []
     p = result.problems
     p.extend(extra_channel_problems(case))
     if not SAFE_CASE_ID.match(case.case_id):
@@ -119,6 +123,7 @@ def check_case(case: RawCase) -> CaseCheck:
             n_bad = int(np.count_nonzero(~np.isfinite(arr)))
             if n_bad:
                 p.append(f"{image_file}: {n_bad} NaN/Inf voxel(s); replace them with a finite value")
+        images.append(img)
         if reference is None:
             reference = img
         else:
@@ -136,10 +141,14 @@ def check_case(case: RawCase) -> CaseCheck:
                 p.append(f"{case.node_mask_file}: node mask must hold integer node ids, found non-integer values")
         if arr.size and arr.min() < 0:
             p.append(f"{case.node_mask_file}: node mask has negative values; use 0 for background and k > 0 for node k")
-        ids = np.unique(arr)
-        result.mask_node_ids = {int(i) for i in ids if i > 0 and float(i).is_integer()}
+        boxes = None
+        if np.issubdtype(arr.dtype, np.integer):
+            boxes = node_boxes(arr)      # one pass: the ids present and every later per-node step's box
+            result.mask_node_ids = {k + 1 for k, box in enumerate(boxes) if box is not None}
+        else:
+            result.mask_node_ids = {int(i) for i in np.unique(arr) if i > 0 and float(i).is_integer()}
         if not any(str(case.node_mask_file) in line for line in p):   # a broken mask has nothing to split
-            p.extend(binary_mask_problems(mask, case.node_mask_file))
+            p.extend(binary_mask_problems(mask, case.node_mask_file, boxes))
         if reference is not None:
             for m in geometry_mismatches(reference, mask):
                 p.append(f"{case.node_mask_file}: {m}; the node mask must have the image's geometry")
@@ -150,6 +159,8 @@ def check_case(case: RawCase) -> CaseCheck:
         elif region is not None and reference is not None:
             for m in geometry_mismatches(reference, region):
                 p.append(f"{case.region_file}: {m}; the region map must have the image's geometry")
+    if keep_voxels and not p:
+        result.images, result.mask, result.boxes = images, mask, boxes
     return result
 
 
@@ -245,6 +256,15 @@ def check_tables(ds: RawDataset, case_checks: dict[str, CaseCheck], compare_mask
 
 def verify_dataset(ds: RawDataset, num_processes: int = 1, progress: bool = True) -> list[str]:
     """All problems of the training part of a dataset (empty list = fine)."""
+    problems = case_list_problems(ds)
+    if not ds.case_ids("Tr"):
+        return problems
+    checks = map_in_workers(check_case, [ds.case(c) for c in ds.case_ids("Tr")], num_processes, "verify", progress)
+    return problems + case_and_table_problems(ds, checks)
+
+
+def case_list_problems(ds: RawDataset) -> list[str]:
+    """No training case at all, or case ids that collide on case-insensitive file systems."""
     case_ids = ds.case_ids("Tr")
     if not case_ids:
         return [f"{ds.root / 'imagesTr'}: no training cases found (expected <case>_0000{ds.file_ending} files)"]
@@ -255,17 +275,14 @@ def verify_dataset(ds: RawDataset, num_processes: int = 1, progress: bool = True
             problems.append(f"{ds.root / 'imagesTr'}: case ids '{lower[c.lower()]}' and '{c}' differ only in "
                             "upper/lower case; they collide on many file systems")
         lower[c.lower()] = c
-    cases = [ds.case(c) for c in case_ids]
-    if num_processes > 1:
-        with ProcessPoolExecutor(num_processes, initializer=worker_process_init, initargs=(os.getpid(),)) as pool:
-            checks = list(tqdm(pool.map(check_case, cases), total=len(cases), desc="verify", disable=not (progress and show_progress())))
-    else:
-        checks = [check_case(c) for c in tqdm(cases, desc="verify", disable=not (progress and show_progress()))]
-    by_case = {c.case_id: c for c in checks}
-    for c in checks:
-        problems.extend(c.problems)
+    return problems
+
+
+def case_and_table_problems(ds: RawDataset, checks: list[CaseCheck]) -> list[str]:
+    """The problems ``check_case`` found in each case, then those of the label tables against the masks."""
+    problems = [line for c in checks for line in c.problems]
     try:
-        problems.extend(check_tables(ds, by_case))
+        problems.extend(check_tables(ds, {c.case_id: c for c in checks}))
     except LNMError as e:
         problems.append(str(e))
     return problems

@@ -6,35 +6,34 @@ margin of surrounding tissue (the classifier never looks further than that). Lab
 """
 from __future__ import annotations
 
-import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
-from tqdm import tqdm
 
-from lnm_auto.datasets.raw_dataset import UNKNOWN, RawCase, RawDataset, read_image, read_instance_mask
+from lnm_auto.datasets.raw_dataset import INTEGER_PIXELS, UNKNOWN, RawCase, RawDataset, read_image, read_instance_mask
+from lnm_auto.datasets.verify import CaseCheck, case_and_table_problems, case_list_problems, check_case
 from lnm_auto.utils.errors import LNMError
-from lnm_auto.utils.terminal import show_progress
-from lnm_auto.utils.processes import worker_process_init
-from lnm_auto.preprocessing.geometry import measure_nodes, sitk_spacing_zyx, slice_axis
+from lnm_auto.utils.processes import map_in_workers
+from lnm_auto.preprocessing.geometry import measure_nodes, node_boxes, sitk_spacing_zyx, slice_axis
 
 FINGERPRINT_VERSION = 1
 INTENSITY_MARGIN_MM = 10.0          # tissue around each node that counts as "node surroundings"
 INTENSITY_SAMPLES_PER_CASE = 10_000  # per channel; pooled over cases like nnU-Net's foreground samples
 
 
-def node_neighbourhood(mask_arr: np.ndarray, spacing_zyx, margin_mm: float = INTENSITY_MARGIN_MM) -> np.ndarray:
-    """Boolean array: voxels inside the bounding box of any node, grown by ``margin_mm`` per axis."""
+def node_neighbourhood(mask_arr: np.ndarray, spacing_zyx, margin_mm: float = INTENSITY_MARGIN_MM,
+                       boxes: list[tuple[slice, ...] | None] | None = None) -> np.ndarray:
+    """Boolean array: the bounding box of all nodes together, grown by ``margin_mm`` per axis (``boxes``: the
+    mask's ``node_boxes``, when the caller has them)."""
     region = np.zeros(mask_arr.shape, dtype=bool)
+    present = [b for b in (node_boxes(mask_arr) if boxes is None else boxes) if b is not None]
+    if not present:
+        return region
     margin = np.ceil(margin_mm / np.asarray(spacing_zyx)).astype(int)
-    for sl in ndimage.find_objects((mask_arr > 0).astype(np.uint8)):
-        if sl is None:
-            continue
-        grown = tuple(slice(max(s.start - m, 0), min(s.stop + m, n)) for s, m, n in zip(sl, margin, mask_arr.shape))
-        region[grown] = True
+    lo = [max(min(b[d].start for b in present) - margin[d], 0) for d in range(3)]
+    hi = [min(max(b[d].stop for b in present) + margin[d], mask_arr.shape[d]) for d in range(3)]
+    region[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = True
     return region
 
 
@@ -50,11 +49,18 @@ def case_fingerprint(case: RawCase, seed: int = 0) -> tuple[dict, list[dict], li
     """(case entry, node entries, intensity samples per channel) of one case."""
     images = [read_image(f) for f in case.image_files]
     mask = read_instance_mask(case.node_mask_file)   # integer node ids or one line naming the file
+    return fingerprint_of(case.case_id, images, mask, seed=seed)
+
+
+def fingerprint_of(case_id: str, images: list[sitk.Image], mask: sitk.Image, boxes: list | None = None,
+                   seed: int = 0) -> tuple[dict, list[dict], list[np.ndarray]]:
+    """:func:`case_fingerprint` of images and a node mask already read (``boxes``: the mask's node_boxes)."""
     spacing = sitk_spacing_zyx(images[0])
-    mask_arr = sitk.GetArrayViewFromImage(mask)
-    nodes = measure_nodes(mask)
-    region = node_neighbourhood(np.asarray(mask_arr), spacing)
-    rng = np.random.default_rng(_stable_seed(case.case_id, seed))  # hash() is salted per process
+    mask_arr = np.asarray(sitk.GetArrayViewFromImage(mask))
+    boxes = node_boxes(mask_arr) if boxes is None else boxes
+    nodes = measure_nodes(mask, boxes)
+    region = node_neighbourhood(mask_arr, spacing, boxes=boxes)
+    rng = np.random.default_rng(_stable_seed(case_id, seed))  # hash() is salted per process
     samples = intensity_samples([sitk.GetArrayViewFromImage(i) for i in images], region,
                                 INTENSITY_SAMPLES_PER_CASE, rng)
     entry = {
@@ -65,7 +71,7 @@ def case_fingerprint(case: RawCase, seed: int = 0) -> tuple[dict, list[dict], li
         "slice_axis": slice_axis(spacing),
         "n_nodes": len(nodes),
     }
-    node_entries = [{"case": case.case_id, **asdict(m)} for m in nodes]
+    node_entries = [{"case": case_id, **asdict(m)} for m in nodes]
     return entry, node_entries, samples
 
 
@@ -97,13 +103,36 @@ def label_counts(labels) -> dict:
 def compute_fingerprint(ds: RawDataset, num_processes: int = 1, progress: bool = True) -> dict:
     """Fingerprint of the training cases of a verified dataset (a JSON-able dict)."""
     cases = ds.cases("Tr")
-    work = _case_fingerprint_seeded
-    if num_processes > 1:
-        with ProcessPoolExecutor(num_processes, initializer=worker_process_init, initargs=(os.getpid(),)) as pool:
-            results = list(tqdm(pool.map(work, cases), total=len(cases), desc="fingerprint", disable=not (progress and show_progress())))
-    else:
-        results = [work(c) for c in tqdm(cases, desc="fingerprint", disable=not (progress and show_progress()))]
+    return assemble_fingerprint(ds, cases, map_in_workers(_case_fingerprint_seeded, cases, num_processes,
+                                                          "fingerprint", progress))
 
+
+def verify_and_fingerprint(ds: RawDataset, num_processes: int = 1, progress: bool = True) -> tuple[list[str], dict | None]:
+    """``verify_dataset`` and ``compute_fingerprint`` in one pass over the files (each is read, and decompressed,
+    once): (every problem, None) or ([], the fingerprint)."""
+    problems = case_list_problems(ds)
+    if not ds.case_ids("Tr"):
+        return problems, None
+    cases = ds.cases("Tr")
+    done = map_in_workers(_verified_case_fingerprint, cases, num_processes, "verify + fingerprint", progress)
+    problems += case_and_table_problems(ds, [check for check, _ in done])
+    if problems:
+        return problems, None
+    return [], assemble_fingerprint(ds, cases, [result for _, result in done])
+
+
+def _verified_case_fingerprint(case: RawCase) -> tuple[CaseCheck, tuple | None]:
+    check = check_case(case, keep_voxels=True)
+    if check.problems:
+        return check, None
+    mask = check.mask if check.mask.GetPixelID() in INTEGER_PIXELS else sitk.Cast(check.mask, sitk.sitkUInt32)
+    result = fingerprint_of(case.case_id, check.images, mask, check.boxes)
+    check.images = check.mask = check.boxes = None    # not sent back to the parent process
+    return check, result
+
+
+def assemble_fingerprint(ds: RawDataset, cases: list[RawCase], results: list[tuple]) -> dict:
+    """The dataset fingerprint from every case's (entry, nodes, intensity samples) and the label tables."""
     node_table = ds.node_table().set_index(["case", "node"])
     station_table = ds.station_table()
     patient_table = ds.patient_table()

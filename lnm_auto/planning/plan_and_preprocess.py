@@ -11,8 +11,8 @@ import SimpleITK as sitk
 
 from lnm_auto.conversion.split_dataset import split_dataset_components
 from lnm_auto.datasets.raw_dataset import RawDataset, read_image
-from lnm_auto.datasets.verify import safety_problems, verify_dataset
-from lnm_auto.planning.fingerprint import compute_fingerprint
+from lnm_auto.datasets.verify import safety_problems
+from lnm_auto.planning.fingerprint import compute_fingerprint, verify_and_fingerprint
 from lnm_auto.planning.planner import plan_experiment
 from lnm_auto.planning.plans import Plans
 from lnm_auto.planning.splits import load_splits, make_patient_splits
@@ -60,11 +60,15 @@ def plan_and_preprocess(dataset: str | int, raw_root: Path, preprocessed_root: P
     if split_components_min_mm3 is not None:
         for line in split_dataset_components(ds, split_components_min_mm3):
             log(f"{name}: {line}")
-    # --no-verify skips the full voxel check, never what would make the plans or crops wrong
-    problems = verify_dataset(ds, num_processes=num_processes, progress=progress) if verify else safety_problems(ds)
+    # verification and fingerprint share one read of every file; --no-verify skips the full voxel check, never
+    # what would make the plans or crops wrong
+    if verify:
+        problems, fingerprint = verify_and_fingerprint(ds, num_processes=num_processes, progress=progress)
+    else:
+        problems = safety_problems(ds)
+        fingerprint = None if problems else compute_fingerprint(ds, num_processes=num_processes, progress=progress)
     if problems:
         raise DatasetProblems(problems)
-    fingerprint = compute_fingerprint(ds, num_processes=num_processes, progress=progress)
     refuse_non_finite_statistics(fingerprint, ds)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -103,15 +103,25 @@ class NodeMeasurement:
     centre_mm: tuple[float, float, float]    # physical (x, y, z) centre of mass
 
 
-def measure_nodes(mask: sitk.Image) -> list[NodeMeasurement]:
-    """Size and position of every node k > 0 in an instance mask."""
+def node_boxes(mask_arr: np.ndarray) -> list[tuple[slice, ...] | None]:
+    """``ndimage.find_objects`` of an instance mask: entry k - 1 is node k's bounding box (None where id k is
+    absent). One pass over the volume that every later per-node step reuses instead of scanning it again."""
+    arr = np.asarray(mask_arr)
+    if not np.issubdtype(arr.dtype, np.integer):
+        arr = arr.astype(np.int64)    # integer-valued float masks (the readers have refused fractions)
+    return ndimage.find_objects(arr) if arr.size else []
+
+
+def measure_nodes(mask: sitk.Image, boxes: list[tuple[slice, ...] | None] | None = None) -> list[NodeMeasurement]:
+    """Size and position of every node k > 0 in an instance mask (``boxes``: its :func:`node_boxes`, when the
+    caller has them already)."""
     arr = sitk.GetArrayViewFromImage(mask)
     spacing = np.asarray(sitk_spacing_zyx(mask))
     axes = list(canonical_axes(spacing))
     voxel_volume = float(np.prod(spacing))
-    ids = [int(i) for i in np.unique(arr) if i > 0]
+    objects = node_boxes(arr) if boxes is None else boxes
+    ids = [k + 1 for k, box in enumerate(objects) if box is not None]
     out = []
-    objects = ndimage.find_objects(np.asarray(arr).astype(np.int64)) if ids else []
     for k in ids:
         sl = objects[k - 1]
         local = np.asarray(arr[sl]) == k

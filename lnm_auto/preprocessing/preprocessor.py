@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import zipfile
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -28,22 +26,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
-from scipy import ndimage
-from tqdm import tqdm
 
 from lnm_auto.datasets.raw_dataset import UNKNOWN, RawCase, RawDataset, read_image, read_instance_mask  # noqa: F401  (re-exported)
 from lnm_auto.datasets.verify import geometry_mismatches
 from lnm_auto.planning.fingerprint import node_neighbourhood
 from lnm_auto.planning.plans import Plans
-from lnm_auto.preprocessing.geometry import (canonical_axes, measure_nodes, resample_mask_to_grid, resample_to_grid, roi_grid,
-                                             sitk_spacing_zyx)
+from lnm_auto.preprocessing.geometry import (canonical_axes, measure_nodes, node_boxes, resample_mask_to_grid,
+                                             resample_to_grid, roi_grid, sitk_spacing_zyx)
 from lnm_auto.preprocessing.normalization import case_zscore_statistics, normalize
 # the radiomics shape features' surface estimate: one sphericity for the caches and the radiomics configuration
 from lnm_auto.radiomics.features import MARGIN_VOXELS, isotropic_surface_and_volume
 from lnm_auto.utils.errors import LNMError
-from lnm_auto.utils.terminal import show_progress
 from lnm_auto.utils.io import save_csv_atomic, save_npz_atomic
-from lnm_auto.utils.processes import worker_process_init
+from lnm_auto.utils.processes import map_in_workers
 
 
 @dataclass
@@ -73,8 +68,9 @@ def crops_folder(preprocessed_dataset: Path, plans_name: str) -> Path:
 def preprocess_images(images: list[sitk.Image], mask: sitk.Image, plans: Plans) -> dict[str, np.ndarray]:
     """Crops of every node in one case (the part shared by training preprocessing and inference)."""
     mask_arr = np.asarray(sitk.GetArrayViewFromImage(mask))
-    nodes = measure_nodes(mask)
-    region = node_neighbourhood(mask_arr, sitk_spacing_zyx(mask))
+    boxes = node_boxes(mask_arr)     # one pass over the volume; every per-node step below works in these boxes
+    nodes = measure_nodes(mask, boxes)
+    region = node_neighbourhood(mask_arr, sitk_spacing_zyx(mask), boxes=boxes)
     stats, pads = [], []
     for img, norm in zip(images, plans.normalization):
         arr = sitk.GetArrayViewFromImage(img)
@@ -84,7 +80,6 @@ def preprocess_images(images: list[sitk.Image], mask: sitk.Image, plans: Plans) 
     for scale in plans.scales.values():
         out[f"image_{scale.name}"] = np.zeros((len(nodes), len(images), *scale.cache_shape), dtype=np.float16)
         out[f"mask_{scale.name}"] = np.zeros((len(nodes), *scale.cache_shape), dtype=np.uint8)
-    boxes = ndimage.find_objects(mask_arr.astype(np.int64, copy=False))
     for i, node in enumerate(nodes):
         node_mask = sitk.Cast(node_box(mask, boxes[node.node - 1]) == node.node, sitk.sitkFloat32)
         for scale in plans.scales.values():
@@ -117,7 +112,7 @@ def node_box(mask: sitk.Image, box: tuple[slice, ...], margin: int = 2) -> sitk.
 
 def node_sphericities(mask: sitk.Image, node_ids: list[int], boxes: list[tuple[slice, ...]]) -> np.ndarray:
     """Sphericity of each node of an instance mask, (N,) float32 (NaN for a node too thin to have a surface):
-    each node is cut out of its bounding box (``boxes``: ``ndimage.find_objects`` of the mask, which the caller
+    each node is cut out of its bounding box (``boxes``: the mask's ``node_boxes``, which the caller
     has already computed) with a small margin, physical geometry kept, for the radiomics surface estimate."""
     out = np.full(len(node_ids), np.nan, dtype=np.float32)
     for i, k in enumerate(node_ids):
@@ -209,10 +204,12 @@ def _case_labels(ds: RawDataset) -> dict[str, NodeLabels]:
     return out
 
 
-def _work(case: RawCase, labels: NodeLabels, digest: str, plans: Plans, out_dir: Path) -> tuple[str, int, str]:
-    """Process one case in a worker; returns (case id, node count, '' or the input error's line). Only bad
+def _work(job: tuple[RawCase, NodeLabels, str], plans: Plans, out_dir: Path) -> tuple[str, int, str]:
+    """Process one case (case, its labels, its digest) in a worker; returns (case id, node count, '' or the
+    input error's line). Only bad
     input (LNMError, including SimpleITK read errors) is reported this way: anything else is a bug of
     ours and surfaces with its traceback."""
+    case, labels, digest = job
     target = out_dir / f"{case.case_id}.npz"
     try:
         arrays = preprocess_case(case, labels, plans)
@@ -252,19 +249,8 @@ def run_preprocessing(ds: RawDataset, plans: Plans, preprocessed_dataset: Path, 
         if not is_up_to_date(out_dir / f"{c.case_id}.npz", digest):
             args.append((c, lab, digest))
     work = partial(_work, plans=plans, out_dir=out_dir)
-    errors = []
-    bar = tqdm(total=len(args), desc="preprocess", disable=not (progress and show_progress()), unit="case")
-    if num_processes > 1 and len(args) > 1:
-        with ProcessPoolExecutor(num_processes, initializer=worker_process_init, initargs=(os.getpid(),)) as pool:
-            for _, _, err in pool.map(work, *zip(*args)):
-                errors.append(err) if err else None
-                bar.update()
-    else:
-        for c, lab, digest in args:
-            _, _, err = work(c, lab, digest)
-            errors.append(err) if err else None
-            bar.update()
-    bar.close()
+    done = map_in_workers(work, args, num_processes, "preprocess", progress)
+    errors = [err for _, _, err in done if err]
     if errors:
         raise LNMError("\n".join(errors))
     write_nodes_index(out_dir, [c.case_id for c in ds.cases("Tr")])

@@ -57,3 +57,18 @@ def worker_process_init(parent_pid: int | None = None) -> None:
     its own multi-threaded torch/BLAS/SimpleITK pools would oversubscribe the cores, documentation/threads.md)."""
     die_with_parent(parent_pid)
     worker_init()
+
+
+def map_in_workers(fn, items: list, num_processes: int, desc: str, progress: bool = True) -> list:
+    """``[fn(x) for x in items]``, in ``num_processes`` worker processes (this one when 1 or a single item),
+    with a progress bar named ``desc``."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm import tqdm
+
+    from lnm_auto.utils.terminal import show_progress
+    bar = dict(total=len(items), desc=desc, disable=not (progress and show_progress()))
+    if num_processes > 1 and len(items) > 1:
+        with ProcessPoolExecutor(num_processes, initializer=worker_process_init, initargs=(os.getpid(),)) as pool:
+            return list(tqdm(pool.map(fn, items), **bar))
+    return [fn(x) for x in tqdm(items, **bar)]
