@@ -209,3 +209,17 @@ def test_short_axis_is_the_radiologists_on_the_largest_slice(spacing_xyz):
         (node,) = measure_nodes(img)
         assert node.short_axis_mm == pytest.approx(short, abs=spacing_xyz[0] + 0.05)
         assert node.long_axis_mm == pytest.approx(long, rel=0.12)
+
+
+def test_node_boxes_are_find_objects_of_the_whole_mask():
+    """node_boxes searches only the box around all nodes: the same boxes as find_objects over every voxel."""
+    from scipy import ndimage
+    from lnm_auto.preprocessing.geometry import node_boxes
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        shape = tuple(int(s) for s in rng.integers(1, 12, 3))
+        mask = np.zeros(shape, rng.choice([np.uint8, np.uint16, np.uint32, np.int32]))
+        for _ in range(rng.integers(0, 5)):
+            mask[tuple(rng.integers(0, s) for s in shape)] = rng.integers(1, 7)
+        assert node_boxes(mask) == ndimage.find_objects(mask)
+    assert node_boxes(np.zeros((0, 3, 3), np.uint8)) == [] and node_boxes(np.zeros((3, 3, 3), np.uint8)) == []

@@ -157,6 +157,22 @@ def test_configure_threads_sets_torch_threads_and_child_environment(monkeypatch,
     assert configure_threads() == available_cores() == torch.get_num_threads()
 
 
+def test_simpleitk_gets_one_thread_unless_the_user_set_another(monkeypatch, restore_threads):
+    import SimpleITK as sitk
+    saved = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    try:
+        monkeypatch.delenv("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", raising=False)
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(2)
+        configure_threads(1)
+        assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 1
+        assert os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] == "1"   # for processes started later
+        monkeypatch.setenv("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "2")
+        configure_threads(1)
+        assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 2
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(saved)
+
+
 def test_user_wait_policy_is_kept(monkeypatch, restore_threads):
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     configure_threads(1)

@@ -216,7 +216,9 @@ def _work(job: tuple[RawCase, NodeLabels, str], plans: Plans, out_dir: Path) -> 
     except LNMError as e:
         return case.case_id, 0, str(e)
     arrays["plans_digest"] = np.asarray(digest)
-    save_npz_atomic(target, **arrays)
+    # uncompressed: zlib halves float16 crops (2.1 instead of 4.3 MB for a 512 x 512 x 80 CT case) for 0.18 s of
+    # CPU per write and 0.05 s per read (training's unpacking, radiomics, evaluation); disk is the cheaper one
+    save_npz_atomic(target, compress=False, **arrays)
     return case.case_id, len(arrays["node_ids"]), ""
 
 

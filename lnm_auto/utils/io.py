@@ -91,10 +91,10 @@ def load_json(path: str | os.PathLike) -> Any:
         return json.load(f)
 
 
-def save_npz_atomic(path: str | os.PathLike, **arrays: np.ndarray) -> None:
-    """Compressed npz written atomically (np.savez_compressed into memory, then one rename)."""
+def save_npz_atomic(path: str | os.PathLike, compress: bool = True, **arrays: np.ndarray) -> None:
+    """An npz written atomically (into memory, then one rename); ``compress``: np.savez_compressed, else np.savez."""
     buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
+    (np.savez_compressed if compress else np.savez)(buf, **arrays)
     atomic_write_bytes(path, buf.getvalue())
 
 
