@@ -5,8 +5,8 @@ machine and the same process count: ratio of wall times and of peak memory.
 nnU-Net is only a benchmark dependency: ``pip install -e .[bench]``. Without it this script says so and
 exits 0.
 
-    python benchmarks/nnunet_compare.py --quick          # nnU-Net's 3d_fullres only
-    python benchmarks/nnunet_compare.py --cases 40       # nnU-Net's default configurations
+    python benchmarks/nnunet_compare.py --quick     # 10 small + 6 clinical-size cases, nnU-Net's 3d_fullres only
+    python benchmarks/nnunet_compare.py             # 40 + 40, nnU-Net's default configurations
 """
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (bench_env, dataset_dir, lnm_command, machine_header, make_phantom, run_timed,  # noqa: E402
                     write_results)
 
-DATASET_ID = 982   # the preprocessing benchmark's phantom: generated once for both
+DATASET_ID = 982   # the preprocessing benchmark's phantoms (the same ids, shapes and case counts)
+CLINICAL_ID = 983
+CLINICAL_SHAPE = (512, 512, 80)
 
 _NNUNET = ("import sys\n"
            "from nnunetv2.experiment_planning.plan_and_preprocess_entrypoints import plan_and_preprocess_entry\n"
@@ -56,35 +58,40 @@ def nnunet_raw_dataset(lnm_raw_dataset: Path, nnunet_raw: Path, dataset_id: int)
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="10 cases, nnU-Net 3d_fullres only")
-    ap.add_argument("--cases", type=int, default=None)
+    ap.add_argument("--quick", action="store_true", help="10 small + 6 clinical-size cases, nnU-Net 3d_fullres only")
+    ap.add_argument("--cases", type=int, nargs=2, default=None, metavar=("SMALL", "CLINICAL"))
     ap.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/lnm_bench/preprocessing"))
     args = ap.parse_args(argv)
     if importlib.util.find_spec("nnunetv2") is None:
         print("nnunet_compare: skipped - nnunetv2 is not installed (pip install -e .[bench] installs it)")
         return 0
-    cases = args.cases or (10 if args.quick else 40)
+    small, clinical = args.cases or ((10, 6) if args.quick else (40, 40))
     header, env = machine_header(), bench_env(args.workdir)
-    make_phantom(args.workdir, DATASET_ID, cases, env=env)
     nn_root = args.workdir / "nnunet"
-    nnunet_raw_dataset(dataset_dir(args.workdir / "raw", DATASET_ID), nn_root / "raw", DATASET_ID)
     nn_env = dict(env, nnUNet_raw=str(nn_root / "raw"), nnUNet_preprocessed=str(nn_root / "preprocessed"),
                   nnUNet_results=str(nn_root / "results"))
     configs = ["-c", "3d_fullres"] if args.quick else []
     rows = []
-    for np_ in args.processes:
-        ours = run_timed(lnm_command("plan_and_preprocess", "-d", DATASET_ID, "-np", np_, "--clean", "--quiet"), env=env)
-        theirs = run_timed([sys.executable, "-c", _NNUNET, "-d", str(DATASET_ID), "-np", str(np_), "-npfp", str(np_),
-                            "--verify_dataset_integrity", "--clean", *configs], env=nn_env)
-        row = {"-np": np_, "cases": cases, "nnU-Net configurations": "3d_fullres" if configs else "default",
-               "lnm s": ours.wall_s, "nnU-Net s": theirs.wall_s, "time ratio lnm/nnU-Net": ours.wall_s / theirs.wall_s,
-               "lnm peak RSS MB": ours.peak_rss_mb, "nnU-Net peak RSS MB": theirs.peak_rss_mb,
-               "memory ratio": ours.peak_rss_mb / theirs.peak_rss_mb}
-        if ours.peak_tree_rss_mb and theirs.peak_tree_rss_mb:
-            row.update({"lnm all-process MB": ours.peak_tree_rss_mb, "nnU-Net all-process MB": theirs.peak_tree_rss_mb})
-        rows.append(row)
-        print(row, flush=True)
+    for label, dataset_id, cases, shape in (("default phantom", DATASET_ID, small, None),
+                                            ("512x512x80 CT", CLINICAL_ID, clinical, CLINICAL_SHAPE)):
+        make_phantom(args.workdir, dataset_id, cases, extra_args=("--shape", *shape) if shape else (), env=env)
+        nnunet_raw_dataset(dataset_dir(args.workdir / "raw", dataset_id), nn_root / "raw", dataset_id)
+        for np_ in args.processes:
+            ours = run_timed(lnm_command("plan_and_preprocess", "-d", dataset_id, "-np", np_, "--clean", "--quiet"),
+                             env=env)
+            theirs = run_timed([sys.executable, "-c", _NNUNET, "-d", str(dataset_id), "-np", str(np_), "-npfp",
+                                str(np_), "--verify_dataset_integrity", "--clean", *configs], env=nn_env)
+            row = {"dataset": label, "-np": np_, "cases": cases,
+                   "nnU-Net configurations": "3d_fullres" if configs else "default",
+                   "lnm s": ours.wall_s, "nnU-Net s": theirs.wall_s, "time ratio lnm/nnU-Net": ours.wall_s / theirs.wall_s,
+                   "lnm peak RSS MB": ours.peak_rss_mb, "nnU-Net peak RSS MB": theirs.peak_rss_mb,
+                   "memory ratio": ours.peak_rss_mb / theirs.peak_rss_mb}
+            if ours.peak_tree_rss_mb and theirs.peak_tree_rss_mb:
+                row.update({"lnm all-process MB": ours.peak_tree_rss_mb,
+                            "nnU-Net all-process MB": theirs.peak_tree_rss_mb})
+            rows.append(row)
+            print(row, flush=True)
     notes = ["both with --clean and dataset verification, process start included",
              "peak RSS MB: the largest single process; all-process MB: sampled sum over the process tree (psutil)",
              "nnU-Net reads the same image files (symlinks); its label = node mask > 0",

@@ -26,6 +26,8 @@ def make_phantom_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--oblique-deg", type=float, default=0.0,
                    help="rotate the image axes by this angle in degrees (default: %(default)s)")
+    p.add_argument("--shape", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                   help="voxels per image (default: 288 224 32; a clinical CT is about 512 512 80)")
     _add_location_flags(p, "raw")
     return p
 
@@ -38,7 +40,7 @@ def _make_phantom(args: argparse.Namespace) -> int:
         raise LNMError(f"--cases must be at least 2, got {args.cases}")
     config = PhantomConfig(n_cases=args.cases, n_test_cases=args.test_cases, modality=args.modality,
                            labeled_fraction=args.labeled_fraction, difficulty=args.difficulty, seed=args.seed,
-                           oblique_deg=args.oblique_deg)
+                           oblique_deg=args.oblique_deg, **({"shape_xyz": tuple(args.shape)} if args.shape else {}))
     out = make_phantom_dataset(base_folder("raw", args.raw), args.dataset_id, args.name, config, progress=True)
     print(f"phantom dataset written to {out}")
     return 0
