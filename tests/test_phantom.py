@@ -263,6 +263,16 @@ def test_default_spacing_small_grid_does_not_break(tmp_path):
     assert len(_csv(root / "nodes.csv")) >= 2 * 3
 
 
+def test_shape_flag_of_the_command(tmp_path):
+    from conftest import run_cli
+    out = run_cli("make_phantom", "-d", "5", "--cases", "2", "--test-cases", "0", "--shape", "64", "48", "10",
+                  "--raw", tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert sitk.ReadImage(str(next((tmp_path / "Dataset005_Phantom" / "imagesTr").iterdir()))).GetSize() == (64, 48, 10)
+    bad = run_cli("make_phantom", "-d", "6", "--cases", "2", "--shape", "64", "48", "2", "--raw", tmp_path)
+    assert bad.returncode != 0 and "at least (32, 32, 4)" in bad.stderr and "Traceback" not in bad.stderr
+
+
 @pytest.mark.slow
 def test_default_dataset_separability():
     """Default 40 cases at difficulty 0.5: size alone must not solve it (AUROC < 0.9), a simple combination of
