@@ -5,8 +5,8 @@ machine and the same process count: ratio of wall times and of peak memory.
 nnU-Net is only a benchmark dependency: ``pip install -e .[bench]``. Without it this script says so and
 exits 0.
 
-    python benchmarks/nnunet_compare.py --quick     # 10 small + 6 clinical-size cases, nnU-Net's 3d_fullres only
-    python benchmarks/nnunet_compare.py             # 40 + 40, nnU-Net's default configurations
+    python benchmarks/nnunet_compare.py --quick     # 6 clinical-size cases, -np 2, nnU-Net's 3d_fullres only
+    python benchmarks/nnunet_compare.py             # 40 small + 40 clinical-size, -np 2, nnU-Net's defaults
 """
 from __future__ import annotations
 
@@ -20,10 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (bench_env, dataset_dir, lnm_command, machine_header, make_phantom, run_timed,  # noqa: E402
                     write_results)
+# the preprocessing benchmark's phantoms (run_all gives both one workdir, so they are made once)
+from preprocessing_bound import CLINICAL_ID, CLINICAL_SHAPE, DATASET_ID  # noqa: E402
 
-DATASET_ID = 982   # the preprocessing benchmark's phantoms (the same ids, shapes and case counts)
-CLINICAL_ID = 983
-CLINICAL_SHAPE = (512, 512, 80)
 
 _NNUNET = ("import sys\n"
            "from nnunetv2.experiment_planning.plan_and_preprocess_entrypoints import plan_and_preprocess_entry\n"
@@ -58,15 +57,17 @@ def nnunet_raw_dataset(lnm_raw_dataset: Path, nnunet_raw: Path, dataset_id: int)
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="10 small + 6 clinical-size cases, nnU-Net 3d_fullres only")
-    ap.add_argument("--cases", type=int, nargs=2, default=None, metavar=("SMALL", "CLINICAL"))
-    ap.add_argument("--processes", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--quick", action="store_true", help="6 clinical-size cases, -np 2, nnU-Net 3d_fullres only")
+    ap.add_argument("--cases", type=int, nargs=2, default=None, metavar=("SMALL", "CLINICAL"),
+                    help="0 leaves a dataset out (default: 0 6 with --quick, else 40 40)")
+    ap.add_argument("--processes", type=int, nargs="+", default=[2],
+                    help="process counts, each for both tools (default: %(default)s; preprocessing_bound reports -np 1 vs 2)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/lnm_bench/preprocessing"))
     args = ap.parse_args(argv)
     if importlib.util.find_spec("nnunetv2") is None:
         print("nnunet_compare: skipped - nnunetv2 is not installed (pip install -e .[bench] installs it)")
         return 0
-    small, clinical = args.cases or ((10, 6) if args.quick else (40, 40))
+    small, clinical = args.cases or ((0, 6) if args.quick else (40, 40))   # quick: within run_all's 15 minutes
     header, env = machine_header(), bench_env(args.workdir)
     nn_root = args.workdir / "nnunet"
     nn_env = dict(env, nnUNet_raw=str(nn_root / "raw"), nnUNet_preprocessed=str(nn_root / "preprocessed"),
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for label, dataset_id, cases, shape in (("default phantom", DATASET_ID, small, None),
                                             ("512x512x80 CT", CLINICAL_ID, clinical, CLINICAL_SHAPE)):
+        if not cases:
+            continue
         make_phantom(args.workdir, dataset_id, cases, extra_args=("--shape", *shape) if shape else (), env=env)
         nnunet_raw_dataset(dataset_dir(args.workdir / "raw", dataset_id), nn_root / "raw", dataset_id)
         for np_ in args.processes:

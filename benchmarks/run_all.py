@@ -24,6 +24,7 @@ from lnm_auto.utils.io import atomic_write_text  # noqa: E402
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = ("contention", "preprocessing_bound", "nnunet_compare", "training_speed", "cpu_levers", "inference_bound",
               "scaling")
+SHARED_WORKDIR = {"nnunet_compare": "preprocessing_bound"}   # the same phantoms (same ids and sizes): made once
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.only:
         extra = ["--realistic"] if name == "scaling" and not args.quick else []
         cmd = [sys.executable, str(HERE / f"{name}.py"), *(["--quick"] if args.quick else []), *extra,
-               "--workdir", str(args.workdir / name)]
+               "--workdir", str(args.workdir / SHARED_WORKDIR.get(name, name))]
         print(f"== {name}: {' '.join(cmd)}", flush=True)
         t0 = time.time()
         rc = subprocess.call(cmd)
