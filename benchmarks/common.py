@@ -50,8 +50,10 @@ _RUSAGE_WRAPPER = (
     "sys.exit(rc)\n")
 
 # One CPU-bound competitor: a single-threaded numpy matmul loop, like a second user's job.
-_COMPETITOR = (
-    "import os, numpy as np\n"
+_COMPETITOR = (   # dies with the benchmark that started it, even when that one is killed (argv[1]: its pid)
+    "import os, sys, numpy as np\n"
+    "from lnm_auto.utils.processes import die_with_parent\n"
+    "die_with_parent(int(sys.argv[1]))\n"
     "a = np.random.rand(256, 256)\n"
     "while True:\n"
     "    a = (a @ a) / 256.0 + 0.5\n")
@@ -220,7 +222,7 @@ def competing_process(active: bool = True) -> Iterator[subprocess.Popen | None]:
         yield None
         return
     env = dict(_CALLER_ENV, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-c", _COMPETITOR], env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-c", _COMPETITOR, str(os.getpid())], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     time.sleep(1.0)   # numpy imported, loop spinning
     try:
