@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -34,6 +35,7 @@ def nnunet_raw_dataset(lnm_raw_dataset: Path, nnunet_raw: Path, dataset_id: int)
     """The same training images (linked) with binarised node masks as labels, in nnU-Net's raw layout."""
     import SimpleITK as sitk
     out = nnunet_raw / f"Dataset{dataset_id:03d}_LNMCompare"
+    shutil.rmtree(out, ignore_errors=True)    # made fresh: the phantom may have been remade with another case count
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)
     (out / "labelsTr").mkdir(parents=True, exist_ok=True)
     info = json.loads((lnm_raw_dataset / "dataset.json").read_text())
