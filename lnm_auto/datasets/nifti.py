@@ -51,10 +51,9 @@ def check_nifti_file(path: Path, header_only: bool = False, copy_to: BinaryIO | 
     stream: zero-filled), NaN/Inf voxels (read as 0). Streams the voxels once unless ``header_only``.
     ``copy_to``: an open file that receives the decompressed bytes; returns whether it now holds the whole
     file (False when only the header was needed, the file is a .hdr/.img pair, or the copy failed)."""
-    with open(path, "rb") as f:
-        gzipped = f.read(2) == b"\x1f\x8b"   # SimpleITK also reads an uncompressed file named .nii.gz
+    opener = igzip.open if is_gzipped(path) else open
     try:
-        with (igzip.open if gzipped else open)(path, "rb") as raw:
+        with opener(path, "rb") as raw:
             f = _CopyingReader(raw, copy_to)
             header = f.read(540)
             fields = _nifti_header_fields(header)
@@ -87,14 +86,11 @@ def check_nifti_file(path: Path, header_only: bool = False, copy_to: BinaryIO | 
 def read_checked_nifti(path: Path, read: Callable[..., object]):
     """Check ``path`` (:func:`check_nifti_file`) and read it with ``read(file, shown_as=path)``: a gzipped file
     from the temporary uncompressed copy the check wrote (one decompression), else from ``path`` itself."""
-    with open(path, "rb") as f:
-        gzipped = f.read(2) == b"\x1f\x8b"
-    if not gzipped:
-        check_nifti_file(path)
-        return read(path)
     try:
-        fd, copy = tempfile.mkstemp(suffix=".nii", prefix=".lnm_read_")
+        fd, copy = tempfile.mkstemp(suffix=".nii", prefix=".lnm_read_") if is_gzipped(path) else (None, None)
     except OSError:   # no writable temporary folder: check, then let SimpleITK decompress again
+        fd, copy = None, None
+    if copy is None:
         check_nifti_file(path)
         return read(path)
     try:
@@ -103,6 +99,12 @@ def read_checked_nifti(path: Path, read: Callable[..., object]):
         return read(Path(copy), shown_as=path) if complete else read(path)
     finally:
         Path(copy).unlink(missing_ok=True)
+
+
+def is_gzipped(path: Path) -> bool:
+    """Whether the file starts with gzip's magic bytes (SimpleITK also reads an uncompressed file named .nii.gz)."""
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
 
 
 def _scan_voxels(f, header: bytes, vox_offset: int, n_voxel_bytes: int, float_code: str | None,

@@ -218,9 +218,12 @@ def read_instance_mask(path: Path) -> sitk.Image:
     arr = sitk.GetArrayViewFromImage(mask)
     if arr.size and float(arr.min()) < 0:
         raise LNMError(f"{path}: negative node ids; use 0 for background and k > 0 for node k")
-    if mask.GetPixelID() not in INTEGER_PIXELS:
-        if not (np.isfinite(arr).all() and np.array_equal(arr, np.round(arr))):
-            raise LNMError(f"{path}: the node mask holds non-integer values; it must hold integer node ids "
-                           "(0 background, k for node k), not probabilities or resampled labels")
-        mask = sitk.Cast(mask, sitk.sitkUInt32)
-    return mask
+    if mask.GetPixelID() not in INTEGER_PIXELS and not (np.isfinite(arr).all() and np.array_equal(arr, np.round(arr))):
+        raise LNMError(f"{path}: the node mask holds non-integer values; it must hold integer node ids "
+                       "(0 background, k for node k), not probabilities or resampled labels")
+    return as_integer_mask(mask)
+
+
+def as_integer_mask(mask: sitk.Image) -> sitk.Image:
+    """A node mask already checked to hold whole, non-negative ids, with an unsigned integer pixel type."""
+    return mask if mask.GetPixelID() in INTEGER_PIXELS else sitk.Cast(mask, sitk.sitkUInt32)

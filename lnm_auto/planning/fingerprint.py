@@ -11,7 +11,8 @@ from dataclasses import asdict
 import numpy as np
 import SimpleITK as sitk
 
-from lnm_auto.datasets.raw_dataset import INTEGER_PIXELS, UNKNOWN, RawCase, RawDataset, read_image, read_instance_mask
+from lnm_auto.datasets.raw_dataset import (UNKNOWN, RawCase, RawDataset, as_integer_mask, read_image,
+                                           read_instance_mask)
 from lnm_auto.datasets.verify import CaseCheck, case_and_table_problems, case_list_problems, check_case
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.processes import map_in_workers
@@ -125,8 +126,7 @@ def _verified_case_fingerprint(case: RawCase) -> tuple[CaseCheck, tuple | None]:
     check = check_case(case, keep_voxels=True)
     if check.problems:
         return check, None
-    mask = check.mask if check.mask.GetPixelID() in INTEGER_PIXELS else sitk.Cast(check.mask, sitk.sitkUInt32)
-    result = fingerprint_of(case.case_id, check.images, mask, check.boxes)
+    result = fingerprint_of(case.case_id, check.images, as_integer_mask(check.mask), check.boxes)
     check.images = check.mask = check.boxes = None    # not sent back to the parent process
     return check, result
 

@@ -206,9 +206,8 @@ def _case_labels(ds: RawDataset) -> dict[str, NodeLabels]:
 
 def _work(job: tuple[RawCase, NodeLabels, str], plans: Plans, out_dir: Path) -> tuple[str, int, str]:
     """Process one case (case, its labels, its digest) in a worker; returns (case id, node count, '' or the
-    input error's line). Only bad
-    input (LNMError, including SimpleITK read errors) is reported this way: anything else is a bug of
-    ours and surfaces with its traceback."""
+    input error's line). Only bad input (LNMError, including SimpleITK read errors) is reported this way:
+    anything else is a bug of ours and surfaces with its traceback."""
     case, labels, digest = job
     target = out_dir / f"{case.case_id}.npz"
     try:

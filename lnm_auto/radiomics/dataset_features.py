@@ -3,9 +3,7 @@ written atomically, redone when the case's files or the feature settings change)
 from __future__ import annotations
 
 import hashlib
-import os
 import json
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -14,7 +12,7 @@ from lnm_auto.datasets.raw_dataset import RawCase, RawDataset, read_image
 from lnm_auto.planning.learning_scheme import RadiomicsTopology
 from lnm_auto.radiomics.features import FEATURE_COLUMNS, node_features
 from lnm_auto.utils.io import save_csv_atomic
-from lnm_auto.utils.processes import worker_process_init
+from lnm_auto.utils.processes import map_in_workers
 
 
 def case_node_features(case: RawCase, topology: RadiomicsTopology) -> pd.DataFrame:
@@ -60,9 +58,5 @@ def dataset_node_features(raw_dataset: Path, topology: RadiomicsTopology, cache_
     todo = [(c, topology, cache_dir) for c in cases]
     log(f"radiomics features of {len(cases)} cases ({topology.modality_hint}, {topology.texture_mode} texture); "
         f"cached in {cache_dir}")
-    if num_processes > 1:
-        with ProcessPoolExecutor(num_processes, initializer=worker_process_init, initargs=(os.getpid(),)) as pool:
-            tables = list(pool.map(_cached_or_computed, todo))
-    else:
-        tables = [_cached_or_computed(t) for t in todo]
+    tables = map_in_workers(_cached_or_computed, todo, num_processes, "radiomics features", progress=False)
     return pd.concat(tables, ignore_index=True).drop(columns="settings")
