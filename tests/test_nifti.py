@@ -1,8 +1,11 @@
 """The NIfTI check-and-read: one decompression, and exactly what SimpleITK itself reads."""
 from __future__ import annotations
 
+import gzip
 import io
+import struct
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +25,7 @@ def oblique_image(arr: np.ndarray) -> sitk.Image:
     return img
 
 
-@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.float32, np.float64, np.uint32])
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.float32, np.float64, np.uint32, np.int8, np.uint16, np.int64])
 @pytest.mark.parametrize("ending", [".nii.gz", ".nii"])
 def test_read_equals_simpleitk(tmp_path, dtype, ending):
     rng = np.random.default_rng(0)
@@ -38,20 +41,111 @@ def test_read_equals_simpleitk(tmp_path, dtype, ending):
     assert np.array_equal(sitk.GetArrayViewFromImage(ours), arr)
 
 
-def test_gzipped_copy_is_complete_and_removed(tmp_path, monkeypatch):
-    """The check writes the decompressed file for SimpleITK to read, and nothing is left behind."""
+def written(tmp_path, img: sitk.Image, name: str, slope: float | None = None, inter: float = 0.0) -> Path:
+    """``img`` as a NIfTI-1 file ``name``; ``slope``: patch the header's scl_slope / scl_inter (SimpleITK then
+    reads scaled float voxels)."""
+    plain = tmp_path / (name.removesuffix(".gz") + ".plain.nii")
+    sitk.WriteImage(img, str(plain))
+    data = bytearray(plain.read_bytes())
+    plain.unlink()
+    if slope is not None:
+        struct.pack_into("<ff", data, 112, slope, inter)
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(bytes(data)) if name.endswith(".gz") else bytes(data))
+    return path
+
+
+def assert_same_image(ours: sitk.Image, theirs: sitk.Image) -> None:
+    assert ours.GetPixelID() == theirs.GetPixelID() and ours.GetSize() == theirs.GetSize()
+    assert ours.GetNumberOfComponentsPerPixel() == theirs.GetNumberOfComponentsPerPixel()
+    assert np.allclose(ours.GetSpacing(), theirs.GetSpacing()) and np.allclose(ours.GetOrigin(), theirs.GetOrigin())
+    assert np.allclose(ours.GetDirection(), theirs.GetDirection())
+    assert np.array_equal(sitk.GetArrayViewFromImage(ours), sitk.GetArrayViewFromImage(theirs))
+
+
+def recording_read(calls: list):
+    def read(f, shown_as=None):
+        calls.append((Path(f), shown_as, Path(f).is_file()))
+        return sitk_read(f, shown_as)
+    return read
+
+
+@pytest.mark.parametrize("ending", [".nii.gz", ".nii"])
+def test_plain_files_are_read_from_the_checked_bytes(tmp_path, monkeypatch, ending):
+    """An unscaled 3D file becomes an image straight from the bytes the check read: SimpleITK's full read is not
+    called, and no temporary file is written."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
+    path = written(tmp_path, oblique_image(np.arange(3 * 4 * 5, dtype=np.int16).reshape(3, 4, 5)), f"a{ending}")
+    calls = []
+    img = read_checked_nifti(path, recording_read(calls))
+    assert calls == [] and list((tmp_path / "tmp").iterdir()) == []
+    assert_same_image(img, sitk.ReadImage(str(path)))
+
+
+@pytest.mark.parametrize("slope, inter", [(2.0, -5.0), (1.0, 3.0), (0.5, 0.0)])
+@pytest.mark.parametrize("ending", [".nii.gz", ".nii"])
+def test_scaled_voxels_are_left_to_simpleitk(tmp_path, monkeypatch, slope, inter, ending):
+    """scl_slope / scl_inter: SimpleITK scales the voxels (and changes the pixel type): its own read does it, a
+    gzipped file from a temporary uncompressed copy of the checked bytes that is removed afterwards."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    arr = np.arange(3 * 4 * 5, dtype=np.int16).reshape(3, 4, 5)
+    path = written(tmp_path, oblique_image(arr), f"a{ending}", slope=slope, inter=inter)
+    calls = []
+    ours = read_checked_nifti(path, recording_read(calls))
+    assert_same_image(ours, sitk.ReadImage(str(path)))
+    assert np.allclose(sitk.GetArrayViewFromImage(ours), arr * slope + inter)
+    if ending == ".nii.gz":
+        assert calls[0][0].parent == tmp_path / "tmp" and calls[0][1] == path and calls[0][2]
+    else:
+        assert calls == [(path, None, True)]
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize("make", ["2d", "4d", "vector"])
+def test_other_layouts_are_left_to_simpleitk(tmp_path, make):
+    base = np.arange(3 * 4 * 5, dtype=np.float32).reshape(3, 4, 5)
+    img = {"2d": lambda: sitk.GetImageFromArray(base[0]),
+           "4d": lambda: sitk.JoinSeries([sitk.GetImageFromArray(base), sitk.GetImageFromArray(base + 1)]),
+           "vector": lambda: sitk.GetImageFromArray(np.stack([base, -base], axis=-1), isVector=True)}[make]()
+    path = tmp_path / "a.nii.gz"
+    sitk.WriteImage(img, str(path))
+    assert_same_image(read_image(path), sitk.ReadImage(str(path)))
+
+
+@pytest.mark.parametrize("version, order", [(1, ">"), (1, "<"), (2, "<")])
+def test_big_endian_and_nifti2_files(tmp_path, version, order):
+    """Big-endian voxels are read like SimpleITK reads them; NIfTI-2, which SimpleITK cannot read, stays one
+    clear line naming the user's file (not the temporary copy the fallback read)."""
+    nib = pytest.importorskip("nibabel")
+    arr = np.random.default_rng(1).normal(size=(6, 7, 5)).astype(order + "f4")
+    c, s = np.cos(0.4), np.sin(0.4)
+    affine = np.eye(4)
+    affine[:3, :3] = np.array([[c, -s, 0.0], [0.0, 0.0, -1.0], [s, c, 0.0]]) @ np.diag([0.8, 0.9, 2.5])
+    affine[:3, 3] = (10.0, -20.0, 30.0)
+    image_class = nib.Nifti1Image if version == 1 else nib.Nifti2Image
+    nii = image_class(arr, affine)
+    nii.header.set_data_dtype(np.dtype(order + "f4"))
+    nii.header.set_slope_inter(1.0, 0.0)
+    path = tmp_path / "a.nii.gz"
+    nib.save(nii, str(path))
+    if version == 2:
+        with pytest.raises(LNMError, match=f"^{path}: SimpleITK cannot read it") as error:
+            read_image(path)
+        assert ".lnm_read_" not in str(error.value)
+        return
+    ours = read_image(path)
+    assert_same_image(ours, sitk.ReadImage(str(path)))
+    assert np.array_equal(sitk.GetArrayViewFromImage(ours), arr.astype("=f4").transpose(2, 1, 0))
+
+
+def test_gzipped_copy_is_complete(tmp_path):
     path = tmp_path / "a.nii.gz"
     sitk.WriteImage(oblique_image(np.arange(2 * 3 * 4, dtype=np.int16).reshape(2, 3, 4)), str(path))
     copy = io.BytesIO()
     assert check_nifti_file(path, copy_to=copy) is True
-    import gzip
     assert copy.getvalue() == gzip.decompress(path.read_bytes())
-    seen = []
-    read_checked_nifti(path, lambda f, shown_as=None: seen.append((f, shown_as, f.is_file())))
-    assert seen[0][0].parent == tmp_path / "tmp" and seen[0][1] == path and seen[0][2]
-    assert list((tmp_path / "tmp").iterdir()) == []
 
 
 class FullDisk(io.RawIOBase):
@@ -61,14 +155,13 @@ class FullDisk(io.RawIOBase):
 
 def test_a_failing_copy_is_not_blamed_on_the_file(tmp_path, monkeypatch):
     """Disk full while copying, or no temporary folder at all: the file is still checked and read from itself."""
-    path = tmp_path / "a.nii.gz"
-    arr = np.arange(5 * 6 * 7, dtype=np.float32).reshape(5, 6, 7)
-    sitk.WriteImage(oblique_image(arr), str(path))
+    arr = np.arange(5 * 6 * 7, dtype=np.int16).reshape(5, 6, 7)
+    path = written(tmp_path, oblique_image(arr), "a.nii.gz", slope=2.0)
     assert check_nifti_file(path, copy_to=FullDisk()) is False
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
-    read = []
-    img = read_checked_nifti(path, lambda f, shown_as=None: read.append(f) or sitk_read(f, shown_as))
-    assert read == [path] and np.array_equal(sitk.GetArrayViewFromImage(img), arr)
+    calls = []
+    img = read_checked_nifti(path, recording_read(calls))
+    assert [c[0] for c in calls] == [path] and np.array_equal(sitk.GetArrayViewFromImage(img), arr * 2.0)
     path.write_bytes(path.read_bytes()[:-40])       # the check still runs on the fallback path
     with pytest.raises(LNMError, match="damaged or truncated"):
         read_image(path)

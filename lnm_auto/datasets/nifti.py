@@ -1,10 +1,11 @@
 """NIfTI files checked before SimpleITK's reading is trusted, and decompressed once.
 
 SimpleITK zero-fills a truncated .nii/.nii.gz, reads NaN voxels as 0 and a zero spacing as 1 mm, all without an
-error, so every NIfTI file is streamed once through a check. For a gzipped file that stream is as expensive as
-the read itself (decompression is the read's whole cost), so the checked, decompressed bytes go to a temporary
-uncompressed .nii that SimpleITK then reads: one decompression per read instead of two. SimpleITK still
-interprets the header (orientation, scaling, pixel type); nothing of its reader is re-implemented.
+error, so every NIfTI file is streamed once through a check. That stream is as expensive as the read itself
+(decompression is the read's whole cost), so the checked, decompressed bytes are kept in memory and become the
+image: SimpleITK interprets the header (orientation, spacing, pixel type; a header-only read, milliseconds) and
+the voxels are the file's own bytes. Whatever SimpleITK would change on the way (scaled voxels, more than three
+dimensions, vector pixels) is left to SimpleITK itself, reading the decompressed bytes from a temporary file.
 """
 from __future__ import annotations
 
@@ -13,19 +14,49 @@ import os
 import struct
 import tempfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
 
 import numpy as np
+import SimpleITK as sitk
 from isal import igzip, isal_zlib   # gzip with ISA-L's inflate: 2-3x zlib's speed, the same format and checks
 
 from lnm_auto.utils.errors import LNMError
 
-# NIfTI-1 / NIfTI-2 header fields: (dim, datatype, bitpix, pixdim, vox_offset) struct formats and offsets
-_NIFTI_LAYOUT = {348: (("8h", 40), ("h", 70), ("h", 72), ("8f", 76), ("f", 108)),
-                 540: (("8q", 16), ("h", 12), ("h", 14), ("8d", 104), ("q", 168))}
+# NIfTI-1 / NIfTI-2 header fields: (dim, datatype, bitpix, pixdim, vox_offset, scl_slope, scl_inter) struct
+# formats and offsets
+_NIFTI_LAYOUT = {348: (("8h", 40), ("h", 70), ("h", 72), ("8f", 76), ("f", 108), ("f", 112), ("f", 116)),
+                 540: (("8q", 16), ("h", 12), ("h", 14), ("8d", 104), ("q", 168), ("d", 176), ("d", 184))}
 _NIFTI_FLOATS = {16: "f4", 64: "f8"}   # NIfTI datatype codes of float32 / float64
+# NIfTI datatype code -> numpy type code and the SimpleITK pixel type its reader gives unscaled voxels
+_NIFTI_PIXELS = {2: ("u1", sitk.sitkUInt8), 4: ("i2", sitk.sitkInt16), 8: ("i4", sitk.sitkInt32),
+                 16: ("f4", sitk.sitkFloat32), 64: ("f8", sitk.sitkFloat64), 256: ("i1", sitk.sitkInt8),
+                 512: ("u2", sitk.sitkUInt16), 768: ("u4", sitk.sitkUInt32), 1024: ("i8", sitk.sitkInt64),
+                 1280: ("u8", sitk.sitkUInt64)}
 _READ_CHUNK = 1 << 22
+
+
+@dataclass
+class NiftiHeader:
+    """The fields of a NIfTI-1/2 header that the check and the read need."""
+    order: str                 # '<' or '>'
+    dim: tuple
+    datatype: int
+    bitpix: int
+    pixdim: tuple
+    vox_offset: int
+    scl_slope: float
+    scl_inter: float
+    single_file: bool          # .nii (magic n+1), not a .hdr/.img pair
+
+    @property
+    def n_dims(self) -> int:
+        return int(self.dim[0])
+
+    @property
+    def n_voxel_bytes(self) -> int:
+        return int(np.prod([int(d) for d in self.dim[1:self.n_dims + 1]], dtype=np.int64)) * self.bitpix // 8
 
 
 class _CopyingReader:
@@ -45,58 +76,123 @@ class _CopyingReader:
         return data
 
 
+class _Chunks:
+    """An in-memory ``copy_to`` target: the decompressed file, joined once at the end."""
+
+    def __init__(self):
+        self.parts: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.parts.append(data)
+
+    def joined(self) -> bytes:
+        data = b"".join(self.parts)
+        self.parts = []
+        return data
+
+
 def check_nifti_file(path: Path, header_only: bool = False, copy_to: BinaryIO | None = None) -> bool:
     """Refuse a NIfTI file that SimpleITK would read wrongly without an error: header spacing (pixdim[1..3])
     not positive (read as 1 mm), voxel data shorter than the header says (truncated copy, damaged gzip
     stream: zero-filled), NaN/Inf voxels (read as 0). Streams the voxels once unless ``header_only``.
     ``copy_to``: an open file that receives the decompressed bytes; returns whether it now holds the whole
     file (False when only the header was needed, the file is a .hdr/.img pair, or the copy failed)."""
+    return _checked_header(path, header_only, copy_to)[1]
+
+
+def _checked_header(path: Path, header_only: bool = False,
+                    copy_to: BinaryIO | None = None) -> tuple[NiftiHeader, bool]:
+    """:func:`check_nifti_file`, also returning the header it parsed."""
     opener = igzip.open if is_gzipped(path) else open
     try:
         with opener(path, "rb") as raw:
             f = _CopyingReader(raw, copy_to)
-            header = f.read(540)
-            fields = _nifti_header_fields(header)
-            if fields is None:
+            header_bytes = f.read(540)
+            header = _nifti_header(header_bytes)
+            if header is None:
                 raise LNMError(f"{path}: not a NIfTI file (no valid NIfTI-1/NIfTI-2 header)")
-            order, dim, datatype, bitpix, pixdim, vox_offset, single_file = fields
-            n_dims = int(dim[0])
-            if not 1 <= n_dims <= 7 or bitpix <= 0 or any(d < 1 for d in dim[1:n_dims + 1]):
-                raise LNMError(f"{path}: invalid NIfTI header (dim {list(dim[:n_dims + 1])}, bitpix {bitpix})")
+            dim, pixdim, n_dims = header.dim, header.pixdim, header.n_dims
+            if not 1 <= n_dims <= 7 or header.bitpix <= 0 or any(d < 1 for d in dim[1:n_dims + 1]):
+                raise LNMError(f"{path}: invalid NIfTI header (dim {list(dim[:n_dims + 1])}, bitpix {header.bitpix})")
             bad = [i for i in range(1, min(n_dims, 3) + 1) if not (math.isfinite(pixdim[i]) and pixdim[i] > 0)]
             if bad:
                 raise LNMError(f"{path}: header spacing pixdim[{bad[0]}] = {pixdim[bad[0]]:g} mm; every voxel spacing "
                                "must be positive (fix the header: the spacing the scanner used)")
-            if header_only or not single_file:
-                return False
-            n_voxel_bytes = int(np.prod([int(d) for d in dim[1:n_dims + 1]], dtype=np.int64)) * bitpix // 8
-            n_data, n_bad = _scan_voxels(f, header, int(vox_offset), n_voxel_bytes, _NIFTI_FLOATS.get(datatype), order)
+            if header_only or not header.single_file:
+                return header, False
+            n_data, n_bad = _scan_voxels(f, header_bytes, header.vox_offset, header.n_voxel_bytes,
+                                         _NIFTI_FLOATS.get(header.datatype), header.order)
     except (OSError, EOFError, zlib.error, isal_zlib.error) as e:   # BadGzipFile is an OSError
         raise LNMError(f"{path}: damaged or truncated file ({str(e).strip()[:120] or type(e).__name__}); copy or "
                        "convert it again") from None
-    if n_data < n_voxel_bytes:
-        raise LNMError(f"{path}: truncated: {n_data} of the {n_voxel_bytes} bytes of voxel data its header "
+    if n_data < header.n_voxel_bytes:
+        raise LNMError(f"{path}: truncated: {n_data} of the {header.n_voxel_bytes} bytes of voxel data its header "
                        "announces; copy or convert it again")
     if n_bad:
         raise LNMError(f"{path}: {n_bad} NaN/Inf voxel(s); replace them with a finite value (SimpleITK "
                        "would silently read NaN as 0)")
-    return not f.copy_failed
+    return header, not f.copy_failed
 
 
-def read_checked_nifti(path: Path, read: Callable[..., object]):
-    """Check ``path`` (:func:`check_nifti_file`) and read it with ``read(file, shown_as=path)``: a gzipped file
-    from the temporary uncompressed copy the check wrote (one decompression), else from ``path`` itself."""
+def read_checked_nifti(path: Path, read: Callable[..., sitk.Image]) -> sitk.Image:
+    """Check ``path`` (:func:`check_nifti_file`) and read it, decompressing it once: from the checked bytes in
+    memory (header interpreted by SimpleITK), else with ``read(file, shown_as=path)`` from an uncompressed
+    temporary copy of them (or ``path`` itself)."""
+    gzipped = is_gzipped(path)
+    buffer = _Chunks()
+    header, complete = _checked_header(path, copy_to=buffer)
+    if not complete:                                  # a .hdr/.img pair
+        return read(path)
+    data = buffer.joined()
+    img = image_from_nifti_bytes(data, header, path)
+    if img is not None:
+        return img
+    if not gzipped:
+        return read(path)
+    return _read_from_temporary_copy(data, path, read)
+
+
+def image_from_nifti_bytes(data: bytes, header: NiftiHeader, header_file: Path) -> sitk.Image | None:
+    """The image SimpleITK reads from a NIfTI file whose whole (decompressed) content is ``data``, built from the
+    voxel bytes and SimpleITK's own header-only read of ``header_file`` (the same file); None where SimpleITK's
+    reader changes the voxels on the way (scaled values, not 3D, vector pixels, another pixel type)."""
+    pixel = _NIFTI_PIXELS.get(header.datatype)
+    unscaled = header.scl_slope in (0.0, 1.0) and header.scl_inter == 0.0
+    if pixel is None or not unscaled or header.n_dims != 3 or not header.single_file:
+        return None
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(header_file))
     try:
-        fd, copy = tempfile.mkstemp(suffix=".nii", prefix=".lnm_read_") if is_gzipped(path) else (None, None)
-    except OSError:   # no writable temporary folder: check, then let SimpleITK decompress again
-        fd, copy = None, None
-    if copy is None:
-        check_nifti_file(path)
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None                                   # the full read names the problem
+    shape_zyx = tuple(int(d) for d in header.dim[3:0:-1])
+    if (reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1 or reader.GetPixelID() != pixel[1]
+            or reader.GetSize() != shape_zyx[::-1]):
+        return None
+    voxels = np.frombuffer(data, dtype=np.dtype(header.order + pixel[0]), count=int(np.prod(shape_zyx)),
+                           offset=header.vox_offset).reshape(shape_zyx)
+    img = sitk.GetImageFromArray(voxels.astype(voxels.dtype.newbyteorder("="), copy=False))
+    img.SetOrigin(reader.GetOrigin())
+    img.SetSpacing(reader.GetSpacing())
+    img.SetDirection(reader.GetDirection())
+    return img
+
+
+def _read_from_temporary_copy(data: bytes, path: Path, read: Callable[..., sitk.Image]) -> sitk.Image:
+    """``read`` of the decompressed bytes of gzipped ``path`` from a temporary .nii (SimpleITK reads files only);
+    ``read(path)`` when no temporary file can be written."""
+    try:
+        fd, copy = tempfile.mkstemp(suffix=".nii", prefix=".lnm_read_")
+    except OSError:          # no writable temporary folder: let SimpleITK decompress again
         return read(path)
     try:
-        with os.fdopen(fd, "wb") as out:
-            complete = check_nifti_file(path, copy_to=out)
-        return read(Path(copy), shown_as=path) if complete else read(path)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+        except OSError:      # disk full
+            return read(path)
+        return read(Path(copy), shown_as=path)
     finally:
         Path(copy).unlink(missing_ok=True)
 
@@ -129,15 +225,16 @@ def _scan_voxels(f, header: bytes, vox_offset: int, n_voxel_bytes: int, float_co
     return n_present, n_bad
 
 
-def _nifti_header_fields(header: bytes):
-    """(byte order, dim, datatype, bitpix, pixdim, vox_offset, single_file) of a NIfTI-1/2 header, or None."""
+def _nifti_header(header: bytes) -> NiftiHeader | None:
+    """The fields of a NIfTI-1/2 header, or None when ``header`` is not one."""
     if len(header) < 348:
         return None
     for order in "<>":
         size = struct.unpack(order + "i", header[:4])[0]
         if size in _NIFTI_LAYOUT and len(header) >= size:
-            dim, datatype, bitpix, pixdim, offset = [struct.unpack_from(order + fmt, header, at)
-                                                     for fmt, at in _NIFTI_LAYOUT[size]]
+            dim, datatype, bitpix, pixdim, offset, slope, inter = [struct.unpack_from(order + fmt, header, at)
+                                                                   for fmt, at in _NIFTI_LAYOUT[size]]
             magic = header[344:348] if size == 348 else header[4:8]
-            return order, dim, datatype[0], bitpix[0], pixdim, offset[0], magic.startswith(b"n+")
+            return NiftiHeader(order, dim, datatype[0], bitpix[0], pixdim, int(offset[0]), float(slope[0]),
+                               float(inter[0]), magic.startswith(b"n+"))
     return None

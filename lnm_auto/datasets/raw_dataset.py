@@ -177,6 +177,8 @@ def sitk_read(path: Path, shown_as: Path | None = None) -> sitk.Image:
         return sitk.ReadImage(str(path))
     except RuntimeError as e:
         first = str(e).strip().splitlines()[-1] if str(e).strip() else "unknown reader error"
+        if shown_as is not None:
+            first = first.replace(str(path), str(shown_as))   # a temporary copy's name would only confuse
         raise LNMError(f"{shown_as or path}: SimpleITK cannot read it ({first[:200]})") from None
 
 
