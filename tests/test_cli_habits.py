@@ -340,6 +340,12 @@ def test_prediction_errors_suggest_the_nearest_name(trained, tmp_path, configura
     assert "trained folds: none" not in proc.stderr
 
 
+def test_negative_preparation_workers_is_one_line(tmp_path):
+    proc = run_cli("predict", "-i", tmp_path, "-o", tmp_path / "out", "-m", tmp_path, "-npp", "-1", "-device", "cpu")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "-npp must be 0" in proc.stderr and "got -1" in proc.stderr
+
+
 def test_extra_channel_file_is_one_line(tmp_path):
     root = write_tiny_dataset(tmp_path / "raw", n_cases=3)
     extra = root / "imagesTr" / "case_001_0001.nii.gz"

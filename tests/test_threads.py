@@ -12,7 +12,7 @@ import torch
 
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.threads import (CHILD_THREAD_ENV_VARS, ThreadPlan, affinity_cores, available_cores,
-                                    cgroup_cpu_limit, configure_threads, plan_threads, requested_threads,
+                                    cgroup_cpu_limit, configure_threads, plan_prediction, plan_threads, requested_threads,
                                     worker_init)
 
 
@@ -40,11 +40,25 @@ def test_plan_threads_on_hand_made_core_counts(cores, workers, expected):
     assert plan_threads(cores, workers) == expected
 
 
+@pytest.mark.parametrize("cores, workers, threads, expected", [
+    (1, None, None, (0, 1)),      # one core: cases prepared in the main process
+    (2, None, None, (1, 1)),      # the 2-core machine: one worker prepares, torch scores on the other core
+    (16, None, None, (1, 15)),
+    (2, 0, None, (0, 2)),         # -npp 0: torch keeps every core
+    (2, 3, None, (3, 1)),         # more workers than cores: torch still gets one thread
+    (8, None, 4, (1, 4)),         # -nt wins
+])
+def test_plan_prediction_on_hand_made_core_counts(cores, workers, threads, expected):
+    assert plan_prediction(cores, workers, threads) == expected
+
+
 def test_plan_threads_rejects_impossible_counts():
     with pytest.raises(ValueError, match="n_cores"):
         plan_threads(0)
     with pytest.raises(ValueError, match="n_workers"):
         plan_threads(2, -1)
+    with pytest.raises(ValueError, match="n_workers"):
+        plan_prediction(2, -1)
 
 
 # ---- cgroup quota and affinity ---------------------------------------------------------------------

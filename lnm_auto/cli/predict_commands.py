@@ -30,8 +30,10 @@ def predict_parser() -> argparse.ArgumentParser:
     p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth",
                    help="checkpoint file of each fold (default: %(default)s)")
     p.add_argument("-device", "--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("-npp", "--num_processes_preprocessing", type=int, default=1,
-                   help="processes preprocessing cases (default: %(default)s)")
+    p.add_argument("-npp", "--num_processes_preprocessing", type=int, default=None,
+                   help="background processes preparing the next cases while the networks score one; 0: prepare "
+                        "them in the main process (default: 1, 0 on a single core; on the CPU torch gets the cores "
+                        "they leave: documentation/threads.md)")
     p.add_argument("--disable_tta", action="store_true", help="no test-time mirroring, 4x faster (default: mirror)")
     p.add_argument("--no_probmaps", action="store_true",
                    help="do not write <case>_probmap.nii.gz (default: write them)")
@@ -57,6 +59,8 @@ def _predict(args: argparse.Namespace) -> int:
     from lnm_auto.utils.memory import reuse_freed_memory
     from lnm_auto.utils.paths import resolve_dataset_name
     reuse_freed_memory()    # every case's image buffers reuse the last case's instead of fresh pages
+    device = _say_device(args.device)
+    workers = _preparation_workers(args, device)
     results = Path(args.results) if args.results else (Path(os.environ["LNM_results"]) if os.environ.get("LNM_results") else None)
     chosen = None
     if args.model is None and args.configuration is None and args.dataset is not None and results is not None:
@@ -64,21 +68,34 @@ def _predict(args: argparse.Namespace) -> int:
     if chosen:
         print(f"model chosen by lnm_find_best_configuration: {' + '.join(c.name for c in chosen)}", flush=True)
     if chosen and len(chosen) > 1:
-        info = predict_ensemble(Path(args.input), Path(args.output), chosen, _say_device(args.device),
-                                args.num_processes_preprocessing, not args.disable_tta, not args.no_probmaps,
+        info = predict_ensemble(Path(args.input), Path(args.output), chosen, device,
+                                workers, not args.disable_tta, not args.no_probmaps,
                                 not args.quiet, args.overwrite)
         print(f"{info['n_nodes']} nodes of {info['n_cases']} case(s) scored by the ensemble; results in {args.output}")
         return 0
     folder = chosen[0] if chosen else find_model(results, args.dataset, args.configuration, args.trainer,
                                                  args.plans_name, args.model)
-    device = _say_device(args.device)
     info = predict_folder(Path(args.input), Path(args.output), folder, args.folds, args.checkpoint,
-                          device, args.num_processes_preprocessing, not args.disable_tta,
+                          device, workers, not args.disable_tta,
                           not args.no_probmaps, not args.quiet, args.overwrite, args.num_parts,
                           args.part_id)
     print(f"{info['n_nodes']} nodes of {info['n_cases']} case(s) scored by folds {', '.join(info['folds'])} of "
           f"{folder}; results in {args.output}")
     return 0
+
+
+def _preparation_workers(args: argparse.Namespace, device: str) -> int:
+    """Background processes preparing cases (-npp, else the plan's); on the CPU torch threads follow (-nt wins)."""
+    from lnm_auto.utils.errors import LNMError
+    from lnm_auto.utils.threads import available_cores, plan_prediction, requested_threads
+    if args.num_processes_preprocessing is not None and args.num_processes_preprocessing < 0:
+        raise LNMError(f"-npp must be 0 (prepare cases in the main process) or more, got {args.num_processes_preprocessing}")
+    workers, threads = plan_prediction(available_cores(), args.num_processes_preprocessing,
+                                       requested_threads(args.num_threads))
+    if device == "cpu":
+        import torch
+        torch.set_num_threads(threads)
+    return workers
 
 
 def predict_entry(argv: list[str] | None = None) -> int:

@@ -34,7 +34,7 @@ def chosen_models(dataset_results: Path) -> list[Path] | None:
 
 
 def predict_ensemble(input_dir: Path, output_dir: Path, model_folders: list[Path], device: str = "cpu",
-                     num_processes: int = 1, mirror: bool = True, save_probmaps: bool = True, progress: bool = True,
+                     num_processes: int = 0, mirror: bool = True, save_probmaps: bool = True, progress: bool = True,
                      overwrite: bool = False, folds: list[str] | None = None) -> dict:
     """Predict with every member (``folds``, default all planned folds, each), then average them node by node."""
     output_dir = Path(output_dir)

@@ -263,12 +263,13 @@ def read_case_rows(output_dir: Path, case_id: str) -> pd.DataFrame:
 
 
 def predict_folder(input_dir: Path, output_dir: Path, model_folder: Path, folds: list[str] | None = None,
-                   checkpoint: str = "checkpoint_final.pth", device: str = "cpu", num_processes: int = 1,
+                   checkpoint: str = "checkpoint_final.pth", device: str = "cpu", num_processes: int = 0,
                    mirror: bool = True, save_probmaps: bool = True, progress: bool = True, overwrite: bool = False,
                    num_parts: int = 1, part_id: int = 0) -> dict:
     """Predict every case (of part ``part_id`` of ``num_parts``: cases sorted by id, every num_parts-th one);
-    cases already in ``output_dir`` from the same settings are skipped unless ``overwrite``. Returns a summary;
-    raises LNMError at the end if any case failed."""
+    cases already in ``output_dir`` from the same settings are skipped unless ``overwrite``. ``num_processes``:
+    background workers preparing the cases (0: this process does). Returns a summary; raises LNMError at the
+    end if any case failed."""
     t0 = time.time()
     if num_parts < 1 or not 0 <= part_id < num_parts:
         raise LNMError(f"-part_id must lie in 0..num_parts-1 and -num_parts be at least 1 (got -num_parts {num_parts} "
@@ -363,9 +364,10 @@ def predict_folder(input_dir: Path, output_dir: Path, model_folder: Path, folds:
 
 def _preprocessed(cases: list[InputCase], plans: Plans, num_processes: int, output_dir: Path,
                   configuration: ConfigurationPlan | None = None):
-    """Yield each case's PreprocessedCase in order; with workers (which end with this process), at most
+    """Yield each case's PreprocessedCase in order: cut in this process (``num_processes`` 0), or by that many
+    background workers (which end with this process) while the caller scores the previous case, at most
     2 x workers cases in flight."""
-    if num_processes <= 1:
+    if num_processes <= 0:
         for c in cases:
             yield load_and_preprocess(c, plans, output_dir, configuration)
         return
