@@ -37,6 +37,8 @@ def forward_seconds(model_folder: Path, nodes_per_case: list[int], folds: list[s
     from lnm_auto.networks.node_predictor import predict_node_crops, tta_flips
     from lnm_auto.networks.shape_head import SHAPE_MEASUREMENTS
 
+    from lnm_auto.utils.threads import available_cores, plan_prediction
+    torch.set_num_threads(plan_prediction(available_cores())[1])   # lnm_predict's own CPU setting (threads.md)
     model = TrainedModel.load(model_folder)
     device = torch.device("cpu")
     networks = model.load_networks(folds, "checkpoint_final.pth", device)
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
              "lnm_predict with all folds and test-time mirroring, no probability maps",
              "predict s/case: predict_info.json wall time / cases; process s/case adds interpreter start and imports",
              "bound = SimpleITK read of image + node mask + forwards of every fold and flip on the case's nodes "
-             "(the configuration's batch size, zeros of the planned crop shapes)",
+             "(the configuration's batch size, zeros of the planned crop shapes, lnm_predict's torch thread count)",
              "last row: peak RSS many / few cases"]
     write_results("inference_bound_quick" if args.quick else "inference_bound", header, rows, notes)
     return 0
