@@ -340,6 +340,15 @@ def test_prediction_errors_suggest_the_nearest_name(trained, tmp_path, configura
     assert "trained folds: none" not in proc.stderr
 
 
+def test_commands_import_matplotlib_only_to_plot():
+    """Half a second of every start: the data and prediction commands import matplotlib only when they draw."""
+    modules = ("lnm_auto.cli.data_commands", "lnm_auto.cli.predict_commands", "lnm_auto.planning.plan_and_preprocess",
+               "lnm_auto.inference.predictor", "lnm_auto.inference.ensemble", "lnm_auto.training.progress")
+    code = f"import sys, {', '.join(modules)}; print('matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_negative_preparation_workers_is_one_line(tmp_path):
     proc = run_cli("predict", "-i", tmp_path, "-o", tmp_path / "out", "-m", tmp_path, "-npp", "-1", "-device", "cpu")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr

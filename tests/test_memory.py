@@ -34,7 +34,7 @@ def test_second_large_buffer_reuses_the_first():
     if not tuned:
         pytest.skip("not glibc: mallopt unavailable")
     # (page faults, not pages: with transparent huge pages one fault maps 2 MiB)
-    assert first > 0 and second < 0.1 * first      # the first buffer is new memory, the second reuses it
+    assert first > 0 and second <= max(8, 0.1 * first)   # the first buffer is new memory, the second reuses it
     _, first_default, second_default = run_probe("default")
     assert second_default > 0.5 * first_default    # glibc's default maps (and faults) it afresh: what the tuning removes
 

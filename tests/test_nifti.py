@@ -25,7 +25,7 @@ def oblique_image(arr: np.ndarray) -> sitk.Image:
     return img
 
 
-@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.float32, np.float64, np.uint32, np.int8, np.uint16, np.int64])
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.float32, np.float64, np.uint32, np.int8, np.uint16, np.int32, np.int64, np.uint64])
 @pytest.mark.parametrize("ending", [".nii.gz", ".nii"])
 def test_read_equals_simpleitk(tmp_path, dtype, ending):
     rng = np.random.default_rng(0)
@@ -41,15 +41,18 @@ def test_read_equals_simpleitk(tmp_path, dtype, ending):
     assert np.array_equal(sitk.GetArrayViewFromImage(ours), arr)
 
 
-def written(tmp_path, img: sitk.Image, name: str, slope: float | None = None, inter: float = 0.0) -> Path:
+def written(tmp_path, img: sitk.Image, name: str, slope: float | None = None, inter: float = 0.0,
+            vox_offset: float | None = None) -> Path:
     """``img`` as a NIfTI-1 file ``name``; ``slope``: patch the header's scl_slope / scl_inter (SimpleITK then
-    reads scaled float voxels)."""
+    reads scaled float voxels); ``vox_offset``: patch where the header says the voxels start."""
     plain = tmp_path / (name.removesuffix(".gz") + ".plain.nii")
     sitk.WriteImage(img, str(plain))
     data = bytearray(plain.read_bytes())
     plain.unlink()
     if slope is not None:
         struct.pack_into("<ff", data, 112, slope, inter)
+    if vox_offset is not None:
+        struct.pack_into("<f", data, 108, vox_offset)
     path = tmp_path / name
     path.write_bytes(gzip.compress(bytes(data)) if name.endswith(".gz") else bytes(data))
     return path
@@ -101,6 +104,25 @@ def test_scaled_voxels_are_left_to_simpleitk(tmp_path, monkeypatch, slope, inter
     else:
         assert calls == [(path, None, True)]
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize("vox_offset", [0.0, -8.0, 348.0])
+def test_a_vox_offset_inside_the_header_is_read_like_simpleitk(tmp_path, vox_offset):
+    """The NIfTI library starts the voxels no earlier than the header's end whatever vox_offset says: the same
+    voxels here (shifted ones, silently, if the offset were taken as given)."""
+    arr = np.arange(3 * 4 * 5, dtype=np.int16).reshape(3, 4, 5)
+    path = written(tmp_path, oblique_image(arr), "a.nii.gz", vox_offset=vox_offset)
+    assert_same_image(read_image(path), sitk.ReadImage(str(path)))
+
+
+def test_bitpix_smaller_than_the_datatype_is_one_line(tmp_path):
+    """bitpix says 8 bits, datatype int16: the library reads by datatype, so the file is short; one line."""
+    data = bytearray(written(tmp_path, oblique_image(np.ones((3, 4, 5), np.int16)), "a.nii").read_bytes())
+    struct.pack_into("<h", data, 72, 8)
+    path = tmp_path / "b.nii"
+    path.write_bytes(bytes(data[:-20]))
+    with pytest.raises(LNMError, match="truncated"):
+        read_image(path)
 
 
 @pytest.mark.parametrize("make", ["2d", "4d", "vector"])

@@ -45,7 +45,7 @@ class NiftiHeader:
     datatype: int
     bitpix: int
     pixdim: tuple
-    vox_offset: int
+    vox_offset: int            # where the voxels start: the header's vox_offset, at least the header's size
     scl_slope: float
     scl_inter: float
     single_file: bool          # .nii (magic n+1), not a .hdr/.img pair
@@ -56,7 +56,10 @@ class NiftiHeader:
 
     @property
     def n_voxel_bytes(self) -> int:
-        return int(np.prod([int(d) for d in self.dim[1:self.n_dims + 1]], dtype=np.int64)) * self.bitpix // 8
+        # the NIfTI library SimpleITK reads with sizes voxels by datatype, not by bitpix
+        pixel = _NIFTI_PIXELS.get(self.datatype)
+        voxel_bytes = np.dtype(pixel[0]).itemsize if pixel else self.bitpix // 8
+        return int(np.prod([int(d) for d in self.dim[1:self.n_dims + 1]], dtype=np.int64)) * voxel_bytes
 
 
 class _CopyingReader:
@@ -170,6 +173,8 @@ def image_from_nifti_bytes(data: bytes, header: NiftiHeader, header_file: Path) 
     if (reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1 or reader.GetPixelID() != pixel[1]
             or reader.GetSize() != shape_zyx[::-1]):
         return None
+    if len(data) < header.vox_offset + header.n_voxel_bytes:
+        return None
     voxels = np.frombuffer(data, dtype=np.dtype(header.order + pixel[0]), count=int(np.prod(shape_zyx)),
                            offset=header.vox_offset).reshape(shape_zyx)
     img = sitk.GetImageFromArray(voxels.astype(voxels.dtype.newbyteorder("="), copy=False))
@@ -235,6 +240,7 @@ def _nifti_header(header: bytes) -> NiftiHeader | None:
             dim, datatype, bitpix, pixdim, offset, slope, inter = [struct.unpack_from(order + fmt, header, at)
                                                                    for fmt, at in _NIFTI_LAYOUT[size]]
             magic = header[344:348] if size == 348 else header[4:8]
-            return NiftiHeader(order, dim, datatype[0], bitpix[0], pixdim, int(offset[0]), float(slope[0]),
+            # the NIfTI library starts a .nii file's voxels no earlier than the header's end, whatever vox_offset says
+            return NiftiHeader(order, dim, datatype[0], bitpix[0], pixdim, max(int(offset[0]), size), float(slope[0]),
                                float(inter[0]), magic.startswith(b"n+"))
     return None

@@ -16,18 +16,15 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import pandas as pd
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 from lnm_auto.evaluation.rollup import rollup
 from lnm_auto.evaluation.metrics import auroc
 from lnm_auto.evaluation.statistics import bootstrap_ci
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import atomic_path, atomic_write_text, load_json, save_csv_atomic, save_json
+from lnm_auto.utils.plotting import pyplot
 from lnm_auto.utils.tables import node_ids, read_csv_text
 
 PREDICTIONS_FILE = "validation/predictions.csv"
@@ -182,6 +179,7 @@ def write_table(rows: list[dict], path: Path, chosen: tuple[str, ...]) -> None:
 def plot_table(rows: list[dict], path: Path, chosen: tuple[str, ...], level: str) -> None:
     """Horizontal bars of the selection level's CV AUROC with its CI, the chosen candidate highlighted."""
     shown = [r for r in rows if r.get(level)]
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(shown) + 1.2))
     for i, r in enumerate(shown):
         e = r[level]

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from lnm_auto.utils.io import atomic_path
+from lnm_auto.utils.plotting import pyplot
 from lnm_auto.utils.terminal import show_progress
 
 if TYPE_CHECKING:
@@ -22,15 +23,6 @@ if TYPE_CHECKING:
 
 PLOT_INTERVAL_S = 30.0     # progress.png is redrawn at most this often during training, and after the last epoch
 FEW_POINTS = 25            # up to this many epochs every point gets a marker (one epoch is one point)
-
-
-def _pyplot():
-    """matplotlib's pyplot on the file-only Agg backend, imported when a plot is drawn (0.5 s that commands
-    which only import this module for its progress output never pay)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
 
 
 def progress_bar(total: int, desc: str, unit: str = "step") -> tqdm:
@@ -111,7 +103,7 @@ class TrainingLog:
     def figure(self) -> plt.Figure:
         """The progress figure: one quantity per panel (loss, AUROC, epoch time, data wait, learning rate),
         legends to the right of the curves, markers while there are few epochs."""
-        plt = _pyplot()
+        plt = pyplot()
         from matplotlib.ticker import MaxNLocator
         v = self.values
         epochs = list(range(1, len(v["train_loss"]) + 1))
@@ -153,4 +145,4 @@ class TrainingLog:
         fig = self.figure()
         with atomic_path(path, suffix=".png") as tmp:
             fig.savefig(tmp, dpi=80, bbox_inches="tight")
-        _pyplot().close(fig)
+        pyplot().close(fig)
