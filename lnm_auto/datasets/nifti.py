@@ -28,7 +28,6 @@ from lnm_auto.utils.errors import LNMError
 # formats and offsets
 _NIFTI_LAYOUT = {348: (("8h", 40), ("h", 70), ("h", 72), ("8f", 76), ("f", 108), ("f", 112), ("f", 116)),
                  540: (("8q", 16), ("h", 12), ("h", 14), ("8d", 104), ("q", 168), ("d", 176), ("d", 184))}
-_NIFTI_FLOATS = {16: "f4", 64: "f8"}   # NIfTI datatype codes of float32 / float64
 # NIfTI datatype code -> numpy type code and the SimpleITK pixel type its reader gives unscaled voxels
 _NIFTI_PIXELS = {2: ("u1", sitk.sitkUInt8), 4: ("i2", sitk.sitkInt16), 8: ("i4", sitk.sitkInt32),
                  16: ("f4", sitk.sitkFloat32), 64: ("f8", sitk.sitkFloat64), 256: ("i1", sitk.sitkInt8),
@@ -61,55 +60,44 @@ class NiftiHeader:
         voxel_bytes = np.dtype(pixel[0]).itemsize if pixel else self.bitpix // 8
         return int(np.prod([int(d) for d in self.dim[1:self.n_dims + 1]], dtype=np.int64)) * voxel_bytes
 
+    @property
+    def float_code(self) -> str | None:
+        """numpy's code of a float32/float64 voxel type (whose NaN/Inf the check counts), else None."""
+        pixel = _NIFTI_PIXELS.get(self.datatype)
+        return pixel[0] if pixel and pixel[0].startswith("f") else None
 
-class _CopyingReader:
-    """A read-only stream that also writes what it reads to ``out``; a failing write (disk full) stops the
-    copy and is remembered, never reported as a problem of the file being read."""
 
-    def __init__(self, stream: BinaryIO, out: BinaryIO | None):
-        self.stream, self.out, self.copy_failed = stream, out, out is None
+class _KeepingReader:
+    """A read-only stream that keeps what it reads: the decompressed file, joined once at the end."""
+
+    def __init__(self, stream: BinaryIO):
+        self.stream, self.parts = stream, []
 
     def read(self, n: int) -> bytes:
         data = self.stream.read(n)
-        if data and not self.copy_failed:
-            try:
-                self.out.write(data)
-            except OSError:
-                self.copy_failed = True
+        self.parts.append(data)
         return data
 
-
-class _Chunks:
-    """An in-memory ``copy_to`` target: the decompressed file, joined once at the end."""
-
-    def __init__(self):
-        self.parts: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.parts.append(data)
-
-    def joined(self) -> bytes:
+    def content(self) -> bytes:
         data = b"".join(self.parts)
         self.parts = []
         return data
 
 
-def check_nifti_file(path: Path, header_only: bool = False, copy_to: BinaryIO | None = None) -> bool:
+def check_nifti_file(path: Path, header_only: bool = False) -> None:
     """Refuse a NIfTI file that SimpleITK would read wrongly without an error: header spacing (pixdim[1..3])
     not positive (read as 1 mm), voxel data shorter than the header says (truncated copy, damaged gzip
-    stream: zero-filled), NaN/Inf voxels (read as 0). Streams the voxels once unless ``header_only``.
-    ``copy_to``: an open file that receives the decompressed bytes; returns whether it now holds the whole
-    file (False when only the header was needed, the file is a .hdr/.img pair, or the copy failed)."""
-    return _checked_header(path, header_only, copy_to)[1]
+    stream: zero-filled), NaN/Inf voxels (read as 0). Streams the voxels once unless ``header_only``."""
+    _checked_content(path, is_gzipped(path), header_only)
 
 
-def _checked_header(path: Path, header_only: bool = False,
-                    copy_to: BinaryIO | None = None) -> tuple[NiftiHeader, bool]:
-    """:func:`check_nifti_file`, also returning the header it parsed."""
-    opener = igzip.open if is_gzipped(path) else open
+def _checked_content(path: Path, gzipped: bool, header_only: bool = False) -> tuple[NiftiHeader, bytes | None]:
+    """:func:`check_nifti_file`, returning the header it parsed and the whole decompressed file (None when only
+    the header was read: ``header_only``, or a .hdr/.img pair)."""
+    opener = igzip.open if gzipped else open
     try:
         with opener(path, "rb") as raw:
-            f = _CopyingReader(raw, copy_to)
+            f = _KeepingReader(raw)
             header_bytes = f.read(540)
             header = _nifti_header(header_bytes)
             if header is None:
@@ -122,9 +110,9 @@ def _checked_header(path: Path, header_only: bool = False,
                 raise LNMError(f"{path}: header spacing pixdim[{bad[0]}] = {pixdim[bad[0]]:g} mm; every voxel spacing "
                                "must be positive (fix the header: the spacing the scanner used)")
             if header_only or not header.single_file:
-                return header, False
+                return header, None
             n_data, n_bad = _scan_voxels(f, header_bytes, header.vox_offset, header.n_voxel_bytes,
-                                         _NIFTI_FLOATS.get(header.datatype), header.order)
+                                         header.float_code, header.order)
     except (OSError, EOFError, zlib.error, isal_zlib.error) as e:   # BadGzipFile is an OSError
         raise LNMError(f"{path}: damaged or truncated file ({str(e).strip()[:120] or type(e).__name__}); copy or "
                        "convert it again") from None
@@ -134,7 +122,7 @@ def _checked_header(path: Path, header_only: bool = False,
     if n_bad:
         raise LNMError(f"{path}: {n_bad} NaN/Inf voxel(s); replace them with a finite value (SimpleITK "
                        "would silently read NaN as 0)")
-    return header, not f.copy_failed
+    return header, f.content()
 
 
 def read_checked_nifti(path: Path, read: Callable[..., sitk.Image]) -> sitk.Image:
@@ -142,11 +130,9 @@ def read_checked_nifti(path: Path, read: Callable[..., sitk.Image]) -> sitk.Imag
     memory (header interpreted by SimpleITK), else with ``read(file, shown_as=path)`` from an uncompressed
     temporary copy of them (or ``path`` itself)."""
     gzipped = is_gzipped(path)
-    buffer = _Chunks()
-    header, complete = _checked_header(path, copy_to=buffer)
-    if not complete:                                  # a .hdr/.img pair
+    header, data = _checked_content(path, gzipped)
+    if data is None:                                  # a .hdr/.img pair
         return read(path)
-    data = buffer.joined()
     img = image_from_nifti_bytes(data, header, path)
     if img is not None:
         return img
