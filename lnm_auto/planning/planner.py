@@ -214,19 +214,18 @@ WEGA_INITIAL_LR = 1e-3
 WEGA_WEIGHT_DECAY = 0.05
 
 
-def plan_wega_configuration(global_scale: CropScale, n_channels: int, budget: ComputeBudget, recipe: TrainingRecipe,
-                            augmentation: AugmentationPlan) -> tuple[CropScale, ConfigurationPlan, str]:
-    """The ``context`` scale, the ``wega`` configuration (its local branch on the ``global`` node ROI) and a note.
-
-    ``n_channels``: image channels + the node mask, as the network receives them."""
-    context, note = plan_context_scale(global_scale.roi_size_mm, global_scale.spacing_mm, budget, n_channels - 1)
+def plan_wega_configuration(global_scale: CropScale, context: CropScale, n_channels: int, budget: ComputeBudget,
+                            recipe: TrainingRecipe, augmentation: AugmentationPlan) -> tuple[ConfigurationPlan, str]:
+    """The ``wega`` configuration (its global branch on the ``context`` scale, its local branch on the
+    ``global`` node ROI) and a note on its ViT. ``n_channels``: image channels + the node mask, as the network
+    receives them."""
     topology = plan_wega_topology(context.roi_shape, global_scale.roi_shape, global_scale.spacing_mm, budget,
                                   in_channels=n_channels, mask_channel=True)
     wega_recipe = dataclasses.replace(recipe, optimizer=WEGA_OPTIMIZER, initial_lr=WEGA_INITIAL_LR,
                                       weight_decay=WEGA_WEIGHT_DECAY)
     gflops = estimate_wega_gflops(topology, context.roi_shape, global_scale.roi_shape, n_channels, True)
     config = ConfigurationPlan("wega", topology, topology.scales, True, wega_recipe, augmentation, gflops)
-    return context, config, f"{note}; ViT '{topology.vit_name}' (width {topology.embed_dim}, depth {topology.depth})"
+    return config, f"ViT '{topology.vit_name}' (width {topology.embed_dim}, depth {topology.depth})"
 
 
 # ---- the multi-task switch (M2ANet) ---------------------------------------------------------------------
@@ -300,17 +299,45 @@ def with_shape_head(config: ConfigurationPlan, features: list[ShapeFeature]) -> 
                                estimated_gflops_per_sample=config.estimated_gflops_per_sample + extra)
 
 
-# ---- the whole plan ---------------------------------------------------------------------------------
-def plan_experiment(fingerprint: dict, planner: str = "LNMPlannerCPU", plans_name: str = DEFAULT_PLANS_NAME,
-                    n_folds: int = 5, split_seed: int = 12345, shape_head: bool | None = None) -> Plans:
-    """The plans of every configuration for a dataset fingerprint. ``shape_head``: feed the node's shape
-    features into the final classifier of 2d25 and 3d_resenc (None: ``DEFAULT_SHAPE_HEAD``)."""
+# ---- the crop scales: what preprocessing needs before any image voxel is read ----------------------
+@dataclasses.dataclass(frozen=True)
+class CropScalePlan:
+    """The node views every configuration is cut from, with how they were decided."""
+    target_spacing_mm: tuple[float, float, float]
+    anisotropic: bool
+    scales: dict[str, CropScale]          # global, local, context
+    n_cases: int
+    node_extent_mm: tuple[float, float]   # 95th percentile node extent (through-plane, in-plane)
+    roi_notes: list[str]
+    context_note: str
+
+
+def plan_crop_scales(fingerprint: dict, planner: str = "LNMPlannerCPU") -> CropScalePlan:
+    """Spacing, fields of view and voxels of the crop scales. They use the cases' geometry and the nodes'
+    extents only, never intensities: preprocessing plans them from the node masks, then cuts the crops in
+    the one pass over the images that also gathers the intensity statistics."""
     budget = budget_for_planner(planner)
     spacings = canonical_case_spacings(fingerprint)
     target, anisotropic = plan_target_spacing(spacings, canonical_case_shapes(fingerprint))
     slice_extent, inplane_extent = node_extent_percentiles(fingerprint)
     global_scale, notes = plan_global_scale(target, slice_extent, inplane_extent)
     local_scale = plan_local_scale(global_scale, inplane_extent)
+    context_scale, context_note = plan_context_scale(global_scale.roi_size_mm, global_scale.spacing_mm, budget,
+                                                     len(fingerprint["channel_names"]))
+    return CropScalePlan(target, anisotropic, {"global": global_scale, "local": local_scale, "context": context_scale},
+                         len(spacings), (slice_extent, inplane_extent), notes, context_note)
+
+
+# ---- the whole plan ---------------------------------------------------------------------------------
+def plan_experiment(fingerprint: dict, planner: str = "LNMPlannerCPU", plans_name: str = DEFAULT_PLANS_NAME,
+                    n_folds: int = 5, split_seed: int = 12345, shape_head: bool | None = None) -> Plans:
+    """The plans of every configuration for a dataset fingerprint. ``shape_head``: feed the node's shape
+    features into the final classifier of 2d25 and 3d_resenc (None: ``DEFAULT_SHAPE_HEAD``)."""
+    budget = budget_for_planner(planner)
+    crop = plan_crop_scales(fingerprint, planner)
+    target, anisotropic, notes = crop.target_spacing_mm, crop.anisotropic, crop.roi_notes
+    global_scale, local_scale = crop.scales["global"], crop.scales["local"]
+    slice_extent, inplane_extent = crop.node_extent_mm
     recipe = plan_recipe(fingerprint, n_folds, planner)
     n_channels = len(fingerprint["channel_names"]) + 1  # + node mask channel: the networks see both
     augmentation = plan_augmentation(anisotropic)
@@ -331,11 +358,13 @@ def plan_experiment(fingerprint: dict, planner: str = "LNMPlannerCPU", plans_nam
         features = plan_shape_features(fingerprint)
         for name in HYBRID_HEAD_CONFIGURATIONS:
             configurations[name] = with_shape_head(configurations[name], features)
-    context_scale, configurations["wega"], context_note = plan_wega_configuration(global_scale, n_channels, budget,
-                                                                                 recipe, augmentation)
+    context_scale = crop.scales["context"]
+    configurations["wega"], vit_note = plan_wega_configuration(global_scale, context_scale, n_channels, budget,
+                                                               recipe, augmentation)
+    context_note = f"{crop.context_note}; {vit_note}"
     trainers, why_trainers = plan_learning_scheme(fingerprint)
     notes_out = {
-        "target_spacing": f"per-axis median of {len(spacings)} cases" + (
+        "target_spacing": f"per-axis median of {crop.n_cases} cases" + (
             "; anisotropic: slice spacing = 10th percentile of slice spacings" if anisotropic else ""),
         "roi": f"field of view = {CONTEXT_FACTOR} x the {NODE_EXTENT_PERCENTILE:.0f}th percentile node extent "
                f"({slice_extent:.1f} mm through-plane, {inplane_extent:.1f} mm in-plane)",
