@@ -10,8 +10,8 @@ import pytest
 import SimpleITK as sitk
 
 from lnm_auto.planning.plans import ChannelNormalization, CropScale
-from lnm_auto.preprocessing.geometry import measure_nodes, roi_grid
-from lnm_auto.preprocessing.normalization import normalize
+from lnm_auto.preprocessing.geometry import canonical_axes, crop_grid, measure_nodes, sample_linear, sitk_spacing_zyx
+from lnm_auto.preprocessing.normalization import normalize, normalize_stored
 from lnm_auto.preprocessing.preprocessor import crops_folder, load_case_crops, preprocess_images
 from test_planning import make_fingerprint
 from conftest import run_cli
@@ -70,11 +70,72 @@ def test_sphere_keeps_physical_volume_and_centre_after_resampling():
     (node,) = measure_nodes(mask)
     assert node.node == 3
     np.testing.assert_allclose(out["centre_mm"][0], centre, atol=0.35)
-    grid = roi_grid(mask, out["centre_mm"][0], scale.spacing_mm, scale.roi_shape)
-    cidx = np.argwhere(crop).mean(axis=0)[::-1]   # (col, row, slice) = grid's sitk index order
-    d = np.asarray(grid.direction).reshape(3, 3)
-    phys = np.asarray(grid.origin) + d @ (cidx * np.asarray(grid.spacing_xyz))
+    grid = crop_grid(mask, out["centre_mm"][0], scale.spacing_mm, scale.cache_shape)
+    crop_centre = np.argwhere(crop).mean(axis=0)            # canonical (slice, row, col) crop index
+    index_zyx = np.zeros(3)
+    for k, a in enumerate(grid.axes):                         # -> the image's continuous (z, y, x) index
+        index_zyx[a] = grid.start[k] + grid.step[k] * crop_centre[k]
+    phys = mask.TransformContinuousIndexToPhysicalPoint(tuple(index_zyx[::-1]))
     np.testing.assert_allclose(phys, centre, atol=0.5)
+
+
+def simpleitk_crop(img: sitk.Image, centre, spacing_srs, shape_srs, default: float) -> np.ndarray:
+    """The reference: SimpleITK's ResampleImageFilter (linear) on the grid of crop_grid, in physical terms."""
+    axes = canonical_axes(sitk_spacing_zyx(img))
+    sitk_axes = [2 - axes[2], 2 - axes[1], 2 - axes[0]]     # (col, row, slice) as SimpleITK axis numbers
+    direction = np.asarray(img.GetDirection()).reshape(3, 3)[:, sitk_axes]
+    spacing, size = np.asarray(spacing_srs, float)[::-1], np.asarray(shape_srs)[::-1]
+    origin = np.asarray(centre) - direction @ (spacing * (size - 1) / 2)
+    out = sitk.Resample(img, [int(v) for v in size], sitk.Transform(), sitk.sitkLinear, tuple(origin), tuple(spacing),
+                        tuple(direction.ravel()), float(default), sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(out)
+
+
+@pytest.mark.parametrize("spacing_xyz, size_xyz", [((0.7, 0.9, 3.0), (40, 36, 14)), ((3.0, 0.7, 0.8), (14, 40, 36))],
+                         ids=["axial", "sagittal"])
+def test_crops_are_simpleitks_linear_resampling(spacing_xyz, size_xyz):
+    """sample_linear gives SimpleITK's values on an oblique grid: inside, at the edges (clamped within half a
+    voxel) and outside the image (the default), coarser and finer than the image, along a permuted slice axis."""
+    rng = np.random.default_rng(0)
+    img = sitk.GetImageFromArray(rng.normal(100, 40, size_xyz[::-1]).astype(np.int16))
+    img.SetSpacing(spacing_xyz)
+    img.SetOrigin((-12.0, 30.5, 7.25))
+    img.SetDirection(rotation_direction(25, -15))
+    voxels = sitk.GetArrayViewFromImage(img)
+    for index_xyz in [(20.3, 17.6, 7.2), (1.1, 34.7, 0.4), (-3.0, 2.0, 13.9)]:     # centre, near and past the edges
+        centre = img.TransformContinuousIndexToPhysicalPoint(index_xyz)
+        for spacing_srs, shape_srs in [((3.0, 0.8, 0.8), (5, 24, 24)), ((6.1, 0.35, 1.3), (3, 31, 17))]:
+            want = simpleitk_crop(img, centre, spacing_srs, shape_srs, -1024.0)
+            got = sample_linear(voxels, crop_grid(img, centre, spacing_srs, shape_srs), -1024.0)
+            assert got.shape == tuple(shape_srs) and got.dtype == np.float32
+            np.testing.assert_allclose(got, want, atol=1e-3)
+            assert (got == -1024).any() == (want == -1024).any()
+
+
+def test_a_node_mask_piece_samples_like_the_whole_mask():
+    """Sampling node k's small mask piece (with its offset in the volume) equals sampling (mask == k) whole."""
+    image, mask, centre = sphere_case()
+    arr = sitk.GetArrayViewFromImage(mask)
+    box = tuple(slice(int(i.min()) - 2, int(i.max()) + 3) for i in np.nonzero(arr))
+    piece = (arr[box] == 3).astype(np.uint8)
+    for spacing_srs, shape_srs in [((3.0, 0.7, 0.7), (9, 40, 40)), ((6.0, 1.4, 1.4), (3, 30, 30))]:
+        grid = crop_grid(mask, centre, spacing_srs, shape_srs)
+        whole = sample_linear((arr == 3).astype(np.float32), grid)
+        part = sample_linear(piece, grid, 0.0, arr.shape, tuple(s.start for s in box))
+        np.testing.assert_allclose(part, whole, atol=1e-6)
+        assert (whole >= 0.5).sum() > 100
+
+
+def test_stored_crops_read_back_as_the_plans_normalization():
+    """Crops are cached z-scored with the case's statistics; read back they are the plans' normalization: CT
+    clipped and z-scored with the dataset's statistics (to float16 precision), z-score unchanged."""
+    x = np.linspace(-1100.0, 2500.0, 101)
+    mean, std = 40.0, 350.0
+    stored = ((x - mean) / std).astype(np.float16)
+    ct = ChannelNormalization(0, "CT", "CT", clip_low=-200.0, clip_high=300.0, mean=50.0, std=80.0)
+    np.testing.assert_allclose(normalize_stored(stored, ct, mean, std), normalize(x, ct), atol=2e-2)
+    mr = ChannelNormalization(0, "T2", "zscore")
+    np.testing.assert_array_equal(normalize_stored(stored, mr, mean, std), stored.astype(np.float32))
 
 
 def test_crop_axes_are_canonical_for_sagittal_acquisition():
@@ -223,3 +284,26 @@ def test_node_boxes_are_find_objects_of_the_whole_mask():
             mask[tuple(rng.integers(0, s) for s in shape)] = rng.integers(1, 7)
         assert node_boxes(mask) == ndimage.find_objects(mask)
     assert node_boxes(np.zeros((0, 3, 3), np.uint8)) == [] and node_boxes(np.zeros((3, 3, 3), np.uint8)) == []
+
+
+def test_a_training_cache_reads_back_as_the_crops_inference_cuts(planned_tiny, tmp_path):
+    """What training reads of a case (its cache through CropStore: the plans' normalization applied to the stored
+    z-scores) is exactly what lnm_predict cuts of the same files."""
+    from lnm_auto.datasets.raw_dataset import RawDataset, read_image, read_instance_mask
+    from lnm_auto.planning.plans import Plans
+    from lnm_auto.training.data import CropStore
+    tiny_dataset, crops = planned_copy(planned_tiny, tmp_path)
+    plans = Plans.load(crops.parent / "LNMPlans.json")
+    assert plans.normalization[0].scheme == "CT"
+    store = CropStore(crops, tuple(plans.scales), plans.normalization)
+    store.unpack(["case_001"])
+    case = RawDataset.load(tiny_dataset).case("case_001")
+    cut = preprocess_images([read_image(f) for f in case.image_files], read_instance_mask(case.node_mask_file), plans,
+                            "case_001")
+    assert cut["node_ids"].tolist() == [1, 2, 3]
+    for i in range(3):
+        for scale in plans.scales:
+            image, mask = store.node("case_001", i, scale)
+            np.testing.assert_array_equal(image, cut[f"image_{scale}"][i])
+            np.testing.assert_array_equal(mask, cut[f"mask_{scale}"][i])
+            assert image.dtype == np.float32 and -10 < image.min() < image.max() < 10

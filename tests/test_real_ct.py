@@ -35,6 +35,7 @@ def real_dataset(tmp_path_factory):
 
 def test_fingerprint_and_preprocessing_on_real_ct(real_dataset, tmp_path):
     from lnm_auto.planning.plan_and_preprocess import plan_and_preprocess
+    from lnm_auto.preprocessing.normalization import normalize_node_crops
     from lnm_auto.preprocessing.preprocessor import load_case_crops
     r = plan_and_preprocess(100, real_dataset.parent, tmp_path / "pre", planner="LNMPlannerCPU", progress=False)
     plans = r.plans
@@ -54,5 +55,5 @@ def test_fingerprint_and_preprocessing_on_real_ct(real_dataset, tmp_path):
         crop_mm3 = crops["mask_global"][0].sum() * np.prod(g.spacing_mm)
         if g.roi_size_mm[1] >= 2 * crops["long_axis_mm"][0]:
             assert crop_mm3 == pytest.approx(lesion_mm3, rel=0.05)            # volume kept through resampling
-        img = crops["image_global"][0, 0].astype(np.float32)
-        assert np.isfinite(img).all() and -10 < img.min() and img.max() < 10  # normalized values
+        img = normalize_node_crops(crops, plans.normalization)["image_global"][0, 0]   # as training reads it
+        assert img.dtype == np.float32 and np.isfinite(img).all() and -10 < img.min() and img.max() < 10

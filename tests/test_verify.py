@@ -10,16 +10,19 @@ import SimpleITK as sitk
 
 from lnm_auto.datasets.raw_dataset import RawDataset
 from lnm_auto.datasets.verify import verify_dataset
-from lnm_auto.planning.fingerprint import compute_fingerprint, verify_and_fingerprint
+from lnm_auto.planning.fingerprint import compute_fingerprint
+from lnm_auto.planning.plan_and_preprocess import scan_dataset
 from conftest import write_image, run_cli
 
 
 def problems_of(root):
-    """The problems verify_dataset reports, checked to be exactly those of the one-pass verify + fingerprint
-    that lnm_plan_and_preprocess runs (which then also returns the fingerprint compute_fingerprint makes)."""
+    """The problems verify_dataset reports, checked to be exactly those of the scan lnm_plan_and_preprocess runs
+    (node masks, then images: each file read once), which then also returns the fingerprint that
+    compute_fingerprint makes reading each case at once."""
     ds = RawDataset.load(root)
     problems = verify_dataset(ds, progress=False)
-    one_pass, fingerprint = verify_and_fingerprint(ds, progress=False)
+    scan = scan_dataset(ds, progress=False)
+    one_pass, fingerprint = scan.problems, scan.fingerprint
     assert one_pass == problems
     assert (fingerprint is None) == bool(problems)
     if fingerprint is not None:

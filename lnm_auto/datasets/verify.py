@@ -36,8 +36,10 @@ class CaseCheck:
     case_id: str
     problems: list[str] = field(default_factory=list)
     mask_node_ids: set[int] = field(default_factory=set)
-    # what was read, kept when asked (``check_case(keep_voxels=True)``) so the fingerprint needs no second read
-    images: list[sitk.Image] | None = None
+    # image files whose headers passed: their voxels are what ``image_voxel_problems`` checks
+    readable_images: list[Path] = field(default_factory=list)
+    reference: sitk.ImageFileReader | None = None   # channel 0's header: the case's geometry
+    # what was read, kept when asked (``keep_mask=True``) so the node measurements need no second read
     mask: sitk.Image | None = None
     boxes: list | None = None          # the mask's node_boxes
 
@@ -60,12 +62,14 @@ def _fmt(values) -> str:
     return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
 
 
-def _read(path: Path, problems: list[str]) -> sitk.Image | None:
+def _read(path: Path, problems: list[str], reader=read_image):
+    """``reader(path)`` (the image; or its header: ``read_image_header``), or None and one more problem line.
+    Both refuse NIfTI headers with non-positive spacings; reading the image also refuses truncated files."""
     if not path.is_file():
         problems.append(f"{path}: file missing")
         return None
     try:
-        return read_image(path)   # also refuses truncated NIfTI and non-positive spacings
+        return reader(path)
     except LNMError as e:
         problems.append(str(e))
         return None
@@ -99,11 +103,37 @@ def extra_channel_problems(case: RawCase) -> list[str]:
             f"channel(s) of dataset.json's channel_names; add the channel there or remove the file(s)"]
 
 
-def check_case(case: RawCase, keep_voxels: bool = False) -> CaseCheck:
-    """Every per-file check of one case: files present, readable, finite, same geometry, integer mask.
-    ``keep_voxels``: keep the images, mask and node boxes read (when the case has no problem)."""
+def check_case(case: RawCase) -> CaseCheck:
+    """Every per-file check of one case: files present, readable, finite, same geometry, integer mask. The
+    headers and the node mask are checked first, then the images' voxels: lnm_plan_and_preprocess does the two
+    halves in its two passes over a dataset (the node masks, then the images), in the same order."""
+    result = check_headers_and_mask(case)
+    result.problems += read_checked_images(result.readable_images)[1]
+    return result
+
+
+def read_checked_images(image_files: list[Path]) -> tuple[list[sitk.Image], list[str]]:
+    """The images read whole (a truncated or damaged file is refused here, not from its header) and the
+    problems of their voxels: NaN/Inf."""
+    images, problems = [], []
+    for image_file in image_files:
+        img = _read(image_file, problems)
+        if img is None:
+            continue
+        arr = sitk.GetArrayViewFromImage(img)
+        if np.issubdtype(arr.dtype, np.floating):
+            n_bad = int(np.count_nonzero(~np.isfinite(arr)))
+            if n_bad:
+                problems.append(f"{image_file}: {n_bad} NaN/Inf voxel(s); replace them with a finite value")
+        images.append(img)
+    return images, problems
+
+
+def check_headers_and_mask(case: RawCase, keep_mask: bool = False) -> CaseCheck:
+    """The checks of one case that need no image voxel: images present with a readable 3D single-component
+    header on one grid, and the whole node mask (integer ids, not binary-looking, the image's geometry).
+    ``keep_mask``: keep the mask and its node boxes (when the case has no problem)."""
     result = CaseCheck(case.case_id)
-    images = []
     p = result.problems
     p.extend(extra_channel_problems(case))
     if not SAFE_CASE_ID.match(case.case_id):
@@ -111,24 +141,20 @@ def check_case(case: RawCase, keep_voxels: bool = False) -> CaseCheck:
                  "(use letters, digits, '_', '-', '.'; no spaces, no leading '.' or '-')")
     reference = None
     for image_file in case.image_files:
-        img = _read(image_file, p)
-        if img is None:
+        header = _read(image_file, p, read_image_header)
+        if header is None:
             continue
-        if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
-            p.append(f"{image_file}: must be a 3D single-component image, got {img.GetDimension()}D with "
-                     f"{img.GetNumberOfComponentsPerPixel()} component(s)")
+        if header.GetDimension() != 3 or header.GetNumberOfComponents() != 1:
+            p.append(f"{image_file}: must be a 3D single-component image, got {header.GetDimension()}D with "
+                     f"{header.GetNumberOfComponents()} component(s)")
             continue
-        arr = sitk.GetArrayViewFromImage(img)
-        if np.issubdtype(arr.dtype, np.floating):
-            n_bad = int(np.count_nonzero(~np.isfinite(arr)))
-            if n_bad:
-                p.append(f"{image_file}: {n_bad} NaN/Inf voxel(s); replace them with a finite value")
-        images.append(img)
+        result.readable_images.append(image_file)
         if reference is None:
-            reference = img
+            reference = header
         else:
-            for m in geometry_mismatches(reference, img):
+            for m in geometry_mismatches(reference, header):
                 p.append(f"{image_file}: {m} of channel 0; all channels must share one grid")
+    result.reference = reference
     mask = _read(case.node_mask_file, p)
     if mask is not None and (mask.GetDimension() != 3 or mask.GetNumberOfComponentsPerPixel() != 1):
         p.append(f"{case.node_mask_file}: the node mask must be a 3D single-component image, got "
@@ -159,8 +185,8 @@ def check_case(case: RawCase, keep_voxels: bool = False) -> CaseCheck:
         elif region is not None and reference is not None:
             for m in geometry_mismatches(reference, region):
                 p.append(f"{case.region_file}: {m}; the region map must have the image's geometry")
-    if keep_voxels and not p:
-        result.images, result.mask, result.boxes = images, mask, boxes
+    if keep_mask and not p:
+        result.mask, result.boxes = mask, boxes
     return result
 
 

@@ -167,7 +167,7 @@ def load_and_preprocess(case: InputCase, plans: Plans, output_dir: Path,
     if configuration is not None and isinstance(configuration.network, RadiomicsTopology):
         inputs = radiomics_case_inputs(images, mask, configuration.network)
     else:
-        inputs = preprocess_images(images, mask, plans)
+        inputs = preprocess_images(images, mask, plans, case.case_id)
     return PreprocessedCase(case.case_id, inputs, "", split_note, instance_file)
 
 

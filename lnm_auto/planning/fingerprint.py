@@ -6,79 +6,79 @@ margin of surrounding tissue (the classifier never looks further than that). Lab
 """
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import SimpleITK as sitk
 
 from lnm_auto.datasets.raw_dataset import (UNKNOWN, RawCase, RawDataset, as_integer_mask, read_image,
-                                           read_instance_mask)
-from lnm_auto.datasets.verify import CaseCheck, case_and_table_problems, case_list_problems, check_case
+                                           read_image_header, read_instance_mask)
+from lnm_auto.datasets.verify import CaseCheck, check_headers_and_mask
+from lnm_auto.preprocessing.crops import CaseNodes, case_nodes, intensity_samples
+from lnm_auto.preprocessing.geometry import slice_axis
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.processes import map_in_workers
-from lnm_auto.preprocessing.geometry import measure_nodes, node_boxes, sitk_spacing_zyx, slice_axis
 
 FINGERPRINT_VERSION = 1
-INTENSITY_MARGIN_MM = 10.0          # tissue around each node that counts as "node surroundings"
-INTENSITY_SAMPLES_PER_CASE = 10_000  # per channel; pooled over cases like nnU-Net's foreground samples
 
 
-def node_neighbourhood(mask_arr: np.ndarray, spacing_zyx, margin_mm: float = INTENSITY_MARGIN_MM,
-                       boxes: list[tuple[slice, ...] | None] | None = None) -> np.ndarray:
-    """Boolean array: the bounding box of all nodes together, grown by ``margin_mm`` per axis (``boxes``: the
-    mask's ``node_boxes``, when the caller has them)."""
-    region = np.zeros(mask_arr.shape, dtype=bool)
-    present = [b for b in (node_boxes(mask_arr) if boxes is None else boxes) if b is not None]
-    if not present:
-        return region
-    margin = np.ceil(margin_mm / np.asarray(spacing_zyx)).astype(int)
-    lo = [max(min(b[d].start for b in present) - margin[d], 0) for d in range(3)]
-    hi = [min(max(b[d].stop for b in present) + margin[d], mask_arr.shape[d]) for d in range(3)]
-    region[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = True
-    return region
-
-
-def intensity_samples(channels: list[np.ndarray], region: np.ndarray, n: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """Up to ``n`` random voxel values of every channel inside ``region``."""
-    idx = np.flatnonzero(region)
-    if len(idx) > n:
-        idx = rng.choice(idx, n, replace=False)
-    return [c.ravel()[idx].astype(np.float64) for c in channels]
-
-
-def case_fingerprint(case: RawCase, seed: int = 0) -> tuple[dict, list[dict], list[np.ndarray]]:
-    """(case entry, node entries, intensity samples per channel) of one case."""
-    images = [read_image(f) for f in case.image_files]
-    mask = read_instance_mask(case.node_mask_file)   # integer node ids or one line naming the file
-    return fingerprint_of(case.case_id, images, mask, seed=seed)
-
-
-def fingerprint_of(case_id: str, images: list[sitk.Image], mask: sitk.Image, boxes: list | None = None,
-                   seed: int = 0) -> tuple[dict, list[dict], list[np.ndarray]]:
-    """:func:`case_fingerprint` of images and a node mask already read (``boxes``: the mask's node_boxes)."""
-    spacing = sitk_spacing_zyx(images[0])
-    mask_arr = np.asarray(sitk.GetArrayViewFromImage(mask))
-    boxes = node_boxes(mask_arr) if boxes is None else boxes
-    nodes = measure_nodes(mask, boxes)
-    region = node_neighbourhood(mask_arr, spacing, boxes=boxes)
-    rng = np.random.default_rng(_stable_seed(case_id, seed))  # hash() is salted per process
-    samples = intensity_samples([sitk.GetArrayViewFromImage(i) for i in images], region,
-                                INTENSITY_SAMPLES_PER_CASE, rng)
-    entry = {
+def case_entry(geometry, nodes: CaseNodes) -> dict:
+    """The fingerprint's entry of one case: its grid (from an image or its header: ``GetSpacing`` ...) and its
+    node count."""
+    spacing = tuple(float(v) for v in geometry.GetSpacing()[::-1])
+    return {
         "spacing_zyx_mm": list(spacing),
-        "shape_zyx": list(images[0].GetSize()[::-1]),
-        "direction": list(images[0].GetDirection()),
-        "origin": list(images[0].GetOrigin()),
+        "shape_zyx": list(geometry.GetSize()[::-1]),
+        "direction": [v + 0.0 for v in geometry.GetDirection()],   # + 0.0: a header's -0.0 reads as 0.0 elsewhere
+        "origin": [v + 0.0 for v in geometry.GetOrigin()],
         "slice_axis": slice_axis(spacing),
-        "n_nodes": len(nodes),
+        "n_nodes": len(nodes.measurements),
     }
-    node_entries = [{"case": case_id, **asdict(m)} for m in nodes]
-    return entry, node_entries, samples
 
 
-def _stable_seed(case_id: str, seed: int) -> int:
-    import zlib
-    return (zlib.crc32(case_id.encode()) + seed) % (2**32)
+def node_entries(case_id: str, nodes: CaseNodes) -> list[dict]:
+    """The fingerprint's entries of one case's nodes (measurements; labels are added from the tables)."""
+    return [{"case": case_id, **asdict(m)} for m in nodes.measurements]
+
+
+def case_fingerprint(case: RawCase) -> tuple[dict, list[dict], list[np.ndarray]]:
+    """(case entry, node entries, intensity samples per channel) of one case, everything read at once: the
+    reference the two-pass scan of lnm_plan_and_preprocess (masks, then images) must agree with."""
+    images = [read_image(f) for f in case.image_files]
+    nodes = case_nodes(read_instance_mask(case.node_mask_file))   # integer node ids or one line naming the file
+    samples = intensity_samples([sitk.GetArrayViewFromImage(i) for i in images], nodes.neighbourhood, case.case_id)
+    return case_entry(images[0], nodes), node_entries(case.case_id, nodes), samples
+
+
+@dataclass
+class MaskScan(CaseCheck):
+    """What the first pass learns of one case from its node mask and image headers: its checks (without the
+    mask and header read, which stay in the worker) and its nodes."""
+    nodes: CaseNodes | None = None           # None when the case has a problem
+    entry: dict | None = None                # the fingerprint's case entry
+
+
+def scan_node_mask(case: RawCase, verify: bool = True) -> MaskScan:
+    """First pass over a case: its node mask read whole (checked, measured, every node's mask piece kept) and
+    its images' headers. ``verify``: every check of the mask and headers (else only what the crops need; the
+    headers were checked beforehand by ``safety_problems``). Problems are returned, never raised."""
+    if verify:
+        check = check_headers_and_mask(case, keep_mask=True)
+        scan = MaskScan(case.case_id, check.problems, check.mask_node_ids, check.readable_images)
+        if check.problems:
+            return scan
+        mask, boxes, geometry = as_integer_mask(check.mask), check.boxes, check.reference
+    else:
+        scan = MaskScan(case.case_id, readable_images=list(case.image_files))
+        try:
+            mask, boxes, geometry = read_instance_mask(case.node_mask_file), None, read_image_header(case.image_files[0])
+        except LNMError as e:
+            scan.problems.append(str(e))
+            return scan
+    scan.nodes = case_nodes(mask, boxes)
+    scan.mask_node_ids = set(scan.nodes.node_ids)
+    scan.entry = case_entry(geometry, scan.nodes)
+    return scan
 
 
 def channel_statistics(samples: np.ndarray) -> dict:
@@ -104,31 +104,8 @@ def label_counts(labels) -> dict:
 def compute_fingerprint(ds: RawDataset, num_processes: int = 1, progress: bool = True) -> dict:
     """Fingerprint of the training cases of a verified dataset (a JSON-able dict)."""
     cases = ds.cases("Tr")
-    return assemble_fingerprint(ds, cases, map_in_workers(_case_fingerprint_seeded, cases, num_processes,
-                                                          "fingerprint", progress))
-
-
-def verify_and_fingerprint(ds: RawDataset, num_processes: int = 1, progress: bool = True) -> tuple[list[str], dict | None]:
-    """``verify_dataset`` and ``compute_fingerprint`` in one pass over the files (each is read, and decompressed,
-    once): (every problem, None) or ([], the fingerprint)."""
-    problems = case_list_problems(ds)
-    if not ds.case_ids("Tr"):
-        return problems, None
-    cases = ds.cases("Tr")
-    done = map_in_workers(_verified_case_fingerprint, cases, num_processes, "verify + fingerprint", progress)
-    problems += case_and_table_problems(ds, [check for check, _ in done])
-    if problems:
-        return problems, None
-    return [], assemble_fingerprint(ds, cases, [result for _, result in done])
-
-
-def _verified_case_fingerprint(case: RawCase) -> tuple[CaseCheck, tuple | None]:
-    check = check_case(case, keep_voxels=True)
-    if check.problems:
-        return check, None
-    result = fingerprint_of(case.case_id, check.images, as_integer_mask(check.mask), check.boxes)
-    check.images = check.mask = check.boxes = None    # not sent back to the parent process
-    return check, result
+    return assemble_fingerprint(ds, cases, map_in_workers(case_fingerprint, cases, num_processes, "fingerprint",
+                                                          progress))
 
 
 def assemble_fingerprint(ds: RawDataset, cases: list[RawCase], results: list[tuple]) -> dict:
@@ -173,7 +150,3 @@ def assemble_fingerprint(ds: RawDataset, cases: list[RawCase], results: list[tup
             "patient": label_counts(patient_labels.values()),
         },
     }
-
-
-def _case_fingerprint_seeded(case: RawCase) -> tuple[dict, list[dict], list[np.ndarray]]:
-    return case_fingerprint(case, seed=0)

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 from lnm_auto.planning.network_topology import ComputeBudget, get_budget
 
 # The soft mask reaches SOFT_MASK_MARGIN_MM around the node: the same "node surroundings" margin the
-# fingerprint samples intensities from (fingerprint.INTENSITY_MARGIN_MM), i.e. the tissue a reader looks at.
+# fingerprint samples intensities from (preprocessing/crops.py INTENSITY_MARGIN_MM), i.e. the tissue a reader looks at.
 SOFT_MASK_MARGIN_MM = 10.0
 # Decoder width: all convolutions of the decoder run at full resolution (1x1x1 only), so its cost is
 # linear in the width; 16 keeps it < 5 % of the CPU budget at 16 x 64 x 64.

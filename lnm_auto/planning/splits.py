@@ -8,7 +8,6 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold
 
 from lnm_auto.datasets.raw_dataset import UNKNOWN
 from lnm_auto.utils.errors import LNMError
@@ -77,6 +76,7 @@ def make_patient_splits(fingerprint: dict, n_folds: int = 5, seed: int = 12345) 
         raise LNMError(f"cross-validation needs at least 2 patients, the dataset has {n_patients}")
     n_folds = min(n_folds, n_patients)
     y = stratification_keys(fingerprint, patients, case_ids, n_folds)
+    from sklearn.model_selection import StratifiedGroupKFold   # here: importing scikit-learn takes a second
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "least populated class has fewer members than n_splits"

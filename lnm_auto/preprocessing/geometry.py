@@ -47,48 +47,67 @@ def canonical_spacing(img: sitk.Image) -> np.ndarray:
     return sp[list(canonical_axes(sp))]
 
 
-@dataclass
-class RoiGrid:
-    """A sampling grid: canonical shape (slice, row, col) and spacing, centred on a physical point."""
-    origin: tuple[float, float, float]        # SimpleITK (x, y, z) physical origin of the grid
-    direction: tuple[float, ...]              # SimpleITK direction, columns = grid (col, row, slice) axes
-    spacing_xyz: tuple[float, float, float]   # SimpleITK order = (col, row, slice) spacing
-    size_xyz: tuple[int, int, int]            # SimpleITK order = (col, row, slice) size
+@dataclass(frozen=True)
+class CropGrid:
+    """Where a crop samples its image, in the image's own voxel indices: canonical crop axis k (slice, row,
+    col) runs along numpy axis ``axes[k]`` of the image, sample i at continuous index start[k] + i * step[k]."""
+    axes: tuple[int, int, int]
+    start: tuple[float, float, float]
+    step: tuple[float, float, float]
+    shape: tuple[int, int, int]
 
 
-def roi_grid(img: sitk.Image, centre_phys, spacing_srs, shape_srs) -> RoiGrid:
-    """Grid of ``shape_srs`` (slice, row, col) voxels at ``spacing_srs`` mm along the image's own axes,
-    centred at ``centre_phys``."""
-    axes_np = canonical_axes(sitk_spacing_zyx(img))
-    sitk_axes = [2 - axes_np[2], 2 - axes_np[1], 2 - axes_np[0]]  # (col, row, slice) as sitk axis indices
-    d = np.asarray(img.GetDirection(), dtype=float).reshape(3, 3)
-    d_grid = d[:, sitk_axes]
-    spacing_xyz = np.asarray(spacing_srs, dtype=float)[::-1]
-    size_xyz = np.asarray(shape_srs, dtype=int)[::-1]
-    half_extent = d_grid @ (spacing_xyz * (size_xyz - 1) / 2.0)
-    origin = np.asarray(centre_phys, dtype=float) - half_extent
-    return RoiGrid(tuple(origin), tuple(d_grid.ravel()), tuple(spacing_xyz), tuple(int(s) for s in size_xyz))
+def crop_grid(img: sitk.Image, centre_phys, spacing_srs, shape_srs) -> CropGrid:
+    """Grid of ``shape_srs`` (slice, row, col) samples ``spacing_srs`` mm apart along the image's own axes,
+    centred at the physical point ``centre_phys``: any direction and origin is honoured exactly."""
+    spacing_zyx = np.asarray(sitk_spacing_zyx(img))
+    axes = canonical_axes(spacing_zyx)
+    centre = np.asarray(img.TransformPhysicalPointToContinuousIndex(tuple(float(v) for v in centre_phys)))[::-1]
+    step = [float(spacing_srs[k]) / spacing_zyx[a] for k, a in enumerate(axes)]
+    start = [float(centre[a]) - step[k] * (int(shape_srs[k]) - 1) / 2.0 for k, a in enumerate(axes)]
+    return CropGrid(tuple(axes), tuple(start), tuple(step), tuple(int(n) for n in shape_srs))
 
 
-def resample_to_grid(img: sitk.Image, grid: RoiGrid, interpolator=sitk.sitkLinear, default_value: float = 0.0) -> np.ndarray:
-    """Sample ``img`` on ``grid``; returns a float32 array in canonical (slice, row, col) order."""
-    f = sitk.ResampleImageFilter()
-    f.SetOutputOrigin(grid.origin)
-    f.SetOutputDirection(grid.direction)
-    f.SetOutputSpacing(grid.spacing_xyz)
-    f.SetSize(grid.size_xyz)
-    f.SetInterpolator(interpolator)
-    f.SetDefaultPixelValue(float(default_value))
-    f.SetOutputPixelType(sitk.sitkFloat32)
-    return sitk.GetArrayFromImage(f.Execute(img))
+def sample_linear(voxels: np.ndarray, grid: CropGrid, default_value: float = 0.0,
+                  volume_shape: tuple[int, ...] | None = None, offset: tuple[int, ...] = (0, 0, 0)) -> np.ndarray:
+    """Linear interpolation of ``voxels`` (numpy z, y, x) on ``grid``: float32, canonical (slice, row, col).
 
-
-def resample_mask_to_grid(binary_mask: sitk.Image, grid: RoiGrid) -> np.ndarray:
-    """A binary mask sampled like nnU-Net resamples labels: linear interpolation, then threshold 0.5.
-    A mask already in float32 is used as is (cast it once when sampling it onto several grids)."""
-    if binary_mask.GetPixelID() != sitk.sitkFloat32:
-        binary_mask = sitk.Cast(binary_mask, sitk.sitkFloat32)
-    return (resample_to_grid(binary_mask, grid) >= 0.5).astype(np.uint8)
+    The same values as SimpleITK's ResampleImageFilter with a linear interpolator (ITK's rules: a sample
+    within half a voxel of the volume interpolates with the edge voxel clamped, one further out is
+    ``default_value``), 2-4x faster: the grid follows the image's axes, so the interpolation is separable
+    and only the block of voxels around the crop is read. ``voxels`` may be a piece of a larger volume of
+    ``volume_shape`` whose first voxel sits at index ``offset``; samples between the piece and the rest of
+    the volume take the piece's edge voxel (a node's mask piece: zero).
+    """
+    volume_shape = tuple(voxels.shape) if volume_shape is None else tuple(volume_shape)
+    per_axis, inside, block_slices = [], [], [slice(0, 0)] * 3
+    for k, a in enumerate(grid.axes):
+        p = grid.start[k] + grid.step[k] * np.arange(grid.shape[k])
+        inside.append((p >= -0.5) & (p < volume_shape[a] - 0.5))
+        base = np.floor(p)
+        lo = np.clip(base, 0, volume_shape[a] - 1).astype(np.int64) - offset[a]
+        hi = np.clip(base + 1, 0, volume_shape[a] - 1).astype(np.int64) - offset[a]
+        lo, hi = np.clip(lo, 0, voxels.shape[a] - 1), np.clip(hi, 0, voxels.shape[a] - 1)
+        first, last = int(lo.min()), int(hi.max())
+        block_slices[a] = slice(first, last + 1)
+        per_axis.append((lo - first, hi - first, (p - base).astype(np.float32)))
+    block = np.asarray(voxels[tuple(block_slices)]).transpose(grid.axes)
+    # the axis that shrinks the block most goes first: the later steps then work on fewer voxels
+    order = sorted(range(3), key=lambda k: grid.shape[k] / max(block.shape[k], 1))
+    for k in order:
+        lo, hi, w = per_axis[k]
+        shape = [1, 1, 1]
+        shape[k] = -1
+        low = np.take(block, lo, axis=k).astype(np.float32, copy=False)
+        high = np.take(block, hi, axis=k).astype(np.float32, copy=False)
+        high -= low
+        high *= w.reshape(shape)
+        low += high
+        block = low
+    outside = ~(inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :])
+    if outside.any():
+        block[outside] = default_value
+    return block
 
 
 @dataclass
@@ -112,10 +131,14 @@ def node_boxes(mask_arr: np.ndarray) -> list[tuple[slice, ...] | None]:
     if not arr.size:
         return []
     # find_objects walks every voxel slowly; nodes fill a small part of a scan, so it walks only the box around
-    # all of them, found from three cheap projections (5x faster on a 512 x 512 x 80 CT)
-    occupied = [np.flatnonzero(arr.any(axis=tuple(a for a in range(arr.ndim) if a != d))) for d in range(arr.ndim)]
-    if not occupied[0].size:
+    # all of them, found from cheap projections (5x faster on a 512 x 512 x 80 CT): along axis 0 over the whole
+    # volume, along the others over the occupied slab only
+    first = np.flatnonzero(arr.any(axis=tuple(range(1, arr.ndim))))
+    if not first.size:
         return []
+    slab = arr[first[0]:first[-1] + 1]
+    occupied = [first] + [np.flatnonzero(slab.any(axis=tuple(a for a in range(arr.ndim) if a != d)))
+                          for d in range(1, arr.ndim)]
     start = [int(o[0]) for o in occupied]
     boxes = ndimage.find_objects(arr[tuple(slice(s, int(o[-1]) + 1) for s, o in zip(start, occupied))])
     return [None if b is None else tuple(slice(s.start + o, s.stop + o) for s, o in zip(b, start)) for b in boxes]

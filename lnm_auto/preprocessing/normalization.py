@@ -28,3 +28,23 @@ def normalize(array: np.ndarray, norm: ChannelNormalization, case_stats: tuple[f
         x /= max(std, 1e-8)
         return x
     raise ValueError(f"unknown normalization scheme {norm.scheme}")
+
+
+def normalize_stored(stored: np.ndarray, norm: ChannelNormalization, case_mean: float, case_std: float) -> np.ndarray:
+    """The plans' normalization of crops stored z-scored with the case's own statistics (the crop caches):
+    float32. z-score: they already are; CT: back to intensities, then clipped and z-scored with the dataset's
+    statistics (which exist only once every image has been read, after the crops were cut)."""
+    x = np.asarray(stored, dtype=np.float32)
+    if norm.scheme == "zscore":
+        return x
+    return normalize(x * np.float32(case_std) + np.float32(case_mean), norm)
+
+
+def normalize_node_crops(arrays: dict[str, np.ndarray], norms: list[ChannelNormalization]) -> dict[str, np.ndarray]:
+    """``arrays`` (one case's crops, as cut or cached) with every ``image_<scale>`` (N, C, ...) normalized."""
+    out = dict(arrays)
+    for key in [k for k in arrays if k.startswith("image_")]:
+        crops = arrays[key]
+        out[key] = np.stack([normalize_stored(crops[:, c], norm, arrays["intensity_mean"][c], arrays["intensity_std"][c])
+                             for c, norm in enumerate(norms)], axis=1) if len(crops) else crops.astype(np.float32)
+    return out

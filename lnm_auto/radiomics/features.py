@@ -64,6 +64,7 @@ MR_BIN_COUNT = 32                 # uncalibrated intensities (MR, PET...): 32 bi
 MIN_VOXELS_FOR_INTENSITY = 8      # fewer voxels: first-order and texture are noise, reported as NaN
 ISOTROPIC_SURFACE_MIN_SPACING_MM = 0.5  # finer grids only cost time for the surface estimate
 MARGIN_VOXELS = 2                 # background kept around each node (ITK's surface estimate needs it)
+SURFACE_PAD_VOXELS = 2            # zeros padded around that for the surface estimate's blur
 _MIRP_SUFFIX = re.compile(r"(_d[\d.]+)?_(2d|2\.5d|3d)(_.*)?$")
 
 
@@ -169,18 +170,23 @@ def isotropic_surface_and_volume(binary: sitk.Image) -> tuple[float, float]:
     blurred with a Gaussian of half the voxel size per axis, resampled linearly to isotropic voxels
     and thresholded at 0.5: a ball of 20 mm on 0.8x0.8x5 mm then reads 0.90, on 1 mm voxels 1.00.
     """
-    # zero margin of 2 voxels: the blur needs 4 voxels per axis and must not clip a node at the crop's edge
-    binary = sitk.ConstantPad(binary, [2, 2, 2], [2, 2, 2], 0)
+    pad = [SURFACE_PAD_VOXELS] * 3
+    return padded_surface_and_volume(sitk.Cast(sitk.ConstantPad(binary, pad, pad, 0), sitk.sitkFloat32))
+
+
+def padded_surface_and_volume(binary: sitk.Image) -> tuple[float, float]:
+    """:func:`isotropic_surface_and_volume` of a float32 0/1 mask that already has ``SURFACE_PAD_VOXELS`` zero
+    voxels on every side (the blur needs 4 voxels per axis and must not clip a node at the crop's edge)."""
     spacing = np.asarray(binary.GetSpacing(), dtype=float)
     iso = max(float(spacing.min()), ISOTROPIC_SURFACE_MIN_SPACING_MM)
     size = [max(1, int(round(n * s / iso))) for n, s in zip(binary.GetSize(), spacing)]
     # keep the outer voxel edges in place: the first new voxel centre sits iso/2 inside the old edge
     shift = np.asarray(binary.GetDirection(), dtype=float).reshape(3, 3) @ ((iso - spacing) / 2.0)
     origin = tuple(float(v) for v in np.asarray(binary.GetOrigin()) + shift)
-    blurred = sitk.SmoothingRecursiveGaussian(sitk.Cast(binary, sitk.sitkFloat32), [0.5 * s for s in spacing])
+    blurred = sitk.SmoothingRecursiveGaussian(binary, [0.5 * s for s in spacing])
     fine = sitk.Resample(blurred, size, sitk.Transform(), sitk.sitkLinear, origin,
                          (iso, iso, iso), binary.GetDirection(), 0.0, sitk.sitkFloat32)
-    fine_binary = sitk.Cast(fine >= 0.5, sitk.sitkUInt8)
+    fine_binary = fine >= 0.5     # uint8
     stats = sitk.LabelShapeStatisticsImageFilter()
     stats.ComputePerimeterOn()
     stats.Execute(fine_binary)

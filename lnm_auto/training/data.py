@@ -26,21 +26,26 @@ from batchgenerators.transforms.spatial_transforms import MirrorTransform, Spati
 
 from lnm_auto.networks.inputs import image_key, mask_key
 from lnm_auto.networks.shape_head import SHAPE_FEATURES_KEY, shape_measurements
-from lnm_auto.planning.plans import ConfigurationPlan, Plans
+from lnm_auto.planning.plans import ChannelNormalization, ConfigurationPlan, Plans
+from lnm_auto.preprocessing.normalization import normalize_stored
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import atomic_path
 from lnm_auto.utils.processes import worker_process_init
 from lnm_auto.utils.threads import available_cores
 
 UNPACKED = "unpacked"
+INTENSITY = "intensity"     # unpacked (2, C) array: the case statistics its crops were z-scored with
 
 
 class CropStore:
-    """Read node crops of many cases through memory maps (at most ``max_open`` cases mapped at once)."""
+    """Read node crops of many cases through memory maps (at most ``max_open`` cases mapped at once), normalized
+    as the plans say (``normalization``: the caches hold crops z-scored per case)."""
 
-    def __init__(self, crops_dir: Path, scales: tuple[str, ...], max_open: int = 64):
+    def __init__(self, crops_dir: Path, scales: tuple[str, ...], normalization: list[ChannelNormalization],
+                 max_open: int = 64):
         self.crops_dir = Path(crops_dir)
         self.scales = scales
+        self.normalization = list(normalization)
         self.max_open = max_open
         self._open: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
 
@@ -53,16 +58,20 @@ class CropStore:
             if not npz.is_file():
                 raise LNMError(f"{npz}: preprocessed case missing; run lnm_plan_and_preprocess for this dataset")
             targets = {f"{kind}_{s}": out / f"{case_id}__{kind}_{s}.npy" for s in self.scales for kind in ("image", "mask")}
+            targets[INTENSITY] = out / f"{case_id}__{INTENSITY}.npy"
             if all(t.is_file() and t.stat().st_mtime >= npz.stat().st_mtime for t in targets.values()):
                 continue
             try:
                 with np.load(npz, allow_pickle=False) as f:
                     for key, target in targets.items():
-                        if key not in f.files:
+                        if key not in f.files and key != INTENSITY:
                             raise LNMError(f"{npz}: has no '{key}' crops; the plans changed, re-run "
                                            "lnm_plan_and_preprocess")
+                        if key == INTENSITY and "intensity_mean" not in f.files:
+                            raise LNMError(f"{npz}: a cache of an older version; re-run lnm_plan_and_preprocess")
                         with atomic_path(target, suffix=".npy") as tmp:
-                            np.save(tmp, f[key])
+                            np.save(tmp, np.stack([f["intensity_mean"], f["intensity_std"]]) if key == INTENSITY
+                                    else f[key])
             except (OSError, ValueError, EOFError, zipfile.BadZipFile):
                 raise LNMError(f"{npz}: damaged cache; re-run lnm_plan_and_preprocess (with --clean)") from None
 
@@ -74,15 +83,18 @@ class CropStore:
         out = self.crops_dir / UNPACKED
         arrays = {f"{kind}_{s}": np.load(out / f"{case_id}__{kind}_{s}.npy", mmap_mode="r")
                   for s in self.scales for kind in ("image", "mask")}
+        arrays[INTENSITY] = np.load(out / f"{case_id}__{INTENSITY}.npy")   # (2, C): the case's mean and std
         self._open[case_id] = arrays
         if len(self._open) > self.max_open:
             self._open.popitem(last=False)
         return arrays
 
     def node(self, case_id: str, index: int, scale: str) -> tuple[np.ndarray, np.ndarray]:
-        """(image (C, ...), mask (...)) of one cached node at one scale."""
+        """(image (C, ...) normalized as the plans say, mask (...)) of one cached node at one scale."""
         a = self.arrays(case_id)
-        return np.asarray(a[f"image_{scale}"][index], dtype=np.float32), np.asarray(a[f"mask_{scale}"][index])
+        stored, (mean, std) = a[f"image_{scale}"][index], a[INTENSITY]
+        image = np.stack([normalize_stored(stored[c], norm, mean[c], std[c]) for c, norm in enumerate(self.normalization)])
+        return image, np.asarray(a[f"mask_{scale}"][index])
 
     def __getstate__(self):  # worker processes re-open their own maps
         state = self.__dict__.copy()

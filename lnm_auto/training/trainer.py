@@ -72,7 +72,7 @@ class LNMTrainer:
             raise LNMError(f"{index_file}: missing; run lnm_plan_and_preprocess -d {plans.dataset_name} first")
         self.nodes = pd.read_csv(index_file, dtype={"case": str, "station": str}, keep_default_na=False)
         self.train_cases, self.val_cases = self._fold_cases(splits)
-        self.store = CropStore(self.crops_dir, self.config.scales)
+        self.store = CropStore(self.crops_dir, self.config.scales, plans.normalization)
         torch.manual_seed(seed)  # same initial weights for the same seed
         self.network = self.build_network()
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
