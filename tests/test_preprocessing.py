@@ -12,7 +12,8 @@ import SimpleITK as sitk
 from lnm_auto.planning.plans import ChannelNormalization, CropScale
 from lnm_auto.preprocessing.geometry import canonical_axes, crop_grid, measure_nodes, sample_linear, sitk_spacing_zyx
 from lnm_auto.preprocessing.normalization import normalize, normalize_stored
-from lnm_auto.preprocessing.preprocessor import crops_folder, load_case_crops, preprocess_images
+from lnm_auto.preprocessing.crops import preprocess_images
+from lnm_auto.preprocessing.preprocessor import crops_digest, crops_folder, load_case_crops
 from test_planning import make_fingerprint
 from conftest import run_cli
 
@@ -136,6 +137,31 @@ def test_stored_crops_read_back_as_the_plans_normalization():
     np.testing.assert_allclose(normalize_stored(stored, ct, mean, std), normalize(x, ct), atol=2e-2)
     mr = ChannelNormalization(0, "T2", "zscore")
     np.testing.assert_array_equal(normalize_stored(stored, mr, mean, std), stored.astype(np.float32))
+    np.testing.assert_allclose(normalize_stored(stored, mr, mean, std), normalize(x, mr, mean, std), atol=1e-2)
+
+
+def test_a_neighbourhood_of_one_value_still_stores_finite_crops():
+    """A node neighbourhood of one value (std 0) would z-score every other voxel to +-inf in float16: the
+    stored std is raised to the image's value range / 30000, and the crops read back right."""
+    from lnm_auto.preprocessing.crops import case_nodes, case_statistics, cut_node_crops, intensity_samples
+    from lnm_auto.preprocessing.normalization import normalize_node_crops
+    image, mask, _ = sphere_case()
+    arr = sitk.GetArrayFromImage(image)
+    arr[:] = 40.0
+    arr[:, :, :5] = -1000.0                   # air, outside the node neighbourhood but inside the crop
+    flat = sitk.GetImageFromArray(arr)
+    flat.CopyInformation(image)
+    plans = tiny_plans(roi=(16, 48, 48), spacing=(3.0, 1.4, 1.4))
+    nodes = case_nodes(mask)
+    mean, std = case_statistics(intensity_samples([arr], nodes.neighbourhood))
+    assert std[0] <= 1e-8                     # the neighbourhood holds one value
+    stored = cut_node_crops([flat], nodes, plans.scales, mean, std)
+    assert np.isfinite(stored["image_global"]).all() and stored["intensity_std"][0] >= 1040.0 / 30000
+    values = normalize_node_crops(stored, plans.normalization)["image_global"]
+    want = normalize(np.clip(np.asarray(stored["image_global"], np.float32) * stored["intensity_std"][0] + 40.0,
+                             -1000.0, 40.0), plans.normalization[0])
+    np.testing.assert_allclose(values, want, atol=1e-2)
+    assert (values == -2.0).any() and np.isclose(values, 0.8, atol=1e-2).any()   # air clipped, tissue kept
 
 
 def test_crop_axes_are_canonical_for_sagittal_acquisition():
@@ -158,9 +184,7 @@ def test_ct_normalization_clips_and_uses_dataset_statistics():
 def test_zscore_normalization_is_per_case():
     norm = ChannelNormalization(0, "T2", "zscore")
     x = np.array([10.0, 20.0, 30.0])
-    np.testing.assert_allclose(normalize(x, norm, (20.0, 10.0)), [-1.0, 0.0, 1.0])
-    y = normalize(x * 7 + 300, norm)
-    assert y.mean() == pytest.approx(0.0, abs=1e-6) and y.std() == pytest.approx(1.0, abs=1e-6)
+    np.testing.assert_allclose(normalize(x, norm, 20.0, 10.0), [-1.0, 0.0, 1.0])
 
 
 def test_mri_crops_do_not_depend_on_intensity_scale():
@@ -295,11 +319,10 @@ def test_a_training_cache_reads_back_as_the_crops_inference_cuts(planned_tiny, t
     tiny_dataset, crops = planned_copy(planned_tiny, tmp_path)
     plans = Plans.load(crops.parent / "LNMPlans.json")
     assert plans.normalization[0].scheme == "CT"
-    store = CropStore(crops, tuple(plans.scales), plans.normalization)
+    store = CropStore(crops, tuple(plans.scales), plans.normalization, crops_digest(plans.scales))
     store.unpack(["case_001"])
     case = RawDataset.load(tiny_dataset).case("case_001")
-    cut = preprocess_images([read_image(f) for f in case.image_files], read_instance_mask(case.node_mask_file), plans,
-                            "case_001")
+    cut = preprocess_images([read_image(f) for f in case.image_files], read_instance_mask(case.node_mask_file), plans)
     assert cut["node_ids"].tolist() == [1, 2, 3]
     for i in range(3):
         for scale in plans.scales:
@@ -307,3 +330,18 @@ def test_a_training_cache_reads_back_as_the_crops_inference_cuts(planned_tiny, t
             np.testing.assert_array_equal(image, cut[f"image_{scale}"][i])
             np.testing.assert_array_equal(mask, cut[f"mask_{scale}"][i])
             assert image.dtype == np.float32 and -10 < image.min() < image.max() < 10
+
+
+def test_training_refuses_caches_cut_for_other_crop_scales(planned_tiny, tmp_path):
+    """Caches re-cut for new scales next to an older plans file (a re-run that failed later) are refused, not
+    trained on at the wrong spacing."""
+    from lnm_auto.planning.plans import Plans
+    from lnm_auto.training.data import CropStore
+    from lnm_auto.utils.errors import LNMError
+    _, crops = planned_copy(planned_tiny, tmp_path)
+    plans = Plans.load(crops.parent / "LNMPlans.json")
+    g = plans.scales["global"]
+    other = {**plans.scales, "global": dataclasses.replace(g, spacing_mm=tuple(s * 1.1 for s in g.spacing_mm))}
+    with pytest.raises(LNMError, match="other crop scales"):
+        CropStore(crops, tuple(plans.scales), plans.normalization, crops_digest(other)).unpack(["case_000"])
+    CropStore(crops, tuple(plans.scales), plans.normalization, crops_digest(plans.scales)).unpack(["case_000"])

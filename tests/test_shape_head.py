@@ -25,7 +25,8 @@ from lnm_auto.planning.multitask_topology import plan_multitask_topology
 from lnm_auto.planning.network_topology import (CPU_BUDGET, TWO_STREAM_LADDER, TwoStreamTopology, plan_resenc_axes,
                                                 resenc_topology_from_rung, slice_group_starts)
 from lnm_auto.planning.plans import Plans, ShapeFeature
-from lnm_auto.preprocessing.preprocessor import crops_folder, load_case_crops, preprocess_images
+from lnm_auto.preprocessing.crops import preprocess_images
+from lnm_auto.preprocessing.preprocessor import crops_folder, load_case_crops
 from lnm_auto.training.data import load_batch
 from lnm_auto.training.run import run_training, setup_trainer
 from conftest import run_cli

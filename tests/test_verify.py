@@ -46,6 +46,20 @@ def test_missing_channel_file(tiny_dataset):
     assert any("case_002_0000.nii.gz: file missing" in p for p in probs)
 
 
+@pytest.mark.slow   # starts worker processes
+def test_worker_processes_report_and_fingerprint_the_same(tiny_dataset):
+    """Everything a worker hands back crosses the process boundary (no SimpleITK object in it): two processes
+    give the single process's problems, and on a clean dataset its fingerprint."""
+    ds = RawDataset.load(tiny_dataset)
+    one, two = scan_dataset(ds, progress=False), scan_dataset(ds, num_processes=2, progress=False)
+    assert two.problems == [] and json.dumps(two.fingerprint, sort_keys=True) == json.dumps(one.fingerprint,
+                                                                                             sort_keys=True)
+    (tiny_dataset / "imagesTr" / "case_002_0000.nii.gz").write_bytes(b"")
+    problems = verify_dataset(ds, progress=False)
+    assert problems and verify_dataset(ds, num_processes=2, progress=False) == problems
+    assert scan_dataset(ds, num_processes=2, progress=False).problems == problems
+
+
 def test_missing_second_channel(tmp_path):
     from conftest import write_tiny_dataset
     root = write_tiny_dataset(tmp_path / "raw", channel_names={"0": "T2", "1": "ADC"})

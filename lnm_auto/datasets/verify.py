@@ -1,7 +1,8 @@
 """Dataset verification: report *every* problem, one line each, naming the file and what to fix.
 
-Run before planning (``lnm_plan_and_preprocess --verify``, on by default). Nothing here raises on
-bad data; ``verify_dataset`` returns the list of problems and the CLI turns it into a non-zero exit.
+``lnm_plan_and_preprocess`` (``--verify``, on by default) runs these checks in its two passes over the files
+(``check_headers_and_mask`` with the node masks, ``read_checked_images`` with the images) and turns the problems
+into one non-zero exit; ``verify_dataset`` runs the same checks alone. Nothing here raises on bad data.
 """
 from __future__ import annotations
 
@@ -31,6 +32,33 @@ REQUIRED_COLUMNS = {
 }
 
 
+@dataclass(frozen=True)
+class Grid:
+    """An image's grid, read from the image or its header; unlike SimpleITK's objects it crosses processes.
+    Its getters are SimpleITK's, so images, headers and grids compare alike (``geometry_mismatches``)."""
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def of(cls, image) -> "Grid":
+        return cls(tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()),
+                   tuple(image.GetDirection()))
+
+    def GetSize(self):   # noqa: N802  (SimpleITK's names)
+        return self.size
+
+    def GetSpacing(self):   # noqa: N802
+        return self.spacing
+
+    def GetOrigin(self):   # noqa: N802
+        return self.origin
+
+    def GetDirection(self):   # noqa: N802
+        return self.direction
+
+
 @dataclass
 class CaseCheck:
     case_id: str
@@ -38,7 +66,7 @@ class CaseCheck:
     mask_node_ids: set[int] = field(default_factory=set)
     # image files whose headers passed: their voxels are what ``image_voxel_problems`` checks
     readable_images: list[Path] = field(default_factory=list)
-    reference: sitk.ImageFileReader | None = None   # channel 0's header: the case's geometry
+    reference: Grid | None = None      # channel 0's grid (from its header): the case's geometry
     # what was read, kept when asked (``keep_mask=True``) so the node measurements need no second read
     mask: sitk.Image | None = None
     boxes: list | None = None          # the mask's node_boxes
@@ -154,7 +182,7 @@ def check_headers_and_mask(case: RawCase, keep_mask: bool = False) -> CaseCheck:
         else:
             for m in geometry_mismatches(reference, header):
                 p.append(f"{image_file}: {m} of channel 0; all channels must share one grid")
-    result.reference = reference
+    result.reference = None if reference is None else Grid.of(reference)
     mask = _read(case.node_mask_file, p)
     if mask is not None and (mask.GetDimension() != 3 or mask.GetNumberOfComponentsPerPixel() != 1):
         p.append(f"{case.node_mask_file}: the node mask must be a 3D single-component image, got "

@@ -30,13 +30,14 @@ import torch
 
 import lnm_auto
 from lnm_auto.conversion.components import as_instance_mask
-from lnm_auto.datasets.raw_dataset import CHANNEL_SUFFIX, SAFE_CASE_ID, read_image
+from lnm_auto.datasets.raw_dataset import CHANNEL_SUFFIX, SAFE_CASE_ID, read_image, read_instance_mask
 from lnm_auto.evaluation.rollup import rollup
 from lnm_auto.inference.model import TrainedModel, model_origin
 from lnm_auto.planning.learning_scheme import RadiomicsTopology
 from lnm_auto.planning.plans import ConfigurationPlan, Plans
 from lnm_auto.radiomics.dataset_features import case_inputs as radiomics_case_inputs
-from lnm_auto.preprocessing.preprocessor import check_case_images, preprocess_images, read_instance_mask
+from lnm_auto.preprocessing.crops import preprocess_images
+from lnm_auto.preprocessing.preprocessor import check_case_images
 from lnm_auto.training.progress import progress_bar, show_progress
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import atomic_path, load_json, save_csv_atomic, save_json
@@ -167,7 +168,7 @@ def load_and_preprocess(case: InputCase, plans: Plans, output_dir: Path,
     if configuration is not None and isinstance(configuration.network, RadiomicsTopology):
         inputs = radiomics_case_inputs(images, mask, configuration.network)
     else:
-        inputs = preprocess_images(images, mask, plans, case.case_id)
+        inputs = preprocess_images(images, mask, plans)
     return PreprocessedCase(case.case_id, inputs, "", split_note, instance_file)
 
 

@@ -46,7 +46,7 @@ def case_fingerprint(case: RawCase) -> tuple[dict, list[dict], list[np.ndarray]]
     reference the two-pass scan of lnm_plan_and_preprocess (masks, then images) must agree with."""
     images = [read_image(f) for f in case.image_files]
     nodes = case_nodes(read_instance_mask(case.node_mask_file))   # integer node ids or one line naming the file
-    samples = intensity_samples([sitk.GetArrayViewFromImage(i) for i in images], nodes.neighbourhood, case.case_id)
+    samples = intensity_samples([sitk.GetArrayViewFromImage(i) for i in images], nodes.neighbourhood)
     return case_entry(images[0], nodes), node_entries(case.case_id, nodes), samples
 
 

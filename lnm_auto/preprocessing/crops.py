@@ -10,7 +10,6 @@ the CT scheme needs statistics of the whole dataset that only exist once every i
 """
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +25,10 @@ from lnm_auto.radiomics.features import MARGIN_VOXELS, SURFACE_PAD_VOXELS, padde
 INTENSITY_MARGIN_MM = 10.0           # tissue around the nodes that counts as "node surroundings"
 INTENSITY_SAMPLES_PER_CASE = 10_000  # per channel; pooled over cases like nnU-Net's foreground samples
 MASK_PIECE_MARGIN = 2                # voxels of zeros kept around each node's mask piece
+SAMPLES_SEED = 0
+# stored z-scores stay below this (float16 reaches 65504): the case's std is at least the image's value range over
+# it, which only a neighbourhood of (almost) one value ever needs
+MAX_STORED_Z = 30_000.0
 
 
 @dataclass
@@ -101,15 +104,16 @@ def neighbourhood_box(shape, spacing_zyx, boxes: list, margin_mm: float = INTENS
                        min(max(b[d].stop for b in present) + margin[d], shape[d])) for d in range(3))
 
 
-def intensity_samples(channels: list[np.ndarray], box: tuple[slice, ...] | None, case_id: str,
+def intensity_samples(channels: list[np.ndarray], box: tuple[slice, ...] | None,
                       n: int = INTENSITY_SAMPLES_PER_CASE) -> list[np.ndarray]:
     """Up to ``n`` random voxel values (float64) of every channel inside ``box``, the same voxels for every
-    channel; seeded by the case id, so the same case always gives the same samples."""
+    channel; the positions depend on the box only, so an image gives the same samples (and crops) whatever
+    its file is called."""
     if box is None:
         return [np.zeros(0) for _ in channels]
     box_shape = tuple(s.stop - s.start for s in box)
     size = int(np.prod(box_shape))
-    rng = np.random.default_rng(zlib.crc32(case_id.encode()) % (2**32))   # hash() is salted per process
+    rng = np.random.default_rng(SAMPLES_SEED)
     flat = rng.choice(size, n, replace=False) if size > n else np.arange(size)
     index = tuple(i + s.start for i, s in zip(np.unravel_index(flat, box_shape), box))
     return [np.asarray(c)[index].astype(np.float64) for c in channels]
@@ -125,10 +129,12 @@ def case_statistics(samples: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 def cut_node_crops(images: list[sitk.Image], nodes: CaseNodes, scales: dict[str, CropScale],
                    mean: np.ndarray, std: np.ndarray) -> dict[str, np.ndarray]:
     """Every node's crops at every scale: ``image_<scale>`` float16 (N, C, ...) z-scored with the case's
-    ``mean`` / ``std``, ``mask_<scale>`` uint8 (N, ...) (linear, threshold 0.5, as nnU-Net resamples labels);
-    plus the node measurements. Outside the image: the image's darkest value (air)."""
+    ``mean`` / ``std`` (the std raised where needed to keep every value within float16's range),
+    ``mask_<scale>`` uint8 (N, ...) (linear, threshold 0.5, as nnU-Net resamples labels); plus the node
+    measurements and the statistics used. Outside the image: the image's darkest value (air)."""
     channels = [sitk.GetArrayViewFromImage(img) for img in images]
     pads = [float(c.min()) for c in channels]
+    std = np.maximum(std, [value_range(c, low) / MAX_STORED_Z for c, low in zip(channels, pads)])
     n = len(nodes.measurements)
     out: dict[str, np.ndarray] = {}
     for scale in scales.values():
@@ -140,8 +146,7 @@ def cut_node_crops(images: list[sitk.Image], nodes: CaseNodes, scales: dict[str,
             for c, voxels in enumerate(channels):
                 crop = sample_linear(voxels, grid, pads[c])
                 crop -= mean[c]
-                crop /= std[c]
-                out[f"image_{scale.name}"][i, c] = crop
+                np.divide(crop, std[c], out=out[f"image_{scale.name}"][i, c], casting="unsafe")   # into float16
             piece = sample_linear(nodes.mask_pieces[i], grid, 0.0, nodes.volume_shape, nodes.piece_offsets[i])
             out[f"mask_{scale.name}"][i] = piece >= 0.5
     m = nodes.measurements
@@ -157,11 +162,19 @@ def cut_node_crops(images: list[sitk.Image], nodes: CaseNodes, scales: dict[str,
     return out
 
 
-def preprocess_images(images: list[sitk.Image], mask: sitk.Image, plans: Plans, case_id: str = "") -> dict[str, np.ndarray]:
+def value_range(voxels: np.ndarray, low: float) -> float:
+    """An upper bound of max - min of ``voxels`` (``low``: their minimum): the type's range for integers (no pass
+    over the voxels), the values' own for floats."""
+    if np.issubdtype(voxels.dtype, np.integer):
+        info = np.iinfo(voxels.dtype)
+        return float(info.max) - float(info.min)
+    return float(voxels.max()) - low
+
+
+def preprocess_images(images: list[sitk.Image], mask: sitk.Image, plans: Plans) -> dict[str, np.ndarray]:
     """Every node's crops of one case read into memory, normalized as the plans say (what inference feeds the
-    networks): the same steps and values as a training case's cache read back (``case_id`` seeds the
-    intensity samples, as in preprocessing)."""
+    networks): the same steps and values as a training case's cache read back."""
     nodes = case_nodes(mask)
     channels = [sitk.GetArrayViewFromImage(img) for img in images]
-    mean, std = case_statistics(intensity_samples(channels, nodes.neighbourhood, case_id))
+    mean, std = case_statistics(intensity_samples(channels, nodes.neighbourhood))
     return normalize_node_crops(cut_node_crops(images, nodes, plans.scales, mean, std), plans.normalization)

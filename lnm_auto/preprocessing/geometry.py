@@ -41,12 +41,6 @@ def sitk_spacing_zyx(img: sitk.Image) -> tuple[float, float, float]:
     return tuple(float(v) for v in img.GetSpacing()[::-1])
 
 
-def canonical_spacing(img: sitk.Image) -> np.ndarray:
-    """The image's spacing in canonical (slice, row, column) order."""
-    sp = np.asarray(sitk_spacing_zyx(img))
-    return sp[list(canonical_axes(sp))]
-
-
 @dataclass(frozen=True)
 class CropGrid:
     """Where a crop samples its image, in the image's own voxel indices: canonical crop axis k (slice, row,
@@ -82,15 +76,16 @@ def sample_linear(voxels: np.ndarray, grid: CropGrid, default_value: float = 0.0
     volume_shape = tuple(voxels.shape) if volume_shape is None else tuple(volume_shape)
     per_axis, inside, block_slices = [], [], [slice(0, 0)] * 3
     for k, a in enumerate(grid.axes):
-        p = grid.start[k] + grid.step[k] * np.arange(grid.shape[k])
-        inside.append((p >= -0.5) & (p < volume_shape[a] - 0.5))
+        p = grid.start[k] + grid.step[k] * np.arange(grid.shape[k])     # increasing: steps are positive
+        inside.append(None if p[0] >= -0.5 and p[-1] < volume_shape[a] - 0.5 else
+                      (p >= -0.5) & (p < volume_shape[a] - 0.5))
         base = np.floor(p)
-        lo = np.clip(base, 0, volume_shape[a] - 1).astype(np.int64) - offset[a]
-        hi = np.clip(base + 1, 0, volume_shape[a] - 1).astype(np.int64) - offset[a]
-        lo, hi = np.clip(lo, 0, voxels.shape[a] - 1), np.clip(hi, 0, voxels.shape[a] - 1)
-        first, last = int(lo.min()), int(hi.max())
+        # the two neighbours of each sample (clamped to the volume), then into the piece (clamped to it)
+        index = np.clip(np.clip(np.stack([base, base + 1]).astype(np.int64), 0, volume_shape[a] - 1) - offset[a],
+                        0, voxels.shape[a] - 1)
+        first, last = int(index[0, 0]), int(index[1, -1])
         block_slices[a] = slice(first, last + 1)
-        per_axis.append((lo - first, hi - first, (p - base).astype(np.float32)))
+        per_axis.append((index[0] - first, index[1] - first, (p - base).astype(np.float32)))
     block = np.asarray(voxels[tuple(block_slices)]).transpose(grid.axes)
     # the axis that shrinks the block most goes first: the later steps then work on fewer voxels
     order = sorted(range(3), key=lambda k: grid.shape[k] / max(block.shape[k], 1))
@@ -104,9 +99,9 @@ def sample_linear(voxels: np.ndarray, grid: CropGrid, default_value: float = 0.0
         high *= w.reshape(shape)
         low += high
         block = low
-    outside = ~(inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :])
-    if outside.any():
-        block[outside] = default_value
+    if any(v is not None for v in inside):    # some samples lie outside the volume
+        full = [np.ones(n, dtype=bool) if v is None else v for v, n in zip(inside, grid.shape)]
+        block[~(full[0][:, None, None] & full[1][None, :, None] & full[2][None, None, :])] = default_value
     return block
 
 

@@ -6,26 +6,18 @@ import numpy as np
 from lnm_auto.planning.plans import ChannelNormalization
 
 
-def case_zscore_statistics(values: np.ndarray) -> tuple[float, float]:
-    """Mean and std used by per-case z-score (computed on the node neighbourhoods of the case)."""
-    if values.size == 0:
-        return 0.0, 1.0
-    return float(values.mean()), float(max(values.std(), 1e-8))
-
-
-def normalize(array: np.ndarray, norm: ChannelNormalization, case_stats: tuple[float, float] | None = None) -> np.ndarray:
-    """CT: clip to [p0.5, p99.5] of the dataset, then (x - mean) / std with dataset statistics.
-    z-score: (x - case mean) / case std, with the case's statistics (``case_stats``)."""
-    x = array.astype(np.float32, copy=True)
+def normalize(array: np.ndarray, norm: ChannelNormalization, case_mean: float = 0.0, case_std: float = 1.0) -> np.ndarray:
+    """The plans' normalization of intensities, float32. CT: clip to [p0.5, p99.5] of the dataset, then
+    (x - mean) / std with the dataset's statistics. z-score: (x - case mean) / case std."""
+    x = np.array(array, dtype=np.float32)
     if norm.scheme == "CT":
         np.clip(x, norm.clip_low, norm.clip_high, out=x)
         x -= norm.mean
         x /= max(norm.std, 1e-8)
         return x
     if norm.scheme == "zscore":
-        mean, std = case_stats if case_stats is not None else case_zscore_statistics(array)
-        x -= mean
-        x /= max(std, 1e-8)
+        x -= case_mean
+        x /= case_std
         return x
     raise ValueError(f"unknown normalization scheme {norm.scheme}")
 
@@ -36,7 +28,7 @@ def normalize_stored(stored: np.ndarray, norm: ChannelNormalization, case_mean: 
     statistics (which exist only once every image has been read, after the crops were cut)."""
     x = np.asarray(stored, dtype=np.float32)
     if norm.scheme == "zscore":
-        return x
+        return x           # normalize(x * case_std + case_mean, norm, case_mean, case_std), without the round trip
     return normalize(x * np.float32(case_std) + np.float32(case_mean), norm)
 
 

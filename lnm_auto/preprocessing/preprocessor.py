@@ -13,6 +13,7 @@ Cache layout (``$LNM_preprocessed/DatasetXXX_Name/<plans_name>_crops/<case>.npz`
     sphericity float32 (N,)   (36 pi V^2)^(1/3) / surface, the radiomics shape feature's definition
                               (the shape measurements are the hybrid head's features, stored for every node)
     crops_digest <U (): which crop scales, labels and files made it (stale caches are redone)
+    scales_digest <U (): which crop scales alone (training refuses caches cut for scales its plans do not have)
 Crops are sampled straight from the original image on a grid aligned with the image's own axes, so
 only the node neighbourhoods are ever resampled, and any direction/origin is honoured exactly.
 """
@@ -28,11 +29,10 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from lnm_auto.datasets.raw_dataset import UNKNOWN, RawCase, RawDataset, read_instance_mask  # noqa: F401  (re-exported)
+from lnm_auto.datasets.raw_dataset import UNKNOWN, RawCase, RawDataset
 from lnm_auto.datasets.verify import geometry_mismatches, read_checked_images
 from lnm_auto.planning.plans import CropScale
 from lnm_auto.preprocessing.crops import CaseNodes, case_statistics, cut_node_crops, intensity_samples
-from lnm_auto.preprocessing.crops import preprocess_images  # noqa: F401  (re-exported: inference's entry)
 from lnm_auto.utils.dataclass_json import to_dict
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import save_csv_atomic, save_npz_atomic
@@ -95,7 +95,9 @@ def case_digest(scales_key: str, case: RawCase, labels: NodeLabels) -> str:
 
 
 def load_case_crops(path: str | Path) -> dict[str, np.ndarray]:
-    """The arrays of one case's crop cache; a missing or damaged cache is one clear error."""
+    """The arrays of one case's crop cache as stored (``image_<scale>`` z-scored per case: read them through
+    ``normalization.normalize_node_crops`` for the plans' normalization); a missing or damaged cache is one
+    clear error."""
     path = Path(path)
     if not path.is_file():
         raise LNMError(f"{path}: preprocessed case missing; run lnm_plan_and_preprocess")
@@ -160,8 +162,7 @@ def scan_case_images(job: ImageJob, scales: dict[str, CropScale] | None) -> Imag
     scan = ImageScan(job.case.case_id, problems)
     if problems or job.nodes is None:
         return scan
-    scan.samples = intensity_samples([sitk.GetArrayViewFromImage(i) for i in images], job.nodes.neighbourhood,
-                                     job.case.case_id)
+    scan.samples = intensity_samples([sitk.GetArrayViewFromImage(i) for i in images], job.nodes.neighbourhood)
     if job.cache_file is None:
         return scan
     try:
@@ -171,6 +172,7 @@ def scan_case_images(job: ImageJob, scales: dict[str, CropScale] | None) -> Imag
         scan.problems.append(str(e))
         return scan
     arrays["crops_digest"] = np.asarray(job.digest)
+    arrays["scales_digest"] = np.asarray(crops_digest(scales))   # training refuses caches of other scales
     # uncompressed: zlib halves float16 crops (2.1 instead of 4.3 MB for a 512 x 512 x 80 CT case) for 0.18 s of
     # CPU per write and 0.05 s per read (training's unpacking, radiomics, evaluation); disk is the cheaper one
     save_npz_atomic(job.cache_file, compress=False, **arrays)

@@ -42,10 +42,11 @@ class CropStore:
     as the plans say (``normalization``: the caches hold crops z-scored per case)."""
 
     def __init__(self, crops_dir: Path, scales: tuple[str, ...], normalization: list[ChannelNormalization],
-                 max_open: int = 64):
+                 scales_digest: str, max_open: int = 64):
         self.crops_dir = Path(crops_dir)
         self.scales = scales
         self.normalization = list(normalization)
+        self.scales_digest = scales_digest     # preprocessor.crops_digest of the plans' crop scales
         self.max_open = max_open
         self._open: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
 
@@ -63,12 +64,13 @@ class CropStore:
                 continue
             try:
                 with np.load(npz, allow_pickle=False) as f:
+                    if "scales_digest" not in f.files or str(f["scales_digest"]) != self.scales_digest:
+                        raise LNMError(f"{npz}: cut for other crop scales than the plans' (or by an older version); "
+                                       "re-run lnm_plan_and_preprocess for these plans")
                     for key, target in targets.items():
                         if key not in f.files and key != INTENSITY:
                             raise LNMError(f"{npz}: has no '{key}' crops; the plans changed, re-run "
                                            "lnm_plan_and_preprocess")
-                        if key == INTENSITY and "intensity_mean" not in f.files:
-                            raise LNMError(f"{npz}: a cache of an older version; re-run lnm_plan_and_preprocess")
                         with atomic_path(target, suffix=".npy") as tmp:
                             np.save(tmp, np.stack([f["intensity_mean"], f["intensity_std"]]) if key == INTENSITY
                                     else f[key])

@@ -30,6 +30,7 @@ from lnm_auto.evaluation.report import metric_settings, metrics_document, valida
 from lnm_auto.networks import load_pretrained_weights, network_for
 from lnm_auto.networks.node_predictor import predict_node_crops
 from lnm_auto.planning.plans import ConfigurationPlan, Plans
+from lnm_auto.preprocessing.preprocessor import crops_digest
 from lnm_auto.training import registry
 from lnm_auto.training.data import (BatchGroup, CropStore, NodeBatchLoader, batch_to_device, default_num_workers,
                                     load_batch, training_batches)
@@ -72,7 +73,7 @@ class LNMTrainer:
             raise LNMError(f"{index_file}: missing; run lnm_plan_and_preprocess -d {plans.dataset_name} first")
         self.nodes = pd.read_csv(index_file, dtype={"case": str, "station": str}, keep_default_na=False)
         self.train_cases, self.val_cases = self._fold_cases(splits)
-        self.store = CropStore(self.crops_dir, self.config.scales, plans.normalization)
+        self.store = CropStore(self.crops_dir, self.config.scales, plans.normalization, crops_digest(plans.scales))
         torch.manual_seed(seed)  # same initial weights for the same seed
         self.network = self.build_network()
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
