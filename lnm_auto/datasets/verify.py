@@ -64,7 +64,7 @@ class CaseCheck:
     case_id: str
     problems: list[str] = field(default_factory=list)
     mask_node_ids: set[int] = field(default_factory=set)
-    # image files whose headers passed: their voxels are what ``image_voxel_problems`` checks
+    # image files whose headers passed: their voxels are what ``read_checked_images`` checks
     readable_images: list[Path] = field(default_factory=list)
     reference: Grid | None = None      # channel 0's grid (from its header): the case's geometry
     # what was read, kept when asked (``keep_mask=True``) so the node measurements need no second read

@@ -32,11 +32,14 @@ def normalize_stored(stored: np.ndarray, norm: ChannelNormalization, case_mean: 
     return normalize(x * np.float32(case_std) + np.float32(case_mean), norm)
 
 
+def normalize_channels(stored: np.ndarray, norms: list[ChannelNormalization], case_mean, case_std,
+                       axis: int) -> np.ndarray:
+    """:func:`normalize_stored` of every channel of ``stored`` (channels along ``axis``), float32."""
+    return np.stack([normalize_stored(np.take(stored, c, axis=axis), norm, case_mean[c], case_std[c])
+                     for c, norm in enumerate(norms)], axis=axis)
+
+
 def normalize_node_crops(arrays: dict[str, np.ndarray], norms: list[ChannelNormalization]) -> dict[str, np.ndarray]:
     """``arrays`` (one case's crops, as cut or cached) with every ``image_<scale>`` (N, C, ...) normalized."""
-    out = dict(arrays)
-    for key in [k for k in arrays if k.startswith("image_")]:
-        crops = arrays[key]
-        out[key] = np.stack([normalize_stored(crops[:, c], norm, arrays["intensity_mean"][c], arrays["intensity_std"][c])
-                             for c, norm in enumerate(norms)], axis=1) if len(crops) else crops.astype(np.float32)
-    return out
+    return {k: normalize_channels(v, norms, arrays["intensity_mean"], arrays["intensity_std"], axis=1)
+            if k.startswith("image_") else v for k, v in arrays.items()}

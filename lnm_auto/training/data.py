@@ -27,7 +27,7 @@ from batchgenerators.transforms.spatial_transforms import MirrorTransform, Spati
 from lnm_auto.networks.inputs import image_key, mask_key
 from lnm_auto.networks.shape_head import SHAPE_FEATURES_KEY, shape_measurements
 from lnm_auto.planning.plans import ChannelNormalization, ConfigurationPlan, Plans
-from lnm_auto.preprocessing.normalization import normalize_stored
+from lnm_auto.preprocessing.normalization import normalize_channels
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import atomic_path
 from lnm_auto.utils.processes import worker_process_init
@@ -59,8 +59,8 @@ class CropStore:
             if not npz.is_file():
                 raise LNMError(f"{npz}: preprocessed case missing; run lnm_plan_and_preprocess for this dataset")
             targets = {f"{kind}_{s}": out / f"{case_id}__{kind}_{s}.npy" for s in self.scales for kind in ("image", "mask")}
-            targets[INTENSITY] = out / f"{case_id}__{INTENSITY}.npy"
-            if all(t.is_file() and t.stat().st_mtime >= npz.stat().st_mtime for t in targets.values()):
+            intensity = out / f"{case_id}__{INTENSITY}.npy"
+            if all(t.is_file() and t.stat().st_mtime >= npz.stat().st_mtime for t in (*targets.values(), intensity)):
                 continue
             try:
                 with np.load(npz, allow_pickle=False) as f:
@@ -68,12 +68,13 @@ class CropStore:
                         raise LNMError(f"{npz}: cut for other crop scales than the plans' (or by an older version); "
                                        "re-run lnm_plan_and_preprocess for these plans")
                     for key, target in targets.items():
-                        if key not in f.files and key != INTENSITY:
+                        if key not in f.files:
                             raise LNMError(f"{npz}: has no '{key}' crops; the plans changed, re-run "
                                            "lnm_plan_and_preprocess")
                         with atomic_path(target, suffix=".npy") as tmp:
-                            np.save(tmp, np.stack([f["intensity_mean"], f["intensity_std"]]) if key == INTENSITY
-                                    else f[key])
+                            np.save(tmp, f[key])
+                    with atomic_path(intensity, suffix=".npy") as tmp:
+                        np.save(tmp, np.stack([f["intensity_mean"], f["intensity_std"]]))
             except (OSError, ValueError, EOFError, zipfile.BadZipFile):
                 raise LNMError(f"{npz}: damaged cache; re-run lnm_plan_and_preprocess (with --clean)") from None
 
@@ -94,9 +95,9 @@ class CropStore:
     def node(self, case_id: str, index: int, scale: str) -> tuple[np.ndarray, np.ndarray]:
         """(image (C, ...) normalized as the plans say, mask (...)) of one cached node at one scale."""
         a = self.arrays(case_id)
-        stored, (mean, std) = a[f"image_{scale}"][index], a[INTENSITY]
-        image = np.stack([normalize_stored(stored[c], norm, mean[c], std[c]) for c, norm in enumerate(self.normalization)])
-        return image, np.asarray(a[f"mask_{scale}"][index])
+        mean, std = a[INTENSITY]
+        return (normalize_channels(a[f"image_{scale}"][index], self.normalization, mean, std, axis=0),
+                np.asarray(a[f"mask_{scale}"][index]))
 
     def __getstate__(self):  # worker processes re-open their own maps
         state = self.__dict__.copy()
