@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from lnm_auto.datasets.nifti import _checked_content, read_checked_nifti
-from lnm_auto.datasets.raw_dataset import read_image, sitk_read
+from lnm_auto.datasets.raw_dataset import Grid, read_image, read_image_voxels, sitk_read
 from lnm_auto.utils.errors import LNMError
 
 
@@ -105,6 +105,55 @@ def test_scaled_voxels_are_left_to_simpleitk(tmp_path, monkeypatch, slope, inter
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
+@pytest.mark.parametrize("name, slope", [("a.nii.gz", None), ("a.nii", None), ("a.nii.gz", 2.0), ("a.mha", None)])
+def test_voxels_and_grid_equal_simpleitk(tmp_path, name, slope):
+    """``read_image_voxels`` (preprocessing's read, no SimpleITK image built): the voxels and grid SimpleITK
+    reads, for plain NIfTI (the file's own bytes), scaled NIfTI (SimpleITK's read) and other formats; the grid
+    maps physical points to indices as SimpleITK does."""
+    arr = (np.random.default_rng(1).random((6, 11, 9)) * 300).astype(np.int16)
+    img = oblique_image(arr)
+    if name.endswith(".mha"):
+        path = tmp_path / name
+        sitk.WriteImage(img, str(path))
+    else:
+        path = written(tmp_path, img, name, slope=slope)
+    voxels, grid = read_image_voxels(path)
+    theirs = sitk.ReadImage(str(path))
+    assert voxels.dtype == sitk.GetArrayViewFromImage(theirs).dtype
+    assert np.array_equal(voxels, sitk.GetArrayViewFromImage(theirs))
+    assert grid == Grid.of(theirs)
+    for point in [(0.0, 0.0, 0.0), (-40.5, 77.25, 120.0), (3.0, 31.0, 99.0)]:
+        np.testing.assert_allclose(grid.TransformPhysicalPointToContinuousIndex(point),
+                                   theirs.TransformPhysicalPointToContinuousIndex(point), rtol=0, atol=1e-9)
+
+
+def test_big_endian_voxels_come_back_in_native_order(tmp_path):
+    arr = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6) - 50
+    plain = tmp_path / "b.nii"
+    sitk.WriteImage(oblique_image(arr), str(plain))
+    data = bytearray(plain.read_bytes())
+    header = _nifti_header_big_endian(bytes(data[:348]))
+    body = np.frombuffer(bytes(data[352:]), dtype="<i2").astype(">i2").tobytes()
+    big = tmp_path / "big.nii.gz"
+    big.write_bytes(gzip.compress(header + bytes(data[348:352]) + body))
+    voxels, _ = read_image_voxels(big)
+    assert voxels.dtype.byteorder in ("=", "<", "|") and np.array_equal(voxels, arr)
+    assert np.array_equal(voxels, sitk.GetArrayViewFromImage(sitk.ReadImage(str(big))))
+
+
+def _nifti_header_big_endian(header: bytes) -> bytes:
+    """A little-endian NIfTI-1 header rewritten field by field in big-endian order."""
+    fields = [("i", 0), ("10s", 4), ("18s", 14), ("i", 32), ("h", 36), ("c", 38), ("c", 39), ("8h", 40),
+              ("3f", 56), ("h", 68), ("h", 70), ("h", 72), ("h", 74), ("8f", 76), ("f", 108), ("f", 112),
+              ("f", 116), ("h", 120), ("c", 122), ("c", 123), ("f", 124), ("f", 128), ("f", 132), ("f", 136),
+              ("i", 140), ("i", 144), ("80s", 148), ("24s", 228), ("h", 252), ("h", 254), ("3f", 256),
+              ("3f", 268), ("4f", 280), ("4f", 296), ("4f", 312), ("16s", 328), ("4s", 344)]
+    out = bytearray(348)
+    for fmt, at in fields:
+        struct.pack_into(">" + fmt, out, at, *struct.unpack_from("<" + fmt, header, at))
+    return bytes(out)
+
+
 @pytest.mark.parametrize("vox_offset", [0.0, -8.0, 348.0])
 def test_a_vox_offset_inside_the_header_is_read_like_simpleitk(tmp_path, vox_offset):
     """The NIfTI library starts the voxels no earlier than the header's end whatever vox_offset says: the same
@@ -161,10 +210,29 @@ def test_big_endian_and_nifti2_files(tmp_path, version, order):
     assert np.array_equal(sitk.GetArrayViewFromImage(ours), arr.astype("=f4").transpose(2, 1, 0))
 
 
-def test_the_checked_content_is_the_whole_decompressed_file(tmp_path):
+@pytest.mark.parametrize("shape", [(2, 3, 4), (40, 50, 60)])
+def test_the_checked_content_is_the_decompressed_file(tmp_path, shape):
+    """Up to the voxels' end, whether the voxels fit in the first bytes read or come in several chunks."""
     path = tmp_path / "a.nii.gz"
-    sitk.WriteImage(oblique_image(np.arange(2 * 3 * 4, dtype=np.int16).reshape(2, 3, 4)), str(path))
-    assert _checked_content(path, gzipped=True)[1] == gzip.decompress(path.read_bytes())
+    sitk.WriteImage(oblique_image(np.arange(np.prod(shape), dtype=np.int16).reshape(shape)), str(path))
+    whole = gzip.decompress(path.read_bytes())
+    assert len(whole) == 352 + 2 * np.prod(shape)
+    assert _checked_content(path, gzipped=True)[1].tobytes() == whole
+
+
+# 80 x 120 x 120 float32: 4.6 MB, two chunks of reading; voxel 1048623 is the second chunk's first
+@pytest.mark.parametrize("shape, at", [((2, 3, 4), 0), ((2, 3, 4), 23), ((80, 120, 120), 0), ((80, 120, 120), 46),
+                                       ((80, 120, 120), 1048622), ((80, 120, 120), 1048623),
+                                       ((80, 120, 120), 80 * 120 * 120 - 1)])
+def test_every_nan_is_counted_wherever_it_lies(tmp_path, shape, at):
+    """In the header's first read, across chunk boundaries, in the last voxel."""
+    arr = np.zeros(shape, dtype=np.float32)
+    arr.flat[at] = np.nan
+    arr.flat[(at + 7) % arr.size] = np.inf
+    path = tmp_path / "a.nii.gz"
+    sitk.WriteImage(oblique_image(arr), str(path))
+    with pytest.raises(LNMError, match=r": 2 NaN/Inf voxel\(s\)"):
+        read_image(path)
 
 
 def test_no_temporary_folder_is_not_blamed_on_the_file(tmp_path, monkeypatch):

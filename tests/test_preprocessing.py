@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from lnm_auto.datasets.raw_dataset import Grid
 from lnm_auto.planning.plans import ChannelNormalization, CropScale
 from lnm_auto.preprocessing.geometry import canonical_axes, crop_grid, measure_nodes, sample_linear, sitk_spacing_zyx
 from lnm_auto.preprocessing.normalization import normalize, normalize_stored
@@ -149,13 +150,11 @@ def test_a_neighbourhood_of_one_value_still_stores_finite_crops():
     arr = sitk.GetArrayFromImage(image)
     arr[:] = 40.0
     arr[:, :, :5] = -1000.0                   # air, outside the node neighbourhood but inside the crop
-    flat = sitk.GetImageFromArray(arr)
-    flat.CopyInformation(image)
     plans = tiny_plans(roi=(16, 48, 48), spacing=(3.0, 1.4, 1.4))
     nodes = case_nodes(mask)
     mean, std = case_statistics(intensity_samples([arr], nodes.neighbourhood))
     assert std[0] <= 1e-8                     # the neighbourhood holds one value
-    stored = cut_node_crops([flat], nodes, plans.scales, mean, std)
+    stored = cut_node_crops([arr], Grid.of(image), nodes, plans.scales, mean, std)
     assert np.isfinite(stored["image_global"]).all() and stored["intensity_std"][0] >= 1040.0 / 30000
     values = normalize_node_crops(stored, plans.normalization)["image_global"]
     want = normalize(np.clip(np.asarray(stored["image_global"], np.float32) * stored["intensity_std"][0] + 40.0,

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from lnm_auto.datasets.nifti import check_nifti_file, read_checked_nifti
+from lnm_auto.datasets.nifti import check_nifti_file, read_checked_nifti, read_checked_nifti_voxels
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import load_json
 from lnm_auto.utils.labels import UNKNOWN, parse_label  # noqa: F401  (re-exported)
@@ -151,24 +151,78 @@ def _files_with_ending(folder: Path, ending: str) -> list[Path]:
     return sorted(f for f in folder.iterdir() if f.is_file() and f.name.endswith(ending) and not f.name.startswith("."))
 
 
+@dataclass(frozen=True)
+class Grid:
+    """An image's grid, read from the image or its header; unlike SimpleITK's objects it crosses processes.
+    Its getters are SimpleITK's, so images, headers and grids compare alike (``geometry_mismatches``)."""
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def of(cls, image) -> "Grid":
+        return cls(tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()),
+                   tuple(image.GetDirection()))
+
+    def GetSize(self):   # noqa: N802  (SimpleITK's names)
+        return self.size
+
+    def GetSpacing(self):   # noqa: N802
+        return self.spacing
+
+    def GetOrigin(self):   # noqa: N802
+        return self.origin
+
+    def GetDirection(self):   # noqa: N802
+        return self.direction
+
+    def TransformPhysicalPointToContinuousIndex(self, point) -> tuple[float, ...]:   # noqa: N802
+        """SimpleITK's mapping of a physical point to a continuous (x, y, z) index: (D diag(spacing))^-1 (p - o)."""
+        to_physical = np.asarray(self.direction, dtype=float).reshape(3, 3) * np.asarray(self.spacing, dtype=float)
+        return tuple(float(v) for v in np.linalg.solve(to_physical, np.asarray(point, dtype=float) - self.origin))
+
+
 def read_image(path: str | Path) -> sitk.Image:
     """Read any SimpleITK-readable image, turning reader failures into one clear line. NIfTI files are
     checked on the way (SimpleITK zero-fills a truncated .nii/.nii.gz and reads a 0 spacing as 1 mm, silently)
     and decompressed once (``nifti.read_checked_nifti``)."""
+    path = _existing_file(path)
+    img = read_checked_nifti(path, sitk_read) if is_nifti(path) else sitk_read(path)
+    _check_spacing(path, img.GetSpacing())
+    return img
+
+
+def read_image_voxels(path: str | Path) -> tuple[np.ndarray, Grid]:
+    """:func:`read_image` as its voxels (numpy z, y, x; read-only) and grid, for code that needs no SimpleITK
+    image: a NIfTI file's voxels are its decompressed bytes, never copied; NaN/Inf already refused."""
+    path = _existing_file(path)
+    if is_nifti(path):
+        voxels, geometry = read_checked_nifti_voxels(path, sitk_read)
+    else:
+        geometry = sitk_read(path)
+        voxels = sitk.GetArrayFromImage(geometry)
+    _check_spacing(path, geometry.GetSpacing())
+    return voxels, Grid.of(geometry)
+
+
+def is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith((".nii", ".nii.gz"))
+
+
+def _existing_file(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise LNMError(f"{path}: file not found")
     if path.stat().st_size == 0:
         raise LNMError(f"{path}: empty file (0 bytes); copy or convert it again")
-    if path.name.lower().endswith((".nii", ".nii.gz")):
-        img = read_checked_nifti(path, sitk_read)
-    else:
-        img = sitk_read(path)
-    spacing = img.GetSpacing()
+    return path
+
+
+def _check_spacing(path: Path, spacing) -> None:
     if not all(math.isfinite(s) and s > 0 for s in spacing):
         raise LNMError(f"{path}: voxel spacing {tuple(round(s, 4) for s in spacing)} mm must be positive; fix the "
                        "header (the spacing the scanner used)")
-    return img
 
 
 def sitk_read(path: Path, shown_as: Path | None = None) -> sitk.Image:
@@ -184,12 +238,8 @@ def sitk_read(path: Path, shown_as: Path | None = None) -> sitk.Image:
 
 def read_image_header(path: str | Path) -> sitk.ImageFileReader:
     """The header of an image (size, spacing, origin, direction, dimension) without reading its voxels."""
-    path = Path(path)
-    if not path.is_file():
-        raise LNMError(f"{path}: file not found")
-    if path.stat().st_size == 0:
-        raise LNMError(f"{path}: empty file (0 bytes); copy or convert it again")
-    if path.name.lower().endswith((".nii", ".nii.gz")):
+    path = _existing_file(path)
+    if is_nifti(path):
         check_nifti_file(path, header_only=True)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))

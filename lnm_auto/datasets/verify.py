@@ -14,8 +14,8 @@ import pandas as pd
 import SimpleITK as sitk
 
 from lnm_auto.conversion.components import DEFAULT_MIN_VOLUME_MM3, needs_splitting
-from lnm_auto.datasets.raw_dataset import (SAFE_CASE_ID, RawCase, RawDataset, parse_label, read_image,
-                                           read_image_header)
+from lnm_auto.datasets.raw_dataset import (SAFE_CASE_ID, Grid, RawCase, RawDataset, is_nifti, parse_label,
+                                           read_image, read_image_header, read_image_voxels)
 from lnm_auto.preprocessing.geometry import node_boxes
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.processes import map_in_workers
@@ -30,33 +30,6 @@ REQUIRED_COLUMNS = {
     "stations.csv": ("case", "station", "label"),
     "patients.csv": ("case", "label"),
 }
-
-
-@dataclass(frozen=True)
-class Grid:
-    """An image's grid, read from the image or its header; unlike SimpleITK's objects it crosses processes.
-    Its getters are SimpleITK's, so images, headers and grids compare alike (``geometry_mismatches``)."""
-    size: tuple[int, ...]
-    spacing: tuple[float, ...]
-    origin: tuple[float, ...]
-    direction: tuple[float, ...]
-
-    @classmethod
-    def of(cls, image) -> "Grid":
-        return cls(tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()),
-                   tuple(image.GetDirection()))
-
-    def GetSize(self):   # noqa: N802  (SimpleITK's names)
-        return self.size
-
-    def GetSpacing(self):   # noqa: N802
-        return self.spacing
-
-    def GetOrigin(self):   # noqa: N802
-        return self.origin
-
-    def GetDirection(self):   # noqa: N802
-        return self.direction
 
 
 @dataclass
@@ -136,25 +109,27 @@ def check_case(case: RawCase) -> CaseCheck:
     headers and the node mask are checked first, then the images' voxels: lnm_plan_and_preprocess does the two
     halves in its two passes over a dataset (the node masks, then the images), in the same order."""
     result = check_headers_and_mask(case)
-    result.problems += read_checked_images(result.readable_images)[1]
+    result.problems += read_checked_images(result.readable_images)[2]
     return result
 
 
-def read_checked_images(image_files: list[Path]) -> tuple[list[sitk.Image], list[str]]:
-    """The images read whole (a truncated or damaged file is refused here, not from its header) and the
-    problems of their voxels: NaN/Inf."""
-    images, problems = [], []
+def read_checked_images(image_files: list[Path]) -> tuple[list[np.ndarray], Grid | None, list[str]]:
+    """The images' voxels (numpy z, y, x) read whole (a truncated or damaged file is refused here, not from its
+    header), the first one's grid, and the problems of their voxels: NaN/Inf (a NIfTI read refuses them
+    itself)."""
+    channels, grid, problems = [], None, []
     for image_file in image_files:
-        img = _read(image_file, problems)
-        if img is None:
+        found = _read(image_file, problems, read_image_voxels)
+        if found is None:
             continue
-        arr = sitk.GetArrayViewFromImage(img)
-        if np.issubdtype(arr.dtype, np.floating):
-            n_bad = int(np.count_nonzero(~np.isfinite(arr)))
+        voxels, image_grid = found
+        if np.issubdtype(voxels.dtype, np.floating) and not is_nifti(image_file):
+            n_bad = int(np.count_nonzero(~np.isfinite(voxels)))
             if n_bad:
                 problems.append(f"{image_file}: {n_bad} NaN/Inf voxel(s); replace them with a finite value")
-        images.append(img)
-    return images, problems
+        channels.append(voxels)
+        grid = grid or image_grid
+    return channels, grid, problems
 
 
 def check_headers_and_mask(case: RawCase, keep_mask: bool = False) -> CaseCheck:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
+from lnm_auto.datasets.raw_dataset import Grid
 from lnm_auto.planning.plans import CropScale, Plans
 from lnm_auto.preprocessing.geometry import (NodeMeasurement, canonical_axes, crop_grid, measure_nodes, node_boxes,
                                              sample_linear, sitk_spacing_zyx)
@@ -126,28 +127,27 @@ def case_statistics(samples: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return mean, std
 
 
-def cut_node_crops(images: list[sitk.Image], nodes: CaseNodes, scales: dict[str, CropScale],
+def cut_node_crops(channels: list[np.ndarray], grid: Grid, nodes: CaseNodes, scales: dict[str, CropScale],
                    mean: np.ndarray, std: np.ndarray) -> dict[str, np.ndarray]:
     """Every node's crops at every scale: ``image_<scale>`` float16 (N, C, ...) z-scored with the case's
     ``mean`` / ``std`` (the std raised where needed to keep every value within float16's range),
     ``mask_<scale>`` uint8 (N, ...) (linear, threshold 0.5, as nnU-Net resamples labels); plus the node
     measurements and the statistics used. Outside the image: the image's darkest value (air)."""
-    channels = [sitk.GetArrayViewFromImage(img) for img in images]
     pads = [float(c.min()) for c in channels]
     std = np.maximum(std, [value_range(c, low) / MAX_STORED_Z for c, low in zip(channels, pads)])
     n = len(nodes.measurements)
     out: dict[str, np.ndarray] = {}
     for scale in scales.values():
-        out[f"image_{scale.name}"] = np.zeros((n, len(images), *scale.cache_shape), dtype=np.float16)
+        out[f"image_{scale.name}"] = np.zeros((n, len(channels), *scale.cache_shape), dtype=np.float16)
         out[f"mask_{scale.name}"] = np.zeros((n, *scale.cache_shape), dtype=np.uint8)
     for i, node in enumerate(nodes.measurements):
         for scale in scales.values():
-            grid = crop_grid(images[0], node.centre_mm, scale.spacing_mm, scale.cache_shape)
+            crop_at = crop_grid(grid, node.centre_mm, scale.spacing_mm, scale.cache_shape)
             for c, voxels in enumerate(channels):
-                crop = sample_linear(voxels, grid, pads[c])
+                crop = sample_linear(voxels, crop_at, pads[c])
                 crop -= mean[c]
                 np.divide(crop, std[c], out=out[f"image_{scale.name}"][i, c], casting="unsafe")   # into float16
-            piece = sample_linear(nodes.mask_pieces[i], grid, 0.0, nodes.volume_shape, nodes.piece_offsets[i])
+            piece = sample_linear(nodes.mask_pieces[i], crop_at, 0.0, nodes.volume_shape, nodes.piece_offsets[i])
             out[f"mask_{scale.name}"][i] = piece >= 0.5
     m = nodes.measurements
     out["node_ids"] = np.asarray([x.node for x in m], dtype=np.int32)
@@ -177,4 +177,6 @@ def preprocess_images(images: list[sitk.Image], mask: sitk.Image, plans: Plans) 
     nodes = case_nodes(mask)
     channels = [sitk.GetArrayViewFromImage(img) for img in images]
     mean, std = case_statistics(intensity_samples(channels, nodes.neighbourhood))
-    return normalize_node_crops(cut_node_crops(images, nodes, plans.scales, mean, std), plans.normalization)
+    # the grid as training reads it (not the image's own transform): the same crops to the last bit
+    return normalize_node_crops(cut_node_crops(channels, Grid.of(images[0]), nodes, plans.scales, mean, std),
+                                plans.normalization)

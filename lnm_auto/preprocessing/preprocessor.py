@@ -158,16 +158,16 @@ def scan_case_images(job: ImageJob, scales: dict[str, CropScale] | None) -> Imag
     """Second pass over a case: its images read whole, once: the voxels checked, the fingerprint's intensity
     samples drawn and, when ``job.cache_file`` is set, every node's crops cut and written. Problems of the
     input come back as lines, never raised; anything else is a bug of ours and surfaces with its traceback."""
-    images, problems = read_checked_images(job.image_files)
+    channels, grid, problems = read_checked_images(job.image_files)
     scan = ImageScan(job.case.case_id, problems)
     if problems or job.nodes is None:
         return scan
-    scan.samples = intensity_samples([sitk.GetArrayViewFromImage(i) for i in images], job.nodes.neighbourhood)
+    scan.samples = intensity_samples(channels, job.nodes.neighbourhood)
     if job.cache_file is None:
         return scan
     try:
-        arrays = with_labels(cut_node_crops(images, job.nodes, scales, *case_statistics(scan.samples)), job.case,
-                             job.labels)
+        arrays = with_labels(cut_node_crops(channels, grid, job.nodes, scales, *case_statistics(scan.samples)),
+                             job.case, job.labels)
     except LNMError as e:
         scan.problems.append(str(e))
         return scan

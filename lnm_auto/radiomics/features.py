@@ -179,12 +179,14 @@ def padded_surface_and_volume(binary: sitk.Image) -> tuple[float, float]:
     voxels on every side (the blur needs 4 voxels per axis and must not clip a node at the crop's edge)."""
     spacing = np.asarray(binary.GetSpacing(), dtype=float)
     iso = max(float(spacing.min()), ISOTROPIC_SURFACE_MIN_SPACING_MM)
-    size = [max(1, int(round(n * s / iso))) for n, s in zip(binary.GetSize(), spacing)]
+    size = np.asarray([max(1, int(round(n * s / iso))) for n, s in zip(binary.GetSize(), spacing)])
+    first, size = _fine_voxels_near_node(binary, spacing, iso, size)
     # keep the outer voxel edges in place: the first new voxel centre sits iso/2 inside the old edge
-    shift = np.asarray(binary.GetDirection(), dtype=float).reshape(3, 3) @ ((iso - spacing) / 2.0)
+    direction = np.asarray(binary.GetDirection(), dtype=float).reshape(3, 3)
+    shift = direction @ ((iso - spacing) / 2.0 + first * iso)
     origin = tuple(float(v) for v in np.asarray(binary.GetOrigin()) + shift)
     blurred = sitk.SmoothingRecursiveGaussian(binary, [0.5 * s for s in spacing])
-    fine = sitk.Resample(blurred, size, sitk.Transform(), sitk.sitkLinear, origin,
+    fine = sitk.Resample(blurred, [int(n) for n in size], sitk.Transform(), sitk.sitkLinear, origin,
                          (iso, iso, iso), binary.GetDirection(), 0.0, sitk.sitkFloat32)
     fine_binary = fine >= 0.5     # uint8
     stats = sitk.LabelShapeStatisticsImageFilter()
@@ -193,6 +195,24 @@ def padded_surface_and_volume(binary: sitk.Image) -> tuple[float, float]:
     if 1 not in stats.GetLabels():   # a node thinner than half a voxel everywhere vanishes
         return float("nan"), float("nan")
     return float(stats.GetPerimeter(1)), float(stats.GetPhysicalSize(1))
+
+
+def _fine_voxels_near_node(binary: sitk.Image, spacing: np.ndarray, iso: float, size: np.ndarray
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """(first index, size) (x, y, z) of the isotropic voxels that can reach 0.5 after the blur, plus one voxel of
+    background: those within one coarse voxel of the node's bounding box (a Gaussian blur is below 0.5 beyond
+    the box, linear interpolation mixes only neighbouring coarse voxels). The rest of the padded region is
+    background whatever happens, so leaving it out changes no voxel of the surface and saves most of the time
+    on thick slices (a 5 mm slice becomes 6-10 isotropic ones, most of them in the padding)."""
+    inside = np.nonzero(sitk.GetArrayViewFromImage(binary) >= 0.5)
+    if not inside[0].size:
+        return np.zeros(3, dtype=int), size
+    lo = np.asarray([int(i.min()) for i in inside[::-1]]) - 1      # coarse indices, x y z
+    hi = np.asarray([int(i.max()) for i in inside[::-1]]) + 1
+    # fine voxel i's centre sits at coarse continuous index -0.5 + (i + 0.5) * iso / spacing
+    first = np.maximum(np.floor((lo + 0.5) * spacing / iso - 0.5).astype(int) - 1, 0)
+    last = np.minimum(np.ceil((hi + 0.5) * spacing / iso - 0.5).astype(int) + 1, size - 1)
+    return first, last - first + 1
 
 
 def _intensity_features(node: int, crop: np.ndarray, node_mask: np.ndarray, axes, mode: str,
