@@ -284,3 +284,32 @@ def test_fit_refuses_one_class_and_falls_back_to_logistic_without_inner_cv_for_o
     again = RadiomicsClassifier.load(tmp_path / "m.json")
     assert np.array_equal(again.predict_proba(table), model.predict_proba(table))
     assert roc_auc_score(labels, model.predict_proba(table)) > 0.7     # it learnt from what it saw
+
+
+def _surface_on_the_whole_padded_region(binary: sitk.Image) -> tuple[float, float]:
+    """The surface estimate resampling every isotropic voxel of the padded region (what
+    ``padded_surface_and_volume`` computed before it kept only the voxels near the node)."""
+    spacing = np.asarray(binary.GetSpacing(), dtype=float)
+    iso = max(float(spacing.min()), 0.5)
+    size = [max(1, int(round(n * s / iso))) for n, s in zip(binary.GetSize(), spacing)]
+    shift = np.asarray(binary.GetDirection(), dtype=float).reshape(3, 3) @ ((iso - spacing) / 2.0)
+    blurred = sitk.SmoothingRecursiveGaussian(binary, [0.5 * s for s in spacing])
+    fine = sitk.Resample(blurred, size, sitk.Transform(), sitk.sitkLinear,
+                         tuple(float(v) for v in np.asarray(binary.GetOrigin()) + shift), (iso, iso, iso),
+                         binary.GetDirection(), 0.0, sitk.sitkFloat32) >= 0.5
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.ComputePerimeterOn()
+    stats.Execute(fine)
+    return float(stats.GetPerimeter(1)), float(stats.GetPhysicalSize(1))
+
+
+@pytest.mark.parametrize("semi_axes, spacing", [((6.0, 4.0, 9.0), (0.8, 0.8, 5.0)), ((3.0, 3.0, 3.0), (0.7, 0.9, 2.5)),
+                                                ((1.0, 0.6, 1.5), (0.8, 0.8, 5.0)), ((10.0, 7.0, 4.0), (1.0, 1.0, 1.0)),
+                                                ((5.0, 5.0, 2.0), (0.4, 0.4, 3.0))])
+def test_the_surface_estimate_needs_only_the_voxels_near_the_node(semi_axes, spacing):
+    """Leaving out the isotropic voxels the blur cannot lift to 0.5 changes neither surface nor volume."""
+    from lnm_auto.radiomics.features import SURFACE_PAD_VOXELS, padded_surface_and_volume
+    _, mask = _ellipsoid_case(semi_axes, spacing_xyz=spacing, direction=_rotation_direction())
+    pad = [SURFACE_PAD_VOXELS] * 3
+    binary = sitk.Cast(sitk.ConstantPad(mask, pad, pad, 0), sitk.sitkFloat32)
+    assert padded_surface_and_volume(binary) == pytest.approx(_surface_on_the_whole_padded_region(binary), rel=1e-9)
