@@ -246,3 +246,19 @@ def test_no_temporary_folder_is_not_blamed_on_the_file(tmp_path, monkeypatch):
     path.write_bytes(path.read_bytes()[:-40])       # the check still runs on the fallback path
     with pytest.raises(LNMError, match="damaged or truncated"):
         read_image(path)
+
+
+def test_a_header_announcing_more_voxels_than_memory_is_one_line(tmp_path):
+    """A damaged header's dims (here 2^15 x 2^15 x 2^15 int64: 256 TiB) cannot be allocated: one line naming the
+    file, never a MemoryError; dims that fit in memory but not in the file: truncated."""
+    img = oblique_image(np.zeros((4, 5, 6), dtype=np.int64))
+    for dims, message in [((32767, 32767, 32767), "more than this machine can hold"), ((6, 5, 40), "truncated")]:
+        plain = tmp_path / "p.nii"
+        sitk.WriteImage(img, str(plain))
+        data = bytearray(plain.read_bytes())
+        struct.pack_into("<4h", data, 40, 3, *dims)
+        path = tmp_path / "a.nii.gz"
+        path.write_bytes(gzip.compress(bytes(data)))
+        with pytest.raises(LNMError, match=message) as e:
+            read_image(path)
+        assert str(path) in str(e.value)

@@ -93,7 +93,7 @@ def _checked_content(path: Path, gzipped: bool, header_only: bool = False) -> tu
                                "must be positive (fix the header: the spacing the scanner used)")
             if header_only or not header.single_file:
                 return header, None
-            content, n_data, n_bad = _read_voxels(f, header_bytes, header)
+            content, n_data, n_bad = _read_voxels(f, header_bytes, header, path)
     except (OSError, EOFError, zlib.error, isal_zlib.error) as e:   # BadGzipFile is an OSError
         raise LNMError(f"{path}: damaged or truncated file ({str(e).strip()[:120] or type(e).__name__}); copy or "
                        "convert it again") from None
@@ -197,12 +197,18 @@ def is_gzipped(path: Path) -> bool:
         return f.read(2) == b"\x1f\x8b"
 
 
-def _read_voxels(f: BinaryIO, header_bytes: bytes, header: NiftiHeader) -> tuple[np.ndarray, int, int]:
+def _read_voxels(f: BinaryIO, header_bytes: bytes, header: NiftiHeader, header_path: Path
+                 ) -> tuple[np.ndarray, int, int]:
     """Read the rest of an open NIfTI stream whose first bytes were ``header_bytes`` into one buffer, scanning
     the float voxels for NaN/Inf chunk by chunk while they are in cache: (the file up to the voxels' end,
     voxel bytes present, NaN/Inf voxels among them). Read straight into place: no copy of the whole file."""
     start, end = header.vox_offset, header.vox_offset + header.n_voxel_bytes
-    content = np.empty(max(end, len(header_bytes)), dtype=np.uint8)
+    try:
+        content = np.empty(max(end, len(header_bytes)), dtype=np.uint8)   # pages are only taken when written
+    except MemoryError:
+        raise LNMError(f"{header_path}: its header announces {header.n_voxel_bytes / 2 ** 30:.1f} GiB of voxels "
+                       f"(dim {list(header.dim[1:header.n_dims + 1])}), more than this machine can hold; if the "
+                       "image is not that large, its header is damaged: convert it again") from None
     content[:len(header_bytes)] = np.frombuffer(header_bytes, dtype=np.uint8)
     dtype = np.dtype(header.order + header.float_code) if header.float_code else None
     filled, scanned, n_bad = len(header_bytes), start, 0
