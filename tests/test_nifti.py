@@ -106,7 +106,7 @@ def test_scaled_voxels_are_left_to_simpleitk(tmp_path, monkeypatch, slope, inter
 
 
 @pytest.mark.parametrize("name, slope", [("a.nii.gz", None), ("a.nii", None), ("a.nii.gz", 2.0), ("a.mha", None)])
-def test_voxels_and_grid_equal_simpleitk(tmp_path, name, slope):
+def test_voxels_and_grid_equal_simpleitk(tmp_path, monkeypatch, name, slope):
     """``read_image_voxels`` (preprocessing's read, no SimpleITK image built): the voxels and grid SimpleITK
     reads, for plain NIfTI (the file's own bytes), scaled NIfTI (SimpleITK's read) and other formats; the grid
     maps physical points to indices as SimpleITK does."""
@@ -117,7 +117,12 @@ def test_voxels_and_grid_equal_simpleitk(tmp_path, name, slope):
         sitk.WriteImage(img, str(path))
     else:
         path = written(tmp_path, img, name, slope=slope)
+    calls = []
+    import lnm_auto.datasets.raw_dataset as raw_dataset
+    monkeypatch.setattr(raw_dataset, "sitk_read", recording_read(calls))
     voxels, grid = read_image_voxels(path)
+    assert (calls == []) == (name.startswith("a.nii") and slope is None)    # plain NIfTI: no SimpleITK read
+    assert not voxels.flags.writeable
     theirs = sitk.ReadImage(str(path))
     assert voxels.dtype == sitk.GetArrayViewFromImage(theirs).dtype
     assert np.array_equal(voxels, sitk.GetArrayViewFromImage(theirs))
@@ -224,12 +229,13 @@ def test_the_checked_content_is_the_decompressed_file(tmp_path, shape):
 @pytest.mark.parametrize("shape, at", [((2, 3, 4), 0), ((2, 3, 4), 23), ((80, 120, 120), 0), ((80, 120, 120), 46),
                                        ((80, 120, 120), 1048622), ((80, 120, 120), 1048623),
                                        ((80, 120, 120), 80 * 120 * 120 - 1)])
-def test_every_nan_is_counted_wherever_it_lies(tmp_path, shape, at):
+@pytest.mark.parametrize("ending", [".nii.gz", ".nii"])
+def test_every_nan_is_counted_wherever_it_lies(tmp_path, shape, at, ending):
     """In the header's first read, across chunk boundaries, in the last voxel."""
     arr = np.zeros(shape, dtype=np.float32)
     arr.flat[at] = np.nan
     arr.flat[(at + 7) % arr.size] = np.inf
-    path = tmp_path / "a.nii.gz"
+    path = tmp_path / f"a{ending}"
     sitk.WriteImage(oblique_image(arr), str(path))
     with pytest.raises(LNMError, match=r": 2 NaN/Inf voxel\(s\)"):
         read_image(path)
@@ -262,3 +268,45 @@ def test_a_header_announcing_more_voxels_than_memory_is_one_line(tmp_path):
         with pytest.raises(LNMError, match=message) as e:
             read_image(path)
         assert str(path) in str(e.value)
+
+
+def _with_bytes_changed(tmp_path, change) -> Path:
+    plain = tmp_path / "p.nii"
+    sitk.WriteImage(oblique_image(np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)), str(plain))
+    data = change(bytearray(plain.read_bytes()))
+    path = tmp_path / "a.nii.gz"
+    path.write_bytes(data if data[:2] == b"\x1f\x8b" else gzip.compress(bytes(data)))
+    return path
+
+
+def test_a_gzip_stream_whose_checksum_fails_is_refused(tmp_path):
+    """gzip checks its CRC when the stream ends, in the read that returns the last voxels."""
+    def flip_crc(data):
+        packed = bytearray(gzip.compress(bytes(data)))
+        packed[-8] ^= 0xFF           # the trailer's CRC-32; every voxel byte is intact
+        return packed
+    with pytest.raises(LNMError, match="damaged or truncated"):
+        read_image_voxels(_with_bytes_changed(tmp_path, flip_crc))
+
+
+def test_voxels_after_header_extensions_and_before_trailing_bytes(tmp_path):
+    """vox_offset past the first 540 bytes read (an extension block) and bytes after the voxels: SimpleITK's
+    voxels, untouched by either."""
+    def extend(data):
+        struct.pack_into("<f", data, 108, 1024.0)
+        return data[:348] + b"\0" * (1024 - 348) + data[352:] + b"trailing bytes"
+    path = _with_bytes_changed(tmp_path, extend)
+    voxels, _ = read_image_voxels(path)
+    assert np.array_equal(voxels, sitk.GetArrayViewFromImage(sitk.ReadImage(str(path))))
+    assert np.array_equal(voxels, np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6))
+
+
+@pytest.mark.parametrize("vox_offset", [float("nan"), float("inf"), 1e20])
+def test_a_damaged_vox_offset_is_one_line(tmp_path, vox_offset):
+    def damage(data):
+        struct.pack_into("<f", data, 108, vox_offset)
+        return data
+    path = _with_bytes_changed(tmp_path, damage)
+    with pytest.raises(LNMError, match="not a NIfTI file") as e:
+        read_image_voxels(path)
+    assert str(path) in str(e.value)

@@ -344,3 +344,19 @@ def test_training_refuses_caches_cut_for_other_crop_scales(planned_tiny, tmp_pat
     with pytest.raises(LNMError, match="other crop scales"):
         CropStore(crops, tuple(plans.scales), plans.normalization, crops_digest(other)).unpack(["case_000"])
     CropStore(crops, tuple(plans.scales), plans.normalization, crops_digest(plans.scales)).unpack(["case_000"])
+
+
+@pytest.mark.parametrize("nudge", [-1e-12, 0.0, 1e-12])
+def test_samples_on_the_volume_edge_or_a_mask_tie_do_not_flip_with_rounding_noise(nudge):
+    """Geometry noise far below a voxel (the same scan read from DICOM and from NIfTI) leaves every sample as it
+    is, even exactly on the volume's edge (inside: the edge voxel; past it: the default) or halfway between a
+    mask voxel and background (the mask threshold's tie)."""
+    from lnm_auto.preprocessing.geometry import CropGrid
+    voxels = np.zeros((3, 4, 4), dtype=np.float32)
+    voxels[:, :, 0] = 7.0
+    voxels[1, 1, 2] = 1.0
+    # column samples at -0.5 (the edge), 1.5 (a tie between columns 1 and 2) and -1.5 (outside)
+    grid = CropGrid((0, 1, 2), (1.0, 1.0, -0.5 + nudge), (1.0, 1.0, 2.0), (1, 1, 2))
+    np.testing.assert_array_equal(sample_linear(voxels, grid, -100.0), [[[7.0, 0.5]]])
+    outside = CropGrid((0, 1, 2), (1.0, 1.0, -1.5 + nudge), (1.0, 1.0, 1.0), (1, 1, 1))
+    np.testing.assert_array_equal(sample_linear(voxels, outside, -100.0), [[[-100.0]]])

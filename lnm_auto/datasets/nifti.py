@@ -3,8 +3,9 @@
 SimpleITK zero-fills a truncated .nii/.nii.gz, reads NaN voxels as 0 and a zero spacing as 1 mm, all without an
 error, so every NIfTI file is streamed once through a check. That stream is as expensive as the read itself
 (decompression is the read's whole cost), so the checked, decompressed bytes are kept in memory and become the
-image: SimpleITK interprets the header (orientation, spacing, pixel type; a header-only read, milliseconds) and
-the voxels are the file's own bytes. Whatever SimpleITK would change on the way (scaled voxels, more than three
+voxel array: SimpleITK interprets the header (orientation, spacing, pixel type; a header-only read,
+milliseconds) and the voxels are the file's own bytes (preprocessing uses the array as it is; ``read_image``
+copies it into a SimpleITK image). Whatever SimpleITK would change on the way (scaled voxels, more than three
 dimensions, vector pixels) is left to SimpleITK itself, reading the decompressed bytes from a temporary file.
 """
 from __future__ import annotations
@@ -58,7 +59,7 @@ class NiftiHeader:
         # the NIfTI library SimpleITK reads with sizes voxels by datatype, not by bitpix
         pixel = _NIFTI_PIXELS.get(self.datatype)
         voxel_bytes = np.dtype(pixel[0]).itemsize if pixel else self.bitpix // 8
-        return int(np.prod([int(d) for d in self.dim[1:self.n_dims + 1]], dtype=np.int64)) * voxel_bytes
+        return math.prod(int(d) for d in self.dim[1:self.n_dims + 1]) * voxel_bytes   # Python ints: no overflow
 
     @property
     def float_code(self) -> str | None:
@@ -93,6 +94,10 @@ def _checked_content(path: Path, gzipped: bool, header_only: bool = False) -> tu
                                "must be positive (fix the header: the spacing the scanner used)")
             if header_only or not header.single_file:
                 return header, None
+            if not gzipped and path.stat().st_size < header.vox_offset + header.n_voxel_bytes:
+                n_data = max(0, path.stat().st_size - header.vox_offset)   # known without reading (or allocating)
+                raise LNMError(f"{path}: truncated: {n_data} of the {header.n_voxel_bytes} bytes of voxel data its "
+                               "header announces; copy or convert it again")
             content, n_data, n_bad = _read_voxels(f, header_bytes, header, path)
     except (OSError, EOFError, zlib.error, isal_zlib.error) as e:   # BadGzipFile is an OSError
         raise LNMError(f"{path}: damaged or truncated file ({str(e).strip()[:120] or type(e).__name__}); copy or "
@@ -146,11 +151,11 @@ def _read_checked(path: Path, read: Callable[..., sitk.Image]
     return _read_from_temporary_copy(data, path, read)
 
 
-def nifti_voxels(data: bytes, header: NiftiHeader, header_file: Path
+def nifti_voxels(data: np.ndarray, header: NiftiHeader, header_file: Path
                  ) -> tuple[np.ndarray, sitk.ImageFileReader] | None:
     """The voxels (numpy z, y, x, native byte order, a view of ``data`` where the file's order is native) that
-    SimpleITK reads from a NIfTI file whose whole (decompressed) content is ``data``, with SimpleITK's own
-    header-only read of ``header_file`` (the same file) for the grid; None where SimpleITK's reader changes the
+    SimpleITK reads from a NIfTI file whose decompressed content (up to the voxels' end) is ``data``, with
+    SimpleITK's own header-only read of ``header_file`` (the same file) for the grid; None where SimpleITK's reader changes the
     voxels on the way (scaled values, not 3D, vector pixels, another pixel type)."""
     pixel = _NIFTI_PIXELS.get(header.datatype)
     unscaled = header.scl_slope in (0.0, 1.0) and header.scl_inter == 0.0
@@ -173,7 +178,7 @@ def nifti_voxels(data: bytes, header: NiftiHeader, header_file: Path
     return voxels.astype(voxels.dtype.newbyteorder("="), copy=False), reader
 
 
-def _read_from_temporary_copy(data: bytes, path: Path, read: Callable[..., sitk.Image]) -> sitk.Image:
+def _read_from_temporary_copy(data: np.ndarray, path: Path, read: Callable[..., sitk.Image]) -> sitk.Image:
     """``read`` of the decompressed bytes of gzipped ``path`` from a temporary .nii (SimpleITK reads files only);
     ``read(path)`` when no temporary file can be written."""
     try:
@@ -201,14 +206,16 @@ def _read_voxels(f: BinaryIO, header_bytes: bytes, header: NiftiHeader, header_p
                  ) -> tuple[np.ndarray, int, int]:
     """Read the rest of an open NIfTI stream whose first bytes were ``header_bytes`` into one buffer, scanning
     the float voxels for NaN/Inf chunk by chunk while they are in cache: (the file up to the voxels' end,
-    voxel bytes present, NaN/Inf voxels among them). Read straight into place: no copy of the whole file."""
+    voxel bytes present, NaN/Inf voxels among them). Each 4 MiB chunk goes into place while it is in cache;
+    the whole file is never copied again."""
     start, end = header.vox_offset, header.vox_offset + header.n_voxel_bytes
     try:
-        content = np.empty(max(end, len(header_bytes)), dtype=np.uint8)   # pages are only taken when written
-    except MemoryError:
-        raise LNMError(f"{header_path}: its header announces {header.n_voxel_bytes / 2 ** 30:.1f} GiB of voxels "
-                       f"(dim {list(header.dim[1:header.n_dims + 1])}), more than this machine can hold; if the "
-                       "image is not that large, its header is damaged: convert it again") from None
+        content = np.empty(max(end, len(header_bytes)), dtype=np.uint8)
+    except (MemoryError, ValueError):   # ValueError: numpy's limit on an array's size (2^63 bytes)
+        raise LNMError(f"{header_path}: its header announces {end / 2 ** 30:.1f} GiB of file up to the voxels' end "
+                       f"(dim {list(header.dim[1:header.n_dims + 1])}, vox_offset {header.vox_offset}), more than "
+                       "this machine can hold; if the image is not that large, its header is damaged: convert it "
+                       "again") from None
     content[:len(header_bytes)] = np.frombuffer(header_bytes, dtype=np.uint8)
     dtype = np.dtype(header.order + header.float_code) if header.float_code else None
     filled, scanned, n_bad = len(header_bytes), start, 0
@@ -222,7 +229,7 @@ def _read_voxels(f: BinaryIO, header_bytes: bytes, header: NiftiHeader, header_p
             if not n:
                 break
             filled += n
-    while f.read(_READ_CHUNK):   # the rest: gzip checks its CRC at the stream's end
+    while f.read(_READ_CHUNK):   # the rest of the stream, checked like the voxels (a damaged later gzip member)
         pass
     return content[:filled], max(0, filled - start), n_bad
 
@@ -237,6 +244,8 @@ def _nifti_header(header: bytes) -> NiftiHeader | None:
             dim, datatype, bitpix, pixdim, offset, slope, inter = [struct.unpack_from(order + fmt, header, at)
                                                                    for fmt, at in _NIFTI_LAYOUT[size]]
             magic = header[344:348] if size == 348 else header[4:8]
+            if not math.isfinite(offset[0]) or offset[0] > 2 ** 62:
+                return None    # a damaged vox_offset: not a header to trust
             # the NIfTI library starts a .nii file's voxels no earlier than the header's end, whatever vox_offset says
             return NiftiHeader(order, dim, datatype[0], bitpix[0], pixdim, max(int(offset[0]), size), float(slope[0]),
                                float(inter[0]), magic.startswith(b"n+"))

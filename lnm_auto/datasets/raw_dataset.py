@@ -194,8 +194,9 @@ def read_image(path: str | Path) -> sitk.Image:
 
 
 def read_image_voxels(path: str | Path) -> tuple[np.ndarray, Grid]:
-    """:func:`read_image` as its voxels (numpy z, y, x; read-only) and grid, for code that needs no SimpleITK
-    image: a NIfTI file's voxels are its decompressed bytes, never copied; NaN/Inf already refused."""
+    """:func:`read_image` as its voxels (numpy z, y, x; read-only, like a view of a SimpleITK image) and grid, for
+    code that needs no SimpleITK image: a NIfTI file's voxels are its decompressed bytes, never copied. NaN/Inf
+    voxels are refused (SimpleITK's own readers, used for other formats and scaled NIfTI, would pass them on)."""
     path = _existing_file(path)
     if is_nifti(path):
         voxels, geometry = read_checked_nifti_voxels(path, sitk_read)
@@ -203,6 +204,11 @@ def read_image_voxels(path: str | Path) -> tuple[np.ndarray, Grid]:
         geometry = sitk_read(path)
         voxels = sitk.GetArrayFromImage(geometry)
     _check_spacing(path, geometry.GetSpacing())
+    if isinstance(geometry, sitk.Image) and np.issubdtype(voxels.dtype, np.floating):   # not scanned on the way
+        n_bad = int(np.count_nonzero(~np.isfinite(voxels)))
+        if n_bad:
+            raise LNMError(f"{path}: {n_bad} NaN/Inf voxel(s); replace them with a finite value")
+    voxels.flags.writeable = False      # training and inference read the same voxels the same way
     return voxels, Grid.of(geometry)
 
 

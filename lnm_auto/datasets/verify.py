@@ -14,8 +14,8 @@ import pandas as pd
 import SimpleITK as sitk
 
 from lnm_auto.conversion.components import DEFAULT_MIN_VOLUME_MM3, needs_splitting
-from lnm_auto.datasets.raw_dataset import (SAFE_CASE_ID, Grid, RawCase, RawDataset, is_nifti, parse_label,
-                                           read_image, read_image_header, read_image_voxels)
+from lnm_auto.datasets.raw_dataset import (SAFE_CASE_ID, Grid, RawCase, RawDataset, parse_label, read_image,
+                                           read_image_header, read_image_voxels)
 from lnm_auto.preprocessing.geometry import node_boxes
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.processes import map_in_workers
@@ -114,21 +114,14 @@ def check_case(case: RawCase) -> CaseCheck:
 
 
 def read_checked_images(image_files: list[Path]) -> tuple[list[np.ndarray], Grid | None, list[str]]:
-    """The images' voxels (numpy z, y, x) read whole (a truncated or damaged file is refused here, not from its
-    header), the first one's grid, and the problems of their voxels: NaN/Inf (a NIfTI read refuses them
-    itself)."""
+    """The images' voxels (numpy z, y, x) read whole, the first one's grid, and the problems of the files: a
+    truncated or damaged file (refused here, not from its header), NaN/Inf voxels."""
     channels, grid, problems = [], None, []
     for image_file in image_files:
         found = _read(image_file, problems, read_image_voxels)
-        if found is None:
-            continue
-        voxels, image_grid = found
-        if np.issubdtype(voxels.dtype, np.floating) and not is_nifti(image_file):
-            n_bad = int(np.count_nonzero(~np.isfinite(voxels)))
-            if n_bad:
-                problems.append(f"{image_file}: {n_bad} NaN/Inf voxel(s); replace them with a finite value")
-        channels.append(voxels)
-        grid = grid or image_grid
+        if found is not None:
+            channels.append(found[0])
+            grid = grid or found[1]
     return channels, grid, problems
 
 

@@ -78,6 +78,10 @@ def sample_linear(voxels: np.ndarray, grid: CropGrid, default_value: float = 0.0
     per_axis, inside, block_slices = [], [], [slice(0, 0)] * 3
     for k, a in enumerate(grid.axes):
         p = grid.start[k] + grid.step[k] * np.arange(grid.shape[k])     # increasing: steps are positive
+        # to a millionth of a voxel: the same scan read from DICOM and from NIfTI differed by ~1e-14 here, which
+        # moved samples lying exactly on the volume's edge (-0.5, n - 0.5: common when the crop spacing is the
+        # image's) across it, from the edge voxel to the default value: one scan gave two different crops
+        p = np.round(p, 6)
         inside.append(None if p[0] >= -0.5 and p[-1] < volume_shape[a] - 0.5 else
                       (p >= -0.5) & (p < volume_shape[a] - 0.5))
         base = np.floor(p)
