@@ -261,6 +261,32 @@ def test_changed_labels_redo_the_cache_without_clean(planned_tiny, tmp_path):
     assert (r.crops_dir / "case_002.npz").stat().st_mtime_ns == untouched   # other cases are not redone
 
 
+def test_a_rerun_reads_the_images_of_changed_cases_only(planned_tiny, tmp_path, monkeypatch):
+    """Unchanged cases give the fingerprint their cached samples (the same numbers a read gives); a case whose
+    image file changed is read, checked and cut again."""
+    import os
+    import lnm_auto.datasets.verify as verify
+    from lnm_auto.planning.plan_and_preprocess import plan_and_preprocess
+    from lnm_auto.utils.io import load_json
+    tiny_dataset, crops = planned_copy(planned_tiny, tmp_path)
+    fingerprint_file = tmp_path / "pre" / "Dataset042_Tiny" / "dataset_fingerprint.json"
+    first = load_json(fingerprint_file)
+    assert load_case_crops(crops / "case_003.npz")["intensity_samples"].shape[0] == 1    # (channels, samples)
+    read = []
+    original = verify.read_image_voxels
+    monkeypatch.setattr(verify, "read_image_voxels", lambda path: read.append(path.name) or original(path))
+    image = tiny_dataset / "imagesTr" / "case_003_0000.nii.gz"
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10 ** 9))     # "changed"
+    plan_and_preprocess(42, tiny_dataset.parent, tmp_path / "pre", planner="LNMPlannerCPU", progress=False)
+    assert read == ["case_003_0000.nii.gz"]
+    assert load_json(fingerprint_file) == first
+    read.clear()
+    plan_and_preprocess(42, tiny_dataset.parent, tmp_path / "pre", planner="LNMPlannerCPU", progress=False)
+    assert read == []
+    plan_and_preprocess(42, tiny_dataset.parent, tmp_path / "pre", planner="LNMPlannerCPU", progress=False, clean=True)
+    assert len(read) == 8 and load_json(fingerprint_file) == first
+
+
 def test_damaged_cache_is_redone(planned_tiny, tmp_path):
     from lnm_auto.planning.plan_and_preprocess import plan_and_preprocess
     tiny_dataset, crops = planned_copy(planned_tiny, tmp_path)

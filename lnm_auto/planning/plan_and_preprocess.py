@@ -22,7 +22,7 @@ from lnm_auto.planning.planner import plan_crop_scales, plan_experiment
 from lnm_auto.planning.plans import CropScale, Plans
 from lnm_auto.planning.splits import load_splits, make_patient_splits
 from lnm_auto.preprocessing.preprocessor import (ImageJob, NodeLabels, case_digest, case_labels,
-                                                 crops_digest, crops_folder, is_up_to_date, scan_case_images,
+                                                 crops_digest, crops_folder, scan_case_images, up_to_date_samples,
                                                  write_nodes_index)
 from lnm_auto.utils.dataclass_json import to_dict
 from lnm_auto.utils.errors import DatasetProblems, LNMError
@@ -109,7 +109,8 @@ def scan_dataset(ds: RawDataset, verify: bool = True, planner: str = "LNMPlanner
                  clean: bool = False, num_processes: int = 1, progress: bool = True) -> DatasetScan:
     """Read every file of the training cases once: the node masks (and image headers) first, from which the
     crop scales are planned, then the images, whose voxels are checked and sampled for the fingerprint while
-    every node's crops are cut into ``crops_dir`` (None: no crops). ``verify``: report every problem, each
+    every node's crops are cut into ``crops_dir`` (None: no crops); the images of a case whose cache is up to
+    date are not read again (its cache holds its samples). ``verify``: report every problem, each
     check in the order ``verify_dataset`` makes them; without it, only what would make the output wrong is
     checked, and the first pass's problems end the scan. ``clean``: redo every crop cache."""
     cases = ds.cases("Tr")
@@ -163,7 +164,8 @@ def _prepare(crops_dir: Path, clean: bool) -> None:
 
 def _image_jobs(ds: RawDataset, cases: list[RawCase], masks: list[MaskScan], scales: dict[str, CropScale] | None,
                 crops_dir: Path | None) -> list[ImageJob]:
-    """The second pass's work per case: check and sample its images; cut its crops unless up to date."""
+    """The second pass's work per case: check and sample its images and cut its crops; a case whose cache is up
+    to date (same files, labels and scales) is not read: its cache holds its samples."""
     labels = case_labels(ds) if crops_dir is not None else {}
     key = crops_digest(scales) if crops_dir is not None else ""
     jobs = []
@@ -173,7 +175,8 @@ def _image_jobs(ds: RawDataset, cases: list[RawCase], masks: list[MaskScan], sca
             job.labels = labels.get(case.case_id, NodeLabels({}, {}, {}))
             job.digest = case_digest(key, case, job.labels)
             target = crops_dir / f"{case.case_id}.npz"
-            job.cache_file = None if is_up_to_date(target, job.digest) else target
+            job.cached_samples = up_to_date_samples(target, job.digest) if scan.nodes is not None else None
+            job.cache_file = None if job.cached_samples is not None else target
         jobs.append(job)
     return jobs
 
