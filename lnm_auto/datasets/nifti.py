@@ -155,8 +155,8 @@ def nifti_voxels(data: np.ndarray, header: NiftiHeader, header_file: Path
                  ) -> tuple[np.ndarray, sitk.ImageFileReader] | None:
     """The voxels (numpy z, y, x, native byte order, a view of ``data`` where the file's order is native) that
     SimpleITK reads from a NIfTI file whose decompressed content (up to the voxels' end) is ``data``, with
-    SimpleITK's own header-only read of ``header_file`` (the same file) for the grid; None where SimpleITK's reader changes the
-    voxels on the way (scaled values, not 3D, vector pixels, another pixel type)."""
+    SimpleITK's own header-only read of ``header_file`` (the same file) for the grid; None where SimpleITK's
+    reader changes the voxels on the way (scaled values, not 3D, vector pixels, another pixel type)."""
     pixel = _NIFTI_PIXELS.get(header.datatype)
     unscaled = header.scl_slope in (0.0, 1.0) and header.scl_inter == 0.0
     if pixel is None or not unscaled or header.n_dims != 3 or not header.single_file:
