@@ -175,7 +175,7 @@ def _image_jobs(ds: RawDataset, cases: list[RawCase], masks: list[MaskScan], sca
             job.labels = labels.get(case.case_id, NodeLabels({}, {}, {}))
             job.digest = case_digest(key, case, job.labels)
             target = crops_dir / f"{case.case_id}.npz"
-            job.cached_samples = up_to_date_samples(target, job.digest) if scan.nodes is not None else None
+            job.cached_samples = up_to_date_samples(target, job.digest)
             job.cache_file = None if job.cached_samples is not None else target
         jobs.append(job)
     return jobs
