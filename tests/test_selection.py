@@ -1,0 +1,140 @@
+"""Choosing by cross-validation: the within-fold AUROC, the one-SE rule, Platt calibration."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from lnm_auto.evaluation.calibration import apply_calibration, cross_fitted, fit_platt
+from lnm_auto.evaluation.metrics import expected_calibration_error
+from lnm_auto.evaluation.selection import FoldScore, one_standard_error_choice, within_fold_auroc
+
+
+def _folds_with_offsets(seed: int = 0, n_folds: int = 5, per_fold: int = 40):
+    """Units of five folds; fold k's positives are rarer the larger k, so fold offsets that grow with k
+    anti-correlate with the labels when pooled."""
+    rng = np.random.default_rng(seed)
+    y, folds, patients = [], [], []
+    for k in range(n_folds):
+        prevalence = 0.6 - 0.1 * k
+        yk = (rng.random(per_fold) < prevalence).astype(int)
+        yk[:2] = (0, 1)
+        y.append(yk)
+        folds.append(np.full(per_fold, k))
+        patients.append([f"f{k}_p{i // 4}" for i in range(per_fold)])
+    return np.concatenate(y), np.concatenate(folds), np.concatenate(patients), rng
+
+
+def test_within_fold_auroc_is_the_pair_weighted_mean_of_fold_aurocs():
+    y, folds, patients, rng = _folds_with_offsets()
+    p = rng.random(y.size) * 0.5 + 0.3 * y
+    s = within_fold_auroc(y, p, folds, patients, n_bootstrap=200)
+    pairs = [(y[folds == k].sum() * (1 - y[folds == k]).sum()) for k in range(5)]
+    expected = sum(roc_auc_score(y[folds == k], p[folds == k]) * w for k, w in zip(range(5), pairs)) / sum(pairs)
+    assert s.auroc == pytest.approx(expected, abs=1e-12)
+    assert s.n_pairs == sum(pairs) and s.n == y.size and s.n_positive == y.sum()
+    assert 0 < s.se < 0.1 and s.ci95[0] < s.auroc < s.ci95[1]
+
+
+def test_a_fold_offset_cannot_change_the_score_but_changes_the_pooled_auroc():
+    y, folds, patients, rng = _folds_with_offsets(seed=1)
+    ranking = rng.random(y.size) * 0.5 + 0.35 * y       # a good ranker inside every fold
+    offset = ranking * 0.2 + 0.15 * folds               # ... whose fold k is shifted by 0.15 k
+    a = within_fold_auroc(y, ranking * 0.2, folds, patients, n_bootstrap=0)
+    b = within_fold_auroc(y, offset, folds, patients, n_bootstrap=0)
+    assert a.auroc == pytest.approx(b.auroc, abs=1e-12)
+    assert roc_auc_score(y, offset) < a.auroc - 0.15    # pooling measures the folds, not the ranking
+
+
+def test_pooling_misranks_two_candidates_where_the_within_fold_score_does_not():
+    """Candidate 'ranker' ranks every fold well but each fold model is calibrated differently;
+    'steady' ranks worse and is calibrated alike. Pooled AUROC prefers 'steady' (wrong); the within-fold
+    score prefers 'ranker', and so does a fresh, fully labelled test set scored by one model."""
+    y, folds, patients, rng = _folds_with_offsets(seed=2)
+    ranker = 0.3 * (rng.random(y.size) * 0.4 + 0.45 * y) + 0.14 * folds
+    steady = rng.random(y.size) * 0.8 + 0.25 * y
+    pooled = {"ranker": roc_auc_score(y, ranker), "steady": roc_auc_score(y, steady)}
+    assert pooled["steady"] > pooled["ranker"]
+    scores = {name: within_fold_auroc(y, p, folds, patients, n_bootstrap=300)
+              for name, p in (("ranker", ranker), ("steady", steady))}
+    assert scores["ranker"].auroc > scores["steady"].auroc + 0.1
+    chosen, why = one_standard_error_choice(scores, simplicity=lambda c: (0 if c == "steady" else 1, c))
+    assert chosen == "ranker" and why["best"] == "ranker"
+
+
+def test_folds_with_one_class_add_no_pairs():
+    y = np.array([1, 1, 0, 0, 1, 1, 1])
+    p = np.array([0.9, 0.8, 0.1, 0.2, 0.1, 0.2, 0.3])
+    folds = np.array([0, 0, 0, 0, 1, 1, 1])            # fold 1: positives only
+    s = within_fold_auroc(y, p, folds, [f"p{i}" for i in range(7)], n_bootstrap=0)
+    assert s.auroc == 1.0 and s.n_pairs == 4
+
+
+def test_no_fold_with_both_classes_gives_nan():
+    s = within_fold_auroc([1, 0], [0.7, 0.2], [0, 1], ["a", "b"], n_bootstrap=50)
+    assert math.isnan(s.auroc) and s.n_pairs == 0
+
+
+def test_size_rule_is_chosen_when_nothing_beats_it_by_more_than_one_se():
+    rank = {"size rule": (0, ""), "radiomics": (1, "radiomics"), "2d25": (3, "2d25")}.get
+    scores = {"size rule": FoldScore(0.78, 0.04, (0.7, 0.86), 100, 30, 900),
+              "radiomics": FoldScore(0.81, 0.04, (0.73, 0.89), 100, 30, 900),
+              "2d25": FoldScore(0.80, 0.05, (0.7, 0.9), 100, 30, 900)}
+    chosen, why = one_standard_error_choice(scores, rank)
+    assert chosen == "size rule" and why["best"] == "radiomics"
+    assert why["threshold"] == pytest.approx(0.77)
+    assert why["tied"] == ["size rule", "radiomics", "2d25"]
+
+
+def test_one_se_rule_keeps_the_best_when_it_wins_clearly_and_picks_the_simplest_inside_the_band():
+    rank = {"size rule": (0,), "radiomics": (1,), "2d25": (3,), "ens": (5,)}.get
+    scores = {"size rule": FoldScore(0.70, 0.03, (0.64, 0.76), 100, 30, 900),
+              "radiomics": FoldScore(0.84, 0.02, (0.8, 0.88), 100, 30, 900),
+              "2d25": FoldScore(0.87, 0.02, (0.83, 0.91), 100, 30, 900),
+              "ens": FoldScore(0.88, 0.02, (0.84, 0.92), 100, 30, 900)}
+    chosen, why = one_standard_error_choice(scores, rank)
+    assert chosen == "2d25" and why["best"] == "ens"          # 0.87 >= 0.88 - 0.02 > 0.84
+    scores["ens"] = FoldScore(0.95, 0.02, (0.91, 0.99), 100, 30, 900)
+    assert one_standard_error_choice(scores, rank)[0] == "ens"
+    scores["2d25"] = FoldScore(float("nan"), float("nan"), (float("nan"),) * 2, 0, 0, 0)
+    assert one_standard_error_choice(scores, rank)[0] == "ens"
+
+
+def _prior_shifted(seed: int = 0, n: int = 2000, prevalence: float = 0.3):
+    """Labels at 30 % prevalence; scores of a model that saw 50 % (the oversampled batch): the true
+    posterior's logit shifted by log(0.5/0.5) - log(0.3/0.7)."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < prevalence).astype(int)
+    x = rng.normal(1.2 * y, 1.0)                        # one feature, class-conditional normals
+    true_logit = 1.2 * x - 0.72 + math.log(prevalence / (1 - prevalence))
+    shift = -math.log(prevalence / (1 - prevalence))
+    return y, 1 / (1 + np.exp(-(true_logit + shift))), shift
+
+
+def test_platt_undoes_a_known_prior_shift():
+    y, shifted, shift = _prior_shifted()
+    assert shifted.mean() > y.mean() + 0.12                 # uncalibrated: far above the prevalence
+    cal = fit_platt(y, shifted)
+    assert cal["method"] == "platt"
+    assert cal["a"] == pytest.approx(1.0, abs=0.12) and cal["b"] == pytest.approx(-shift, abs=0.15)
+    fixed = apply_calibration(cal, shifted)
+    assert abs(fixed.mean() - y.mean()) < 0.01
+    assert expected_calibration_error(y, fixed) < 0.03 < expected_calibration_error(y, shifted) - 0.1
+    assert roc_auc_score(y, fixed) == pytest.approx(roc_auc_score(y, shifted), abs=1e-12)   # monotone
+
+
+def test_cross_fitted_calibration_uses_other_folds_only():
+    y, shifted, _ = _prior_shifted(seed=3, n=1000)
+    folds = np.arange(y.size) % 5
+    crossed = cross_fitted(y, shifted, folds)
+    own = apply_calibration(fit_platt(y[folds != 0], shifted[folds != 0]), shifted[folds == 0])
+    np.testing.assert_allclose(crossed[folds == 0], own)
+    assert expected_calibration_error(y, crossed) < 0.05
+
+
+def test_too_few_labelled_units_give_the_identity_map():
+    cal = fit_platt([1, 1, 0, 0, 0, 0], [0.9, 0.8, 0.3, 0.2, 0.1, 0.4])
+    assert cal["method"] == "identity"
+    np.testing.assert_array_equal(apply_calibration(cal, [0.2, 0.7]), [0.2, 0.7])
