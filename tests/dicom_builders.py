@@ -259,3 +259,87 @@ def write_nnunet_dataset(root: Path, n_cases: int = 6, n_test: int = 1, shape_zy
     (root / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": "CT"}, "labels": NNUNET_LABELS, "numTraining": n_cases, "file_ending": ".nii.gz"}))
     return counts
+
+
+# ---- files written by other tools: a CT series by SimpleITK (GDCM), an RTSTRUCT by rt-utils (OpenCV contours) ----
+def write_ct_series_sitk(folder: Path, hu_zyx: np.ndarray, spacing_xyz, origin, direction, patient_id: str = "SITK 1",
+                         frame_of_reference_uid: str | None = None) -> list[Path]:
+    """A CT series written slice by slice by SimpleITK's GDCM writer (as scripts that export NIfTI to DICOM do),
+    int16 HU; returns the files in slice order."""
+    volume = sitk.GetImageFromArray(hu_zyx.astype(np.int16))
+    volume.SetSpacing(spacing_xyz)
+    volume.SetOrigin(origin)
+    volume.SetDirection(direction)
+    series = [("0020|000d", generate_uid()), ("0020|000e", generate_uid()),
+              ("0020|0052", frame_of_reference_uid or generate_uid()), ("0010|0020", patient_id),
+              ("0010|0010", "Sitk^Writer"), ("0008|0060", "CT"), ("0008|0020", "20240102"), ("0008|0030", "101500"),
+              ("0020|0037", "\\".join(f"{v:.8f}" for v in (*direction[0::3], *direction[1::3]))),
+              ("0008|103e", "written by SimpleITK"), ("0020|0011", "4")]
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for k in range(volume.GetDepth()):
+        image_slice = volume[:, :, k]
+        for tag, value in series:
+            image_slice.SetMetaData(tag, value)
+        image_slice.SetMetaData("0008|0018", generate_uid())
+        image_slice.SetMetaData("0020|0032", "\\".join(f"{v:.6f}" for v in volume.TransformIndexToPhysicalPoint((0, 0, k))))
+        image_slice.SetMetaData("0020|0013", str(k + 1))
+        files.append(folder / f"slice_{k:03d}.dcm")
+        writer.SetFileName(str(files[-1]))
+        writer.Execute(image_slice)
+    return files
+
+
+def write_rtstruct_rt_utils(series_folder: Path, path: Path, masks_zyx: dict[str, np.ndarray]) -> None:
+    """An RTSTRUCT written by rt-utils (pip install rt-utils) for the series in ``series_folder``: one ROI per
+    boolean (slices, rows, columns) mask, contours traced by OpenCV through the boundary voxels' centres.
+    rt-utils takes PixelSpacing[0] for the column step, so use square pixels."""
+    import contextlib
+    import io
+    from rt_utils import RTStructBuilder
+    with contextlib.redirect_stdout(io.StringIO()):          # rt-utils prints while it works
+        rt = RTStructBuilder.create_new(dicom_series_path=str(series_folder))
+        for name, mask in masks_zyx.items():
+            rt.add_roi(mask=np.moveaxis(mask, 0, -1), name=name)     # rt-utils: (rows, columns, slices)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rt.save(str(path))
+
+
+# ---- broken nnU-Net v2 raw datasets (``write_nnunet_dataset`` first, then one of NNUNET_VARIANTS) ----------
+def _relabel(path: Path, fn) -> None:
+    """Rewrite a label file with ``fn(array)`` (its dtype may change), keeping the geometry."""
+    old = sitk.ReadImage(str(path))
+    new = sitk.GetImageFromArray(fn(sitk.GetArrayFromImage(old)))
+    new.CopyInformation(old)
+    sitk.WriteImage(new, str(path))
+
+
+def edit_nnunet_json(src: Path, **changes) -> None:
+    meta = json.loads((src / "dataset.json").read_text())
+    meta.update(changes)
+    (src / "dataset.json").write_text(json.dumps({k: v for k, v in meta.items() if v is not None}))
+
+
+def _unlisted_value(src):       # the nodes of one case carry value 3, which "labels" does not list
+    _relabel(src / "labelsTr" / "LNQ_001.nii.gz", lambda a: np.where(a == 1, 3, a).astype(np.uint8))
+
+
+def _fractional_value(src):     # a float label map whose nodes are 1.5 (resampled with linear interpolation)
+    _relabel(src / "labelsTr" / "LNQ_001.nii.gz", lambda a: np.where(a == 1, 1.5, a).astype(np.float32))
+
+
+def _ln_label_absent(src):      # "Lymph node" is listed as 3, which no mask holds (the nodes were drawn as 1)
+    edit_nnunet_json(src, labels={"background": 0, "tumour": 1, "vessel": 2, "Lymph node": 3})
+
+
+def _as_mha(src):               # every file as .mha, dataset.json "file_ending": ".mha"
+    for f in sorted(src.rglob("*.nii.gz")):
+        sitk.WriteImage(sitk.ReadImage(str(f)), str(f.with_name(f.name[:-7] + ".mha")))
+        f.unlink()
+    edit_nnunet_json(src, file_ending=".mha")
+
+
+NNUNET_VARIANTS = {"valid": lambda src: None, "unlisted_value": _unlisted_value, "fractional_value": _fractional_value,
+                   "ln_label_absent": _ln_label_absent, "mha": _as_mha}

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from lnm_auto.cli.common import _run
@@ -84,6 +85,8 @@ def _dicom(args: argparse.Namespace) -> int:
                                        args.dataset_id, args.name, args.test, args.case, args.segment, args.min_volume)
     for case in cases:
         print(case.note)
+        for warning in case.warnings:
+            print(f"lnm_convert: warning: {warning}", file=sys.stderr)
     print(f"{root}: {len(cases)} case(s), {sum(c.split.n_nodes for c in cases)} node(s); node labels are empty in "
           f"{'nodes.csv' if not args.test else 'nodesTs.csv'}: fill in the ones you know")
     return 0

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from lnm_auto.conversion.dicom_file import check_whole
 from lnm_auto.utils.errors import LNMError
 
 FRACTIONAL_THRESHOLD = 0.5
@@ -21,6 +22,7 @@ def read_seg(path: Path):
     """The highdicom Segmentation, with one clear line when the file is not a readable SEG."""
     import highdicom as hd
     import pydicom
+    check_whole(path)       # highdicom, like pydicom, reads a truncated file without a word
     try:
         return hd.seg.segread(str(path))
     except (pydicom.errors.InvalidDicomError, OSError, ValueError, AttributeError, KeyError) as e:
@@ -67,8 +69,17 @@ def _volume_to_sitk(array_ijk: np.ndarray, affine: np.ndarray) -> sitk.Image:
     return image
 
 
-def segment_on_grid(seg, number: int, reference: sitk.Image, path: Path) -> np.ndarray:
-    """Boolean (z, y, x) mask of segment ``number`` on ``reference``'s grid."""
+def _voxels_inside(binary: np.ndarray, affine: np.ndarray, reference: sitk.Image) -> int:
+    """How many of the set voxels of a highdicom volume have their centre inside ``reference``'s grid."""
+    physical = np.argwhere(binary) @ affine[:3, :3].T + affine[:3, 3]
+    direction = np.asarray(reference.GetDirection()).reshape(3, 3)
+    index = (physical - reference.GetOrigin()) @ np.linalg.inv(direction @ np.diag(reference.GetSpacing())).T
+    return int(np.all((index > -0.5) & (index < np.asarray(reference.GetSize()) - 0.5), axis=1).sum())
+
+
+def segment_on_grid(seg, number: int, reference: sitk.Image, path: Path) -> tuple[np.ndarray, int, int]:
+    """(boolean (z, y, x) mask of segment ``number`` on ``reference``'s grid, the segment's voxels, how many of
+    them lie inside that grid)."""
     try:
         volume = seg.get_volume(segment_numbers=[number], combine_segments=False)
     except (ValueError, RuntimeError) as e:
@@ -77,4 +88,5 @@ def segment_on_grid(seg, number: int, reference: sitk.Image, path: Path) -> np.n
     binary = (array >= FRACTIONAL_THRESHOLD) if np.issubdtype(array.dtype, np.floating) else array > 0
     moving = _volume_to_sitk(binary.astype(np.uint8), np.asarray(volume.affine))
     on_grid = sitk.Resample(moving, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    return sitk.GetArrayFromImage(on_grid).astype(bool)
+    inside = _voxels_inside(binary, np.asarray(volume.affine), reference)
+    return sitk.GetArrayFromImage(on_grid).astype(bool), int(binary.sum()), inside

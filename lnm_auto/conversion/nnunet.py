@@ -13,10 +13,11 @@ interrupted conversion never leaves a half dataset under the final name.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,17 @@ class ConversionSummary:
     test_node_counts: dict[str, int]     # case -> nodes (test cases with labelsTs/)
     label_values: list[int]
     lines: list[str]
+
+
+def _label_values(name: str, value, json_file: Path) -> list[int]:
+    """A label's value or list of values (nnU-Net regions) as ints; 1.5, "a" or true are refused, not truncated."""
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        integral = isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and v.is_integer()
+        if not integral or v < 0:
+            raise LNMError(f"{json_file}: label '{name}' has value {json.dumps(v)}; nnU-Net label values are "
+                           "integers 0, 1, 2, ...")
+    return [int(v) for v in values]
 
 
 def find_ln_label_values(labels: dict, wanted: str | None, json_file: Path) -> dict[int, str]:
@@ -91,12 +103,38 @@ def _place(src: Path, dst: Path, link: bool) -> None:
     shutil.copyfile(src, dst)
 
 
+@dataclass
+class _SplitConversion:
+    """What converting imagesXx/ + labelsXx/ found."""
+    counts: dict[str, int] = field(default_factory=dict)             # case -> nodes
+    sources: dict[str, list[str]] = field(default_factory=dict)      # case -> label name of each node
+    problems: list[str] = field(default_factory=list)
+    values_seen: set[int] = field(default_factory=set)               # every label value in the label files
+    n_removed: int = 0                                               # LN components below the minimum volume
+
+
+def _label_map_values(arr: np.ndarray, path: Path) -> list[int]:
+    """The values of a label map, sorted; a non-integer value (1.5, NaN) is refused: rounding it would move voxels
+    between labels. Slice by slice, so a CT-sized label map costs no whole-volume copies."""
+    present: set[int] = set()
+    for plane in arr:
+        if np.issubdtype(plane.dtype, np.floating):
+            fractional = plane[plane != np.rint(plane)]      # NaN != NaN, so NaN lands here too
+            if fractional.size:
+                raise LNMError(f"{path}: label value {float(fractional.flat[0]):g} is not an integer; nnU-Net label "
+                               "maps hold integer labels 0, 1, 2, ... (resampled with linear interpolation?)")
+        values = plane.ravel().astype(np.int64)
+        if values.size and 0 <= values.min() and values.max() < 2 ** 16:
+            present.update(np.flatnonzero(np.bincount(values)).tolist())
+        else:
+            present.update(np.unique(values).tolist())
+    return sorted(present)
+
+
 def _convert_split(src: Path, dst: Path, split: str, ending: str, n_channels: int, values: dict[int, str],
-                   min_volume_mm3: float, link: bool) -> tuple[dict[str, int], dict[str, list[str]], list[str]]:
-    """images<split> + labels<split> -> images<split> + nodes<split>; (nodes per case, sources, problems)."""
-    counts: dict[str, int] = {}
-    sources: dict[str, list[str]] = {}
-    problems: list[str] = []
+                   listed: dict[int, str], min_volume_mm3: float, link: bool, json_file: Path) -> _SplitConversion:
+    """images<split> + labels<split> -> images<split> + nodes<split>. ``listed``: every value of "labels" -> name."""
+    out = _SplitConversion()
     label_files = {f.name[: -len(ending)]: f for f in _case_files(src / f"labels{split}", ending)}
     image_cases = {m.group("case") for f in _case_files(src / f"images{split}", ending)
                    if (m := CHANNEL_SUFFIX.match(f.name[: -len(ending)]))}
@@ -104,24 +142,50 @@ def _convert_split(src: Path, dst: Path, split: str, ending: str, n_channels: in
         images = [src / f"images{split}" / f"{case}_{c:04d}{ending}" for c in range(n_channels)]
         missing = [f for f in images if not f.is_file()]
         if missing:
-            problems.append(f"{missing[0]}: missing (case '{case}' has a label file but not all channels)")
+            out.problems.append(f"{missing[0]}: missing (case '{case}' has a label file but not all channels)")
             continue
         for f in images:
             _place(f, dst / f"images{split}" / f.name, link)
         if case not in label_files:
             if split == "Tr":
-                problems.append(f"{src / 'labelsTr' / (case + ending)}: missing (case '{case}' has images)")
+                out.problems.append(f"{src / 'labelsTr' / (case + ending)}: missing (case '{case}' has images)")
             continue
         labels = read_image(label_files[case])
         arr = sitk.GetArrayViewFromImage(labels)
+        try:
+            found = _label_map_values(arr, label_files[case])
+        except LNMError as e:
+            out.problems.append(str(e))
+            continue
+        unlisted = [v for v in found if v not in listed]
+        if unlisted:       # a value "labels" does not name: silently making it background would lose nodes
+            out.problems.append(f"{label_files[case]}: label value(s) {unlisted} not listed in {json_file.name} "
+                                f"\"labels\" ({', '.join(f'{n}={v}' for v, n in listed.items())}); fix the mask or "
+                                "add the label")
+            continue
+        out.values_seen.update(found)
         # other labels -> 0; each LN label keeps its value, so touching nodes of two LN labels stay two nodes
         ln = sitk.GetImageFromArray(np.where(np.isin(arr, list(values)), arr, 0).astype(np.uint16))
         ln.CopyInformation(labels)
         result = split_components(ln, min_volume_mm3)
         write_mask(result.mask, dst / f"nodes{split}" / f"{case}{ending}")
-        counts[case] = result.n_nodes
-        sources[case] = [values[v] for v in result.source_values]
-    return counts, sources, problems
+        out.counts[case] = result.n_nodes
+        out.sources[case] = [values[v] for v in result.source_values]
+        out.n_removed += result.n_removed
+    return out
+
+
+def _check_nodes_found(train: _SplitConversion, values: dict[int, str], labels_dir: Path,
+                       min_volume_mm3: float) -> None:
+    """Refuse a conversion whose training cases hold no node: the label chosen is not the one drawn."""
+    if sum(train.counts.values()) or not train.counts:
+        return
+    named = ", ".join(f"'{n}' (value {v})" for v, n in values.items())
+    if train.n_removed:
+        raise LNMError(f"{labels_dir}: all {train.n_removed} component(s) of the lymph-node label {named} are "
+                       f"smaller than --min_volume {min_volume_mm3:g} mm^3; lower --min_volume")
+    raise LNMError(f"{labels_dir}: no training case holds the lymph-node label {named} (the label files hold "
+                   f"value(s) {sorted(train.values_seen)}); pass --label with the label that marks the nodes")
 
 
 def _apply_labels_csv(csv: Path, nodes: pd.DataFrame, training_cases: set[str], out: Path) -> list[str]:
@@ -173,9 +237,12 @@ def convert_nnunet_dataset(source: Path, raw_root: Path, dataset_id: int, name: 
     if not isinstance(channels, dict) or not isinstance(meta.get("labels"), dict):
         raise LNMError(f"{json_file}: needs \"channel_names\" and \"labels\" (nnU-Net v2 dataset.json)")
     ending = str(meta.get("file_ending", ".nii.gz"))
+    if not ending.startswith("."):
+        raise LNMError(f"{json_file}: \"file_ending\" '{ending}' must start with a dot (e.g. '.{ending}')")
     labels = meta["labels"]
     if all(str(k).strip().isdigit() for k in labels):      # nnU-Net v1 order {"1": "name"}: make it {name: value}
         labels = {str(v): int(k) for k, v in labels.items()}
+    listed = {v: str(n) for n, value in labels.items() for v in _label_values(str(n), value, json_file)}
     values = find_ln_label_values(labels, label, json_file)
     m = DATASET_DIR_PATTERN.match(source.name)
     name = name or (m.group(2) if m else re.sub(r"[^A-Za-z0-9_\-]", "_", source.name))
@@ -187,15 +254,19 @@ def convert_nnunet_dataset(source: Path, raw_root: Path, dataset_id: int, name: 
     staging = Path(raw_root) / f".{out.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        counts, sources, problems = _convert_split(source, staging, "Tr", ending, len(channels), values,
-                                                   min_volume_mm3, link)
-        test_counts, test_sources, test_problems = _convert_split(source, staging, "Ts", ending, len(channels),
-                                                                  values, min_volume_mm3, link)
-        problems += test_problems
+        train = _convert_split(source, staging, "Tr", ending, len(channels), values, listed, min_volume_mm3, link,
+                               json_file)
+        test = _convert_split(source, staging, "Ts", ending, len(channels), values, listed, min_volume_mm3, link,
+                              json_file)
+        problems = train.problems + test.problems
         if problems:
             raise LNMError("\n".join(problems))
+        counts, sources, test_counts, test_sources = train.counts, train.sources, test.counts, test.sources
         if not counts:
-            raise LNMError(f"{source / 'labelsTr'}: no cases found (expected <case>{ending} beside imagesTr/<case>_0000{ending})")
+            assumed = "" if "file_ending" in meta else f"; {json_file.name} names no \"file_ending\", so {ending} was assumed"
+            raise LNMError(f"{source / 'labelsTr'}: no cases found (expected <case>{ending} beside "
+                           f"imagesTr/<case>_0000{ending}{assumed})")
+        _check_nodes_found(train, values, source / "labelsTr", min_volume_mm3)
         nodes = nodes_skeleton(counts, sources)
         lines = [f"{case}: {n} node(s)" for case, n in counts.items()]
         if labels_csv is not None:
