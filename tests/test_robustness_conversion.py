@@ -410,3 +410,15 @@ def test_a_later_patient_with_the_same_case_id_does_not_overwrite_an_earlier_one
     assert snapshot(root) == before
     assert convert("dicom", "-i", tmp_path / "batch2", *raw, "--case", "ANON_b").returncode == 0
     assert pd.read_csv(root / "nodes.csv", dtype=str).groupby("case").size().to_dict() == {"ANON": 3, "ANON_b": 3}
+
+
+def test_an_unreadable_image_already_in_the_dataset_is_never_overwritten(tmp_path):
+    """A damaged file where the converted image would go is not ours to judge: refused, left as it is."""
+    write_dicom_case(tmp_path / "batch1", "seg", seed=1, patient_id="ANON")
+    raw = ["-d", "12", "--raw", tmp_path / "raw"]
+    assert convert("dicom", "-i", tmp_path / "batch1", *raw).returncode == 0
+    image = tmp_path / "raw" / "Dataset012_DICOM" / "imagesTr" / "ANON_0000.nii.gz"
+    image.write_bytes(image.read_bytes()[:200])
+    damaged = image.read_bytes()
+    refused(convert("dicom", "-i", tmp_path / "batch1", *raw), str(image), "cannot be read", "--case NAME")
+    assert image.read_bytes() == damaged

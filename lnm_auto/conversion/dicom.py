@@ -304,8 +304,9 @@ def convert_dicom_folder(folder: Path, output: Path | None = None, raw_root: Pat
                                root / f"nodes{split}" / f"{c.case_id}.nii.gz") for c in converted}
     for c in converted:
         if targets[c.case_id][0].is_file() and not _same_image(targets[c.case_id][0], c.image):
-            raise LNMError(f"{targets[c.case_id][0]}: case '{c.case_id}' is already there with another image (another "
-                           "patient whose id came out the same?); remove it first, or convert this one with --case NAME")
+            raise LNMError(f"{targets[c.case_id][0]}: case '{c.case_id}' is already there with another image, or one "
+                           "that cannot be read (another patient whose id came out the same?); remove it first, or "
+                           "convert this one with --case NAME")
     for c in converted:
         image_file, mask_file = targets[c.case_id]
         write_mask(c.image, image_file)
@@ -323,7 +324,7 @@ def _same_image(path: Path, image: sitk.Image) -> bool:
     try:
         old = sitk.ReadImage(str(path))
     except RuntimeError:
-        return True         # unreadable: nothing worth keeping
+        return False        # unreadable: not ours to judge, so never overwritten
     same_grid = old.GetSize() == image.GetSize() and all(
         np.allclose(a, b, atol=1e-4) for a, b in ((old.GetSpacing(), image.GetSpacing()),
                                                    (old.GetOrigin(), image.GetOrigin()),
