@@ -15,6 +15,7 @@ import warnings
 from typing import Callable
 
 from lnm_auto.utils.errors import LNMError
+from lnm_auto.utils.paths import check_plain_name
 from lnm_auto.utils.terminal import NO_PROGRESS_ENV
 from lnm_auto.utils.threads import configure_threads
 
@@ -52,6 +53,7 @@ def _run(prog: str, fn: Callable[[argparse.Namespace], int | None], parser: argp
             else:
                 hide_third_party_warnings()
             configure_threads(getattr(args, "num_threads", None), uses_torch)   # before torch loads: threads.md
+            check_path_names(args, parser)
             return int(fn(args) or 0)
     except LNMError as e:
         if debug:
@@ -67,6 +69,31 @@ def _run(prog: str, fn: Callable[[argparse.Namespace], int | None], parser: argp
             os.environ.pop(NO_PROGRESS_ENV, None)
         else:
             os.environ[NO_PROGRESS_ENV] = saved_no_progress
+
+
+# Arguments whose values become part of a path (a folder or file name): plain names only (utils/paths.py)
+PATH_NAME_ARGUMENTS = ("dataset", "configuration", "configurations", "trainer", "plans_name", "fold", "folds",
+                       "checkpoint", "name", "case")
+
+
+def check_path_names(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Refuse, with one line naming the flag, a name argument holding a path separator or '..'."""
+    for dest in PATH_NAME_ARGUMENTS:
+        value = getattr(args, dest, None)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if item is not None:
+                check_plain_name(item, _flag_name(parser, dest))
+
+
+def _flag_name(parser: argparse.ArgumentParser, dest: str) -> str:
+    """How the user wrote the argument ``dest``: its first flag (``-p``), or its name for a positional one."""
+    parsers = [parser] + [sub for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+                          for sub in a.choices.values()]
+    for p in parsers:
+        for action in p._actions:
+            if action.dest == dest:
+                return action.option_strings[0] if action.option_strings else dest
+    return dest
 
 
 def _add_location_flags(p: argparse.ArgumentParser, *kinds: str) -> None:

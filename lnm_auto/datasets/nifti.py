@@ -35,6 +35,9 @@ _NIFTI_PIXELS = {2: ("u1", sitk.sitkUInt8), 4: ("i2", sitk.sitkInt16), 8: ("i4",
                  512: ("u2", sitk.sitkUInt16), 768: ("u4", sitk.sitkUInt32), 1024: ("i8", sitk.sitkInt64),
                  1280: ("u8", sitk.sitkUInt64)}
 _READ_CHUNK = 1 << 22
+# sform_code and srow_x (srow_y, srow_z follow it): (struct format, offset) of NIfTI-1 and NIfTI-2
+_SFORM_LAYOUT = {348: (("h", 254), ("4f", 280)), 540: (("i", 348), ("4d", 400))}
+SHEAR_ATOL = 1e-3     # the sform's axes, normalised, must be orthonormal to this (float32 rounding passes)
 
 
 @dataclass
@@ -49,6 +52,7 @@ class NiftiHeader:
     scl_slope: float
     scl_inter: float
     single_file: bool          # .nii (magic n+1), not a .hdr/.img pair
+    sform: tuple | None = None  # the 3 x 3 axes (rows x, y, z) of the sform when the header uses one
 
     @property
     def n_dims(self) -> int:
@@ -92,6 +96,9 @@ def _checked_content(path: Path, gzipped: bool, header_only: bool = False) -> tu
             if bad:
                 raise LNMError(f"{path}: header spacing pixdim[{bad[0]}] = {pixdim[bad[0]]:g} mm; every voxel spacing "
                                "must be positive (fix the header: the spacing the scanner used)")
+            if _sheared(header.sform):
+                raise LNMError(f"{path}: the header's sform is sheared (its axes are not orthogonal), which SimpleITK "
+                               "replaces by another grid silently; resample the image onto an orthogonal grid")
             if header_only or not header.single_file:
                 return header, None
             if not gzipped and path.stat().st_size < header.vox_offset + header.n_voxel_bytes:
@@ -234,6 +241,27 @@ def _read_voxels(f: BinaryIO, header_bytes: bytes, header: NiftiHeader, header_p
     return content[:filled], max(0, filled - start), n_bad
 
 
+def _sform(header: bytes, order: str, size: int) -> tuple | None:
+    """The 3 x 3 axes of the header's sform (rows x, y, z), or None when sform_code says it has none."""
+    (code_format, code_at), (row_format, row_at) = _SFORM_LAYOUT[size]
+    if struct.unpack_from(order + code_format, header, code_at)[0] <= 0:
+        return None
+    step = struct.calcsize(row_format)
+    return tuple(struct.unpack_from(order + row_format, header, row_at + i * step)[:3] for i in range(3))
+
+
+def _sheared(sform: tuple | None) -> bool:
+    """Whether an sform's axes (its columns), each scaled to length 1, are not orthonormal."""
+    if sform is None:
+        return False
+    axes = np.asarray(sform, dtype=float)
+    lengths = np.linalg.norm(axes, axis=0)
+    if not np.all(np.isfinite(axes)) or np.any(lengths == 0):
+        return False        # no usable sform: SimpleITK takes the qform (an orthonormal rotation by construction)
+    unit = axes / lengths
+    return not np.allclose(unit.T @ unit, np.eye(3), rtol=0, atol=SHEAR_ATOL)
+
+
 def _nifti_header(header: bytes) -> NiftiHeader | None:
     """The fields of a NIfTI-1/2 header, or None when ``header`` is not one."""
     if len(header) < 348:
@@ -248,5 +276,5 @@ def _nifti_header(header: bytes) -> NiftiHeader | None:
                 return None    # a damaged vox_offset: not a header to trust
             # the NIfTI library starts a .nii file's voxels no earlier than the header's end, whatever vox_offset says
             return NiftiHeader(order, dim, datatype[0], bitpix[0], pixdim, max(int(offset[0]), size), float(slope[0]),
-                               float(inter[0]), magic.startswith(b"n+"))
+                               float(inter[0]), magic.startswith(b"n+"), _sform(header, order, size))
     return None

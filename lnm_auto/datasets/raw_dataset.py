@@ -10,6 +10,7 @@ problem; the typed tables (``node_table`` ...) are for data that passed verifica
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import re
 from dataclasses import dataclass, field
@@ -26,6 +27,10 @@ from lnm_auto.utils.labels import UNKNOWN, parse_label  # noqa: F401  (re-export
 from lnm_auto.utils.tables import parse_node_id, read_csv_text
 
 SAFE_CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+# Image grids lnm_auto reads (anything else is a header in another unit, or a damaged one)
+MIN_SPACING_MM, MAX_SPACING_MM = 0.01, 50.0
+DIRECTION_ORTHONORMAL_ATOL = 1e-3
+MAX_NODE_ID = 2 ** 24 - 1      # float32 node masks hold every whole number up to 2^24 exactly
 CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
@@ -146,9 +151,29 @@ def _table_errors(path: Path):
 
 
 def _files_with_ending(folder: Path, ending: str) -> list[Path]:
+    """The files named ``*<ending>`` in ``folder``; an entry so named that is no readable file (a folder, a
+    symbolic link that loops or points nowhere) is one line: skipping it would drop a case silently."""
     if not folder.is_dir():
         return []
-    return sorted(f for f in folder.iterdir() if f.is_file() and f.name.endswith(ending) and not f.name.startswith("."))
+    named = sorted(f for f in folder.iterdir() if f.name.endswith(ending) and not f.name.startswith("."))
+    for f in named:
+        if f.is_dir():
+            raise LNMError(f"{f}: is a folder, not an image file; move it out of {folder.name}/ (or put the image "
+                           "file in its place)")
+        if not f.is_file():
+            why = "loops" if f.is_symlink() and _loops(f) else "points nowhere" if f.is_symlink() else "is no file"
+            raise LNMError(f"{f}: a symbolic link that {why}" if f.is_symlink() else f"{f}: {why}")
+    return named
+
+
+def _loops(link: Path) -> bool:
+    try:
+        link.resolve(strict=True)
+    except RuntimeError:       # "Symlink loop" (Python < 3.13)
+        return True
+    except OSError as e:
+        return e.errno == errno.ELOOP
+    return False
 
 
 @dataclass(frozen=True)
@@ -189,7 +214,7 @@ def read_image(path: str | Path) -> sitk.Image:
     and decompressed once (``nifti.read_checked_nifti``)."""
     path = _existing_file(path)
     img = read_checked_nifti(path, sitk_read) if is_nifti(path) else sitk_read(path)
-    _check_spacing(path, img.GetSpacing())
+    _check_grid(path, img)
     return img
 
 
@@ -203,7 +228,7 @@ def read_image_voxels(path: str | Path) -> tuple[np.ndarray, Grid]:
     else:
         geometry = sitk_read(path)
         voxels = sitk.GetArrayFromImage(geometry)
-    _check_spacing(path, geometry.GetSpacing())
+    _check_grid(path, geometry)
     if isinstance(geometry, sitk.Image) and np.issubdtype(voxels.dtype, np.floating):   # not scanned on the way
         n_bad = int(np.count_nonzero(~np.isfinite(voxels)))
         if n_bad:
@@ -225,10 +250,24 @@ def _existing_file(path: str | Path) -> Path:
     return path
 
 
-def _check_spacing(path: Path, spacing) -> None:
+def _check_grid(path: Path, image) -> None:
+    """Refuse a grid lnm_auto would misread: spacings not positive, or (3D images) outside
+    [MIN_SPACING_MM, MAX_SPACING_MM] (a header in metres or micrometres), or axes that are not orthonormal
+    (a sheared direction: readers fold the shear into the spacing, silently)."""
+    spacing = image.GetSpacing()
     if not all(math.isfinite(s) and s > 0 for s in spacing):
         raise LNMError(f"{path}: voxel spacing {tuple(round(s, 4) for s in spacing)} mm must be positive; fix the "
                        "header (the spacing the scanner used)")
+    if len(spacing) != 3:
+        return      # 2D and 4D images are refused by their callers, with that reason
+    if not all(MIN_SPACING_MM <= s <= MAX_SPACING_MM for s in spacing):
+        raise LNMError(f"{path}: voxel spacing ({', '.join(f'{s:.4g}' for s in spacing)}) mm is outside "
+                       f"{MIN_SPACING_MM:g}-{MAX_SPACING_MM:g} mm; the header's unit is probably not mm: fix the "
+                       "header")
+    axes = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    if not np.allclose(axes.T @ axes, np.eye(3), rtol=0, atol=DIRECTION_ORTHONORMAL_ATOL):
+        raise LNMError(f"{path}: the image axes (direction {tuple(round(v, 4) for v in axes.ravel())}) are not "
+                       "orthonormal (a sheared or scaled direction); resample the image onto an orthogonal grid")
 
 
 def sitk_read(path: Path, shown_as: Path | None = None) -> sitk.Image:
@@ -254,6 +293,7 @@ def read_image_header(path: str | Path) -> sitk.ImageFileReader:
     except RuntimeError as e:
         first = str(e).strip().splitlines()[-1] if str(e).strip() else "unknown reader error"
         raise LNMError(f"{path}: SimpleITK cannot read it ({first[:200]})") from None
+    _check_grid(path, reader)
     return reader
 
 
@@ -276,10 +316,25 @@ def read_instance_mask(path: Path) -> sitk.Image:
     arr = sitk.GetArrayViewFromImage(mask)
     if arr.size and float(arr.min()) < 0:
         raise LNMError(f"{path}: negative node ids; use 0 for background and k > 0 for node k")
+    problem = node_id_range_problem(arr, path)
+    if problem:
+        raise LNMError(problem)
     if mask.GetPixelID() not in INTEGER_PIXELS and not (np.isfinite(arr).all() and np.array_equal(arr, np.round(arr))):
         raise LNMError(f"{path}: the node mask holds non-integer values; it must hold integer node ids "
                        "(0 background, k for node k), not probabilities or resampled labels")
     return as_integer_mask(mask)
+
+
+def node_id_range_problem(arr: np.ndarray, path: Path) -> str | None:
+    """The line for a node mask holding an id above MAX_NODE_ID (e.g. 1e12 in a float mask), else None."""
+    if not arr.size or not np.isfinite(arr).all():
+        return None    # (NaN is refused as a non-integer value)
+    top = float(arr.max())
+    if top <= MAX_NODE_ID:
+        return None
+    return (f"{path}: node id {top:.15g} is above {MAX_NODE_ID}, the largest node id lnm_auto accepts (a float mask "
+            "holds whole numbers exactly only up to 2^24, and node ids index per-node tables); renumber the nodes "
+            "1, 2, 3 ... and nodes.csv with them")
 
 
 def as_integer_mask(mask: sitk.Image) -> sitk.Image:

@@ -14,10 +14,11 @@ import pandas as pd
 import SimpleITK as sitk
 
 from lnm_auto.conversion.components import DEFAULT_MIN_VOLUME_MM3, needs_splitting
-from lnm_auto.datasets.raw_dataset import (SAFE_CASE_ID, Grid, RawCase, RawDataset, parse_label, read_image,
-                                           read_image_header, read_image_voxels)
+from lnm_auto.datasets.raw_dataset import (SAFE_CASE_ID, Grid, RawCase, RawDataset, node_id_range_problem, parse_label,
+                                           read_image, read_image_header, read_image_voxels)
 from lnm_auto.preprocessing.geometry import node_boxes
 from lnm_auto.utils.errors import LNMError
+from lnm_auto.utils.labels import unknown_hint
 from lnm_auto.utils.processes import map_in_workers
 
 # Geometry tolerances: scanners and converters round differently; these catch real mismatches only.
@@ -163,8 +164,11 @@ def check_headers_and_mask(case: RawCase, keep_mask: bool = False) -> CaseCheck:
                 p.append(f"{case.node_mask_file}: node mask must hold integer node ids, found non-integer values")
         if arr.size and arr.min() < 0:
             p.append(f"{case.node_mask_file}: node mask has negative values; use 0 for background and k > 0 for node k")
+        too_large = node_id_range_problem(arr, case.node_mask_file)
+        if too_large:
+            p.append(too_large)
         boxes = None
-        if np.issubdtype(arr.dtype, np.integer):
+        if np.issubdtype(arr.dtype, np.integer) and not too_large:   # (per-id boxes of ids that large: no memory)
             boxes = node_boxes(arr)      # one pass: the ids present and every later per-node step's box
             result.mask_node_ids = {k + 1 for k, box in enumerate(boxes) if box is not None}
         else:
@@ -201,9 +205,15 @@ def _check_labels(df: pd.DataFrame, path: Path, problems: list[str]) -> pd.Serie
         try:
             parsed.append(parse_label(text))
         except ValueError:
-            problems.append(f"{path}: line {i + 2}: label '{text}' is not 1, 0 or empty")
+            problems.append(f"{path}: line {i + 2}: label '{text}' is not 1, 0 or empty{unknown_hint(text)}")
             parsed.append(np.nan)
     return pd.Series(parsed, index=df.index, dtype=float)
+
+
+def negative_bag_with_positive_node(bag_label, max_node_label) -> bool:
+    """The label contradiction refused here and by lnm_evaluate: a station or patient labelled 0 (negative, N0)
+    holding a node labelled 1."""
+    return bag_label == 0 and max_node_label == 1
 
 
 def check_tables(ds: RawDataset, case_checks: dict[str, CaseCheck], compare_masks: bool = True) -> list[str]:
@@ -256,7 +266,7 @@ def check_tables(ds: RawDataset, case_checks: dict[str, CaseCheck], compare_mask
             if row.case not in case_checks:
                 problems.append(f"{stations_path}: case '{row.case}' has no image in imagesTr/")
                 continue
-            if row.label_value == 0 and node_max.get((row.case, row.station), 0) == 1:
+            if negative_bag_with_positive_node(row.label_value, node_max.get((row.case, row.station), 0)):
                 problems.append(f"{stations_path}: station '{row.station}' of case '{row.case}' is labelled 0 "
                                 f"but holds a node labelled 1 in nodes.csv; fix one of them")
 
@@ -271,7 +281,7 @@ def check_tables(ds: RawDataset, case_checks: dict[str, CaseCheck], compare_mask
         for _, row in patients.iterrows():
             if row.case not in case_checks:
                 problems.append(f"{patients_path}: case '{row.case}' has no image in imagesTr/")
-            elif row.label_value == 0 and node_case_max.get(row.case, 0) == 1:
+            elif negative_bag_with_positive_node(row.label_value, node_case_max.get(row.case, 0)):
                 problems.append(f"{patients_path}: case '{row.case}' is labelled N0 (0) but has a node labelled 1")
     return problems
 
@@ -340,13 +350,15 @@ def header_problems(case: RawCase) -> list[str]:
 def _float_mask_problems(path: Path) -> list[str]:
     """A float node mask must hold whole, finite, non-negative numbers (its voxels are read to check)."""
     try:
-        arr = sitk.GetArrayViewFromImage(read_image(path))
+        mask = read_image(path)     # held while its voxels are viewed: a view of a freed image reads garbage
     except LNMError as e:
         return [str(e)]
+    arr = sitk.GetArrayViewFromImage(mask)
     if not (np.isfinite(arr).all() and np.array_equal(arr, np.round(arr)) and (arr.size == 0 or arr.min() >= 0)):
         return [f"{path}: node mask must hold integer node ids (0 background, k for node k), found non-integer or "
                 "negative values"]
-    return []
+    too_large = node_id_range_problem(arr, path)
+    return [too_large] if too_large else []
 
 
 def safety_problems(ds: RawDataset) -> list[str]:

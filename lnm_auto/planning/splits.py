@@ -6,6 +6,7 @@ validation (they are not independent), and the rare N+ patients are spread evenl
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 
 import numpy as np
 
@@ -101,12 +102,53 @@ def split_problems(fingerprint: dict, folds: list[dict[str, list[str]]]) -> list
     return problems
 
 
-def load_splits(path) -> list[dict[str, list[str]]]:
-    """splits_final.json, checked: a list of {"train": [...], "val": [...]}."""
+def load_splits(path, case_ids=None, patients: dict[str, str] | None = None) -> list[dict[str, list[str]]]:
+    """splits_final.json, checked: a list of {"train": [...], "val": [...]} whose folds validate on cases they do
+    not train on, with no case validated in two folds. ``case_ids``: the dataset's cases (unknown ids refused);
+    ``patients``: case -> patient (a patient on both sides of a fold refused). A hand-edited file that breaks a
+    rule is one line naming it: trained-on cases in validation would report an optimistic AUROC, silently."""
     try:
         splits = load_json(path)
-        if not isinstance(splits, list) or not all(isinstance(f, dict) and {"train", "val"} <= set(f) for f in splits):
-            raise ValueError("expected a list of {\"train\": [...], \"val\": [...]}")
-        return splits
-    except ValueError as e:
-        raise LNMError(f"{path}: not valid folds ({e}); delete it and re-run lnm_plan_and_preprocess") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise LNMError(f"{path}: not valid JSON ({e}); delete it and re-run lnm_plan_and_preprocess") from None
+    problems = split_file_problems(splits, case_ids, patients)
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise LNMError(f"{path}: {problems[0]}{more}; correct it, or delete it and re-run lnm_plan_and_preprocess "
+                       "(which writes new folds; models trained on the old ones no longer match)")
+    return splits
+
+
+def split_file_problems(splits, case_ids=None, patients: dict[str, str] | None = None) -> list[str]:
+    """What is wrong with the folds of a splits file (empty: nothing)."""
+    if not isinstance(splits, list) or not splits or not all(
+            isinstance(f, dict) and {"train", "val"} <= set(f) and all(
+                isinstance(f[k], list) and all(isinstance(c, str) for c in f[k]) for k in ("train", "val"))
+            for f in splits):
+        return ["not valid folds (expected a non-empty list of {\"train\": [case ids], \"val\": [case ids]})"]
+    known = None if case_ids is None else set(case_ids)
+    problems, validated_in = [], {}
+    for k, fold in enumerate(splits):
+        train, val = fold["train"], fold["val"]
+        if not val:
+            problems.append(f"fold {k} has no validation cases")
+        if not train:
+            problems.append(f"fold {k} has no training cases")
+        for side in ("train", "val"):
+            repeated = sorted(c for c, n in Counter(fold[side]).items() if n > 1)
+            if repeated:
+                problems.append(f"fold {k} lists case '{repeated[0]}' twice in '{side}'")
+            if known is not None:
+                problems += [f"fold {k} '{side}': case '{c}' is not a case of the dataset"
+                             for c in sorted(set(fold[side]) - known)]
+        problems += [f"fold {k}: case '{c}' is in both 'train' and 'val' (validation would score trained-on data)"
+                     for c in sorted(set(train) & set(val))]
+        if patients:
+            only_train, only_val = set(train) - set(val), set(val) - set(train)
+            straddling = sorted({patients.get(c, c) for c in only_train} & {patients.get(c, c) for c in only_val})
+            problems += [f"fold {k}: patient '{p}' has cases in both 'train' and 'val'" for p in straddling]
+        for c in val:
+            if c in validated_in and validated_in[c] != k:
+                problems.append(f"case '{c}' is validated in folds {validated_in[c]} and {k}")
+            validated_in.setdefault(c, k)
+    return problems

@@ -30,6 +30,7 @@ from lnm_auto.planning.plans import ChannelNormalization, ConfigurationPlan, Pla
 from lnm_auto.preprocessing.normalization import normalize_channels
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import atomic_path
+from lnm_auto.utils.write_errors import make_folder
 from lnm_auto.utils.processes import worker_process_init
 from lnm_auto.utils.threads import available_cores
 
@@ -52,8 +53,7 @@ class CropStore:
 
     def unpack(self, case_ids) -> None:
         """npz -> one .npy per array (skipped when already there)."""
-        out = self.crops_dir / UNPACKED
-        out.mkdir(exist_ok=True)
+        out = make_folder(self.crops_dir / UNPACKED)
         for case_id in case_ids:
             npz = self.crops_dir / f"{case_id}.npz"
             if not npz.is_file():
@@ -75,7 +75,12 @@ class CropStore:
                             np.save(tmp, f[key])
                     with atomic_path(intensity, suffix=".npy") as tmp:
                         np.save(tmp, np.stack([f["intensity_mean"], f["intensity_std"]]))
-            except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+            except ValueError as e:
+                if "allow_pickle" not in str(e):
+                    raise LNMError(f"{npz}: damaged cache; re-run lnm_plan_and_preprocess (with --clean)") from None
+                raise LNMError(f"{npz}: refused: it holds pickled Python objects, which could run code when loaded; "
+                               "lnm_auto's caches hold plain arrays: re-run lnm_plan_and_preprocess --clean") from None
+            except (OSError, EOFError, zipfile.BadZipFile):   # (a failed write of the .npy files is one line already)
                 raise LNMError(f"{npz}: damaged cache; re-run lnm_plan_and_preprocess (with --clean)") from None
 
     def arrays(self, case_id: str) -> dict[str, np.ndarray]:

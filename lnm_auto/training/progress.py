@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from lnm_auto.utils.io import atomic_path
+from lnm_auto.utils.io import append_text, atomic_path
 from lnm_auto.utils.plotting import pyplot
 from lnm_auto.utils.terminal import show_progress
 
@@ -82,8 +82,7 @@ class TrainingLog:
     def print(self, *parts, echo: bool = True) -> None:
         """Append one timestamped line to the log file (and to stdout unless ``echo`` is False)."""
         line = f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}: " + " ".join(str(p) for p in parts)
-        with open(self.log_file, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+        append_text(self.log_file, line + "\n")
         if echo:
             print(line, flush=True)
 

@@ -21,14 +21,22 @@ from lnm_auto.training.registry import trainer_name as trainer_name_for
 from lnm_auto.training.trainer import LNMTrainer
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import atomic_copy, load_json
-from lnm_auto.utils.paths import nearest_hint, resolve_preprocessed_dataset
+from lnm_auto.utils.paths import check_plain_name, nearest_hint, resolve_preprocessed_dataset
+from lnm_auto.utils.stale_temps import remove_stale_temp_files
 
 DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
 
 
 def model_folder(results_root: Path, dataset_name: str, trainer: str, plans_name: str, configuration: str) -> Path:
-    """$LNM_results/<dataset>/<trainer>__<plans>__<configuration>."""
-    return Path(results_root) / dataset_name / f"{trainer}__{plans_name}__{configuration}"
+    """$LNM_results/<dataset>/<trainer>__<plans>__<configuration>; names that would lead out of it are refused."""
+    parts = [check_plain_name(v, what) for v, what in ((dataset_name, "dataset"), (trainer, "trainer (-tr)"),
+                                                      (plans_name, "plans (-p)"), (configuration, "configuration"))]
+    return Path(results_root) / parts[0] / f"{parts[1]}__{parts[2]}__{parts[3]}"
+
+
+def plans_file(preprocessed_dataset: Path, plans_name: str) -> Path:
+    """<preprocessed dataset>/<plans_name>.json (a plans name that would lead out of the folder is refused)."""
+    return Path(preprocessed_dataset) / f"{check_plain_name(plans_name, 'plans (-p)')}.json"
 
 
 def parse_fold(fold: str) -> int | str:
@@ -80,7 +88,7 @@ def setup_trainer(dataset: str | int, configuration: str, fold: str, preprocesse
     ``raw_root`` is where the radiomics configuration reads the raw images (default $LNM_raw)."""
     name = resolve_preprocessed_dataset(dataset, preprocessed_root)
     pre = Path(preprocessed_root) / name
-    plans = Plans.load(pre / f"{plans_name}.json")
+    plans = Plans.load(plans_file(pre, plans_name))
     check_configuration(plans, configuration)
     config = plans.configuration(configuration)
     check_fits_processes(config, DistributedRun.current().world_size)
@@ -93,7 +101,7 @@ def setup_trainer(dataset: str | int, configuration: str, fold: str, preprocesse
         raise LNMError(f"--epochs must be at least 1, got {num_epochs}")
     fold_value = parse_fold(fold)
     splits_file = pre / SPLITS_FILE
-    splits = load_splits(splits_file) if splits_file.is_file() else None
+    splits = load_splits(splits_file, *dataset_cases(pre)) if splits_file.is_file() else None
     if fold_value != "all" and splits is None:
         raise LNMError(f"{splits_file}: missing; re-run lnm_plan_and_preprocess -d {name}")
     epochs = num_epochs or trainer_cls.default_num_epochs(config)
@@ -109,10 +117,38 @@ def setup_trainer(dataset: str | int, configuration: str, fold: str, preprocesse
     if raw_root is not None:
         trainer.raw_root = Path(raw_root)
     if is_main_process():   # under torchrun rank 0 writes every file
+        remove_killed_runs_temp_files(trainer.output_folder)
         plans.save(saved)
         for f in ("dataset.json", FINGERPRINT_FILE):
             atomic_copy(pre / f, out / f)
     return trainer
+
+
+# what a run writes into its fold folder (and validation/): a rerun removes the temp files a killed run left of them
+FOLD_FILES = ("checkpoint_latest.pth", "checkpoint_best.pth", "checkpoint_final.pth", "progress.png",
+              "pretrained_weights.pth", "radiomics_model.json")
+VALIDATION_FILES = ("metrics.json", "predictions.csv", "probabilities.npz", "nodes.csv", "stations.csv",
+                    "patients.csv")
+
+
+def remove_killed_runs_temp_files(fold_folder: Path) -> None:
+    """The temp files of a killed run of this fold (``.progress.png.k3x_9a2b.png`` ...), by our exact naming
+    pattern; nothing else is touched. The model folder's shared files are left alone: another fold may be writing."""
+    for name in FOLD_FILES:
+        remove_stale_temp_files(Path(fold_folder) / name)
+    for name in VALIDATION_FILES:
+        remove_stale_temp_files(Path(fold_folder) / "validation" / name)
+
+
+def dataset_cases(preprocessed_dataset: Path) -> tuple[list[str] | None, dict[str, str] | None]:
+    """(case ids, case -> patient) of a preprocessed dataset, from its fingerprint (None, None without one):
+    what the folds of splits_final.json are checked against."""
+    fingerprint_file = Path(preprocessed_dataset) / FINGERPRINT_FILE
+    try:
+        cases = load_json(fingerprint_file)["cases"]
+        return sorted(cases), {c: str(entry.get("patient", c)) for c, entry in cases.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None, None   # no usable fingerprint: the folds are still checked against each other
 
 
 @contextmanager
@@ -147,7 +183,7 @@ def training_scheme(dataset: str | int, configuration: str, preprocessed_root: P
     if trainer_name:
         return [trainer_name]
     pre = Path(preprocessed_root) / resolve_preprocessed_dataset(dataset, preprocessed_root)
-    plans = Plans.load(pre / f"{plans_name}.json")
+    plans = Plans.load(plans_file(pre, plans_name))
     check_configuration(plans, configuration)
     return recommended_scheme(plans, configuration)
 
@@ -156,7 +192,7 @@ def check_processes_fit_batch(dataset: str | int, configuration: str, preprocess
                               n_processes: int) -> None:
     """One line before any process starts when ``n_processes`` cannot share the plan's batch (-num_gpus)."""
     pre = Path(preprocessed_root) / resolve_preprocessed_dataset(dataset, preprocessed_root)
-    plans = Plans.load(pre / f"{plans_name}.json")
+    plans = Plans.load(plans_file(pre, plans_name))
     check_configuration(plans, configuration)
     check_fits_processes(plans.configuration(configuration), n_processes)
 

@@ -90,3 +90,17 @@ def resolve_preprocessed_dataset(dataset: str | int, preprocessed_root: Path, ra
         number = DATASET_DIR_PATTERN.match(raw_name).group(1)
         raise LNMError(f"{raw_name} is in {raw} but not preprocessed in {preprocessed_root}: run "
                        f"lnm_plan_and_preprocess -d {number} first") from None
+
+
+UNSAFE_NAMES = ("", ".", "..")
+PATH_SEPARATORS = ("/", "\\", "\0")
+
+
+def check_plain_name(value, what: str) -> str:
+    """``value`` as text when it can be one part of a path that stays inside its folder (a dataset, configuration,
+    trainer, plans or checkpoint name, a fold); a path separator or ``..`` is one LNMError line naming ``what``."""
+    text = str(value)
+    if text.strip() in UNSAFE_NAMES or any(sep in text for sep in PATH_SEPARATORS):
+        raise LNMError(f"{what} '{text}': must be a plain name, without '/', '\\' or '..': it becomes part of a "
+                       "path inside lnm_auto's folders and must not lead out of them")
+    return text
