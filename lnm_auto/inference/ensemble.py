@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from lnm_auto.evaluation.crossval import load_instructions
+from lnm_auto.evaluation.crossval import INSTRUCTIONS_FILE, load_instructions
 from lnm_auto.evaluation.rollup import rollup
+from lnm_auto.inference.cases import discover_cases, input_locations
 from lnm_auto.inference.model import TrainedModel
-from lnm_auto.inference.predictor import discover_cases, predict_folder, write_probability_map
+from lnm_auto.inference.output_folder import prepare_output
+from lnm_auto.inference.predictor import predict_folder, station_table_file, write_probability_map
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import save_csv_atomic, save_json
 
@@ -21,15 +23,32 @@ MEMBERS_DIR = "members"
 
 
 def chosen_models(dataset_results: Path) -> list[Path] | None:
-    """The model folders inference_instructions.json names, or None when there is no choice yet."""
-    instructions = load_instructions(dataset_results)
+    """The model folders inference_instructions.json names, or None when there is no choice yet. A file that is
+    not the JSON lnm_find_best_configuration writes, or that names a folder outside ``dataset_results``, is one
+    line."""
+    path = Path(dataset_results) / INSTRUCTIONS_FILE
+    try:
+        instructions = load_instructions(dataset_results)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise LNMError(f"{path}: not valid JSON ({str(e).splitlines()[0][:120]}); re-run lnm_find_best_configuration") \
+            from None
     if instructions is None:
         return None
-    folders = [Path(dataset_results) / m["model_folder"] for m in instructions["chosen"]]
+    chosen = instructions.get("chosen") if isinstance(instructions, dict) else None
+    names = [m.get("model_folder") if isinstance(m, dict) else None for m in chosen] if isinstance(chosen, list) else []
+    if not isinstance(chosen, list) or not all(isinstance(n, str) and n for n in names):   # [] : the size rule won
+        raise LNMError(f"{path}: no 'chosen' list of model folders; re-run lnm_find_best_configuration")
+    root = Path(dataset_results).resolve()
+    folders = []
+    for name in names:
+        folder = Path(dataset_results) / name
+        if Path(name).is_absolute() or ".." in Path(name).parts or "\\" in name or folder.resolve().parent != root:
+            raise LNMError(f"{path}: chosen model '{name}' is not a model folder inside {dataset_results}; refused "
+                           "(re-run lnm_find_best_configuration)")
+        folders.append(folder)
     missing = [f for f in folders if not f.is_dir()]
     if missing:
-        raise LNMError(f"{Path(dataset_results) / 'inference_instructions.json'}: chosen model {missing[0]} is gone; "
-                       "re-run lnm_find_best_configuration")
+        raise LNMError(f"{path}: chosen model {missing[0]} is gone; re-run lnm_find_best_configuration")
     return folders
 
 
@@ -38,10 +57,39 @@ def predict_ensemble(input_dir: Path, output_dir: Path, model_folders: list[Path
                      overwrite: bool = False, folds: list[str] | None = None) -> dict:
     """Predict with every member (``folds``, default all planned folds, each), then average them node by node."""
     output_dir = Path(output_dir)
+    if not model_folders:   # inference_instructions.json with "chosen": []
+        raise LNMError("no model to predict with: lnm_find_best_configuration chose the size rule (short axis), no "
+                       "model beat it; to predict with a model anyway, name it (lnm_predict -d DATASET -c CONFIGURATION)")
     if len(model_folders) == 1:
         return predict_folder(input_dir, output_dir, model_folders[0], folds, device=device,
                               num_processes=num_processes, mirror=mirror, save_probmaps=save_probmaps,
                               progress=progress, overwrite=overwrite)
+    n_channels = len(TrainedModel.load(model_folders[0]).plans.normalization)
+    cases = discover_cases(Path(input_dir), n_channels)[0]
+    case_ids = [c.case_id for c in cases]
+    table_file = station_table_file(Path(input_dir))
+    inputs = input_locations(Path(input_dir), cases, [table_file] if table_file else [])
+    settings = {"ensemble": [str(Path(f).absolute()) for f in model_folders], "folds": folds,
+                "test_time_mirroring": mirror, "probability_maps": save_probmaps}
+    info_file = output_dir / "predict_info.json"
+    tables = [output_dir / f"{t}.csv" for t in ("nodes", "stations", "patients")]
+    _, _, files = prepare_output(output_dir, info_file, settings, case_ids, tables, overwrite, inputs)
+    save_json({"status": "running", "settings": settings, "cases": case_ids, "files": files}, info_file)
+    try:
+        info = _predict_members(Path(input_dir), output_dir, model_folders, device, num_processes, mirror,
+                                save_probmaps, progress, overwrite, folds)
+    except LNMError as e:
+        save_json({"status": "failed", "settings": settings, "cases": case_ids, "files": files, "failed": [str(e)]},
+                  info_file)
+        raise
+    save_json({**info, "settings": settings, "cases": case_ids, "files": files}, info_file)
+    return info
+
+
+def _predict_members(input_dir: Path, output_dir: Path, model_folders: list[Path], device: str, num_processes: int,
+                     mirror: bool, save_probmaps: bool, progress: bool, overwrite: bool,
+                     folds: list[str] | None) -> dict:
+    """Every member's predictions (each in members/<model>/), their mean node by node, rolled up."""
     members = {}
     for folder in model_folders:
         out = output_dir / MEMBERS_DIR / folder.name
@@ -62,15 +110,13 @@ def predict_ensemble(input_dir: Path, output_dir: Path, model_folders: list[Path
         save_csv_atomic(rollup(nodes, "station"), output_dir / "stations.csv")
         save_csv_atomic(rollup(nodes, "patient"), output_dir / "patients.csv")
     if save_probmaps:
-        masks = _mask_files(Path(input_dir), output_dir / MEMBERS_DIR / model_folders[0].name, model_folders[0])
+        masks = _mask_files(input_dir, output_dir / MEMBERS_DIR / model_folders[0].name, model_folders[0])
         for case, group in nodes.groupby("case"):
             write_probability_map(masks[case], dict(zip(group["node"], group["probability"])),
                                   output_dir / f"{case}_probmap.nii.gz")
-    info = {"status": "finished", "ensemble": [str(f) for f in model_folders], "members_dir": MEMBERS_DIR,
+    return {"status": "finished", "ensemble": [str(f) for f in model_folders], "members_dir": MEMBERS_DIR,
             "combination": "mean of the members' probabilities", "n_cases": int(nodes["case"].nunique()),
             "n_nodes": len(nodes), "folds": folds or ["all planned folds of each member"]}
-    save_json(info, output_dir / "predict_info.json")
-    return info
 
 
 def _mask_files(input_dir: Path, member_output: Path, model_folder: Path) -> dict[str, Path]:

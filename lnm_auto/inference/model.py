@@ -31,6 +31,7 @@ from lnm_auto.utils.checkpoints import load_checkpoint
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import atomic_path, load_json
 from lnm_auto.utils.paths import nearest_hint, resolve_dataset_name
+from lnm_auto.utils.stale_temps import remove_stale_temp_files
 
 MODEL_FILES = ("plans.json", "dataset.json", "dataset_fingerprint.json")
 
@@ -213,6 +214,8 @@ def export_model(model_folder: Path, output_zip: Path, folds: list[str] | None =
     model = TrainedModel.load(model_folder)
     folds = folds or model.available_folds(model.model_file(checkpoint))
     model.load_scorers(folds, checkpoint, torch.device("cpu"))   # fail early on missing/damaged folds
+    _refuse_foreign_target(Path(output_zip))
+    remove_stale_temp_files(output_zip)   # what a killed export of this zip left (our temp names only)
     base = f"{model_folder.parent.name}/{model_folder.name}"
     with atomic_path(output_zip, suffix=".zip") as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
@@ -226,6 +229,22 @@ def export_model(model_folder: Path, output_zip: Path, folds: list[str] | None =
                     if (fd / f).is_file():
                         z.write(fd / f, f"{base}/fold_{fold}/{f}")
     return output_zip
+
+
+def _refuse_foreign_target(output_zip: Path) -> None:
+    """lnm_export_model replaces only a model zip (one it may have written before), never another file."""
+    if output_zip.is_dir():
+        raise LNMError(f"-o {output_zip}: is a folder; give the path of the zip to write, e.g. "
+                       f"{output_zip / 'model.zip'}")
+    if output_zip.exists() or output_zip.is_symlink():
+        try:
+            with zipfile.ZipFile(output_zip) as z:
+                is_model = len([n for n in z.namelist() if n.count("/") == 2 and n.endswith("/plans.json")]) == 1
+        except (zipfile.BadZipFile, OSError, EOFError):
+            is_model = False
+        if not is_model or output_zip.is_symlink():
+            raise LNMError(f"-o {output_zip}: exists and is not a model zip of lnm_export_model; refusing to replace "
+                           "it: choose another -o")
 
 
 # model folders extracted from zips -> the zip they came from (outputs name the zip, not the temp folder)
@@ -244,6 +263,26 @@ def unsafe_member(name: str) -> bool:
             or (len(name) > 1 and name[1] == ":"))
 
 
+# float weights barely compress, text (JSON models, logs) some 10x; a member packed 200x tighter is a zip bomb
+MAX_COMPRESSION_RATIO = 200
+RATIO_CHECKED_ABOVE_BYTES = 16 << 20
+
+
+def _refuse_oversized(path: Path, members: list[zipfile.ZipInfo], target: Path) -> None:
+    """Refuse a zip whose members would fill the disk when extracted: one member compressed more than
+    MAX_COMPRESSION_RATIO times (a zip bomb), or more bytes in all than the extraction folder has free. The
+    declared sizes bind: zipfile stops reading a member at its declared size (and the CRC check fails)."""
+    for info in members:
+        packed = max(info.compress_size, 1)
+        if info.file_size > RATIO_CHECKED_ABOVE_BYTES and info.file_size > MAX_COMPRESSION_RATIO * packed:
+            raise LNMError(f"{path}: member '{info.filename}' would unpack to {info.file_size / 1e6:.0f} MB from "
+                           f"{info.compress_size / 1e6:.2f} MB (a zip bomb?); refused")
+    total, free = sum(i.file_size for i in members), shutil.disk_usage(target).free
+    if total > free:
+        raise LNMError(f"{path}: unpacks to {total / 1e9:.1f} GB, {target.parent} has {free / 1e9:.1f} GB free; "
+                       "refused (set TMPDIR to a folder with room)")
+
+
 def unpack_model_zip(path: Path) -> Path:
     """Extract a model zip into a temporary folder (kept for the process' lifetime) -> the model folder."""
     target = Path(tempfile.mkdtemp(prefix="lnm_model_"))
@@ -256,6 +295,7 @@ def unpack_model_zip(path: Path) -> Path:
                                    "lnm_export_model holds only DatasetXXX/<model>/... paths)")
                 if (info.external_attr >> 16) & 0o170000 == 0o120000:
                     raise LNMError(f"{path}: symbolic link '{info.filename}' in the zip; refused")
+            _refuse_oversized(path, z.infolist(), target)
             z.extractall(target)
     except (zipfile.BadZipFile, EOFError, zlib.error) as e:
         raise LNMError(f"{path}: not a valid zip file ({str(e)[:120] or type(e).__name__})") from None

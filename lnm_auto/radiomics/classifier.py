@@ -230,6 +230,9 @@ def _schema_problem(p) -> str | None:
     columns = p["feature_columns"]
     if not (isinstance(columns, list) and columns and all(isinstance(c, str) for c in columns)):
         return "feature_columns must be a non-empty list of names"
+    doubled = next((c for i, c in enumerate(columns) if c in columns[:i]), None)
+    if doubled is not None:   # pandas would hand back two columns for the one name: a silently wrong matrix
+        return f"feature_columns names '{doubled}' twice"
     n = len(columns)
     kept = p["kept_columns"]
     if not (isinstance(kept, list) and len(kept) == n and all(isinstance(k, bool) for k in kept)):
