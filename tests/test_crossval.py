@@ -41,6 +41,17 @@ def sigmoid(x):
     return 1 / (1 + np.exp(-x))
 
 
+def within_fold(y, p, folds) -> float:
+    """Per-fold AUROC (scikit-learn) averaged with weights by labelled pairs: the score the choice uses."""
+    y, p, folds = np.asarray(y), np.asarray(p), np.asarray(folds)
+    pairs = {k: y[folds == k].sum() * (1 - y[folds == k]).sum() for k in np.unique(folds)}
+    return sum(roc_auc_score(y[folds == k], p[folds == k]) * w for k, w in pairs.items() if w) / sum(pairs.values())
+
+
+def fold_of(cases) -> np.ndarray:
+    return np.asarray([int(c[1:]) % 5 for c in cases])
+
+
 @pytest.fixture
 def results(tmp_path):
     t = truth()
@@ -60,7 +71,9 @@ def test_known_winner_and_incomplete_models_excluded(results):
     assert [m["configuration"] for m in instructions["chosen"]] == ["2d25"]
     assert instructions["incomplete_models"] == ["LNMTrainer__LNMPlans__3d_resenc"]
     labelled = t["label"] >= 0
-    assert instructions["cv"]["node"]["auroc"] == pytest.approx(roc_auc_score(t.label[labelled], good[labelled]))
+    assert instructions["cv"]["node"]["pooled_auroc"] == pytest.approx(roc_auc_score(t.label[labelled],
+                                                                                     good[labelled]))
+    assert instructions["cv"]["node"]["auroc"] == pytest.approx(within_fold(t.label, good, fold_of(t.case)))
     lo, hi = instructions["cv"]["node"]["ci95"]
     assert lo <= instructions["cv"]["node"]["auroc"] <= hi
     assert (root / "crossval_table.md").read_text().count("|") > 10 and (root / "crossval_table.png").is_file()
@@ -71,11 +84,13 @@ def test_ensemble_is_the_mean_of_its_members(results):
     out = find_best_configuration(root, n_bootstrap=0)
     row = next(r for r in out["rows"] if len(r["members"]) == 2)
     mean = (good + weak) / 2
-    assert row["node"]["auroc"] == pytest.approx(roc_auc_score(t["label"], mean))
+    assert row["node"]["pooled_auroc"] == pytest.approx(roc_auc_score(t["label"], mean))
+    assert row["node"]["auroc"] == pytest.approx(within_fold(t["label"], mean, fold_of(t["case"])))
     # patient level: max over each patient's nodes of the mean probability
     patient = pd.DataFrame({"case": t["case"], "p": mean, "y": t["patient_label"]}).groupby("case").agg(
         p=("p", "max"), y=("y", "first"))
-    assert row["patient"]["auroc"] == pytest.approx(roc_auc_score(patient.y, patient.p))
+    assert row["patient"]["pooled_auroc"] == pytest.approx(roc_auc_score(patient.y, patient.p))
+    assert row["patient"]["auroc"] == pytest.approx(within_fold(patient.y, patient.p, fold_of(patient.index)))
 
 
 def test_tie_goes_to_the_simpler_candidate(tmp_path):

@@ -328,7 +328,7 @@ def write_dataset(folder: Path, seed=0, n_cases=40):
     for c in range(n_cases):
         case = f"case_{c:03d}"
         for node in range(1, int(rng.integers(1, 8)) + 1):
-            lab = int(rng.random() < 0.3)
+            lab = int(rng.random() < 0.3 and c % 3 == 0)    # positive nodes only in N+ patients (else refused)
             st = f"S{rng.integers(1, 4)}"
             ref.append({"case": case, "node": node, "station": st, "label": "" if rng.random() < 0.1 else lab})
             pr = float(np.round(np.clip(rng.normal(0.3 + 0.35 * lab, 0.2), 0, 1), 3))

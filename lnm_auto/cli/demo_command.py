@@ -19,7 +19,7 @@ def demo_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--configurations", nargs="+", default=["radiomics", "2d25"],
                    help="configurations to cross-validate and choose from (default: %(default)s)")
     p.add_argument("-f", "--folds", nargs="+", type=int, default=[0, 1, 2, 3, 4],
-                   help="folds 0..k-1 to train, pool for the choice and ensemble (default: %(default)s)")
+                   help="folds to train, pool for the choice and ensemble (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=5,
                    help="epochs of every network stage (default: %(default)s, a quick demo; the plans' own is 50)")
     p.add_argument("--labeled-fraction", type=float, default=1.0,

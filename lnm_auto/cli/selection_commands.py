@@ -17,7 +17,9 @@ def find_best_parser() -> argparse.ArgumentParser:
                                             "of 2-3 of them, on the pooled out-of-fold predictions; choose one for "
                                             "lnm_predict (documentation/model_selection.md).")
     p.add_argument("-d", "--dataset", required=True, help="dataset id: 001, 1 or Dataset001_Name")
-    p.add_argument("-f", "--folds", type=int, default=5, help="number of cross-validation folds (default: %(default)s)")
+    p.add_argument("-f", "--folds", type=int, nargs="+", default=None,
+                   help="the folds whose validation predictions are pooled, e.g. -f 0 or -f 0 1 2 3 4 (default: every "
+                        "planned fold)")
     p.add_argument("--max_members", type=int, default=3, help="largest ensemble tried (default: %(default)s)")
     p.add_argument("--n_bootstrap", type=int, default=1000,
                    help="patient-bootstrap resamples for the CIs (default: %(default)s)")
@@ -36,10 +38,12 @@ def _find_best(args: argparse.Namespace) -> int:
     if args.preprocessed or os.environ.get(ENV_VARS["preprocessed"]):   # the size-rule row needs the crop caches
         crops = base_folder("preprocessed", args.preprocessed) / name / f"{args.plans_name}_crops"
         size_rule = size_rule_table(crops) if crops.is_dir() else None
-    out = find_best_configuration(results / name, args.folds, args.max_members, args.n_bootstrap, size_rule)
-    print((results / name / "crossval_table.md").read_text())
-    print(f"chosen: {' + '.join(out['chosen'])} ({out['instructions']['selected_by']}); written: "
-          f"{results / name / 'inference_instructions.json'}, crossval_table.md, crossval_table.png")
+    # the table is printed before the choice is written: lnm_predict -d never uses a choice nobody was shown
+    out = find_best_configuration(results / name, args.folds, args.max_members, args.n_bootstrap, size_rule,
+                                  show=lambda table: print(table, flush=True))
+    print(f"chosen: {' + '.join(out['chosen'])} ({out['instructions']['selected_by']}, folds "
+          f"{' '.join(out['instructions']['folds'])}); written: {results / name / 'inference_instructions.json'}, "
+          "crossval_table.md, crossval_table.png")
     return 0
 
 
@@ -63,22 +67,26 @@ def accumulate_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--configuration", required=True, help="configuration of the model, e.g. 2d25")
     p.add_argument("-tr", "--trainer", default="LNMTrainer", help="trainer run name (default: %(default)s)")
     p.add_argument("-p", "--plans_name", default="LNMPlans", help="plans name (default: %(default)s)")
-    p.add_argument("-f", "--folds", type=int, default=5, help="number of cross-validation folds (default: %(default)s)")
+    p.add_argument("-f", "--folds", type=int, nargs="+", default=None,
+                   help="the folds to pool, e.g. -f 0 1 2 3 4 (default: every planned fold)")
     _add_location_flags(p, "results")
     return p
 
 
 def _accumulate(args: argparse.Namespace) -> int:
-    from lnm_auto.evaluation.crossval import accumulate_crossval_results
+    from lnm_auto.evaluation.crossval_inputs import accumulate_crossval_results, fold_list, missing_folds
     from lnm_auto.utils.errors import LNMError
     from lnm_auto.utils.paths import resolve_dataset_name
     results = base_folder("results", args.results)
     folder = results / resolve_dataset_name(args.dataset, results) / f"{args.trainer}__{args.plans_name}__{args.configuration}"
     if not folder.is_dir():
         raise LNMError(f"{folder}: no such model folder")
-    pooled = accumulate_crossval_results(folder, args.folds)
-    if pooled is None:
-        raise LNMError(f"{folder}: not every fold 0..{args.folds - 1} has validation/predictions.csv; train them first")
+    folds = fold_list(args.folds, [folder])
+    missing = missing_folds(folder, folds)
+    if missing:
+        raise LNMError(f"{folder}: fold {', '.join(map(str, missing))} has no validation/predictions.csv; train it "
+                       "first or name the trained folds with -f")
+    pooled = accumulate_crossval_results(folder, folds)
     print(f"{len(pooled)} nodes of {pooled['case'].nunique()} cases -> {folder / 'crossval_results' / 'nodes.csv'}")
     return 0
 

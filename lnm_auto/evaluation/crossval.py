@@ -1,37 +1,60 @@
 """Cross-validation results of trained models and the choice of the model (or ensemble) to use.
 
-``accumulate_crossval_results``: the out-of-fold predictions of a model folder's folds, pooled (every training
-case is predicted once, by the fold that did not train on it). ``find_best_configuration``: scores every model
-whose folds are all complete and every ensemble of 2-3 of them (mean probability), at node, station and patient
-level with patient-bootstrap 95% CIs, beside the size rule (short axis) on the same nodes, and picks the best.
+``accumulate_crossval_results`` (crossval_inputs.py): the out-of-fold predictions of a model folder's folds,
+checked and pooled (every validation case is predicted once, by the fold that did not train on it).
+``find_best_configuration``: scores every model whose folds are all complete and every ensemble of 2-3 of them
+(mean probability), at node, station and patient level with patient-bootstrap 95% CIs, beside the size rule
+(short axis) on the same nodes, and picks the best. A level the dataset lacks (converted datasets have no
+stations; weakly labelled ones no node labels) is left out of the table with a line saying why.
 
-Selection rule (documentation/model_selection.md): highest node-level CV AUROC (patient level when the dataset
-has no node labels); candidates within ``TIE_TOLERANCE`` of the best count as tied and the simplest wins (fewest
-members, then the cheapest: radiomics < 3d_resenc < 2d25 < others, then the name). Choosing the best of many
-candidates on the same folds is optimistic: the chosen model's CV AUROC overstates what it will do on new
-data, so the held-out test set (lnm_predict + lnm_evaluate) is the number to report.
+Selection rule (documentation/model_selection.md, evaluation/selection.py): the within-fold AUROC (the per-fold
+AUROC averaged with weights by labelled pairs, so no fold's calibration offset can decide) at node level (patient
+level when the dataset has no node labels, then station level); the simplest candidate within one
+patient-bootstrap standard error of the best wins (the size rule first, then fewest members, then the cheapest
+configurations: radiomics < deep_radiomics < 3d_resenc < 2d25 < others, then the name). The size rule is a
+candidate: when no model beats it by more than that noise, it is chosen. The chosen candidate's probabilities are
+calibrated by a Platt map fitted on its out-of-fold node predictions (evaluation/calibration.py; stored in
+``inference_instructions.json``); the table reports each candidate's node-level ECE before and after a
+cross-fitted map. Choosing the best of many candidates on the same folds is optimistic: the chosen model's CV
+AUROC overstates what it will do on new data, so the held-out test set (lnm_predict + lnm_evaluate) is the number
+to report.
+
+The table is written (and shown, ``show``) before ``inference_instructions.json``: lnm_predict -d never uses a
+choice whose table was not computed.
 """
 from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 import pandas as pd
 
+from lnm_auto.evaluation.crossval_inputs import (PREDICTIONS_FILE, accumulate_crossval_results, check_same_nodes,
+                                                 fold_list, missing_folds, read_json)
+from lnm_auto.evaluation.calibration import cross_fitted, fit_platt
+from lnm_auto.evaluation.crossval_table import plot_reliability, plot_table, table_markdown
+from lnm_auto.evaluation.metrics import auroc, expected_calibration_error
 from lnm_auto.evaluation.rollup import rollup
-from lnm_auto.evaluation.metrics import auroc
-from lnm_auto.evaluation.statistics import bootstrap_ci
+from lnm_auto.evaluation.selection import FoldScore, one_standard_error_choice, within_fold_auroc
+from lnm_auto.evaluation.size_rule import size_rule_score
 from lnm_auto.utils.errors import LNMError
-from lnm_auto.utils.io import atomic_path, atomic_write_text, load_json, save_csv_atomic, save_json
-from lnm_auto.utils.plotting import pyplot
-from lnm_auto.utils.tables import node_ids, read_csv_text
+from lnm_auto.utils.io import atomic_write_text, save_json
 
-PREDICTIONS_FILE = "validation/predictions.csv"
-TIE_TOLERANCE = 0.005
-SIMPLICITY = {"radiomics": 0, "3d_resenc": 1, "2d25": 2}
+__all__ = ["INSTRUCTIONS_FILE", "LEVELS", "PREDICTIONS_FILE", "accumulate_crossval_results", "find_best_configuration",
+           "level_notes", "level_units", "load_instructions", "model_folders", "score", "select_configuration",
+           "size_rule_table"]
+
+SIMPLICITY = {"radiomics": 0, "deep_radiomics": 1, "3d_resenc": 2, "2d25": 3}
+SIZE_RULE = "size rule (short axis)"
 LEVELS = ("node", "station", "patient")
+SELECTION_ORDER = ("node", "patient", "station")
 INSTRUCTIONS_FILE = "inference_instructions.json"
+TABLE_FILE = "crossval_table.md"
+PLOT_FILE = "crossval_table.png"
+RELIABILITY_FILE = "crossval_reliability.png"
+KEY = ["case", "node"]
 
 
 def model_folders(dataset_results: Path) -> list[Path]:
@@ -39,164 +62,217 @@ def model_folders(dataset_results: Path) -> list[Path]:
     return sorted(p for p in Path(dataset_results).glob("*__*__*") if p.is_dir())
 
 
-def accumulate_crossval_results(model_folder: Path, n_folds: int) -> pd.DataFrame | None:
-    """Out-of-fold predictions of folds 0..n_folds-1 (case, node, station, label, station_label, patient_label,
-    probability), written to ``crossval_results/nodes.csv``; None when a fold has none yet."""
-    parts = []
-    for k in range(n_folds):
-        path = Path(model_folder) / f"fold_{k}" / PREDICTIONS_FILE
-        if not path.is_file():
-            return None
-        df = read_csv_text(path, "validation predictions", ("case", "node", "probability"))
-        parts.append(df.assign(node=node_ids(df["node"], path), fold=k))
-    pooled = pd.concat(parts, ignore_index=True)
-    for c in ("label", "station_label", "patient_label"):
-        pooled[c] = pd.to_numeric(pooled[c]).astype(int)
-    pooled["probability"] = pd.to_numeric(pooled["probability"])
-    if pooled.duplicated(["case", "node"]).any():
-        raise LNMError(f"{model_folder}: a node is predicted by two folds; the folds' validation sets overlap "
-                       "(were the splits changed after training?)")
-    save_csv_atomic(pooled, Path(model_folder) / "crossval_results" / "nodes.csv")
-    return pooled
-
-
 def level_units(nodes: pd.DataFrame, level: str) -> pd.DataFrame:
-    """Labelled units of a level with their probability (max roll-up) and their patient (bootstrap group)."""
+    """Labelled units of a level with their probability (max roll-up), their patient (bootstrap group) and, when
+    ``nodes`` has one, the fold that predicted them. Nodes without a station are not part of any station."""
+    folds = nodes.groupby("case")["fold"].first() if "fold" in nodes.columns else None
     if level == "node":
         units = nodes[nodes["label"] >= 0][["case", "probability", "label"]]
     else:
         column = f"{level}_label"
+        if level == "station":
+            nodes = nodes[nodes["station"].astype(str) != ""]
+        if nodes.empty:
+            return pd.DataFrame(columns=["case", "probability", "label", "fold"])
         units = rollup(nodes[["case", "station", "probability"]], level)
         keys = ["case", "station"] if level == "station" else ["case"]
         labels = nodes.groupby(keys)[column].first().reset_index()
         units = units.merge(labels, on=keys).rename(columns={column: "label"})
         units = units[units["label"] >= 0]
-    return units.reset_index(drop=True)
+    units = units.reset_index(drop=True)
+    return units.assign(fold=0 if folds is None else units["case"].map(folds).to_numpy())
+
+
+def level_notes(nodes: pd.DataFrame) -> dict[str, str]:
+    """Why a level has no CV AUROC, for each level without one: absent from the data, or one class only."""
+    notes = {}
+    for level in LEVELS:
+        if level == "station" and (nodes["station"].astype(str) == "").all():
+            notes[level] = "not in the data: no node has a station (nodes.csv's station column is empty)"
+            continue
+        y = level_units(nodes.assign(probability=0.0), level)["label"].to_numpy(int)
+        source = {"node": "nodes.csv", "station": "stations.csv", "patient": "patients.csv"}[level]
+        if len(y) == 0:
+            notes[level] = f"not in the data: no {level} is labelled 0 or 1 ({source})"
+        elif not 0 < y.sum() < len(y):
+            notes[level] = (f"labels of one class only ({len(y)} labelled {level}s, {int(y.sum())} positive): "
+                            "no AUROC")
+    return notes
 
 
 def score(nodes: pd.DataFrame, n_bootstrap: int = 1000, seed: int = 0) -> dict:
-    """{level: {"n", "n_positive", "auroc", "ci95"}} of one set of node predictions (levels with both classes)."""
+    """{level: {"n", "n_positive", "auroc", "se", "ci95", "n_pairs", "pooled_auroc"}} of one set of out-of-fold
+    node predictions (levels with both classes): ``auroc`` is the within-fold AUROC (selection.py) with its
+    patient-bootstrap SE and CI, ``pooled_auroc`` the AUROC of all folds' predictions pooled (shown for reference:
+    it mixes the folds' calibrations). The node level also gets ``ece`` (raw probabilities) and
+    ``ece_calibrated`` (each fold's nodes through a Platt map fitted on the other folds)."""
     out = {}
     for level in LEVELS:
         units = level_units(nodes, level)
         y, p = units["label"].to_numpy(int), units["probability"].to_numpy(float)
-        if len(y) and 0 < y.sum() < len(y):
-            ci = bootstrap_ci(y, p, units["case"].to_numpy(), n_bootstrap, seed)["ci"]["auroc"] if n_bootstrap else \
-                (float("nan"), float("nan"))
-            out[level] = {"n": int(len(y)), "n_positive": int(y.sum()), "auroc": auroc(y, p), "ci95": list(ci)}
+        if not (len(y) and 0 < y.sum() < len(y)):
+            continue
+        fold_score = within_fold_auroc(y, p, units["fold"].to_numpy(), units["case"].to_numpy(), n_bootstrap, seed)
+        if not np.isfinite(fold_score.auroc):
+            continue                      # no fold holds both classes: nothing ranks, nothing to choose by
+        out[level] = {**fold_score.to_dict(), "pooled_auroc": auroc(y, p)}
+        if level == "node":
+            out[level]["ece"] = expected_calibration_error(y, p)
+            out[level]["ece_calibrated"] = expected_calibration_error(y, cross_fitted(y, p, units["fold"].to_numpy()))
     return out
 
 
-def _selection_level(scores: dict) -> str:
-    for level in ("node", "patient", "station"):
-        if level in scores:
-            return level
-    raise LNMError("no labelled unit of both classes in the cross-validation predictions: nothing to select by")
-
-
 def _complexity(members: tuple[str, ...]) -> tuple:
+    """Simplest first: the size rule (no member), then fewest members, the cheapest configurations, the name."""
+    if not members:
+        return (0, 0, members)
     configs = [m.split("__")[2] for m in members]
-    return (len(members), sum(SIMPLICITY.get(c, 3) for c in configs), members)
+    return (len(members), sum(SIMPLICITY.get(c, len(SIMPLICITY)) for c in configs), members)
 
 
-def find_best_configuration(dataset_results: Path, n_folds: int = 5, max_members: int = 3,
-                            n_bootstrap: int = 1000, size_rule: pd.DataFrame | None = None) -> dict:
-    """Score every complete model and ensemble; write ``inference_instructions.json`` and the CV table."""
-    dataset_results = Path(dataset_results)
-    pooled, skipped = {}, []
+def _pool_models(dataset_results: Path, folds: list[int]) -> tuple[dict[str, pd.DataFrame], dict[str, list[int]]]:
+    """{model: pooled predictions sorted by (case, node)} of the complete models; {model: missing folds} of the rest."""
+    pooled, incomplete = {}, {}
     for folder in model_folders(dataset_results):
-        nodes = accumulate_crossval_results(folder, n_folds)
-        if nodes is None:
-            skipped.append(folder.name)
+        missing = missing_folds(folder, folds)
+        if missing:
+            incomplete[folder.name] = missing
         else:
-            pooled[folder.name] = nodes
+            pooled[folder.name] = accumulate_crossval_results(folder, folds).sort_values(KEY).reset_index(drop=True)
     if not pooled:
-        raise LNMError(f"{dataset_results}: no model has all {n_folds} folds trained with validation predictions; "
-                       f"train every fold (lnm_train DATASET CONFIG 0..{n_folds - 1})"
-                       + (f" (incomplete: {', '.join(skipped)})" if skipped else ""))
-    key = ["case", "node"]
+        shown = "; ".join(f"{m}: fold {', '.join(map(str, f))} missing" for m, f in incomplete.items())
+        raise LNMError(f"{dataset_results}: no model has all {len(folds)} folds ({' '.join(map(str, folds))}) trained "
+                       f"with validation predictions ({PREDICTIONS_FILE}); train every fold (lnm_train DATASET CONFIG "
+                       f"FOLD) or name the trained ones with -f" + (f" (incomplete: {shown})" if shown else "")
+                       + ("" if incomplete else " (no trained model folder found)"))
+    check_same_nodes(pooled, dataset_results)
+    return pooled, incomplete
+
+
+def _size_rule_nodes(reference: pd.DataFrame, size_rule: pd.DataFrame | None) -> tuple[pd.DataFrame | None, str | None]:
+    """The reference nodes scored by the size rule (short axis -> s / (s + 10 mm)), or why it is left out."""
+    if size_rule is None:
+        return None, None
+    merged = reference.drop(columns="probability").merge(size_rule.astype({"node": np.int64}), on=KEY)
+    if len(merged) < len(reference):
+        return None, (f"size rule: left out, {len(reference) - len(merged)} of {len(reference)} nodes have no crop "
+                      "cache with their short axis (re-run lnm_plan_and_preprocess)")
+    merged = merged.sort_values(KEY).reset_index(drop=True)
+    return merged.assign(probability=[size_rule_score(v) for v in merged["short_axis_mm"]]), None
+
+
+def _calibration(nodes: pd.DataFrame) -> dict:
+    """The Platt map of a candidate, fitted on every labelled out-of-fold node (identity when too few)."""
+    units = level_units(nodes, "node")
+    return fit_platt(units["label"].to_numpy(int), units["probability"].to_numpy(float))
+
+
+def select_configuration(dataset_results: Path, folds: int | Iterable[int] | None = None, max_members: int = 3,
+                         n_bootstrap: int = 1000, size_rule: pd.DataFrame | None = None) -> dict:
+    """Score every complete model and ensemble on ``folds`` (a count n: 0..n-1; None: the planned folds) and choose
+    one; writes nothing but the pooled predictions. Returns rows, chosen, level, notes, incomplete, instructions."""
+    if int(max_members) < 1:
+        raise LNMError(f"--max_members must be at least 1 (a single model), got {max_members}")
+    if int(n_bootstrap) < 0:
+        raise LNMError(f"--n_bootstrap must be 0 (no CIs) or more, got {n_bootstrap}")
+    dataset_results = Path(dataset_results)
+    if not dataset_results.is_dir():
+        raise LNMError(f"{dataset_results}: no such results folder; train a model first (lnm_train)")
+    folds = fold_list(folds, model_folders(dataset_results))
+    pooled, incomplete = _pool_models(dataset_results, folds)
     reference = next(iter(pooled.values()))
-    candidates = {}
-    for r in range(1, min(max_members, len(pooled)) + 1):
+    notes = level_notes(reference)
+    scored = [lv for lv in SELECTION_ORDER if lv not in notes]
+    if not scored:
+        raise LNMError(f"{dataset_results}: no label level of the cross-validation predictions holds both classes "
+                       f"({'; '.join(f'{lv}: {why}' for lv, why in notes.items())}): nothing to select by")
+    level = scored[0]
+    scored_nodes: dict[tuple[str, ...], pd.DataFrame] = {}
+    for r in range(1, min(int(max_members), len(pooled)) + 1):
         for members in itertools.combinations(sorted(pooled), r):
-            probs = [pooled[m].set_index(key)["probability"] for m in members]
-            common = probs[0].index
-            for p in probs[1:]:
-                common = common.intersection(p.index)
-            mean = sum(p.loc[common] for p in probs) / len(probs)
-            nodes = reference.set_index(key).loc[common].drop(columns="probability").assign(probability=mean)
-            candidates[members] = score(nodes.reset_index(), n_bootstrap)
-    level = _selection_level(next(iter(candidates.values())))
-    best_auroc = max(s[level]["auroc"] for s in candidates.values() if level in s)
-    tied = [m for m, s in candidates.items() if level in s and s[level]["auroc"] >= best_auroc - TIE_TOLERANCE]
-    chosen = min(tied, key=_complexity)
-    rows = [{"candidate": " + ".join(m), "members": list(m), **{f"{lv}": s.get(lv) for lv in LEVELS}}
-            for m, s in sorted(candidates.items(), key=lambda kv: -kv[1].get(level, {}).get("auroc", -1))]
-    if size_rule is not None:
-        merged = reference.merge(size_rule, on=key)
-        rows.append({"candidate": "size rule (short axis)", "members": [],
-                     **score(merged.assign(probability=_rank01(merged["short_axis_mm"])), n_bootstrap)})
+            mean = sum(pooled[m]["probability"].to_numpy() for m in members) / len(members)
+            scored_nodes[members] = reference.assign(probability=mean)
+    size_nodes, size_note = _size_rule_nodes(reference, size_rule)
+    if size_nodes is not None:
+        scored_nodes[()] = size_nodes
+    candidates = {m: score(nodes, n_bootstrap) for m, nodes in scored_nodes.items()}
+    ranked = {m: within for m, s in candidates.items() if (within := _fold_score(s.get(level))) is not None}
+    if not ranked:
+        raise LNMError(f"{dataset_results}: no fold of the cross-validation holds {level}s of both classes, so no "
+                       "candidate can be ranked; use more folds' worth of labelled data or fewer folds")
+    chosen, why = one_standard_error_choice(ranked, _complexity)
+    name = lambda m: " + ".join(m) if m else SIZE_RULE    # noqa: E731
+    rows = [{"candidate": name(m), "members": list(m), **{lv: s.get(lv) for lv in LEVELS}}
+            for m, s in sorted(candidates.items(), key=lambda kv: -kv[1].get(level, {}).get("auroc", -1.0))]
+    calibration = _calibration(scored_nodes[chosen])
     instructions = {
-        "selected_by": f"{level}-level cross-validation AUROC (ties within {TIE_TOLERANCE}: the simplest)",
+        "selected_by": (f"{level}-level within-fold cross-validation AUROC; the simplest candidate within one "
+                        "patient-bootstrap standard error of the best (the size rule counts as the simplest)"),
         "chosen": [{"model_folder": m, "trainer": m.split("__")[0], "plans": m.split("__")[1],
                     "configuration": m.split("__")[2]} for m in chosen],
-        "folds": [str(k) for k in range(n_folds)],
+        "size_rule": not chosen,
+        "folds": [str(k) for k in folds],
         "ensemble": "mean of the members' fold-ensemble probabilities",
+        "calibration": calibration,
         "cv": candidates[chosen],
+        "choice": {"best": name(why["best"]), "best_auroc": why["best_auroc"], "best_se": why["best_se"],
+                   "threshold": why["threshold"], "within_one_se": [name(m) for m in why["tied"]]},
+        "levels_not_scored": notes,
         "optimism": "the chosen candidate's CV AUROC is the best of several tried on the same folds, so it is "
                     "optimistic; report the held-out test set",
-        "incomplete_models": skipped,
+        "incomplete_models": sorted(incomplete),
     }
-    save_json(instructions, dataset_results / INSTRUCTIONS_FILE)
-    write_table(rows, dataset_results / "crossval_table.md", chosen)
-    plot_table(rows, dataset_results / "crossval_table.png", chosen, level)
-    return {"instructions": instructions, "rows": rows, "chosen": chosen}
+    lines = [f"{lv} level: {why}" for lv, why in notes.items()]
+    lines += [f"left out (incomplete): {m} (fold {', '.join(map(str, f))} has no {PREDICTIONS_FILE})"
+              for m, f in incomplete.items()]
+    lines += [size_note] if size_note else []
+    lines += [_choice_line(level, name(chosen), why, name)]
+    if calibration["method"] == "identity":
+        lines += [f"probabilities not calibrated: {calibration['n_positive']} positive of {calibration['n']} "
+                  "node-labelled out-of-fold nodes are too few to fit a map"]
+    shown = [lv for lv in LEVELS if not notes.get(lv, "").startswith("not in the data")]
+    return {"rows": rows, "chosen": chosen, "level": level, "notes": notes, "incomplete": incomplete,
+            "instructions": instructions, "folds": folds, "chosen_nodes": scored_nodes[chosen],
+            "table": table_markdown(rows, chosen, shown, lines)}
 
 
-def _rank01(values: pd.Series) -> np.ndarray:
-    """Scores mapped monotonically into [0, 1] (AUROC only needs the order; the roll-up needs [0, 1])."""
-    v = values.to_numpy(dtype=float)
-    return (v - v.min()) / (v.max() - v.min()) if v.max() > v.min() else np.zeros_like(v)
+def find_best_configuration(dataset_results: Path, folds: int | Iterable[int] | None = None, max_members: int = 3,
+                            n_bootstrap: int = 1000, size_rule: pd.DataFrame | None = None,
+                            show: Callable[[str], None] | None = None) -> dict:
+    """Choose (``select_configuration``), write ``crossval_table.md`` / ``.png``, show the table (``show``, e.g.
+    print), and only then write ``inference_instructions.json`` (atomically)."""
+    dataset_results = Path(dataset_results)
+    selection = select_configuration(dataset_results, folds, max_members, n_bootstrap, size_rule)
+    atomic_write_text(dataset_results / TABLE_FILE, selection["table"])
+    plot_table(selection["rows"], dataset_results / PLOT_FILE, selection["chosen"], selection["level"])
+    units = level_units(selection["chosen_nodes"], "node")
+    if units["label"].nunique() == 2:
+        y, p = units["label"].to_numpy(int), units["probability"].to_numpy(float)
+        plot_reliability(y, p, cross_fitted(y, p, units["fold"].to_numpy()), dataset_results / RELIABILITY_FILE,
+                         " + ".join(selection["chosen"]) or SIZE_RULE)
+    if show is not None:
+        show(selection["table"])
+    save_json(selection["instructions"], dataset_results / INSTRUCTIONS_FILE)
+    return selection
 
 
-def _cell(entry: dict | None) -> str:
+def _fold_score(entry: dict | None) -> FoldScore | None:
+    """A table entry back as the FoldScore the choice compares (None when the level was not scored)."""
     if not entry:
-        return "-"
-    lo, hi = entry["ci95"]
-    ci = f" [{lo:.3f}, {hi:.3f}]" if np.isfinite([lo, hi]).all() else ""
-    return f"{entry['auroc']:.3f}{ci} (n={entry['n']})"
+        return None
+    return FoldScore(entry["auroc"], entry["se"], tuple(entry["ci95"]), entry["n"], entry["n_positive"],
+                     entry["n_pairs"])
 
 
-def write_table(rows: list[dict], path: Path, chosen: tuple[str, ...]) -> None:
-    """The CV table as Markdown (AUROC [patient-bootstrap 95% CI] per level, the chosen one marked)."""
-    lines = ["| candidate | node AUROC | station AUROC | patient AUROC |", "|---|---|---|---|"]
-    for r in rows:
-        mark = " **(chosen)**" if tuple(r["members"]) == tuple(chosen) else ""
-        lines.append(f"| {r['candidate']}{mark} | {_cell(r['node'])} | {_cell(r['station'])} | {_cell(r['patient'])} |")
-    atomic_write_text(path, "\n".join(lines) + "\n")
-
-
-def plot_table(rows: list[dict], path: Path, chosen: tuple[str, ...], level: str) -> None:
-    """Horizontal bars of the selection level's CV AUROC with its CI, the chosen candidate highlighted."""
-    shown = [r for r in rows if r.get(level)]
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(shown) + 1.2))
-    for i, r in enumerate(shown):
-        e = r[level]
-        lo, hi = e["ci95"]
-        colour = "tab:red" if tuple(r["members"]) == tuple(chosen) else ("tab:gray" if not r["members"] else "tab:blue")
-        ax.barh(i, e["auroc"], color=colour)
-        if np.isfinite([lo, hi]).all():
-            ax.plot([lo, hi], [i, i], color="black", lw=1.2)
-    ax.set_yticks(range(len(shown)), [r["candidate"] for r in shown], fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlim(0.0, 1.0)
-    ax.axvline(0.5, color="black", lw=0.5, ls=":")
-    ax.set_xlabel(f"{level}-level cross-validation AUROC (patient-bootstrap 95% CI); red = chosen, grey = size rule")
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=90)
-    plt.close(fig)
+def _choice_line(level: str, chosen: str, why: dict, name) -> str:
+    """One line saying why the chosen candidate was chosen (the one-SE rule, in words)."""
+    best = name(why["best"])
+    if chosen == best:
+        return (f"chosen: {chosen}, the best {level}-level within-fold AUROC ({why['best_auroc']:.3f}); nothing "
+                f"simpler is within one bootstrap SE ({why['best_se']:.3f})")
+    text = (f"chosen: {chosen}, the simplest candidate within one bootstrap SE ({why['best_se']:.3f}) of the best "
+            f"({best}, {why['best_auroc']:.3f})")
+    return text + (": no model beats the size rule by more than noise" if chosen == SIZE_RULE else "")
 
 
 def size_rule_table(crops_dir: Path) -> pd.DataFrame:
@@ -212,4 +288,4 @@ def size_rule_table(crops_dir: Path) -> pd.DataFrame:
 def load_instructions(dataset_results: Path) -> dict | None:
     """The chosen model(s) of a dataset, or None when lnm_find_best_configuration has not run."""
     path = Path(dataset_results) / INSTRUCTIONS_FILE
-    return load_json(path) if path.is_file() else None
+    return read_json(path) if path.is_file() else None

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lnm_auto.datasets.verify import negative_bag_with_positive_node
 from lnm_auto.utils.errors import LNMError
-from lnm_auto.utils.labels import parse_label
+from lnm_auto.utils.labels import UNKNOWN, parse_label
 from lnm_auto.utils.tables import node_ids, read_csv_text
 
 _SHOW_MISSING = 5
@@ -86,6 +87,17 @@ def read_predictions(path: str | Path) -> pd.DataFrame:
     return df
 
 
+def _renumbered_hint(ref: pd.DataFrame, pred: pd.DataFrame, missing_cases: pd.Series) -> str:
+    """When a case with missing nodes is predicted under other node ids: say so (other masks, renumbered nodes)."""
+    for case in dict.fromkeys(missing_cases):
+        predicted = sorted(pred.loc[pred["case"] == case, "node"].astype(int))
+        if predicted:
+            listed = sorted(ref.loc[ref["case"] == case, "node"].astype(int))
+            return (f"; case {case} is predicted with node ids {predicted[:6]} but the reference lists {listed[:6]}: "
+                    "were the predictions made on other node masks?")
+    return ""
+
+
 def join_predictions(ref: pd.DataFrame, pred: pd.DataFrame, pred_path: Path, ref_path: Path) -> np.ndarray:
     """Probability for every reference node, in reference order; missing node -> LNMError."""
     merged = ref[["case", "node"]].merge(pred[["case", "node", "probability"]], on=["case", "node"],
@@ -96,5 +108,32 @@ def join_predictions(ref: pd.DataFrame, pred: pd.DataFrame, pred_path: Path, ref
         shown = ", ".join(f"({c}, {n})" for c, n in pairs)
         more = " ..." if missing.sum() > _SHOW_MISSING else ""
         raise LNMError(f"{pred_path}: {int(missing.sum())} node(s) of the reference {ref_path.name} have no "
-                       f"prediction; missing (case, node): {shown}{more}")
+                       f"prediction; missing (case, node): {shown}{more}"
+                       + _renumbered_hint(ref, pred, merged.loc[missing, "case"]))
     return merged["probability"].to_numpy(dtype=float)
+
+
+def check_bag_labels(bags: pd.DataFrame, nodes: pd.DataFrame, keys: list[str], path: Path, ref_path: Path) -> None:
+    """A station (keys case, station) or patient (keys case) labelled 0 must not hold a node labelled 1 in the
+    reference nodes: the contradiction dataset verification refuses as well."""
+    node_max = nodes.groupby(keys)["label"].max()
+    for row in bags.itertuples(index=False):
+        key = tuple(getattr(row, k) for k in keys)
+        if negative_bag_with_positive_node(row.label, node_max.get(key if len(keys) > 1 else key[0], UNKNOWN)):
+            what = (f"station '{row.station}' of case '{row.case}' is labelled 0" if "station" in keys
+                    else f"case '{row.case}' is labelled N0 (0)")
+            raise LNMError(f"{path}: {what} but has a node labelled 1 in {ref_path.name}; fix one of them")
+
+
+def extra_predictions_warning(ref: pd.DataFrame, pred: pd.DataFrame, pred_path: Path, ref_path: Path) -> str | None:
+    """Predicted nodes of evaluated cases that the reference does not list: they take no part in any level (the
+    roll-ups included), which a user must know; None when there are none."""
+    of_cases = pred[pred["case"].isin(set(ref["case"]))]
+    extra = of_cases.merge(ref[["case", "node"]], on=["case", "node"], how="left", indicator=True)
+    extra = extra[extra["_merge"] == "left_only"]
+    if extra.empty:
+        return None
+    first = extra.iloc[0]
+    return (f"{pred_path.name}: {len(extra)} predicted node(s) of the evaluated cases are not listed in "
+            f"{ref_path.name} (first: case {first['case']} node {first['node']}); they are left out of every level, "
+            "the station and patient roll-ups included")

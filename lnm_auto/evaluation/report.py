@@ -7,7 +7,8 @@ metrics.json has one layout (``metrics_document``) for lnm_evaluate's report and
 ``validation/metrics.json``: {"schema", "kind", "source", "settings", "levels": {level: ``level_metrics``},
 ["comparison",] "warnings"}; documented in documentation/outputs.md.
 
-The parts live beside this module: inputs.py reads and checks the CSVs, metrics.py / statistics.py
+The parts live beside this module: inputs.py reads and checks the CSVs, levels.py builds the three levels (each
+optional: a level the reference lacks is reported as "not in the data"), metrics.py / statistics.py
 compute the numbers, rollup.py lifts nodes to stations and patients, plots.py draws the figures and
 table.py renders the metrics as text (``format_table``, importable from here as well).
 """
@@ -22,10 +23,11 @@ import pandas as pd
 
 from lnm_auto.evaluation import metrics as M
 from lnm_auto.evaluation import statistics as S
-from lnm_auto.evaluation.inputs import (check_unique, join_predictions, parse_labels, read_checked_csv,
-                                        read_predictions, read_reference_nodes)
+from lnm_auto.evaluation.inputs import (extra_predictions_warning, join_predictions, read_predictions,
+                                        read_reference_nodes)
+from lnm_auto.evaluation.levels import ABSENT, build_units, label_sources, unlabelled_reason
 from lnm_auto.evaluation.plots import plot_calibration, plot_roc
-from lnm_auto.evaluation.rollup import DEFAULT_METHOD, METHODS, derive_label, rollup
+from lnm_auto.evaluation.rollup import DEFAULT_METHOD, METHODS
 from lnm_auto.evaluation.table import LEVELS, TABLE_ROWS, format_table
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.labels import UNKNOWN
@@ -35,82 +37,6 @@ __all__ = ["LEVELS", "METRICS_SCHEMA", "TABLE_ROWS", "evaluate", "format_table",
            "metrics_document", "read_predictions", "read_reference_nodes", "validation_metrics"]
 
 METRICS_SCHEMA = 1        # version of the metrics.json layout; raised when a key changes meaning
-
-
-# ------------------------------------------------------------------------------------------------
-# building the three levels
-# ------------------------------------------------------------------------------------------------
-def _build_units(ref: pd.DataFrame, ref_path: Path, stations_csv, patients_csv, method: str,
-                 warnings: list[str]) -> dict[str, Any]:
-    """{level: DataFrame with label, probability[, probability_b], group} or a str (why skipped)."""
-    cases = set(ref["case"])
-    nodes = ref.copy()
-    patient_of = {c: c for c in cases}
-    case_labels = None
-    if patients_csv is not None:
-        ppath = Path(patients_csv)
-        pdf = read_checked_csv(ppath, "reference patients", ("case", "label"))
-        check_unique(pdf, ["case"], ppath)
-        pdf["label"] = parse_labels(pdf, ppath)
-        if "patient" not in pdf.columns:
-            pdf["patient"] = pdf["case"]
-        pdf.loc[pdf["patient"] == "", "patient"] = pdf["case"]
-        outside = ~pdf["case"].isin(cases)
-        if outside.any():
-            warnings.append(f"{ppath.name}: {int(outside.sum())} case(s) without nodes in {ref_path.name} were "
-                            f"ignored (the reference nodes file defines the evaluated cases)")
-        pdf = pdf[~outside]
-        patient_of.update(dict(zip(pdf["case"], pdf["patient"])))
-        case_labels = dict(zip(pdf["case"], pdf["label"]))
-    nodes["patient"] = nodes["case"].map(patient_of)
-    units: dict[str, Any] = {}
-
-    # node level
-    units["node"] = nodes.rename(columns={"patient": "group"})[
-        ["case", "node", "label", "probability"] + (["probability_b"] if "probability_b" in nodes else []) + ["group"]]
-
-    # station level
-    pcols = ["probability"] + (["probability_b"] if "probability_b" in nodes else [])
-    if not ref.attrs.get("has_station", True):
-        if stations_csv is not None:
-            raise LNMError(f"{ref_path}: has no 'station' column, so nodes cannot be matched to the "
-                           f"reference stations in {Path(stations_csv).name}")
-        units["station"] = f"{ref_path.name} has no station column"
-    else:
-        blank = nodes["station"] == ""
-        if blank.any():
-            warnings.append(f"{ref_path.name}: {int(blank.sum())} node(s) without a station were left out of "
-                            f"the station level")
-        st = rollup(nodes.loc[~blank, ["case", "station", "label"] + pcols], "station", method)
-        if stations_csv is not None:
-            spath = Path(stations_csv)
-            sdf = read_checked_csv(spath, "reference stations", ("case", "station", "label"))
-            check_unique(sdf, ["case", "station"], spath)
-            sdf["label"] = parse_labels(sdf, spath)
-            outside = ~sdf["case"].isin(cases)
-            if outside.any():
-                warnings.append(f"{spath.name}: {int(outside.sum())} station row(s) of cases without nodes in "
-                                f"{ref_path.name} were ignored")
-            sdf = sdf.loc[~outside, ["case", "station", "label"]]
-            st = st.drop(columns="label").merge(sdf, on=["case", "station"], how="outer")
-            empty = st["n_nodes"].isna()
-            if empty.any():
-                warnings.append(f"{spath.name}: {int(empty.sum())} labelled station(s) contain no node; "
-                                f"their probability is 0 (empty bag)")
-            st[pcols] = st[pcols].fillna(0.0)
-            st["n_nodes"] = st["n_nodes"].fillna(0).astype(int)
-            st["label"] = st["label"].fillna(UNKNOWN).astype(int)
-        st["group"] = st["case"].map(patient_of)
-        units["station"] = st
-
-    # patient level (grouped by patient id; = case unless the patients file says otherwise)
-    pt = rollup(nodes[["case", "patient", "label"] + pcols], "patient", method)
-    if case_labels is not None:
-        by_patient = nodes.drop_duplicates("case").groupby("patient")["case"].apply(list)
-        pt["label"] = [derive_label([case_labels.get(c, UNKNOWN) for c in by_patient[p]]) for p in pt["patient"]]
-    pt["group"] = pt["patient"]
-    units["patient"] = pt
-    return units
 
 
 def level_metrics(y: np.ndarray, p: np.ndarray, groups: np.ndarray, n_unknown: int = 0,
@@ -170,6 +96,7 @@ def validation_metrics(units: pd.DataFrame, level: str, source: dict[str, Any], 
     groups = units["patient"] if "patient" in units.columns else units["case"]
     result = level_metrics(units["label"].to_numpy().astype(int), units["probability"].to_numpy(dtype=float),
                            groups.to_numpy(), 0, n_bootstrap, seed)
+    result["labels"] = {"node": "nodes.csv", "station": "stations.csv", "patient": "patients.csv"}[level]
     return metrics_document("validation", source, metric_settings(n_bootstrap, seed), {level: result}, [])
 
 
@@ -188,15 +115,24 @@ def evaluate(ref_nodes_csv, pred_nodes_csv, out_dir, ref_stations_csv=None, ref_
         raise LNMError(f"unknown roll-up method '{rollup_method}'; choose one of {', '.join(METHODS)}")
     if int(n_bootstrap) < 0:
         raise LNMError(f"n_bootstrap must be >= 0, got {n_bootstrap}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LNMError(f"-o {out_dir}: is a file, not a folder")
     ref_path, pred_path = Path(ref_nodes_csv), Path(pred_nodes_csv)
     ref = read_reference_nodes(ref_path)
-    ref["probability"] = join_predictions(ref, read_predictions(pred_path), pred_path, ref_path)
-    comp_path = Path(compare_pred_csv) if compare_pred_csv is not None else None
-    if comp_path is not None:
-        ref["probability_b"] = join_predictions(ref, read_predictions(comp_path), comp_path, ref_path)
-
     warnings: list[str] = []
-    units = _build_units(ref, ref_path, ref_stations_csv, ref_patients_csv, rollup_method, warnings)
+    comp_path = Path(compare_pred_csv) if compare_pred_csv is not None else None
+    for column, path in (("probability", pred_path), ("probability_b", comp_path)):
+        if path is not None:
+            pred = read_predictions(path)
+            if pred.empty:
+                raise LNMError(f"{path}: the predictions file has no rows; predict the cases of {ref_path.name} "
+                               "first (lnm_predict)")
+            ref[column] = join_predictions(ref, pred, path, ref_path)
+            extra = extra_predictions_warning(ref, pred, path, ref_path)
+            warnings += [extra] if extra else []
+    units = build_units(ref, ref_path, ref_stations_csv, ref_patients_csv, rollup_method, warnings)
+    sources = label_sources(ref_path, ref_stations_csv, ref_patients_csv)
 
     source = {"reference_nodes": str(ref_path), "predictions": str(pred_path),
               "reference_stations": str(ref_stations_csv) if ref_stations_csv is not None else None,
@@ -207,14 +143,16 @@ def evaluate(ref_nodes_csv, pred_nodes_csv, out_dir, ref_stations_csv=None, ref_
     comparison: dict[str, Any] = {}
     for level in LEVELS:
         u = units[level]
-        if isinstance(u, str):
-            levels[level] = {"n": 0, "n_pos": 0, "n_neg": 0, "skipped": u, "warnings": []}
+        known = None if isinstance(u, str) else u["label"].to_numpy() != UNKNOWN
+        if known is None or not known.any():
+            reason = u if known is None else unlabelled_reason(level, ref_path, ref_stations_csv, ref_patients_csv)
+            levels[level] = {"n": 0, "n_pos": 0, "n_neg": 0, "skipped": reason, "absent": True, "warnings": []}
             continue
-        known = u["label"].to_numpy() != UNKNOWN
         y = u["label"].to_numpy()[known].astype(int)
         p = u["probability"].to_numpy(dtype=float)[known]
         g = u["group"].to_numpy()[known]
         res = level_metrics(y, p, g, int((~known).sum()), int(n_bootstrap), int(seed))
+        res["labels"] = sources[level]
         levels[level] = res
         if "skipped" in res:
             continue
@@ -235,9 +173,11 @@ def evaluate(ref_nodes_csv, pred_nodes_csv, out_dir, ref_stations_csv=None, ref_
                 "metrics_b": res_b, "warnings": dl["warnings"],
             }
             plot_data[level]["pb"] = pb
+    if all(lv.get("absent") for lv in levels.values()):
+        raise LNMError(f"{ref_path}: nothing to evaluate: " + "; ".join(
+            f"{name}: {lv['skipped'].removeprefix(ABSENT)}" for name, lv in levels.items()))
     result = metrics_document("evaluation", source, metric_settings(n_bootstrap, seed, rollup_method), levels,
                               warnings, comparison if comp_path is not None else None)
-    out_dir = Path(out_dir)
     plot_roc(plot_data, out_dir / "roc.png", comp_path is not None)
     plot_calibration(plot_data, out_dir / "calibration.png")
     save_json(result, out_dir / "metrics.json")

@@ -33,7 +33,8 @@ def format_table(document: dict) -> str:
     """Readable aligned table of a metrics.json document: one row per metric, one column per level
     (value [95% CI])."""
     metrics = document.get("levels", {})
-    levels = [lv for lv in LEVELS if isinstance(metrics.get(lv), dict)]
+    every = [lv for lv in LEVELS if isinstance(metrics.get(lv), dict)]
+    levels = [lv for lv in every if not metrics[lv].get("absent")]     # a level not in the data gets no column
     header = ["metric"] + levels
     rows: list[list[str]] = []
     rows.append(["n (pos/neg)"] + [f"{metrics[lv].get('n', 0)} ({metrics[lv].get('n_pos', 0)}/"
@@ -53,9 +54,12 @@ def format_table(document: dict) -> str:
     if settings:
         out.append(f"95% CI: percentile bootstrap over patients ({settings.get('n_bootstrap')} resamples, "
                    f"seed {settings.get('seed')}); roll-up: {settings.get('rollup')}")
-    for lv in levels:
+    for lv in every:
         if "skipped" in metrics[lv]:
             out.append(f"{lv}: skipped ({metrics[lv]['skipped']})")
+    derived = [f"{lv}: {metrics[lv]['labels']}" for lv in levels if lv != "node" and metrics[lv].get("labels")]
+    if derived:
+        out.append("reference labels: " + "; ".join(derived))
 
     comp = document.get("comparison")
     if comp:
