@@ -10,10 +10,9 @@ from lnm_auto.datasets.phantom import PhantomConfig, make_phantom_dataset
 from lnm_auto.evaluation.crossval import find_best_configuration, size_rule_table
 from lnm_auto.evaluation.report import evaluate, format_table
 from lnm_auto.evaluation.size_rule import write_size_rule_predictions
-from lnm_auto.inference.ensemble import chosen_models, predict_ensemble
+from lnm_auto.inference.ensemble import chosen_models, predict_chosen
 from lnm_auto.planning.plan_and_preprocess import plan_and_preprocess
 from lnm_auto.training.run import recommended_scheme, run_training, setup_trainer
-from lnm_auto.utils.errors import LNMError
 
 DEMO_DATASET_ID = 999
 
@@ -43,23 +42,27 @@ def run_demo(workdir: Path, configurations: tuple[str, ...] = ("radiomics", "2d2
                 run_training(tr, continue_training=True)   # a re-run of the demo picks up where it stopped
     print("[4/6] choose the model by cross-validation (lnm_find_best_configuration)", flush=True)
     results = res / dataset.name
-    if sorted(folds) != list(range(len(folds))):
-        raise LNMError(f"the demo's folds must be 0..k-1 (cross-validation pools them), got {list(folds)}")
-    find_best_configuration(results, len(folds), size_rule=size_rule_table(planned.crops_dir or
-                                                                           pre / dataset.name / "LNMPlans_crops"))
-    print((results / "crossval_table.md").read_text(), flush=True)
+    find_best_configuration(results, list(folds), size_rule=size_rule_table(planned.crops_dir or
+                                                                            pre / dataset.name / "LNMPlans_crops"),
+                            show=lambda table: print(table, flush=True))   # shown before the choice is written
     chosen = chosen_models(results)
-    print(f"[5/6] predict the test cases with the chosen {' + '.join(c.name for c in chosen)}", flush=True)
+    what = " + ".join(c.name for c in chosen) if chosen else "size rule (no model beat it)"
+    print(f"[5/6] predict the test cases with the chosen {what}", flush=True)
     preds = workdir / "predictions"
-    predict_ensemble(dataset / "imagesTs", preds, chosen, overwrite=True, folds=[str(f) for f in folds])
+    predict_chosen(dataset / "imagesTs", preds, results, overwrite=True)
     print("[6/6] evaluate on the test cases; A = the chosen model, B = the size rule (short axis)", flush=True)
     size_rule = workdir / "size_rule" / "nodes.csv"
     write_size_rule_predictions(dataset / "nodesTs", size_rule)
     report = workdir / "report"
-    metrics = evaluate(dataset / "nodesTs.csv", preds / "nodes.csv", report, dataset / "stationsTs.csv",
-                       dataset / "patientsTs.csv", compare_pred_csv=size_rule)
+    metrics = evaluate(dataset / "nodesTs.csv", preds / "nodes.csv", report, _if_present(dataset / "stationsTs.csv"),
+                       _if_present(dataset / "patientsTs.csv"), compare_pred_csv=size_rule)
     print(format_table(metrics))
     print(f"plots: {report / 'roc.png'}, {report / 'calibration.png'}, {results / 'crossval_table.png'}; "
           f"training curves: {results}/*/fold_*/progress.png")
     print(f"demo finished in {time.time() - t0:.0f} s")
     return metrics
+
+
+def _if_present(path: Path) -> Path | None:
+    """A label file of the test set, or None when the dataset lacks that level (evaluate then says so)."""
+    return path if path.is_file() else None

@@ -20,8 +20,9 @@ def predict_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", "--dataset", default=None,
                    help="dataset of the model (default: the only trained model's)")
     p.add_argument("-c", "--configuration", default=None,
-                   help="configuration of the model (default: with -d, the model or ensemble lnm_find_best_configuration "
-                        "chose; else the only trained model's)")
+                   help="configuration of the model (default: with -d, what lnm_find_best_configuration chose - a model, "
+                        "an ensemble or the size rule - on the folds it chose by, with its calibration; else the only "
+                        "trained model's)")
     p.add_argument("-tr", "--trainer", default="LNMTrainer", help="trainer of the model (default: %(default)s)")
     p.add_argument("-p", "--plans_name", default="LNMPlans", help="plans of the model (default: %(default)s)")
     p.add_argument("-m", "--model", default=None,
@@ -53,9 +54,9 @@ def predict_parser() -> argparse.ArgumentParser:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from lnm_auto.inference.model import find_model
+    from lnm_auto.inference.ensemble import chosen_models, predict_chosen
+    from lnm_auto.inference.model import TrainedModel, find_model
     from lnm_auto.inference.predictor import predict_folder
-    from lnm_auto.inference.ensemble import chosen_models, predict_ensemble
     from lnm_auto.utils.memory import reuse_freed_memory
     from lnm_auto.utils.paths import resolve_dataset_name
     reuse_freed_memory()    # every case's image buffers reuse the last case's instead of fresh pages
@@ -64,21 +65,28 @@ def _predict(args: argparse.Namespace) -> int:
     results = Path(args.results) if args.results else (Path(os.environ["LNM_results"]) if os.environ.get("LNM_results") else None)
     chosen = None
     if args.model is None and args.configuration is None and args.dataset is not None and results is not None:
-        chosen = chosen_models(results / resolve_dataset_name(args.dataset, results))   # lnm_find_best_configuration
-    if chosen:
-        print(f"model chosen by lnm_find_best_configuration: {' + '.join(c.name for c in chosen)}", flush=True)
-    if chosen and len(chosen) > 1:
-        info = predict_ensemble(Path(args.input), Path(args.output), chosen, device,
-                                workers, not args.disable_tta, not args.no_probmaps,
-                                not args.quiet, args.overwrite)
-        print(f"{info['n_nodes']} nodes of {info['n_cases']} case(s) scored by the ensemble; results in {args.output}")
+        dataset_results = results / resolve_dataset_name(args.dataset, results)
+        chosen = chosen_models(dataset_results)   # lnm_find_best_configuration's choice, if it ran
+    if chosen is not None:
+        what = " + ".join(c.name for c in chosen) if chosen else "the size rule (short axis): no model beat it"
+        print(f"predicting with the choice of lnm_find_best_configuration: {what}", flush=True)
+        if args.checkpoint != "checkpoint_final.pth" or args.num_parts != 1:
+            from lnm_auto.utils.errors import LNMError
+            raise LNMError("-chk and -num_parts/-part_id apply to one model: name it with -c CONFIGURATION (the chosen "
+                           "model or ensemble uses checkpoint_final.pth of its folds, in one part)")
+        info = predict_chosen(Path(args.input), Path(args.output), dataset_results, device, workers,
+                              not args.disable_tta, not args.no_probmaps, not args.quiet, args.overwrite, args.folds)
+        print(f"{info['n_nodes']} nodes of {info['n_cases']} case(s) scored; results in {args.output}")
         return 0
-    folder = chosen[0] if chosen else find_model(results, args.dataset, args.configuration, args.trainer,
-                                                 args.plans_name, args.model)
+    folder = find_model(results, args.dataset, args.configuration, args.trainer, args.plans_name, args.model)
+    calibration = TrainedModel.load(folder).calibration()
+    if calibration and not args.quiet:
+        print(f"probabilities calibrated by the model's Platt map (a={calibration['a']:.3f}, b={calibration['b']:.3f}, "
+              f"fitted on its out-of-fold predictions)", flush=True)
     info = predict_folder(Path(args.input), Path(args.output), folder, args.folds, args.checkpoint,
                           device, workers, not args.disable_tta,
                           not args.no_probmaps, not args.quiet, args.overwrite, args.num_parts,
-                          args.part_id)
+                          args.part_id, calibration=calibration)
     print(f"{info['n_nodes']} nodes of {info['n_cases']} case(s) scored by folds {', '.join(info['folds'])} of "
           f"{folder}; results in {args.output}")
     return 0

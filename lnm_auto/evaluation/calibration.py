@@ -26,6 +26,7 @@ import numpy as np
 from lnm_auto.evaluation.metric_engine import as_label_score_arrays
 
 _EPS = 1e-6
+CALIBRATION_FILE = "crossval_results/calibration.json"   # a model's map, in its folder: lnm_predict applies it
 MIN_UNITS_PER_CLASS = 3        # fewer labelled nodes of a class: no map (identity), said in the output
 REGULARISATION_C = 10.0
 
@@ -76,3 +77,21 @@ def cross_fitted(y_true: Sequence, scores: Sequence, folds: Sequence) -> np.ndar
         inside = folds == k
         out[inside] = apply_calibration(fit_platt(y[~inside], p[~inside]), p[inside])
     return out
+
+
+def checked_calibration(data, origin: str) -> dict:
+    """A stored map (JSON from ``fit_platt`` / ``identity``) checked before use: one line naming ``origin`` when it
+    is not one (a hand-edited or damaged file must never turn probabilities into NaN)."""
+    from lnm_auto.utils.errors import LNMError
+    if not isinstance(data, dict) or data.get("method") not in ("platt", "identity"):
+        raise LNMError(f"{origin}: not a calibration map (method 'platt' or 'identity'); re-run "
+                       "lnm_find_best_configuration")
+    try:
+        a, b = float(data.get("a", 1.0)), float(data.get("b", 0.0))
+    except (TypeError, ValueError):
+        raise LNMError(f"{origin}: calibration parameters a, b must be numbers; re-run lnm_find_best_configuration") \
+            from None
+    if not (math.isfinite(a) and math.isfinite(b) and a >= 0):
+        raise LNMError(f"{origin}: calibration parameters a={a}, b={b} must be finite with a >= 0; re-run "
+                       "lnm_find_best_configuration")
+    return {**data, "a": a, "b": b}

@@ -33,7 +33,7 @@ import pandas as pd
 
 from lnm_auto.evaluation.crossval_inputs import (PREDICTIONS_FILE, accumulate_crossval_results, check_same_nodes,
                                                  fold_list, missing_folds, read_json)
-from lnm_auto.evaluation.calibration import cross_fitted, fit_platt
+from lnm_auto.evaluation.calibration import CALIBRATION_FILE, cross_fitted, fit_platt
 from lnm_auto.evaluation.crossval_table import plot_reliability, plot_table, table_markdown
 from lnm_auto.evaluation.metrics import auroc, expected_calibration_error
 from lnm_auto.evaluation.rollup import rollup
@@ -42,7 +42,8 @@ from lnm_auto.evaluation.size_rule import size_rule_score
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import atomic_write_text, save_json
 
-__all__ = ["INSTRUCTIONS_FILE", "LEVELS", "PREDICTIONS_FILE", "accumulate_crossval_results", "find_best_configuration",
+__all__ = ["CALIBRATION_FILE", "INSTRUCTIONS_FILE", "LEVELS", "PREDICTIONS_FILE", "accumulate_crossval_results",
+           "find_best_configuration",
            "level_notes", "level_units", "load_instructions", "model_folders", "score", "select_configuration",
            "size_rule_table"]
 
@@ -205,6 +206,8 @@ def select_configuration(dataset_results: Path, folds: int | Iterable[int] | Non
     rows = [{"candidate": name(m), "members": list(m), **{lv: s.get(lv) for lv in LEVELS}}
             for m, s in sorted(candidates.items(), key=lambda kv: -kv[1].get(level, {}).get("auroc", -1.0))]
     calibration = _calibration(scored_nodes[chosen])
+    model_calibrations = {m[0]: (calibration if m == chosen else _calibration(nodes))
+                          for m, nodes in scored_nodes.items() if len(m) == 1}
     instructions = {
         "selected_by": (f"{level}-level within-fold cross-validation AUROC; the simplest candidate within one "
                         "patient-bootstrap standard error of the best (the size rule counts as the simplest)"),
@@ -233,6 +236,7 @@ def select_configuration(dataset_results: Path, folds: int | Iterable[int] | Non
     shown = [lv for lv in LEVELS if not notes.get(lv, "").startswith("not in the data")]
     return {"rows": rows, "chosen": chosen, "level": level, "notes": notes, "incomplete": incomplete,
             "instructions": instructions, "folds": folds, "chosen_nodes": scored_nodes[chosen],
+            "model_calibrations": model_calibrations,
             "table": table_markdown(rows, chosen, shown, lines)}
 
 
@@ -252,6 +256,10 @@ def find_best_configuration(dataset_results: Path, folds: int | Iterable[int] | 
                          " + ".join(selection["chosen"]) or SIZE_RULE)
     if show is not None:
         show(selection["table"])
+    for model, calibration in selection["model_calibrations"].items():   # each model's own map travels with it
+        save_json({**calibration, "fitted_on": "out-of-fold node predictions of folds "
+                   + " ".join(map(str, selection["folds"]))},
+                  dataset_results / model / CALIBRATION_FILE)
     save_json(selection["instructions"], dataset_results / INSTRUCTIONS_FILE)
     return selection
 

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from lnm_auto.evaluation.crossval import INSTRUCTIONS_FILE, load_instructions
+from lnm_auto.evaluation.calibration import apply_calibration, checked_calibration
+from lnm_auto.evaluation.crossval import INSTRUCTIONS_FILE, load_instructions, model_folders as trained_model_folders
 from lnm_auto.evaluation.rollup import rollup
 from lnm_auto.inference.cases import discover_cases, input_locations
 from lnm_auto.inference.model import TrainedModel
 from lnm_auto.inference.output_folder import prepare_output
-from lnm_auto.inference.predictor import predict_folder, station_table_file, write_probability_map
+from lnm_auto.inference.predictor import UNCALIBRATED, predict_folder, station_table_file, write_probability_map
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import save_csv_atomic, save_json
 
@@ -54,8 +55,9 @@ def chosen_models(dataset_results: Path) -> list[Path] | None:
 
 def predict_ensemble(input_dir: Path, output_dir: Path, model_folders: list[Path], device: str = "cpu",
                      num_processes: int = 0, mirror: bool = True, save_probmaps: bool = True, progress: bool = True,
-                     overwrite: bool = False, folds: list[str] | None = None) -> dict:
-    """Predict with every member (``folds``, default all planned folds, each), then average them node by node."""
+                     overwrite: bool = False, folds: list[str] | None = None, calibration: dict | None = None) -> dict:
+    """Predict with every member (``folds``, default all planned folds, each), then average them node by node and
+    apply ``calibration`` (the ensemble's own Platt map) to the mean."""
     output_dir = Path(output_dir)
     if not model_folders:   # inference_instructions.json with "chosen": []
         raise LNMError("no model to predict with: lnm_find_best_configuration chose the size rule (short axis), no "
@@ -63,21 +65,21 @@ def predict_ensemble(input_dir: Path, output_dir: Path, model_folders: list[Path
     if len(model_folders) == 1:
         return predict_folder(input_dir, output_dir, model_folders[0], folds, device=device,
                               num_processes=num_processes, mirror=mirror, save_probmaps=save_probmaps,
-                              progress=progress, overwrite=overwrite)
+                              progress=progress, overwrite=overwrite, calibration=calibration)
     n_channels = len(TrainedModel.load(model_folders[0]).plans.normalization)
     cases = discover_cases(Path(input_dir), n_channels)[0]
     case_ids = [c.case_id for c in cases]
     table_file = station_table_file(Path(input_dir))
     inputs = input_locations(Path(input_dir), cases, [table_file] if table_file else [])
     settings = {"ensemble": [str(Path(f).absolute()) for f in model_folders], "folds": folds,
-                "test_time_mirroring": mirror, "probability_maps": save_probmaps}
+                "test_time_mirroring": mirror, "probability_maps": save_probmaps, "calibration": calibration}
     info_file = output_dir / "predict_info.json"
     tables = [output_dir / f"{t}.csv" for t in ("nodes", "stations", "patients")]
     _, _, files = prepare_output(output_dir, info_file, settings, case_ids, tables, overwrite, inputs)
     save_json({"status": "running", "settings": settings, "cases": case_ids, "files": files}, info_file)
     try:
         info = _predict_members(Path(input_dir), output_dir, model_folders, device, num_processes, mirror,
-                                save_probmaps, progress, overwrite, folds)
+                                save_probmaps, progress, overwrite, folds, calibration)
     except LNMError as e:
         save_json({"status": "failed", "settings": settings, "cases": case_ids, "files": files, "failed": [str(e)]},
                   info_file)
@@ -88,15 +90,16 @@ def predict_ensemble(input_dir: Path, output_dir: Path, model_folders: list[Path
 
 def _predict_members(input_dir: Path, output_dir: Path, model_folders: list[Path], device: str, num_processes: int,
                      mirror: bool, save_probmaps: bool, progress: bool, overwrite: bool,
-                     folds: list[str] | None) -> dict:
-    """Every member's predictions (each in members/<model>/), their mean node by node, rolled up."""
+                     folds: list[str] | None, calibration: dict | None) -> dict:
+    """Every member's predictions (each in members/<model>/, uncalibrated), their mean node by node through the
+    ensemble's calibration map, rolled up."""
     members = {}
     for folder in model_folders:
         out = output_dir / MEMBERS_DIR / folder.name
         if progress:
             print(f"ensemble member {folder.name}", flush=True)
         predict_folder(input_dir, out, folder, folds, device=device, num_processes=num_processes, mirror=mirror,
-                       save_probmaps=False, progress=progress, overwrite=overwrite)
+                       save_probmaps=False, progress=progress, overwrite=overwrite, calibration=None)
         members[folder.name] = pd.read_csv(out / "nodes.csv", dtype={"case": str, "station": str},
                                            keep_default_na=False)
     first = next(iter(members.values()))
@@ -104,7 +107,10 @@ def _predict_members(input_dir: Path, output_dir: Path, model_folders: list[Path
     for name, table in members.items():
         nodes = nodes.merge(table[["case", "node", "probability"]].rename(columns={"probability": f"probability_{name}"}),
                             on=["case", "node"], how="inner")
-    nodes.insert(3, "probability", nodes[[f"probability_{n}" for n in members]].mean(axis=1))
+    mean = nodes[[f"probability_{n}" for n in members]].mean(axis=1).to_numpy()
+    nodes.insert(3, "probability", apply_calibration(calibration, mean))
+    if calibration and calibration.get("method") != "identity":
+        nodes.insert(4, UNCALIBRATED, mean)
     save_csv_atomic(nodes, output_dir / "nodes.csv")
     if len(nodes):
         save_csv_atomic(rollup(nodes, "station"), output_dir / "stations.csv")
@@ -116,7 +122,8 @@ def _predict_members(input_dir: Path, output_dir: Path, model_folders: list[Path
                                   output_dir / f"{case}_probmap.nii.gz")
     return {"status": "finished", "ensemble": [str(f) for f in model_folders], "members_dir": MEMBERS_DIR,
             "combination": "mean of the members' probabilities", "n_cases": int(nodes["case"].nunique()),
-            "n_nodes": len(nodes), "folds": folds or ["all planned folds of each member"]}
+            "n_nodes": len(nodes), "folds": folds or ["all planned folds of each member"],
+            "calibration": calibration or "none: the members' mean"}
 
 
 def _mask_files(input_dir: Path, member_output: Path, model_folder: Path) -> dict[str, Path]:
@@ -127,3 +134,31 @@ def _mask_files(input_dir: Path, member_output: Path, model_folder: Path) -> dic
         split = member_output / f"{case.case_id}_nodes.nii.gz"
         out[case.case_id] = split if split.is_file() else case.node_mask_file
     return out
+
+
+def predict_chosen(input_dir: Path, output_dir: Path, dataset_results: Path, device: str = "cpu",
+                   num_processes: int = 0, mirror: bool = True, save_probmaps: bool = True, progress: bool = True,
+                   overwrite: bool = False, folds: list[str] | None = None) -> dict:
+    """Predict with what ``lnm_find_best_configuration`` chose for a dataset: its model, its ensemble or the size
+    rule, on the folds it was chosen on (``folds`` overrides), through the choice's calibration map."""
+    dataset_results = Path(dataset_results)
+    chosen = chosen_models(dataset_results)
+    if chosen is None:
+        raise LNMError(f"{dataset_results}: lnm_find_best_configuration has not run; run it, or name a model with -c")
+    path = dataset_results / INSTRUCTIONS_FILE
+    instructions = load_instructions(dataset_results)
+    calibration = checked_calibration(instructions.get("calibration", {"method": "identity"}), str(path))
+    recorded = instructions.get("folds")
+    folds = folds or ([str(f) for f in recorded] if isinstance(recorded, list) and recorded else None)
+    if chosen:
+        return predict_ensemble(input_dir, output_dir, chosen, device, num_processes, mirror, save_probmaps, progress,
+                                overwrite, folds, calibration)
+    # the size rule: any trained model of the dataset says how many channels a case has and what its training
+    # intensities looked like (the domain check); no network runs
+    models = [m for m in trained_model_folders(dataset_results) if (m / "plans.json").is_file()]
+    if not models:
+        raise LNMError(f"{path}: the size rule was chosen but no model folder of {dataset_results} is left to read "
+                       "the dataset's channels from; re-run lnm_find_best_configuration")
+    return predict_folder(input_dir, output_dir, models[0], device=device, num_processes=num_processes,
+                          mirror=mirror, save_probmaps=save_probmaps, progress=progress, overwrite=overwrite,
+                          calibration=calibration, size_rule=True)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lnm_auto.evaluation.calibration import CALIBRATION_FILE, checked_calibration
 from lnm_auto.networks import network_for
 from lnm_auto.networks.node_predictor import predict_node_crops
 from lnm_auto.planning.learning_scheme import RadiomicsTopology
@@ -33,7 +34,8 @@ from lnm_auto.utils.io import atomic_path, load_json
 from lnm_auto.utils.paths import nearest_hint, resolve_dataset_name
 from lnm_auto.utils.stale_temps import remove_stale_temp_files
 
-MODEL_FILES = ("plans.json", "dataset.json", "dataset_fingerprint.json")
+# the Platt map lnm_find_best_configuration fitted on the model's out-of-fold predictions travels with it
+MODEL_FILES = ("plans.json", "dataset.json", "dataset_fingerprint.json", CALIBRATION_FILE)
 
 
 @dataclass
@@ -79,6 +81,19 @@ class TrainedModel:
                            f"(trained folds: {', '.join(available)}); train them, or ask for a partial ensemble with "
                            f"-f {' '.join(f for f in available if f != 'all')}")
         return planned
+
+    def calibration(self) -> dict | None:
+        """The Platt map fitted on this model's out-of-fold predictions (``lnm_find_best_configuration`` writes it),
+        checked; None before the model was cross-validated (probabilities are then the networks' own)."""
+        path = self.folder / CALIBRATION_FILE
+        if not path.is_file():
+            return None
+        try:
+            data = load_json(path)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise LNMError(f"{path}: not valid JSON ({str(e).splitlines()[0][:120]}); re-run "
+                           "lnm_find_best_configuration") from None
+        return checked_calibration(data, str(path))
 
     @property
     def is_radiomics(self) -> bool:

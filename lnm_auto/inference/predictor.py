@@ -30,7 +30,9 @@ import torch
 import lnm_auto
 from lnm_auto.conversion.components import as_instance_mask
 from lnm_auto.datasets.raw_dataset import read_instance_mask
+from lnm_auto.evaluation.calibration import apply_calibration
 from lnm_auto.evaluation.rollup import rollup
+from lnm_auto.evaluation.size_rule import size_rule_score
 from lnm_auto.inference.cases import InputCase, discover_cases, input_locations, read_case_images
 from lnm_auto.inference.domain import case_samples, domain_warning, training_reference
 from lnm_auto.inference.model import TrainedModel, model_origin
@@ -47,6 +49,30 @@ from lnm_auto.utils.processes import worker_process_init
 from lnm_auto.utils.tables import node_ids, read_csv_text
 
 UNKNOWN_STATION = "unknown"
+SIZE_RULE_COLUMN = "short_axis_mm"     # the size rule's one "fold": the node's short axis, mapped by size_rule_score
+UNCALIBRATED = "probability_uncalibrated"
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How a case's per-fold outputs become the probability written: the per-fold columns, the map from their mean
+    to a score in [0, 1] (the size rule's short axis -> s / (s + 10 mm); else none), then the calibration map."""
+    fold_columns: list[str]
+    size_rule: bool = False
+    calibration: dict | None = None
+
+    @property
+    def calibrated(self) -> bool:
+        return bool(self.calibration) and self.calibration.get("method", "identity") != "identity"
+
+    def columns(self) -> list[str]:
+        """The node table's columns after case and node (station goes in between)."""
+        return ["probability"] + ([UNCALIBRATED] if self.calibrated else []) + self.fold_columns
+
+    def probabilities(self, mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(probability written, probability before calibration)."""
+        raw = np.asarray([size_rule_score(v) for v in mean], dtype=float) if self.size_rule else mean
+        return apply_calibration(self.calibration, raw), raw
 
 
 @dataclass
@@ -131,7 +157,7 @@ def station_table_file(input_dir: Path) -> Path | None:
 def read_case_rows(output_dir: Path, case_id: str) -> pd.DataFrame:
     """The node rows a previous run wrote for one case."""
     df = read_csv_text(output_dir / CASE_ROWS / f"{case_id}.csv", "case rows", required=("case", "node", "probability"))
-    probability_columns = [c for c in df.columns if c.startswith("probability")]
+    probability_columns = [c for c in df.columns if c.startswith("probability") or c == SIZE_RULE_COLUMN]
     return df.astype({"node": np.int64, **{c: float for c in probability_columns}})
 
 
@@ -154,11 +180,15 @@ def score_case(scorers: dict, crops: dict, case_id: str, model: TrainedModel, ch
 def predict_folder(input_dir: Path, output_dir: Path, model_folder: Path, folds: list[str] | None = None,
                    checkpoint: str = "checkpoint_final.pth", device: str = "cpu", num_processes: int = 0,
                    mirror: bool = True, save_probmaps: bool = True, progress: bool = True, overwrite: bool = False,
-                   num_parts: int = 1, part_id: int = 0) -> dict:
+                   num_parts: int = 1, part_id: int = 0, calibration: dict | None = None,
+                   size_rule: bool = False) -> dict:
     """Predict every case (of part ``part_id`` of ``num_parts``: cases sorted by id, every num_parts-th one);
     cases already in ``output_dir`` from the same settings are skipped unless ``overwrite``. ``num_processes``:
-    background workers preparing the cases (0: this process does). Returns a summary; raises LNMError at the
-    end if any case failed (``predict_info.json``: status ``failed`` when no case could be predicted)."""
+    background workers preparing the cases (0: this process does). ``calibration``: the Platt map applied to the
+    fold ensemble's mean (``probability``; the mean itself in ``probability_uncalibrated``). ``size_rule``: score
+    every node by its short axis instead of the model's folds (the model folder then only says how many channels
+    a case has and what training intensities looked like). Returns a summary; raises LNMError at the end if any
+    case failed (``predict_info.json``: status ``failed`` when no case could be predicted)."""
     t0 = time.time()
     if num_parts < 1 or not 0 <= part_id < num_parts:
         raise LNMError(f"-part_id must lie in 0..num_parts-1 and -num_parts be at least 1 (got -num_parts {num_parts} "
@@ -167,15 +197,21 @@ def predict_folder(input_dir: Path, output_dir: Path, model_folder: Path, folds:
     if output_dir.exists() and not output_dir.is_dir():
         raise LNMError(f"-o {output_dir}: is a file, not a folder; give a folder for the outputs")
     model = TrainedModel.load(model_folder)
-    scorers = model.load_scorers(folds, checkpoint, torch.device(device), mirror)
+    if size_rule:
+        scorers = {SIZE_RULE_COLUMN: lambda crops: np.asarray(crops["short_axis_mm"], dtype=np.float64)}
+    else:
+        scorers = model.load_scorers(folds, checkpoint, torch.device(device), mirror)
+    scoring = Scoring([SIZE_RULE_COLUMN] if size_rule else [f"probability_fold{f}" for f in scorers], size_rule,
+                      calibration)
     cases, failures = discover_cases(Path(input_dir), len(model.plans.normalization))
     cases = cases[part_id::num_parts]
     failures = failures if part_id == 0 else []   # input problems are reported once, by part 0
     stations, station_warning = station_table(Path(input_dir))
     reference, reference_note = training_reference(model.folder)
     origin = model_origin(model.folder)
-    settings = {"model": str(origin), "plans_identifier": model.plans.identifier(), "folds": list(scorers),
-                "checkpoint": checkpoint, "test_time_mirroring": mirror, "probability_maps": save_probmaps}
+    settings = {"model": "size rule (short axis)" if size_rule else str(origin),
+                "plans_identifier": model.plans.identifier(), "folds": list(scorers), "checkpoint": checkpoint,
+                "test_time_mirroring": mirror, "probability_maps": save_probmaps, "calibration": calibration}
     info_file = output_dir / f"predict_info{suffix}.json"
     tables = [output_dir / f"{name}{suffix}.csv" for name in ("nodes", "stations", "patients")]
     case_ids = [c.case_id for c in cases]
@@ -193,21 +229,20 @@ def predict_folder(input_dir: Path, output_dir: Path, model_folder: Path, folds:
     warnings = {c: str(w) for c, w in earlier.items() if c in done}
     todo = [c for c in cases if c.case_id not in done]
     prepare = partial(load_and_preprocess, plans=model.plans, output_dir=output_dir,
-                      configuration=model.configuration, reference=reference)
+                      configuration=None if size_rule else model.configuration, reference=reference)
     try:
-        _predict_cases(todo, prepare, num_processes, scorers, model, checkpoint, output_dir, save_probmaps,
+        _predict_cases(todo, prepare, num_processes, scorers, scoring, model, checkpoint, output_dir, save_probmaps,
                        progress, failures, warnings)
     except LNMError as e:   # a damaged model file, a full disk: the record says so
         save_json({"status": "failed", **record, "failed": failures + [str(e)], "domain_warnings": warnings},
                   info_file)
         raise
-    fold_columns = [f"probability_fold{f}" for f in scorers]
     written = [c for c in case_ids if (output_dir / CASE_ROWS / f"{c}.csv").is_file()]
     if failures and not written:
         save_json({"status": "failed", **record, "failed": failures, "domain_warnings": warnings}, info_file)
         raise LNMError(f"{len(failures)} case(s) failed and none could be predicted ({info_file}: status failed):\n"
                        + "\n".join(failures))
-    nodes = _node_table(output_dir, written, fold_columns, stations)
+    nodes = _node_table(output_dir, written, scoring.columns(), stations)
     if stations is not None and len(nodes):
         n_unknown = int((nodes["station"] == UNKNOWN_STATION).sum())
         station_warning = f"{n_unknown} node(s) have no station in the input's node table: station " \
@@ -223,6 +258,7 @@ def predict_folder(input_dir: Path, output_dir: Path, model_folder: Path, folds:
             "trainer": model.trainer_name, "configuration": model.configuration.name,
             "plans_name": model.plans.plans_name, "plans_version": model.plans.plans_version,
             "folds": list(scorers), "checkpoint": checkpoint, "test_time_mirroring": mirror,
+            "size_rule": size_rule, "calibration": calibration or "none: the model's own probabilities",
             "lnm_auto_version": lnm_auto.__version__, "device": device, "part": f"{part_id} of {num_parts}",
             "n_cases": len(nodes["case"].unique()), "n_nodes": len(nodes), "skipped_already_done": sorted(done),
             "cases_without_nodes": sorted(set(written) - set(nodes["case"])), "failed": failures,
@@ -235,15 +271,14 @@ def predict_folder(input_dir: Path, output_dir: Path, model_folder: Path, folds:
     return info
 
 
-def _predict_cases(todo: list[InputCase], prepare, num_processes: int, scorers: dict, model: TrainedModel,
-                   checkpoint: str, output_dir: Path, save_probmaps: bool, progress: bool, failures: list[str],
-                   warnings: dict[str, str]) -> None:
+def _predict_cases(todo: list[InputCase], prepare, num_processes: int, scorers: dict, scoring: Scoring,
+                   model: TrainedModel, checkpoint: str, output_dir: Path, save_probmaps: bool, progress: bool,
+                   failures: list[str], warnings: dict[str, str]) -> None:
     """Prepare, score and write every case of ``todo``; failed cases' reasons go to ``failures``, domain warnings
     (also printed) to ``warnings``."""
     one_line_per_case = progress and not show_progress()
     bar = progress_bar(len(todo), "predict", unit="case") if progress else None
     by_id, t_case = {c.case_id: c for c in todo}, time.time()
-    fold_columns = [f"probability_fold{f}" for f in scorers]
     for i, prepared in enumerate(_preprocessed(todo, prepare, num_processes), 1):
         case_id, crops = prepared.case_id, prepared.crops
         if prepared.error:
@@ -256,13 +291,13 @@ def _predict_cases(todo: list[InputCase], prepare, num_processes: int, scorers: 
                 print(f"warning: {prepared.domain_warning}", file=sys.stderr, flush=True)
                 warnings[case_id] = prepared.domain_warning
             per_fold = score_case(scorers, crops, case_id, model, checkpoint)
-            mean = np.mean(list(per_fold.values()), axis=0)
+            probability, raw = scoring.probabilities(np.mean(list(per_fold.values()), axis=0))
             ids = crops["node_ids"].tolist()
-            rows = pd.DataFrame({"case": case_id, "node": np.asarray(ids, dtype=np.int64), "probability": mean,
-                                 **{col: per_fold[f] for col, f in zip(fold_columns, scorers)}},
-                                columns=["case", "node", "probability"] + fold_columns)
+            folds = {col: per_fold[f] for col, f in zip(scoring.fold_columns, scorers)}
+            rows = pd.DataFrame({"case": case_id, "node": np.asarray(ids, dtype=np.int64), "probability": probability,
+                                 UNCALIBRATED: raw, **folds}, columns=["case", "node"] + scoring.columns())
             if save_probmaps:
-                write_probability_map(by_id[case_id].node_mask_file, dict(zip(ids, mean.tolist())),
+                write_probability_map(by_id[case_id].node_mask_file, dict(zip(ids, probability.tolist())),
                                       output_dir / f"{case_id}_probmap.nii.gz")
             save_csv_atomic(rows, output_dir / CASE_ROWS / f"{case_id}.csv")   # last: marks the case done
         if bar is not None:
@@ -275,10 +310,10 @@ def _predict_cases(todo: list[InputCase], prepare, num_processes: int, scorers: 
         bar.close()
 
 
-def _node_table(output_dir: Path, written: list[str], fold_columns: list[str],
+def _node_table(output_dir: Path, written: list[str], value_columns: list[str],
                 stations: pd.DataFrame | None) -> pd.DataFrame:
     """The finished cases' rows with their stations (``unknown`` where the input's node table names none)."""
-    columns = ["case", "node", "probability"] + fold_columns
+    columns = ["case", "node"] + value_columns
     parts = [read_case_rows(output_dir, c) for c in written]
     nodes = pd.concat(parts, ignore_index=True)[columns] if parts else pd.DataFrame(columns=columns)
     nodes.insert(2, "station", UNKNOWN_STATION)
