@@ -138,3 +138,82 @@ def test_too_few_labelled_units_give_the_identity_map():
     cal = fit_platt([1, 1, 0, 0, 0, 0], [0.9, 0.8, 0.3, 0.2, 0.1, 0.4])
     assert cal["method"] == "identity"
     np.testing.assert_array_equal(apply_calibration(cal, [0.2, 0.7]), [0.2, 0.7])
+
+
+# ------------------------------------------------------------------------------------------------
+# the choice, end to end: lnm_find_best_configuration -> lnm_predict -d
+# ------------------------------------------------------------------------------------------------
+def _model_folder(results, planned, name: str, scores_of) -> None:
+    """A cross-validated model folder as lnm_train leaves it (real plans, dataset.json and fingerprint of the
+    planned tiny dataset), whose out-of-fold probabilities are ``scores_of(nodes)``."""
+    import json
+    import shutil
+
+    import pandas as pd
+    pre = planned / "pre" / "Dataset042_Tiny"
+    folder = results / "Dataset042_Tiny" / name
+    folder.mkdir(parents=True)
+    shutil.copy(pre / "LNMPlans.json", folder / "plans.json")
+    shutil.copy(pre / "dataset.json", folder / "dataset.json")
+    shutil.copy(pre / "dataset_fingerprint.json", folder / "dataset_fingerprint.json")
+    nodes = pd.read_csv(pre / "LNMPlans_crops" / "nodes_index.csv", dtype={"case": str, "station": str},
+                        keep_default_na=False)
+    splits = json.loads((pre / "splits_final.json").read_text())
+    for k, split in enumerate(splits):
+        val = nodes[nodes["case"].isin(split["val"])]
+        out = folder / f"fold_{k}" / "validation"
+        out.mkdir(parents=True)
+        val[["case", "node", "station", "label", "station_label", "patient_label"]].assign(
+            probability=scores_of(val)).to_csv(out / "predictions.csv", index=False)
+
+
+@pytest.mark.slow
+def test_size_rule_chosen_is_what_lnm_predict_uses_with_its_calibration(tmp_path, planned_tiny):
+    """Models that rank worse than the short axis: the size rule is chosen, and lnm_predict -d scores every node by
+    its short axis (measured as the crop caches measured it), through the choice's calibration map."""
+    import json
+
+    import pandas as pd
+
+    from conftest import run_cli
+    from lnm_auto.evaluation.crossval import size_rule_table
+    from lnm_auto.evaluation.size_rule import size_rule_score
+    planned = planned_tiny(8, 0)
+    rng = np.random.default_rng(0)
+    for name in ("RadiomicsTrainer__LNMPlans__radiomics", "LNMTrainer__LNMPlans__2d25"):
+        _model_folder(tmp_path / "res", planned, name, lambda v: np.clip(rng.random(len(v)), 0.01, 0.99))
+    locations = ["--results", tmp_path / "res", "--preprocessed", planned / "pre"]
+    found = run_cli("find_best_configuration", "-d", "42", "--n_bootstrap", "50", *locations)
+    assert found.returncode == 0, found.stderr
+    instructions = json.loads((tmp_path / "res" / "Dataset042_Tiny" / "inference_instructions.json").read_text())
+    assert instructions["size_rule"] is True and instructions["chosen"] == []
+    assert "size rule (short axis)" in found.stdout and "no model beats the size rule" in found.stdout
+    calibration = instructions["calibration"]
+    assert calibration["method"] in ("platt", "identity")
+
+    images = planned / "raw" / "Dataset042_Tiny" / "imagesTr"
+    out = tmp_path / "preds"
+    predicted = run_cli("predict", "-i", images, "-o", out, "-d", "42", "-npp", "0", "--quiet", *locations[:2])
+    assert predicted.returncode == 0, predicted.stderr
+    assert "the size rule (short axis)" in predicted.stdout
+    nodes = pd.read_csv(out / "nodes.csv", dtype={"case": str})
+    cached = size_rule_table(planned / "pre" / "Dataset042_Tiny" / "LNMPlans_crops")
+    both = nodes.merge(cached, on=["case", "node"], suffixes=("", "_cache"))
+    assert len(both) == len(nodes) == len(cached)
+    np.testing.assert_allclose(both["short_axis_mm"], both["short_axis_mm_cache"], atol=1e-3)
+    raw = np.asarray([size_rule_score(s) for s in nodes["short_axis_mm"]])
+    expected = apply_calibration(calibration, raw)
+    np.testing.assert_allclose(nodes["probability"], expected, atol=1e-9)
+    if calibration["method"] == "platt":
+        np.testing.assert_allclose(nodes["probability_uncalibrated"], raw, atol=1e-9)
+
+
+@pytest.mark.parametrize("bad", [[1, 2], {"method": "isotonic"}, {"method": "platt", "a": "x", "b": 0},
+                                 {"method": "platt", "a": float("nan"), "b": 0}, {"method": "platt", "a": -1, "b": 0},
+                                 {"method": "platt", "a": 1, "b": 1e400}])
+def test_a_damaged_calibration_map_is_one_line_naming_its_file(bad):
+    from lnm_auto.evaluation.calibration import checked_calibration
+    from lnm_auto.utils.errors import LNMError
+    with pytest.raises(LNMError, match="calibration.json"):
+        checked_calibration(bad, "model/crossval_results/calibration.json")
+    assert checked_calibration({"method": "platt", "a": 0.8, "b": -0.4}, "x")["a"] == 0.8

@@ -274,13 +274,15 @@ def _fold_score(entry: dict | None) -> FoldScore | None:
 
 def _choice_line(level: str, chosen: str, why: dict, name) -> str:
     """One line saying why the chosen candidate was chosen (the one-SE rule, in words)."""
-    best = name(why["best"])
+    best, auroc_se = name(why["best"]), f"{why['best_auroc']:.3f}, bootstrap SE {why['best_se']:.3f}"
+    if chosen == SIZE_RULE:
+        return (f"chosen: {SIZE_RULE}: no model beats the size rule by more than noise (best {level}-level "
+                f"within-fold AUROC: {best}, {auroc_se}); the models' probabilities add nothing the short axis "
+                "does not already say on this data")
     if chosen == best:
-        return (f"chosen: {chosen}, the best {level}-level within-fold AUROC ({why['best_auroc']:.3f}); nothing "
-                f"simpler is within one bootstrap SE ({why['best_se']:.3f})")
-    text = (f"chosen: {chosen}, the simplest candidate within one bootstrap SE ({why['best_se']:.3f}) of the best "
-            f"({best}, {why['best_auroc']:.3f})")
-    return text + (": no model beats the size rule by more than noise" if chosen == SIZE_RULE else "")
+        return (f"chosen: {chosen}, the best {level}-level within-fold AUROC ({auroc_se}); nothing simpler is "
+                "within one SE of it")
+    return f"chosen: {chosen}, the simplest candidate within one bootstrap SE of the best ({best}, {auroc_se})"
 
 
 def size_rule_table(crops_dir: Path) -> pd.DataFrame:
