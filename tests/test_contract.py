@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from lnm_auto.networks import network_for
+from lnm_auto.networks import load_imagenet_backbones, network_for
 from lnm_auto.networks.node_predictor import tta_flips
 from lnm_auto.planning import planner
 from lnm_auto.training.data import ChannelsToSlices, SlicesToChannels, augmentation
@@ -223,6 +223,7 @@ def test_2d_convolutions_are_channels_last_and_compute_the_same():
     config = plans.configuration("2d25")
     torch.manual_seed(0)
     net = network_for(plans, config).train()
+    load_imagenet_backbones(net)   # as training starts (a randomly initialised efficientnet is ill-conditioned)
     convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
     contiguous = network_for(plans, config).train()
@@ -240,8 +241,8 @@ def test_2d_convolutions_are_channels_last_and_compute_the_same():
         outs.append(n(batch)["fused"])
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
     outs[0].sum().backward(), outs[1].sum().backward()
-    assert torch.allclose(convs[0].weight.grad, next(m for m in contiguous.modules()
-                                                     if isinstance(m, torch.nn.Conv2d)).weight.grad, atol=1e-4)
+    reference = next(m for m in contiguous.modules() if isinstance(m, torch.nn.Conv2d)).weight.grad
+    assert torch.allclose(convs[0].weight.grad, reference, atol=1e-3 * reference.abs().max())   # float32 summation order
     fresh = network_for(plans, config)
     fresh.load_state_dict(contiguous.state_dict())     # a checkpoint of either layout loads, values exact
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), contiguous.state_dict().values()))

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lnm_auto.networks.imagenet_weights import backbone_lr_groups, load_imagenet_backbones
 from lnm_auto.networks.multitask import MultiTaskNet
 from lnm_auto.networks.pretrained import _WRAPPER_KEYS, load_pretrained_weights
 from lnm_auto.networks.resenc_classifier import ResEncClassifier
@@ -21,7 +22,8 @@ from lnm_auto.planning.global_local_topology import WegaTopology
 from lnm_auto.planning.network_topology import ResEncTopology, TwoStreamTopology
 from lnm_auto.planning.plans import ConfigurationPlan, Plans, ShapeFeature
 
-__all__ = ["build_network", "network_for", "load_pretrained_weights", "count_parameters", "global_branch_for"]
+__all__ = ["build_network", "network_for", "load_pretrained_weights", "count_parameters", "global_branch_for",
+           "load_imagenet_backbones", "backbone_lr_groups"]
 
 
 def build_network(topology: "TwoStreamTopology | ResEncTopology | WegaTopology", in_channels: int,
@@ -46,7 +48,9 @@ def build_network(topology: "TwoStreamTopology | ResEncTopology | WegaTopology",
 
 
 def network_for(plans: "Plans", config: "ConfigurationPlan") -> nn.Module:
-    """The network of one configuration of the plans, with the input channels the plans count.
+    """The network of one configuration of the plans, with the input channels the plans count. Randomly
+    initialised: training then loads the plan's ImageNet backbone weights (``load_imagenet_backbones``), prediction
+    a checkpoint.
 
     With the configuration's multi-task switch on (``config.multitask``): ``MultiTaskNet`` around the
     base network, the base built without the mask channel (the mask enters through the soft pooling)."""

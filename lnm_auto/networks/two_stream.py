@@ -5,8 +5,12 @@ Per stream (global = node ROI at plan scale, local = zoomed-in ROI):
 1. the Z slices are cut into groups of 3 consecutive slices (``topology.slice_group_starts``);
    each group is a 2D image with 3 * C channels, ordered channel-major (c0 s0, c0 s1, c0 s2, c1 s0,
    ...), so for C = 1 the three slices take the place of RGB;
-2. a timm MobileNetV3 (``features_only``, last three levels, strides 8 / 16 / 32; never
-   pretrained here - load weights with ``lnm_auto.networks.load_pretrained_weights``);
+2. a timm backbone (``features_only``, last three levels, strides 8 / 16 / 32; never downloaded): a
+   MobileNetV3 from scratch, or the plan's ImageNet-pretrained ``efficientnet_lite0`` (its weights are loaded
+   for training by ``networks.imagenet_weights``; checkpoints carry them). A pretrained backbone sees the image
+   channels windowed (the topology's ``input_window`` of z-scores -> [0, 1]) and ImageNet-normalised, the
+   slice triplet of the first image channel where RGB was; the node mask stays 0 / 1, and the stem's filters
+   for the input planes after the first three (``SplitStem.extra``) start at zero;
 3. an FPN over those three levels (torchvision); every level is globally average-pooled, the three
    vectors concatenated and fused by a 1x1 conv (multi-scale fusion);
 4. the per-group features, stacked along channels, are fused by a 1x1 conv (slice fusion) into the
@@ -30,6 +34,8 @@ from torchvision.ops import FeaturePyramidNetwork
 from lnm_auto.networks.inputs import scale_input
 from lnm_auto.networks.shape_head import shape_embedding
 from lnm_auto.planning.network_topology import TwoStreamTopology
+from lnm_auto.planning.two_stream_topology import IMAGENET_WEIGHTS
+from lnm_auto.utils.errors import LNMError
 from lnm_auto.planning.planner import SHAPE_EMBEDDING_WIDTH
 from lnm_auto.planning.plans import ShapeFeature
 
@@ -56,15 +62,70 @@ def group_slices(x: torch.Tensor, starts: tuple[int, ...]) -> torch.Tensor:
     return groups.reshape(b * g, 3 * c, y, w)
 
 
+class ImageNetInput(nn.Module):
+    """Grouped 2D images (N, 3C, Y, X) as an ImageNet backbone expects them: the first ``3 * n_image_channels``
+    planes (z-scores) windowed onto [0, 1] and normalised with the weights' mean / std by position in the slice
+    triplet (slice 0, 1, 2 where R, G, B were); the planes after them (the node mask) unchanged. No parameters
+    and non-persistent buffers: the state dict is the same as without it."""
+
+    def __init__(self, n_image_channels: int, window: tuple[float, float], mean, std):
+        super().__init__()
+        self.n_planes = 3 * int(n_image_channels)
+        self.low, self.width = float(window[0]), float(window[1]) - float(window[0])
+        planes = torch.arange(self.n_planes) % 3
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32)[planes][:, None, None], persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32)[planes][:, None, None], persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = ((images[:, :self.n_planes] - self.low) / self.width).clamp(0.0, 1.0)
+        normalised = (pixels - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+        return torch.cat([normalised, images[:, self.n_planes:]], dim=1)
+
+
+def imagenet_input(topology: TwoStreamTopology, n_image_channels: int) -> ImageNetInput | None:
+    """The input transform of a pretrained topology (None: raw z-scores, as a backbone trained from scratch)."""
+    if not topology.pretrained_weights:
+        return None
+    window = topology.input_window
+    if topology.pretrained_weights not in IMAGENET_WEIGHTS or window is None or not window[0] < window[1]:
+        # only a hand-edited plans file gets here
+        raise LNMError(f"the plans' 2d25 network: pretrained_weights {topology.pretrained_weights!r} needs a known id "
+                       f"({', '.join(IMAGENET_WEIGHTS)}) and an input_window [low, high] with low < high, got "
+                       f"{None if window is None else list(window)}; re-plan, or set all three pretrained fields to null")
+    w = IMAGENET_WEIGHTS[topology.pretrained_weights]
+    return ImageNetInput(n_image_channels, topology.input_window, w.mean, w.std)
+
+
+class SplitStem(nn.Module):
+    """The stem conv of a pretrained backbone over 3 + E input planes, as two convs whose outputs are summed
+    (the same function and FLOPs as one conv over all planes): ``pretrained`` over the first 3 (ImageNet's
+    filters) and ``extra`` over the other E (the node mask, further image channels), initialised to zero so the
+    pretrained stem first sees exactly the image it was trained on. ``extra`` holds new weights, so the recipe
+    trains it at the head's learning rate, not the backbone's."""
+
+    def __init__(self, stem: nn.Conv2d):
+        super().__init__()
+        conv = dict(kernel_size=stem.kernel_size, stride=stem.stride, padding=stem.padding, bias=False)
+        self.pretrained = nn.Conv2d(3, stem.out_channels, **conv)
+        self.extra = nn.Conv2d(stem.in_channels - 3, stem.out_channels, **conv)
+        nn.init.zeros_(self.extra.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pretrained(x[:, :3]) + self.extra(x[:, 3:])
+
+
 class Stream(nn.Module):
-    """One stream: MobileNetV3 + FPN + multi-scale fusion per group, then slice fusion."""
+    """One stream: backbone + FPN + multi-scale fusion per group, then slice fusion."""
 
     def __init__(self, backbone: str, in_channels: int, fpn_channels: int, fused_channels: int,
-                 starts: tuple[int, ...]):
+                 starts: tuple[int, ...], input_transform: nn.Module | None = None):
         super().__init__()
         self.starts = tuple(int(s) for s in starts)
+        self.input_transform = input_transform
         self.backbone = timm.create_model(backbone, pretrained=False, features_only=True,
                                           in_chans=3 * in_channels, out_indices=(-3, -2, -1))
+        if input_transform is not None and 3 * in_channels > 3:
+            self.backbone.conv_stem = SplitStem(self.backbone.conv_stem)
         channels = list(self.backbone.feature_info.channels())
         self.fpn = FeaturePyramidNetwork(channels, fpn_channels)
         self.scale_fusion = nn.Sequential(nn.Conv2d(3 * fpn_channels, fused_channels, 1), nn.ReLU(inplace=True))
@@ -75,6 +136,8 @@ class Stream(nn.Module):
         """(B, C, Z, Y, X) -> stream features (B, F)."""
         b = x.shape[0]
         images = group_slices(x, self.starts)                               # (B*G, 3C, Y, X)
+        if self.input_transform is not None:
+            images = self.input_transform(images)
         levels = self.backbone(images)
         pyramid = self.fpn(OrderedDict((str(i), f) for i, f in enumerate(levels)))
         pooled = torch.cat([p.mean(dim=(2, 3), keepdim=True) for p in pyramid.values()], dim=1)
@@ -96,9 +159,11 @@ class TwoStreamNet(nn.Module):
         self.in_channels = int(in_channels)
         self.mask_channel = bool(mask_channel)
         t = topology
+        n_image = self.in_channels - int(self.mask_channel)
         self.global_stream = Stream(t.backbone, self.in_channels, t.fpn_channels, t.fused_channels,
-                                    t.slice_group_starts)
-        self.local_stream = Stream(t.backbone, self.in_channels, t.fpn_channels, t.fused_channels, t.local_starts)
+                                    t.slice_group_starts, imagenet_input(t, n_image))
+        self.local_stream = Stream(t.backbone, self.in_channels, t.fpn_channels, t.fused_channels, t.local_starts,
+                                   imagenet_input(t, n_image))
         self.stream_fusion = nn.Sequential(nn.Conv2d(2 * t.fused_channels, t.fused_channels, 1), nn.ReLU(inplace=True))
         self.dropout = nn.Dropout(p=t.dropout)
         self.global_head = nn.Linear(t.fused_channels, 1)

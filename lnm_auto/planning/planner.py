@@ -16,7 +16,8 @@ from lnm_auto.planning.multitask_topology import plan_multitask_topology
 from lnm_auto.planning.learning_scheme import plan_learning_scheme, plan_radiomics
 from lnm_auto.planning.network_topology import (CPU_BUDGET, GPU_BUDGET, ComputeBudget, estimate_resenc_gflops,
                                                 estimate_two_stream_gflops, plan_resenc_topology,
-                                                plan_two_stream_topology)
+                                                plan_two_stream_topology, two_stream_cost)
+from lnm_auto.planning.two_stream_topology import DEFAULT_PRETRAINED_WEIGHTS
 from lnm_auto.planning.plans import (DEFAULT_PLANS_NAME, PLANS_VERSION, AugmentationPlan, ChannelNormalization,
                                      ConfigurationPlan, CropScale, Plans, ShapeFeature, TrainingRecipe)
 from lnm_auto.utils.errors import LNMError
@@ -328,11 +329,40 @@ def plan_crop_scales(fingerprint: dict, planner: str = "LNMPlannerCPU") -> CropS
                          len(spacings), (slice_extent, inplane_extent), notes, context_note)
 
 
+# ---- configuration 2d25: an ImageNet-pretrained backbone (default; False: the MobileNetV3 ladder from scratch) --
+# Fine-tuning recipe (documentation/pretrained_weights.md): the backbone learns at 0.1 x the lr of the randomly
+# initialised FPN / fusion / heads, whose large early gradients would otherwise wash out the ImageNet features,
+# and the first 5 % of the epochs ramp the lr up linearly (50 CPU epochs -> 3, 300 GPU epochs -> 15).
+DEFAULT_PRETRAINED_BACKBONE = True
+BACKBONE_LR_FACTOR, WARMUP_FRACTION = 0.1, 0.05
+
+
+def plan_two_stream_configuration(scales: tuple[CropScale, CropScale], n_channels: int, budget: ComputeBudget,
+                                  recipe: TrainingRecipe, augmentation: AugmentationPlan,
+                                  pretrained: bool) -> tuple[ConfigurationPlan, str]:
+    """The ``2d25`` configuration on the (global, local) scales, and a note on its backbone."""
+    g, loc = (s.roi_shape for s in scales)
+    weights = DEFAULT_PRETRAINED_WEIGHTS if pretrained else None
+    topology = plan_two_stream_topology(g, loc, budget, in_channels=n_channels, pretrained_weights=weights)
+    note = f"{topology.backbone} from scratch"
+    if weights:
+        recipe = dataclasses.replace(recipe, backbone_lr_factor=BACKBONE_LR_FACTOR, warmup_fraction=WARMUP_FRACTION)
+        cost = two_stream_cost(topology, g, loc, n_channels)
+        note = (f"{topology.backbone} from ImageNet weights {weights}, FPN {topology.fpn_channels}, fused "
+                f"{topology.fused_channels}" + (f"; over the {budget.name} budget ({cost:.2f} GFLOPs) at its "
+                                                 "narrowest" if cost > budget.max_gflops_per_sample else ""))
+    gflops = estimate_two_stream_gflops(topology, g, loc, n_channels)
+    return ConfigurationPlan("2d25", topology, ("global", "local"), True, recipe, augmentation, gflops), note
+
+
 # ---- the whole plan ---------------------------------------------------------------------------------
 def plan_experiment(fingerprint: dict, planner: str = "LNMPlannerCPU", plans_name: str = DEFAULT_PLANS_NAME,
-                    n_folds: int = 5, split_seed: int = 12345, shape_head: bool | None = None) -> Plans:
+                    n_folds: int = 5, split_seed: int = 12345, shape_head: bool | None = None,
+                    pretrained_backbone: bool | None = None) -> Plans:
     """The plans of every configuration for a dataset fingerprint. ``shape_head``: feed the node's shape
-    features into the final classifier of 2d25 and 3d_resenc (None: ``DEFAULT_SHAPE_HEAD``)."""
+    features into the final classifier of 2d25 and 3d_resenc (None: ``DEFAULT_SHAPE_HEAD``).
+    ``pretrained_backbone``: 2d25 fine-tunes an ImageNet-pretrained backbone (None: ``DEFAULT_PRETRAINED_BACKBONE``;
+    False: the MobileNetV3 ladder from scratch)."""
     budget = budget_for_planner(planner)
     crop = plan_crop_scales(fingerprint, planner)
     target, anisotropic, notes = crop.target_spacing_mm, crop.anisotropic, crop.roi_notes
@@ -343,11 +373,12 @@ def plan_experiment(fingerprint: dict, planner: str = "LNMPlannerCPU", plans_nam
     augmentation = plan_augmentation(anisotropic)
 
     g, loc = global_scale.roi_shape, local_scale.roi_shape
-    two_stream = plan_two_stream_topology(g, loc, budget, in_channels=n_channels)
+    pretrained = DEFAULT_PRETRAINED_BACKBONE if pretrained_backbone is None else bool(pretrained_backbone)
+    two_stream, two_stream_note = plan_two_stream_configuration((global_scale, local_scale), n_channels, budget,
+                                                                recipe, augmentation, pretrained)
     resenc = plan_resenc_topology(g, global_scale.spacing_mm, budget, in_channels=n_channels)
     configurations = {
-        "2d25": ConfigurationPlan("2d25", two_stream, ("global", "local"), True, recipe, augmentation,
-                                  estimate_two_stream_gflops(two_stream, g, loc, n_channels)),
+        "2d25": two_stream,
         "3d_resenc": ConfigurationPlan("3d_resenc", resenc, ("global",), True, recipe, augmentation,
                                        estimate_resenc_gflops(resenc, g, n_channels)),
         "radiomics": ConfigurationPlan("radiomics", plan_radiomics(fingerprint, target), (), False, recipe,
@@ -371,6 +402,7 @@ def plan_experiment(fingerprint: dict, planner: str = "LNMPlannerCPU", plans_nam
         "input_channels": f"{n_channels - 1} image channel(s) + the node mask",
         "learning_scheme": why_trainers,
         "context": context_note,
+        "2d25_backbone": two_stream_note,
     }
     if notes:
         notes_out["roi_capped"] = "; ".join(notes)

@@ -13,6 +13,7 @@ from lnm_auto.planning.crop_scale import CropScale  # noqa: F401  (part of the p
 from lnm_auto.planning.global_local_topology import WegaTopology
 from lnm_auto.planning.multitask_topology import MultiTaskTopology
 from lnm_auto.planning.network_topology import ComputeBudget, ResEncTopology, TwoStreamTopology
+from lnm_auto.planning.plans_validation import plans_problems
 from lnm_auto.utils.dataclass_json import from_dict, to_dict
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import load_json, save_json
@@ -60,6 +61,25 @@ class TrainingRecipe:
     weight_decay: float
     optimizer: str = "SGD"           # "SGD" (Nesterov, momentum) or "AdamW" (wega's ViT), read by configure_optimizers
     lr_schedule: str = "cosine"
+    # fine-tuning an ImageNet-pretrained backbone (2d25): its parameters train at backbone_lr_factor x the lr, and
+    # the first warmup_fraction of the epochs ramp the lr up linearly (documentation/pretrained_weights.md)
+    backbone_lr_factor: float = 1.0
+    warmup_fraction: float = 0.0
+
+
+# Fields of a configuration's parts added after plans were first written, with the value that means "as before":
+# not written at that value, so such plans are the same file and Plans.identifier() as before (checkpoints load).
+ADDED_FIELD_DEFAULTS = {"recipe": {"backbone_lr_factor": 1.0, "warmup_fraction": 0.0},
+                        "network": {"pretrained_weights": None, "pretrained_sha256": None, "input_window": None}}
+
+
+def _without_added_defaults(config: dict) -> dict:
+    """A configuration's dict without the ADDED_FIELD_DEFAULTS fields that hold their default (in place)."""
+    for part, defaults in ADDED_FIELD_DEFAULTS.items():
+        for key, default in defaults.items():
+            if isinstance(config.get(part), dict) and key in config[part] and config[part][key] == default:
+                del config[part][key]
+    return config
 
 
 @dataclass
@@ -118,8 +138,11 @@ class Plans:
     recommended_trainers: list[str] = field(default_factory=lambda: ["LNMTrainer"])
 
     def to_dict(self) -> dict:
-        """The plans as JSON-ready dicts and lists."""
-        return to_dict(self)
+        """The plans as JSON-ready dicts and lists (fields added later only where they differ from "as before")."""
+        data = to_dict(self)
+        for config in data["configurations"].values():
+            _without_added_defaults(config)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "Plans":
@@ -150,7 +173,18 @@ class Plans:
         if not path.is_file():
             raise LNMError(f"{path}: plans not found; run lnm_plan_and_preprocess first")
         try:
-            return cls.from_dict(load_json(path))
+            data = load_json(path)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise LNMError(f"{path}: not valid JSON ({e}); re-run lnm_plan_and_preprocess to write it again") from None
+        if not isinstance(data, dict):
+            raise LNMError(f"{path}: not a plans file (a JSON {type(data).__name__}, not an object)")
+        if data.get("plans_version") == PLANS_VERSION:   # another version is refused by from_dict, by name
+            problems = plans_problems(cls, data)
+            if problems:   # every bad field at once, each on its own line naming the file
+                raise LNMError("\n".join(f"{path}: {p}" for p in problems) + f"\n{path}: {len(problems)} invalid "
+                               "field(s); correct them, or re-run lnm_plan_and_preprocess to plan afresh")
+        try:
+            return cls.from_dict(data)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise LNMError(f"{path}: not a valid plans file ({e})") from None
 

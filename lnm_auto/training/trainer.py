@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from lnm_auto.evaluation.report import metric_settings, metrics_document, validation_metrics
-from lnm_auto.networks import load_pretrained_weights, network_for
+from lnm_auto.networks import backbone_lr_groups, load_imagenet_backbones, load_pretrained_weights, network_for
 from lnm_auto.networks.node_predictor import predict_node_crops
 from lnm_auto.planning.plans import ConfigurationPlan, Plans
 from lnm_auto.preprocessing.preprocessor import crops_digest
@@ -35,11 +35,13 @@ from lnm_auto.training import registry
 from lnm_auto.training.data import (BatchGroup, CropStore, NodeBatchLoader, batch_to_device, default_num_workers,
                                     load_batch, training_batches)
 from lnm_auto.training.distributed import DistributedRun
+from lnm_auto.training.lr_schedule import warmup_cosine_schedule
 from lnm_auto.training.progress import TrainingLog, progress_bar
 from lnm_auto.training.validation import auroc_or_nan, bce, passed_over, validation_level, validation_units
 from lnm_auto.utils.checkpoints import load_checkpoint, save_checkpoint
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import atomic_path, save_csv_atomic, save_json
+from lnm_auto.utils.write_errors import make_folder
 
 GRAD_CLIP_NORM = 12.0
 EMA_KEEP = 0.9
@@ -47,6 +49,8 @@ EMA_KEEP = 0.9
 
 class LNMTrainer:
     """Supervised training on the node-labelled nodes of one fold."""
+
+    imagenet_weights = ""   # build_network's line on the plan's ImageNet backbone weights ("": none loaded)
 
     def __init_subclass__(cls, register: bool = True, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -79,8 +83,10 @@ class LNMTrainer:
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
         self.loss_fn = nn.BCEWithLogitsLoss()
         if self.distributed.is_main:
-            self.output_folder.mkdir(parents=True, exist_ok=True)
+            make_folder(self.output_folder)
         self.log: TrainingLog = self.distributed.training_log(self.output_folder)   # training_log_<date>.txt per run
+        if self.imagenet_weights:
+            self.log.print(self.imagenet_weights)
         self.current_epoch = 0
         self.best_ema: float | None = None
         self.ema_auroc: float | None = None
@@ -98,26 +104,31 @@ class LNMTrainer:
         return config.recipe.num_epochs
 
     def build_network(self) -> nn.Module:
-        """The configuration's network, as the plans size it."""
-        return network_for(self.plans, self.config).to(self.device)
+        """The configuration's network, as the plans size it, with the plan's ImageNet backbone weights if any."""
+        network = network_for(self.plans, self.config)
+        self.imagenet_weights = load_imagenet_backbones(network)   # "" without; prediction loads checkpoints instead
+        return network.to(self.device)
 
     def configure_optimizers(self):
         """(optimizer, per-epoch lr scheduler): the recipe's optimizer (SGD with Nesterov momentum, or AdamW for
-        wega's ViT) at its learning rate, cosine-annealed per epoch."""
+        wega's ViT) at its learning rate, cosine-annealed per epoch; a pretrained backbone at the recipe's
+        ``backbone_lr_factor`` x that lr, and the recipe's ``warmup_fraction`` of the epochs ramping up first."""
         r = self.config.recipe
         if r.optimizer == "SGD":
-            opt = torch.optim.SGD(self.network.parameters(), lr=r.initial_lr, momentum=r.momentum,
+            params = backbone_lr_groups(self.network.parameters(), self.network, r.initial_lr, r.backbone_lr_factor)
+            opt = torch.optim.SGD(params, lr=r.initial_lr, momentum=r.momentum,
                                   weight_decay=r.weight_decay, nesterov=True)
         elif r.optimizer == "AdamW":
             # as ViTs are trained: no weight decay on biases, norms and LayerScale (1-D tensors)
             params = [p for p in self.network.parameters() if p.requires_grad]
-            opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1], "weight_decay": r.weight_decay},
-                                     {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
-                                    lr=r.initial_lr)
+            opt = torch.optim.AdamW(backbone_lr_groups(
+                [{"params": [p for p in params if p.ndim > 1], "weight_decay": r.weight_decay},
+                 {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
+                self.network, r.initial_lr, r.backbone_lr_factor), lr=r.initial_lr)
         else:
             raise LNMError(f"plans {self.plans.plans_name}, configuration {self.config.name}: unknown recipe optimizer "
                            f"'{r.optimizer}' (use SGD or AdamW)")
-        return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.num_epochs)
+        return opt, warmup_cosine_schedule(opt, self.num_epochs, r.warmup_fraction)
 
     def training_records(self) -> pd.DataFrame:
         """Nodes this trainer learns from: the node-labelled nodes of the training cases."""
@@ -373,6 +384,9 @@ class LNMTrainer:
         if ckpt.get("trainer_name") != self.trainer_name or ckpt.get("configuration") != self.config.name:
             raise LNMError(f"{path}: written by {ckpt.get('trainer_name')} / {ckpt.get('configuration')}, not "
                            f"{self.trainer_name} / {self.config.name}")
+        if "fold" in ckpt and str(ckpt["fold"]) != str(self.fold):   # it has trained on this fold's validation cases
+            raise LNMError(f"{path}: written by a run of fold {ckpt['fold']}, not fold {self.fold}; continue each fold "
+                           "from its own checkpoint")
         self.restore_state(ckpt, path)
         self.initial_weights = str(path)
         return ckpt
