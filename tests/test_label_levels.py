@@ -99,7 +99,7 @@ def test_whole_path_with_one_label_level(tmp_path, level):
     preds = tmp_path / "preds"
     out = ok("predict", "-i", ds / "imagesTs", "-o", preds, "-d", "42", "--quiet", "-npp", "0", "--results",
              tmp_path / "res")
-    assert "model chosen by lnm_find_best_configuration" in out
+    assert "predicting with the choice of lnm_find_best_configuration" in out
     predicted = pd.read_csv(preds / "nodes.csv", dtype={"case": str})
     reference = pd.read_csv(ds / "nodesTs.csv", dtype={"case": str}, keep_default_na=False)
     assert sorted(zip(predicted.case, predicted.node)) == sorted(zip(reference.case, reference.node))

@@ -84,7 +84,7 @@ def test_size_rule_is_chosen_when_nothing_beats_it_by_more_than_one_se():
               "2d25": FoldScore(0.80, 0.05, (0.7, 0.9), 100, 30, 900)}
     chosen, why = one_standard_error_choice(scores, rank)
     assert chosen == "size rule" and why["best"] == "radiomics"
-    assert why["threshold"] == pytest.approx(0.77)
+    assert why["difference_se"]["size rule"] == pytest.approx(0.04)      # no replicates: the best's own SE
     assert why["tied"] == ["size rule", "radiomics", "2d25"]
 
 
@@ -100,6 +100,22 @@ def test_one_se_rule_keeps_the_best_when_it_wins_clearly_and_picks_the_simplest_
     assert one_standard_error_choice(scores, rank)[0] == "ens"
     scores["2d25"] = FoldScore(float("nan"), float("nan"), (float("nan"),) * 2, 0, 0, 0)
     assert one_standard_error_choice(scores, rank)[0] == "ens"
+
+
+def test_the_band_is_the_paired_se_of_the_difference_not_the_best_ones_own():
+    """Two candidates ranking the same units, one a little better on every resample: each has a wide SE of its
+    own, but their difference is steady, so the better one is not 'within noise' of the simpler one."""
+    y, folds, patients, rng = _folds_with_offsets(seed=4, per_fold=30)
+    base = rng.random(y.size) * 0.8 + 0.25 * y
+    better = base + 0.06 * y * (rng.random(y.size) < 0.5)       # lifts some positives: a small, consistent gain
+    simple = within_fold_auroc(y, base, folds, patients, n_bootstrap=400)
+    model = within_fold_auroc(y, better, folds, patients, n_bootstrap=400)
+    gain = model.auroc - simple.auroc
+    assert 0 < gain < simple.se                                   # inside the classic band of the best's own SE
+    chosen, why = one_standard_error_choice({"size rule": simple, "model": model},
+                                            simplicity=lambda c: (0,) if c == "size rule" else (1,))
+    assert why["difference_se"]["size rule"] < gain < model.se    # ... but outside the paired band
+    assert chosen == "model"
 
 
 def _prior_shifted(seed: int = 0, n: int = 2000, prevalence: float = 0.3):
@@ -187,7 +203,7 @@ def test_size_rule_chosen_is_what_lnm_predict_uses_with_its_calibration(tmp_path
     assert found.returncode == 0, found.stderr
     instructions = json.loads((tmp_path / "res" / "Dataset042_Tiny" / "inference_instructions.json").read_text())
     assert instructions["size_rule"] is True and instructions["chosen"] == []
-    assert "size rule (short axis)" in found.stdout and "no model beats the size rule" in found.stdout
+    assert "size rule (short axis)" in found.stdout and "no model beats it" in found.stdout
     calibration = instructions["calibration"]
     assert calibration["method"] in ("platt", "identity")
 

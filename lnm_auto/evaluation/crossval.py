@@ -101,12 +101,14 @@ def level_notes(nodes: pd.DataFrame) -> dict[str, str]:
     return notes
 
 
-def score(nodes: pd.DataFrame, n_bootstrap: int = 1000, seed: int = 0) -> dict:
+def score(nodes: pd.DataFrame, n_bootstrap: int = 1000, seed: int = 0,
+          fold_scores: dict[str, FoldScore] | None = None) -> dict:
     """{level: {"n", "n_positive", "auroc", "se", "ci95", "n_pairs", "pooled_auroc"}} of one set of out-of-fold
     node predictions (levels with both classes): ``auroc`` is the within-fold AUROC (selection.py) with its
     patient-bootstrap SE and CI, ``pooled_auroc`` the AUROC of all folds' predictions pooled (shown for reference:
     it mixes the folds' calibrations). The node level also gets ``ece`` (raw probabilities) and
-    ``ece_calibrated`` (each fold's nodes through a Platt map fitted on the other folds)."""
+    ``ece_calibrated`` (each fold's nodes through a Platt map fitted on the other folds). ``fold_scores``, when
+    given, receives each level's FoldScore (with its bootstrap replicates, for paired comparisons)."""
     out = {}
     for level in LEVELS:
         units = level_units(nodes, level)
@@ -117,6 +119,8 @@ def score(nodes: pd.DataFrame, n_bootstrap: int = 1000, seed: int = 0) -> dict:
         if not np.isfinite(fold_score.auroc):
             continue                      # no fold holds both classes: nothing ranks, nothing to choose by
         out[level] = {**fold_score.to_dict(), "pooled_auroc": auroc(y, p)}
+        if fold_scores is not None:
+            fold_scores[level] = fold_score
         if level == "node":
             out[level]["ece"] = expected_calibration_error(y, p)
             out[level]["ece_calibrated"] = expected_calibration_error(y, cross_fitted(y, p, units["fold"].to_numpy()))
@@ -196,8 +200,9 @@ def select_configuration(dataset_results: Path, folds: int | Iterable[int] | Non
     size_nodes, size_note = _size_rule_nodes(reference, size_rule)
     if size_nodes is not None:
         scored_nodes[()] = size_nodes
-    candidates = {m: score(nodes, n_bootstrap) for m, nodes in scored_nodes.items()}
-    ranked = {m: within for m, s in candidates.items() if (within := _fold_score(s.get(level))) is not None}
+    fold_scores: dict[tuple[str, ...], dict[str, FoldScore]] = {m: {} for m in scored_nodes}
+    candidates = {m: score(nodes, n_bootstrap, fold_scores=fold_scores[m]) for m, nodes in scored_nodes.items()}
+    ranked = {m: f[level] for m, f in fold_scores.items() if level in f}
     if not ranked:
         raise LNMError(f"{dataset_results}: no fold of the cross-validation holds {level}s of both classes, so no "
                        "candidate can be ranked; use more folds' worth of labelled data or fewer folds")
@@ -219,7 +224,8 @@ def select_configuration(dataset_results: Path, folds: int | Iterable[int] | Non
         "calibration": calibration,
         "cv": candidates[chosen],
         "choice": {"best": name(why["best"]), "best_auroc": why["best_auroc"], "best_se": why["best_se"],
-                   "threshold": why["threshold"], "within_one_se": [name(m) for m in why["tied"]]},
+                   "difference_se": {name(m): se for m, se in why["difference_se"].items()},
+                   "within_one_se": [name(m) for m in why["tied"]]},
         "levels_not_scored": notes,
         "optimism": "the chosen candidate's CV AUROC is the best of several tried on the same folds, so it is "
                     "optimistic; report the held-out test set",
@@ -264,25 +270,22 @@ def find_best_configuration(dataset_results: Path, folds: int | Iterable[int] | 
     return selection
 
 
-def _fold_score(entry: dict | None) -> FoldScore | None:
-    """A table entry back as the FoldScore the choice compares (None when the level was not scored)."""
-    if not entry:
-        return None
-    return FoldScore(entry["auroc"], entry["se"], tuple(entry["ci95"]), entry["n"], entry["n_positive"],
-                     entry["n_pairs"])
-
-
 def _choice_line(level: str, chosen: str, why: dict, name) -> str:
     """One line saying why the chosen candidate was chosen (the one-SE rule, in words)."""
-    best, auroc_se = name(why["best"]), f"{why['best_auroc']:.3f}, bootstrap SE {why['best_se']:.3f}"
+    best = name(why["best"])
+    best_text = f"{best}, {why['best_auroc']:.3f}"
+    se = {name(m): v for m, v in why["difference_se"].items()}
+    if chosen == SIZE_RULE and chosen == best:
+        return (f"chosen: {SIZE_RULE}: no model beats it (the best {level}-level within-fold AUROC, "
+                f"{why['best_auroc']:.3f}); the models' probabilities add nothing the short axis does not say here")
     if chosen == SIZE_RULE:
-        return (f"chosen: {SIZE_RULE}: no model beats the size rule by more than noise (best {level}-level "
-                f"within-fold AUROC: {best}, {auroc_se}); the models' probabilities add nothing the short axis "
-                "does not already say on this data")
+        return (f"chosen: {SIZE_RULE}: no model beats it by more than noise (best {level}-level within-fold AUROC: "
+                f"{best_text}; the size rule is within one paired bootstrap SE, {se[chosen]:.3f}, of it)")
     if chosen == best:
-        return (f"chosen: {chosen}, the best {level}-level within-fold AUROC ({auroc_se}); nothing simpler is "
-                "within one SE of it")
-    return f"chosen: {chosen}, the simplest candidate within one bootstrap SE of the best ({best}, {auroc_se})"
+        return (f"chosen: {chosen}, the best {level}-level within-fold AUROC ({why['best_auroc']:.3f}); nothing "
+                "simpler is within one paired bootstrap SE of it")
+    return (f"chosen: {chosen}, the simplest candidate within one paired bootstrap SE ({se[chosen]:.3f}) of the "
+            f"best ({best_text})")
 
 
 def size_rule_table(crops_dir: Path) -> pd.DataFrame:

@@ -14,14 +14,16 @@ only adds nothing instead of adding noise. Its uncertainty is the patient bootst
 replacement, each bringing its nodes, evaluated through the one weighted metric engine).
 
 The choice uses the one-standard-error rule: among the candidates whose score is within one bootstrap
-standard error of the best, the simplest (lowest ``simplicity`` key) wins. The size rule is a candidate
-and the simplest of all, so when no model beats measuring the short axis by more than noise, the size
-rule is chosen.
+standard error of the best, the simplest (lowest ``simplicity`` key) wins. The candidates are scored on the same
+units, so the standard error that matters is that of each candidate's *difference* from the best, taken over the
+same resampled patients (paired): two candidates that rank the same hard nodes wrongly differ by far less than
+either's own SE. The size rule is a candidate and the simplest of all, so when no model beats measuring the short
+axis by more than that noise, the size rule is chosen.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
@@ -40,6 +42,9 @@ class FoldScore:
     n: int            # labelled units
     n_positive: int
     n_pairs: int      # (positive, negative) pairs inside a fold: what the score averages over
+    # the score on each patient resample (NaN where a resample has no pair): paired differences between candidates
+    # scored on the same units with the same seed
+    replicates: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict:
         """JSON-ready (NaN stays NaN; the JSON writer turns it into null)."""
@@ -77,7 +82,7 @@ def within_fold_auroc(y_true: Sequence, scores: Sequence, folds: Sequence, group
     conc, pairs = _fold_pair_counts(y, p, folds, np.ones((1, y.size)))
     n_pairs = int(pairs[0])
     point = float(conc[0] / pairs[0]) if n_pairs else math.nan
-    se, ci = math.nan, (math.nan, math.nan)
+    se, ci, replicates = math.nan, (math.nan, math.nan), None
     if n_pairs and n_bootstrap:
         codes, draws = resample_groups(groups, y.size, n_bootstrap, seed)
         replicates = np.full(n_bootstrap, np.nan)
@@ -90,25 +95,36 @@ def within_fold_auroc(y_true: Sequence, scores: Sequence, folds: Sequence, group
             se = float(np.std(valid, ddof=1))
             ci = percentile_ci(valid, CONFIDENCE)
     return FoldScore(auroc=point, se=se, ci95=tuple(float(v) for v in ci), n=int(y.size),
-                     n_positive=int(y.sum()), n_pairs=n_pairs)
+                     n_positive=int(y.sum()), n_pairs=n_pairs, replicates=replicates)
+
+
+def difference_se(best: FoldScore, other: FoldScore) -> float:
+    """Bootstrap SE of ``best - other`` over the resamples both have (paired); without paired replicates, the
+    best's own SE (NaN if it has none)."""
+    if best.replicates is None or other.replicates is None or best.replicates.shape != other.replicates.shape:
+        return best.se
+    diff = best.replicates - other.replicates
+    diff = diff[np.isfinite(diff)]
+    return float(np.std(diff, ddof=1)) if diff.size >= 2 else best.se
 
 
 def one_standard_error_choice(scores: Mapping[Hashable, FoldScore],
                               simplicity: Callable[[Hashable], tuple]) -> tuple[Hashable, dict]:
-    """The simplest candidate whose score is within one SE of the best one's.
+    """The simplest candidate whose score is within one SE of the best one's: its difference from the best is at
+    most the paired bootstrap SE of that difference (``difference_se``).
 
-    Returns (chosen, why): why = {"best", "best_auroc", "best_se", "threshold", "tied"} (tied: every
-    candidate at or above the threshold, simplest first). Candidates with a NaN score are never chosen;
-    a best candidate without a finite SE ties only with itself."""
+    Returns (chosen, why): why = {"best", "best_auroc", "best_se", "tied", "difference_se"} (tied: every candidate
+    within the band, simplest first; difference_se per candidate). Candidates with a NaN score are never chosen;
+    a difference without a finite SE ties only when it is zero."""
     finite = {c: s for c, s in scores.items() if math.isfinite(s.auroc)}
     if not finite:
         raise ValueError("no candidate has a finite score")
     best = max(finite, key=lambda c: (finite[c].auroc, [-v for v in _as_floats(simplicity(c))]))
-    se = finite[best].se if math.isfinite(finite[best].se) else 0.0
-    threshold = finite[best].auroc - se
-    tied = sorted((c for c, s in finite.items() if s.auroc >= threshold), key=simplicity)
-    return tied[0], {"best": best, "best_auroc": finite[best].auroc, "best_se": finite[best].se,
-                     "threshold": threshold, "tied": tied}
+    ses = {c: (0.0 if c == best else difference_se(finite[best], s)) for c, s in finite.items()}
+    tied = sorted((c for c, s in finite.items()
+                   if finite[best].auroc - s.auroc <= (ses[c] if math.isfinite(ses[c]) else 0.0)), key=simplicity)
+    return tied[0], {"best": best, "best_auroc": finite[best].auroc, "best_se": finite[best].se, "tied": tied,
+                     "difference_se": ses}
 
 
 def _as_floats(key: tuple) -> list[float]:
