@@ -53,8 +53,12 @@ def split_dataset_components(ds: RawDataset, min_volume_mm3: float = DEFAULT_MIN
                 else:
                     unchanged += 1
                 continue
-            if not (backup / path.name).is_file():
-                atomic_copy(path, backup / path.name)
+            kept = backup / path.name
+            if not kept.is_file():
+                atomic_copy(path, kept)
+            elif kept.read_bytes() != path.read_bytes():   # the copy is of an earlier mask: this one would be lost
+                raise LNMError(f"{path}: a binary mask to split again, but {kept} keeps the original of an earlier "
+                               "split; move that file away first, so that this mask is kept too")
             write_mask(result.mask, path)
             node_counts[case_id] = result.n_nodes
             values = sorted(set(result.source_values))

@@ -31,7 +31,7 @@ from lnm_auto.evaluation.rollup import DEFAULT_METHOD, METHODS
 from lnm_auto.evaluation.table import LEVELS, TABLE_ROWS, format_table
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.labels import UNKNOWN
-from lnm_auto.utils.io import json_safe, save_json
+from lnm_auto.utils.io import json_safe, load_json, save_json
 
 __all__ = ["LEVELS", "METRICS_SCHEMA", "TABLE_ROWS", "evaluate", "format_table", "level_metrics", "metric_settings",
            "metrics_document", "read_predictions", "read_reference_nodes", "validation_metrics"]
@@ -100,6 +100,21 @@ def validation_metrics(units: pd.DataFrame, level: str, source: dict[str, Any], 
     return metrics_document("validation", source, metric_settings(n_bootstrap, seed), {level: result}, [])
 
 
+def refuse_foreign_metrics(out_dir: Path) -> None:
+    """A metrics.json in -o that is not an lnm_evaluate report (a fold's validation/metrics.json, a file of the
+    user's) is not replaced: one line, before anything is written."""
+    path = out_dir / "metrics.json"
+    if not (path.exists() or path.is_symlink()):
+        return
+    try:
+        document = load_json(path) if path.is_file() and not path.is_symlink() else None
+    except (ValueError, UnicodeDecodeError, OSError):
+        document = None
+    if not (isinstance(document, dict) and document.get("kind") == "evaluation"):
+        raise LNMError(f"-o {out_dir}: holds metrics.json, which lnm_evaluate did not write; refusing to replace "
+                       "it: choose another -o")
+
+
 # ------------------------------------------------------------------------------------------------
 # public entry point
 # ------------------------------------------------------------------------------------------------
@@ -118,6 +133,7 @@ def evaluate(ref_nodes_csv, pred_nodes_csv, out_dir, ref_stations_csv=None, ref_
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise LNMError(f"-o {out_dir}: is a file, not a folder")
+    refuse_foreign_metrics(out_dir)
     ref_path, pred_path = Path(ref_nodes_csv), Path(pred_nodes_csv)
     ref = read_reference_nodes(ref_path)
     warnings: list[str] = []

@@ -66,6 +66,7 @@ def plan_and_preprocess(dataset: str | int, raw_root: Path, preprocessed_root: P
     for folder in (Path(preprocessed_root), out):
         if folder.exists() and not folder.is_dir():
             raise LNMError(f"{folder}: is a file, not a folder; give a folder for the preprocessed data")
+    refuse_overlap(out, raw_root / name)
     if split_components_min_mm3 is not None:
         from lnm_auto.conversion.split_dataset import split_dataset_components
         for line in split_dataset_components(ds, split_components_min_mm3):
@@ -148,6 +149,16 @@ def _table_problems(ds: RawDataset, masks: list[MaskScan]) -> list[str]:
         return check_tables(ds, {m.case_id: m for m in masks})
     except LNMError as e:
         return [str(e)]
+
+
+def refuse_overlap(preprocessed_dataset: Path, raw_dataset: Path) -> None:
+    """The preprocessed dataset folder must be neither the raw dataset nor inside it, nor hold it: plans, caches and
+    --clean's deletions stay out of what the user gave."""
+    pre, raw = Path(preprocessed_dataset).resolve(), Path(raw_dataset).resolve()
+    if pre == raw or raw in pre.parents or pre in raw.parents:
+        raise LNMError(f"--preprocessed {preprocessed_dataset.parent}: its dataset folder {preprocessed_dataset} "
+                       f"{'is' if pre == raw else 'overlaps'} the raw dataset {raw_dataset}; lnm_plan_and_preprocess "
+                       "never writes into the raw data: give a preprocessed folder of its own")
 
 
 def _prepare(crops_dir: Path, clean: bool) -> None:
