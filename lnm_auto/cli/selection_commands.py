@@ -41,7 +41,8 @@ def _find_best(args: argparse.Namespace) -> int:
     # the table is printed before the choice is written: lnm_predict -d never uses a choice nobody was shown
     out = find_best_configuration(results / name, args.folds, args.max_members, args.n_bootstrap, size_rule,
                                   show=lambda table: print(table, flush=True))
-    print(f"chosen: {' + '.join(out['chosen'])} ({out['instructions']['selected_by']}, folds "
+    chosen = " + ".join(out["chosen"]) or "the size rule (short axis)"
+    print(f"chosen: {chosen} ({out['instructions']['selected_by']}, folds "
           f"{' '.join(out['instructions']['folds'])}); written: {results / name / 'inference_instructions.json'}, "
           "crossval_table.md, crossval_table.png")
     return 0

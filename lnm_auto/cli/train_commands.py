@@ -21,7 +21,7 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("-tr", "--trainer", default=None,
                    help="trainer class, optionally NAME_<N>epochs (default: the scheme the plans recommend for the "
                         "dataset's label mix, e.g. LNMTrainer then LNMTrainerPGLS, each stage in its own model folder; "
-                        "radiomics: RadiomicsTrainer)")
+                        "radiomics: RadiomicsTrainer; deep_radiomics: DeepRadiomicsTrainer)")
     p.add_argument("-p", "--plans_name", default="LNMPlans", help="plans to train with (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=None,
                    help="override the number of epochs (default: the trainer's, from the plans)")

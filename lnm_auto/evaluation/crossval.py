@@ -214,7 +214,7 @@ def select_configuration(dataset_results: Path, folds: int | Iterable[int] | Non
     model_calibrations = {m[0]: (calibration if m == chosen else _calibration(nodes))
                           for m, nodes in scored_nodes.items() if len(m) == 1}
     instructions = {
-        "selected_by": (f"{level}-level within-fold cross-validation AUROC; the simplest candidate within one "
+        "selected_by": (f"{level}-level within-fold cross-validation AUROC; the simplest candidate within one paired "
                         "patient-bootstrap standard error of the best (the size rule counts as the simplest)"),
         "chosen": [{"model_folder": m, "trainer": m.split("__")[0], "plans": m.split("__")[1],
                     "configuration": m.split("__")[2]} for m in chosen],

@@ -22,7 +22,9 @@ from torch import nn
 
 from lnm_auto.evaluation.calibration import CALIBRATION_FILE, checked_calibration
 from lnm_auto.networks import network_for
+from lnm_auto.networks.frozen_embedding import check_weights
 from lnm_auto.networks.node_predictor import predict_node_crops
+from lnm_auto.planning.deep_radiomics_topology import DeepRadiomicsTopology
 from lnm_auto.planning.learning_scheme import RadiomicsTopology
 from lnm_auto.planning.plans import ConfigurationPlan, Plans
 from lnm_auto.radiomics.classifier import MODEL_FILE_NAME as RADIOMICS_MODEL_FILE
@@ -97,8 +99,8 @@ class TrainedModel:
 
     @property
     def is_radiomics(self) -> bool:
-        """A classical radiomics model (fold files radiomics_model.json) rather than a network."""
-        return isinstance(self.configuration.network, RadiomicsTopology)
+        """A radiomics classifier (radiomics, deep_radiomics: fold files radiomics_model.json), not a network."""
+        return isinstance(self.configuration.network, (RadiomicsTopology, DeepRadiomicsTopology))
 
     def model_file(self, checkpoint: str) -> str:
         """The file a fold keeps its model in: the checkpoint, or radiomics_model.json for radiomics."""
@@ -116,6 +118,9 @@ class TrainedModel:
                 raise LNMError(f"{self.folder}: no {RADIOMICS_MODEL_FILE} for fold(s) {', '.join(missing)}; trained "
                                f"folds: {', '.join(available) or 'none'}")
             models = {f: RadiomicsClassifier.load(self.folder / f"fold_{f}" / RADIOMICS_MODEL_FILE) for f in folds}
+            if isinstance(self.configuration.network, DeepRadiomicsTopology):
+                # the frozen backbone's weights, refused before any case when they are not the plans' (SHA-256)
+                check_weights(self.configuration.network)
             return {f: (lambda inputs, m=m: m.predict_proba(inputs["radiomics_features"])) for f, m in models.items()}
         nets = self.load_networks(folds, checkpoint, device)
         bs = self.configuration.recipe.batch_size

@@ -37,9 +37,11 @@ from lnm_auto.inference.cases import InputCase, discover_cases, input_locations,
 from lnm_auto.inference.domain import case_samples, domain_warning, training_reference
 from lnm_auto.inference.model import TrainedModel, model_origin
 from lnm_auto.inference.output_folder import CASE_ROWS, prepare_output
+from lnm_auto.planning.deep_radiomics_topology import DeepRadiomicsTopology
 from lnm_auto.planning.learning_scheme import RadiomicsTopology
 from lnm_auto.planning.plans import ConfigurationPlan, Plans
 from lnm_auto.radiomics.dataset_features import case_inputs as radiomics_case_inputs
+from lnm_auto.radiomics.deep_features import case_inputs as deep_radiomics_case_inputs
 from lnm_auto.preprocessing.crops import preprocess_images
 from lnm_auto.preprocessing.preprocessor import check_case_images
 from lnm_auto.training.progress import progress_bar, show_progress
@@ -109,8 +111,11 @@ def load_and_preprocess(case: InputCase, plans: Plans, output_dir: Path,
         with atomic_path(instance_file, suffix=".nii.gz") as tmp:
             sitk.WriteImage(mask, str(tmp), useCompression=True)
         split_note += f"; instances written to {instance_file}"
-    if configuration is not None and isinstance(configuration.network, RadiomicsTopology):
-        inputs = radiomics_case_inputs(images, mask, configuration.network)
+    network = configuration.network if configuration is not None else None
+    if isinstance(network, RadiomicsTopology):
+        inputs = radiomics_case_inputs(images, mask, network)
+    elif isinstance(network, DeepRadiomicsTopology):   # radiomics + the frozen backbone's embedding of the crops
+        inputs = deep_radiomics_case_inputs(images, mask, plans, network)
     else:
         inputs = preprocess_images(images, mask, plans)
     return PreprocessedCase(case.case_id, inputs, "", split_note, instance_file, warning)

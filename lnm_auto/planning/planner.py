@@ -11,6 +11,7 @@ import math
 import numpy as np
 
 from lnm_auto.planning.crop_scale import cache_shape_for, round_up
+from lnm_auto.planning.deep_radiomics_topology import estimate_embedding_gflops, plan_deep_radiomics
 from lnm_auto.planning.global_local_topology import estimate_wega_gflops, plan_context_scale, plan_wega_topology
 from lnm_auto.planning.multitask_topology import plan_multitask_topology
 from lnm_auto.planning.learning_scheme import plan_learning_scheme, plan_radiomics
@@ -377,12 +378,15 @@ def plan_experiment(fingerprint: dict, planner: str = "LNMPlannerCPU", plans_nam
     two_stream, two_stream_note = plan_two_stream_configuration((global_scale, local_scale), n_channels, budget,
                                                                 recipe, augmentation, pretrained)
     resenc = plan_resenc_topology(g, global_scale.spacing_mm, budget, in_channels=n_channels)
+    radiomics = plan_radiomics(fingerprint, target)
+    deep = plan_deep_radiomics(radiomics)   # reads the crops of its embedding scales; recipe and augmentation unused
     configurations = {
         "2d25": two_stream,
         "3d_resenc": ConfigurationPlan("3d_resenc", resenc, ("global",), True, recipe, augmentation,
                                        estimate_resenc_gflops(resenc, g, n_channels)),
-        "radiomics": ConfigurationPlan("radiomics", plan_radiomics(fingerprint, target), (), False, recipe,
-                                       augmentation, 0.0),
+        "radiomics": ConfigurationPlan("radiomics", radiomics, (), False, recipe, augmentation, 0.0),
+        "deep_radiomics": ConfigurationPlan("deep_radiomics", deep, deep.embedding_scales, False, recipe, augmentation,
+                                            estimate_embedding_gflops(deep, crop.scales)),
     }
     shape_head = DEFAULT_SHAPE_HEAD if shape_head is None else bool(shape_head)
     if shape_head:

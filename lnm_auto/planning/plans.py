@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lnm_auto.planning.learning_scheme import RadiomicsTopology
+from lnm_auto.planning.deep_radiomics_topology import DeepRadiomicsTopology
 from lnm_auto.planning.crop_scale import CropScale  # noqa: F401  (part of the plans; re-exported)
 from lnm_auto.planning.global_local_topology import WegaTopology
 from lnm_auto.planning.multitask_topology import MultiTaskTopology
@@ -95,7 +96,7 @@ class ShapeFeature:
 @dataclass
 class ConfigurationPlan:
     name: str
-    network: TwoStreamTopology | ResEncTopology | WegaTopology | RadiomicsTopology
+    network: TwoStreamTopology | ResEncTopology | WegaTopology | RadiomicsTopology | DeepRadiomicsTopology
     scales: tuple[str, ...]          # CropScale names the network consumes, in input order
     use_mask_channel: bool           # feed the node's own mask as an extra input channel
     recipe: TrainingRecipe

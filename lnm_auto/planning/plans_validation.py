@@ -114,6 +114,9 @@ RANGES: dict[str, Range] = {
     "MultiTaskTopology.mask_loss_weight": Range(0, 1000),
     "MultiTaskTopology.dropout": DROPOUT,
     "RadiomicsTopology.image_channel": Range(0, 999),
+    "DeepRadiomicsTopology.image_channel": Range(0, 999),
+    "DeepRadiomicsTopology.image_window": Range(-100, 100),   # z-scores
+    "DeepRadiomicsTopology.feature_levels": Range(-5, 4),     # timm features_only levels (strides 2 ... 32)
 }
 
 # networks.shape_head.SHAPE_MEASUREMENTS and networks.soft_mask.KINDS (networks import torch and the plans, so
@@ -132,6 +135,11 @@ def _imagenet_weights() -> list[str]:
     return sorted(IMAGENET_WEIGHTS)
 
 
+def _imagenet_backbones() -> list[str]:
+    from lnm_auto.planning.two_stream_topology import IMAGENET_WEIGHTS  # the backbones those weights fit
+    return sorted({w.backbone for w in IMAGENET_WEIGHTS.values()})
+
+
 # String fields with a closed set of values (a callable: read when checked, so new entries count at once)
 CHOICES: dict[str, Callable[[], typing.Sequence[str]]] = {
     "ChannelNormalization.scheme": lambda: ("CT", "zscore"),
@@ -141,6 +149,9 @@ CHOICES: dict[str, Callable[[], typing.Sequence[str]]] = {
     "TwoStreamTopology.pretrained_weights": _imagenet_weights,
     "MultiTaskTopology.soft_mask_kind": lambda: SOFT_MASK_KINDS,
     "RadiomicsTopology.texture_mode": lambda: ("3d", "2.5d"),
+    "DeepRadiomicsTopology.texture_mode": lambda: ("3d", "2.5d"),
+    "DeepRadiomicsTopology.backbone": _imagenet_backbones,
+    "DeepRadiomicsTopology.weights_id": _imagenet_weights,
     "ShapeFeature.name": lambda: SHAPE_FEATURE_NAMES,
 }
 
@@ -348,7 +359,27 @@ def _configuration_problems(name: str, config: dict, scales: dict, n_channels: i
         low, high = config["augmentation"][key]
         if low > high:
             problems.append(f"{where}.augmentation.{key} = [{low:g}, {high:g}]: low above high")
-    window = network.get("input_window")
-    if window is not None and window[0] >= window[1]:
-        problems.append(f"{where}.network.input_window = [{window[0]:g}, {window[1]:g}]: low must be below high")
+    for key in ("input_window", "image_window"):
+        window = network.get(key)
+        if window is not None and window[0] >= window[1]:
+            problems.append(f"{where}.network.{key} = [{window[0]:g}, {window[1]:g}]: low must be below high")
+    if "embedding_scales" in network:
+        problems += _embedding_problems(f"{where}.network", network, scales)
+    return problems
+
+
+def _embedding_problems(where: str, network: dict, scales: dict) -> list[str]:
+    """deep_radiomics: its scales exist, scales and levels are each named once (every one gives its own
+    columns), and the weights are those of its backbone."""
+    from lnm_auto.planning.two_stream_topology import IMAGENET_WEIGHTS
+    problems = [f"{where}.embedding_scales: scale {s!r} is not among the plans' scales ({', '.join(scales)})"
+                for s in network["embedding_scales"] if s not in scales]
+    for key in ("embedding_scales", "feature_levels"):
+        values = network[key]
+        if not values or len(set(values)) != len(values):
+            problems.append(f"{where}.{key} = {values}: must name at least one, each once")
+    weights = IMAGENET_WEIGHTS.get(network["weights_id"])
+    if weights is not None and weights.backbone != network["backbone"]:
+        problems.append(f"{where}.weights_id = {network['weights_id']!r}: weights of {weights.backbone}, not of the "
+                        f"backbone {network['backbone']!r}")
     return problems

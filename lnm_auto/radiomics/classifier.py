@@ -32,6 +32,10 @@ SIZE_RULE_COLUMN = "short_axis_mm"
 MAX_INNER_FOLDS = 5
 # Listed simplest first: GridSearchCV keeps the first of tied candidates, so a tie goes to the logistic model.
 CANDIDATES = ("logistic_regression", "gradient_boosting")
+# The logistic model's L2 strengths tried by the inner CV, strongest penalty (simplest) first, so it wins ties.
+# Models saved before the grid existed hold no C: they were fitted with LEGACY_C.
+LOGISTIC_C_GRID = (0.01, 0.1, 1.0)
+LEGACY_C = 0.1
 
 
 def size_rule_scores(features: pd.DataFrame) -> np.ndarray:
@@ -45,7 +49,7 @@ def _candidate_models(seed: int) -> dict:
     """The two model families; imbalance is handled by balanced sample weights passed to fit."""
     return {
         # strong L2 penalty: radiomics features are many and correlated, labelled nodes few
-        "logistic_regression": LogisticRegression(C=0.1, l1_ratio=0.0, solver="lbfgs", max_iter=5000),
+        "logistic_regression": LogisticRegression(C=LEGACY_C, l1_ratio=0.0, solver="lbfgs", max_iter=5000),
         # init='zero' keeps the model fully described by its trees; with balanced weights the prior is 0.5 anyway
         "gradient_boosting": GradientBoostingClassifier(n_estimators=150, learning_rate=0.05, max_depth=2,
                                                         subsample=0.8, min_samples_leaf=5, init="zero",
@@ -92,20 +96,24 @@ class RadiomicsClassifier:
                                    "note": "a class from one patient only: no inner CV, the simplest model"})
             self._sklearn_pipeline = pipeline
             return self
-        search = GridSearchCV(pipeline, [{"model": [candidates[name]]} for name in CANDIDATES], scoring="roc_auc",
+        grid = [{"model": [candidates["logistic_regression"]], "model__C": list(LOGISTIC_C_GRID)},
+                {"model": [candidates["gradient_boosting"]]}]
+        search = GridSearchCV(pipeline, grid, scoring="roc_auc",
                               cv=StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=self.seed),
                               refit=True, error_score=np.nan, n_jobs=None)
         search.fit(x, labels, groups=groups, model__sample_weight=weights)
         scores = np.asarray(search.cv_results_["mean_test_score"], dtype=float)
+        tried = [(_candidate_name(p["model"]), p.get("model__C")) for p in search.cv_results_["params"]]
         # a NaN score (a fold without both classes) never wins; all NaN -> the simplest model
         best = int(np.nanargmax(scores)) if np.isfinite(scores).any() else 0
         if best != search.best_index_:
-            search.best_estimator_.set_params(model=candidates[CANDIDATES[best]])
+            search.best_estimator_.set_params(**search.cv_results_["params"][best])
             search.best_estimator_.fit(x, labels, model__sample_weight=weights)
-        self.params = _export(search.best_estimator_, columns, CANDIDATES[best],
-                              {"auroc": dict(zip(CANDIDATES, scores.tolist())), "n_splits": n_splits,
-                               "seed": self.seed, "n_nodes": int(len(labels)),
-                               "n_groups": int(len(np.unique(groups)))})
+        per_candidate = {name: _best_score([s for (n, _), s in zip(tried, scores) if n == name]) for name in CANDIDATES}
+        self.params = _export(search.best_estimator_, columns, tried[best][0],
+                              {"auroc": per_candidate, "n_splits": n_splits, "seed": self.seed,
+                               "n_nodes": int(len(labels)), "n_groups": int(len(np.unique(groups))),
+                               "grid": [{"model": n, "C": c, "auroc": float(v)} for (n, c), v in zip(tried, scores)]})
         self._sklearn_pipeline = search.best_estimator_   # kept in memory only, for checking the export
         return self
 
@@ -113,6 +121,20 @@ class RadiomicsClassifier:
     def chosen_model(self) -> str:
         """'logistic_regression' or 'gradient_boosting'."""
         return self._fitted()["chosen_model"]
+
+    @property
+    def logistic_c(self) -> float | None:
+        """The chosen logistic model's C (None for boosting)."""
+        p = self._fitted()
+        if p["chosen_model"] != "logistic_regression":
+            return None
+        return float(p["logistic_regression"].get("C", LEGACY_C))
+
+    @property
+    def chosen(self) -> str:
+        """The chosen model in words, e.g. 'logistic_regression (C=0.1)'."""
+        c = self.logistic_c
+        return self.chosen_model + ("" if c is None else f" (C={c:g})")
 
     @property
     def inner_cv_auroc(self) -> dict[str, float]:
@@ -156,6 +178,17 @@ class RadiomicsClassifier:
         return self.params
 
 
+def _best_score(scores: list[float]) -> float:
+    """The best finite inner-CV AUROC of a candidate's grid entries (NaN when none is finite)."""
+    finite = [float(v) for v in scores if np.isfinite(v)]
+    return max(finite) if finite else float("nan")
+
+
+def _candidate_name(model) -> str:
+    """The CANDIDATES name of a model object of the grid."""
+    return "logistic_regression" if isinstance(model, LogisticRegression) else "gradient_boosting"
+
+
 def _as_matrix(features: pd.DataFrame, columns: list[str]) -> np.ndarray:
     """Feature columns in the model's order as float64; +-inf counts as missing."""
     missing = [c for c in columns if c not in features.columns]
@@ -181,7 +214,7 @@ def _export(pipeline: Pipeline, columns: list[str], chosen: str, inner_cv: dict)
         "logistic_regression": None, "gradient_boosting": None,
     }
     if chosen == "logistic_regression":
-        params[chosen] = {"coef": model.coef_[0].tolist(), "intercept": float(model.intercept_[0])}
+        params[chosen] = {"coef": model.coef_[0].tolist(), "intercept": float(model.intercept_[0]), "C": float(model.C)}
     else:
         trees = []
         for (tree,) in model.estimators_:
@@ -247,6 +280,8 @@ def _schema_problem(p) -> str | None:
     if p["chosen_model"] == "logistic_regression":
         if not (_numbers(model.get("coef"), n_kept) and _numbers([model.get("intercept")], 1)):
             return f"logistic_regression needs {n_kept} coefficients and an intercept"
+        if "C" in model and not (_numbers([model["C"]], 1) and model["C"] > 0):   # absent: saved before the grid
+            return "logistic_regression's C must be a positive number"
         return None
     if not (_numbers([model.get("learning_rate")], 1) and isinstance(model.get("trees"), list) and model["trees"]):
         return "gradient_boosting needs a learning_rate and a non-empty list of trees"

@@ -33,6 +33,7 @@ class RadiomicsTrainer(LNMTrainer):
     raw_root: Path | None = None     # the raw data folder (else $LNM_raw): features come from the raw images
     classifier: RadiomicsClassifier | None = None
     _features: pd.DataFrame | None = None
+    topology_type: type = RadiomicsTopology   # the configuration's topology this trainer fits
 
     @classmethod
     def default_num_epochs(cls, config: ConfigurationPlan) -> int:
@@ -41,23 +42,36 @@ class RadiomicsTrainer(LNMTrainer):
 
     def build_network(self):
         """No network: the model is the classifier fitted in run_training."""
-        if not isinstance(self.config.network, RadiomicsTopology):
-            raise LNMError(f"RadiomicsTrainer trains the 'radiomics' configuration, not '{self.config.name}'")
+        if type(self.config.network) is not self.topology_type:
+            raise LNMError(f"{type(self).__name__} trains the '{self.topology_type.config_name}' configuration, not "
+                           f"'{self.config.name}'")
         return None
 
     def configure_optimizers(self):
         """Nothing to optimise by gradient descent."""
         return None, None
 
+    def radiomics_settings(self) -> RadiomicsTopology:
+        """The feature settings (deep_radiomics: its radiomics part, so both share one feature cache)."""
+        return self.config.network
+
+    def feature_columns(self) -> list[str]:
+        """The columns the classifier is fitted on, in order."""
+        return list(FEATURE_COLUMNS)
+
     def features(self) -> pd.DataFrame:
         """Node features of every case (index (case, node)), computed once per dataset and cached."""
         if self._features is None:
-            raw = Path(self.raw_root or base_folder("raw")) / self.plans.dataset_name
-            cache = self.preprocessed_dataset / f"{self.plans.plans_name}_radiomics"
-            table = dataset_node_features(raw, self.config.network, cache, max(1, self.num_workers),
-                                          log=self.log.print)
-            self._features = table.set_index(["case", "node"])
+            self._features = self.compute_features()
         return self._features
+
+    def compute_features(self) -> pd.DataFrame:
+        """The radiomics features of every raw training case (index (case, node)), from the per-case cache."""
+        raw = Path(self.raw_root or base_folder("raw")) / self.plans.dataset_name
+        cache = self.preprocessed_dataset / f"{self.plans.plans_name}_radiomics"
+        table = dataset_node_features(raw, self.radiomics_settings(), cache, max(1, self.num_workers),
+                                      log=self.log.print)
+        return table.set_index(["case", "node"])
 
     def feature_rows(self, records: pd.DataFrame) -> pd.DataFrame:
         """The feature rows of ``records`` (rows of nodes_index.csv), in their order."""
@@ -66,7 +80,7 @@ class RadiomicsTrainer(LNMTrainer):
         if len(missing):
             raise LNMError(f"radiomics features missing for node(s) {list(missing[:3])}: the raw dataset and the "
                            "preprocessed data disagree; re-run lnm_plan_and_preprocess")
-        return self.features().loc[keys, FEATURE_COLUMNS]
+        return self.features().loc[keys, self.feature_columns()]
 
     def patient_groups(self, records: pd.DataFrame) -> np.ndarray:
         """The patient of each record (inner CV never splits a patient)."""
@@ -91,13 +105,14 @@ class RadiomicsTrainer(LNMTrainer):
     def run_training(self, stop_after_epoch: int | None = None) -> None:
         """Fit, save radiomics_model.json, export the fold's validation like every configuration."""
         records = self.training_records()
-        self.log.print(f"training {self.trainer_name} {self.plans.plans_name} radiomics fold {self.fold}: "
+        self.log.print(f"training {self.trainer_name} {self.plans.plans_name} {self.config.name} fold {self.fold}: "
                        f"{len(records)} node-labelled training nodes ({int((records.label == 1).sum())} positive)")
         self.on_train_start()
-        self.classifier = RadiomicsClassifier(self.seed).fit(self.feature_rows(records), records["label"].to_numpy(),
+        rows = self.feature_rows(records)
+        self.classifier = RadiomicsClassifier(self.seed).fit(rows, records["label"].to_numpy(),
                                                              self.patient_groups(records))
         scores = ", ".join(f"{k} {v:.3f}" for k, v in self.classifier.inner_cv_auroc.items())
-        self.log.print(f"inner-CV AUROC: {scores}; chosen: {self.classifier.chosen_model}")
+        self.log.print(f"{rows.shape[1]} features; inner-CV AUROC: {scores}; chosen: {self.classifier.chosen}")
         self.classifier.save(self.output_folder / MODEL_FILE)
         self.current_epoch = 1
         self.export_validation(MODEL_FILE)
@@ -113,8 +128,8 @@ class RadiomicsTrainer(LNMTrainer):
 
     def load_checkpoint(self, path: Path) -> dict:
         """Nothing to continue: the model is fitted in one step."""
-        raise LNMError("the radiomics configuration trains in one step (seconds): run lnm_train again without --c")
+        raise LNMError(f"the {self.config.name} configuration trains in one step: run lnm_train again without --c")
 
     def load_pretrained(self, path: Path) -> dict:
         """No network to initialise."""
-        raise LNMError("the radiomics configuration has no network: -pretrained_weights does not apply")
+        raise LNMError(f"the {self.config.name} configuration trains no network: -pretrained_weights does not apply")

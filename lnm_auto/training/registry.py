@@ -16,7 +16,7 @@ from lnm_auto.utils.errors import LNMError
 TRAINERS: dict[str, type] = {}
 # the modules that define trainers: imported on the first lookup (plugins add theirs here)
 TRAINER_MODULES = ["lnm_auto.training.trainer", "lnm_auto.training.semi_supervised", "lnm_auto.training.weak",
-                   "lnm_auto.training.radiomics_trainer",
+                   "lnm_auto.training.radiomics_trainer", "lnm_auto.training.deep_radiomics_trainer",
                    "lnm_auto.training.multitask"]
 _EPOCHS_SUFFIX = re.compile(r"^(?P<cls>.+?)_(?P<epochs>\d+)epochs?$")
 

@@ -11,6 +11,7 @@ import torch
 
 from lnm_auto.networks import global_branch_for
 from lnm_auto.planning.plan_and_preprocess import FINGERPRINT_FILE, SPLITS_FILE
+from lnm_auto.planning.deep_radiomics_topology import DeepRadiomicsTopology
 from lnm_auto.planning.learning_scheme import RadiomicsTopology
 from lnm_auto.planning.plans import ConfigurationPlan, Plans
 from lnm_auto.planning.splits import load_splits
@@ -163,17 +164,29 @@ def distributed_training(device: str) -> Iterator[None]:
             destroy_process_group()
 
 
+# the configurations fitted in one step (no network), and the trainer that fits each
+CLASSIFIER_TRAINERS = {RadiomicsTopology: "RadiomicsTrainer", DeepRadiomicsTopology: "DeepRadiomicsTrainer"}
+
+
+def classifier_trainer(config: ConfigurationPlan) -> str | None:
+    """The trainer that fits a radiomics-like configuration (radiomics, deep_radiomics); None for a network."""
+    return CLASSIFIER_TRAINERS.get(type(config.network))
+
+
 def trainer_name_for_configuration(config: ConfigurationPlan, trainer_name: str) -> str:
-    """The radiomics configuration is fitted by RadiomicsTrainer (the default trainer name maps to it); the
-    network trainers cannot fit it, nor it a network."""
-    radiomics = isinstance(config.network, RadiomicsTopology)
+    """radiomics is fitted by RadiomicsTrainer, deep_radiomics by DeepRadiomicsTrainer (the default trainer name
+    maps to them); the network trainers cannot fit them, nor they a network."""
+    fitter = classifier_trainer(config)
     cls_name = split_trainer_name(trainer_name)[0]
-    if radiomics and cls_name == LNMTrainer.__name__:
-        return "RadiomicsTrainer"
-    if radiomics != (cls_name == "RadiomicsTrainer"):
-        raise LNMError(f"-tr {trainer_name} cannot train the configuration '{config.name}': "
-                       + ("radiomics is fitted by RadiomicsTrainer" if radiomics else
-                          "RadiomicsTrainer only fits the radiomics configuration"))
+    if fitter and cls_name == LNMTrainer.__name__:
+        return fitter
+    fits = {v: k.config_name for k, v in CLASSIFIER_TRAINERS.items()}
+    if fitter and cls_name != fitter:
+        raise LNMError(f"-tr {trainer_name} cannot train the configuration '{config.name}': {config.name} is fitted "
+                       f"by {fitter}")
+    if not fitter and cls_name in fits:
+        raise LNMError(f"-tr {trainer_name} cannot train the configuration '{config.name}': {cls_name} only fits "
+                       f"the {fits[cls_name]} configuration")
     return trainer_name
 
 
@@ -200,16 +213,17 @@ def check_processes_fit_batch(dataset: str | int, configuration: str, preprocess
 def check_fits_processes(config: ConfigurationPlan, n_processes: int) -> None:
     """Refuse a configuration that cannot train on ``n_processes``: radiomics (one fit, seconds), or a plan's
     batch with fewer nodes than processes."""
-    if n_processes > 1 and isinstance(config.network, RadiomicsTopology):
-        raise LNMError("the radiomics configuration is fitted in seconds by one process: train it without torchrun "
-                       "or -num_gpus")
+    if n_processes > 1 and classifier_trainer(config):
+        raise LNMError(f"the {config.name} configuration is fitted in one step by one process: train it without "
+                       "torchrun or -num_gpus")
     DistributedRun(0, n_processes).batch_share(config)
 
 
 def recommended_scheme(plans: Plans, configuration: str) -> list[str]:
-    """The trainers the plans recommend for the dataset's label mix (radiomics: its own trainer)."""
-    if isinstance(plans.configuration(configuration).network, RadiomicsTopology):
-        return ["RadiomicsTrainer"]
+    """The trainers the plans recommend for the dataset's label mix (radiomics, deep_radiomics: their own)."""
+    fitter = classifier_trainer(plans.configuration(configuration))
+    if fitter:
+        return [fitter]
     return list(plans.recommended_trainers)
 
 
