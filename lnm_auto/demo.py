@@ -12,7 +12,7 @@ from lnm_auto.evaluation.report import evaluate, format_table
 from lnm_auto.evaluation.size_rule import write_size_rule_predictions
 from lnm_auto.inference.ensemble import chosen_models, predict_chosen
 from lnm_auto.planning.plan_and_preprocess import plan_and_preprocess
-from lnm_auto.training.run import recommended_scheme, run_training, setup_trainer
+from lnm_auto.training.run import classifier_trainer, recommended_scheme, run_training, setup_trainer
 
 DEMO_DATASET_ID = 999
 
@@ -33,11 +33,13 @@ def run_demo(workdir: Path, configurations: tuple[str, ...] = ("radiomics", "2d2
     print(f"      learning scheme for this label mix: {' -> '.join(planned.plans.recommended_trainers)} "
           f"({planned.plans.notes['learning_scheme']})", flush=True)
     for configuration in configurations:
+        # radiomics and deep_radiomics are fitted in one step: the demo's epoch count is for networks
+        fitted_once = classifier_trainer(planned.plans.configuration(configuration)) is not None
         for trainer in recommended_scheme(planned.plans, configuration):
             for fold in folds:
                 print(f"[3/6] train {configuration} fold {fold} ({trainer})", flush=True)
                 tr = setup_trainer(DEMO_DATASET_ID, configuration, str(fold), pre, res, trainer,
-                                   planned.plans.plans_name, num_epochs=None if configuration == "radiomics" else epochs,
+                                   planned.plans.plans_name, num_epochs=None if fitted_once else epochs,
                                    raw_root=raw)
                 run_training(tr, continue_training=True)   # a re-run of the demo picks up where it stopped
     print("[4/6] choose the model by cross-validation (lnm_find_best_configuration)", flush=True)
