@@ -55,15 +55,25 @@ def plot_table(rows: list[dict], path: Path, chosen: tuple[str, ...], level: str
         ax.barh(i, e["auroc"], color=colour)
         if np.isfinite([lo, hi]).all():
             ax.plot([lo, hi], [i, i], color="black", lw=1.2)
-    ax.set_yticks(range(len(shown)), [r["candidate"] for r in shown], fontsize=8)
+    ax.set_yticks(range(len(shown)), [_short_name(r) for r in shown], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0.0, 1.0)
     ax.axvline(0.5, color="black", lw=0.5, ls=":")
-    ax.set_xlabel(f"{level}-level within-fold CV AUROC (patient-bootstrap 95% CI)\nred = chosen, grey = size rule")
+    ax.set_xlabel(f"{level}-level within-fold CV AUROC\n(patient-bootstrap 95% CI; red = chosen, grey = size rule)",
+                  fontsize=9)
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=90)
     plt.close(fig)
+
+
+def _short_name(row: dict) -> str:
+    """A candidate as the plot shows it: each member's configuration, its trainer in brackets (the plans name is
+    the same for all but a few; the Markdown table keeps the full folder names)."""
+    if not row["members"]:
+        return row["candidate"]
+    parts = [m.split("__") for m in row["members"]]
+    return " + ".join(f"{c} ({t})" if len(parts) == 1 else c for t, _, c in parts)
 
 
 def plot_reliability(y: np.ndarray, raw: np.ndarray, calibrated: np.ndarray, path: Path, name: str) -> None:
