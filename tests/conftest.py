@@ -129,3 +129,22 @@ def planned_tiny(tmp_path_factory):
             made[key] = root
         return made[key]
     return planned
+
+
+def refused(proc, *fragments) -> str:
+    """The run failed with a one-line reason holding every fragment (no traceback); returns that line."""
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, text
+    assert "Traceback" not in text, text
+    lines = [line for line in proc.stderr.splitlines() if all(f in line for f in fragments)]
+    assert lines, f"no line with {fragments} in:\n{proc.stderr}"
+    return lines[0]
+
+
+def train_one_epoch_model(planned: Path, results: Path) -> Path:
+    """The model folder of fold 0 of 3d_resenc trained for one epoch on a planned tiny dataset (enough to predict
+    with and to continue from)."""
+    from lnm_auto.training.run import run_training, setup_trainer
+    trainer = setup_trainer(42, "3d_resenc", "0", planned / "pre", results, "LNMTrainer_1epochs", num_workers=0)
+    run_training(trainer)
+    return trainer.output_folder.parent

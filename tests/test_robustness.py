@@ -25,19 +25,11 @@ from lnm_auto.datasets.raw_dataset import read_image
 from lnm_auto.utils.checkpoints import save_checkpoint
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.processes import die_with_parent
-from conftest import run_cli, write_image, write_tiny_dataset
+from conftest import refused, run_cli, train_one_epoch_model, write_image, write_tiny_dataset
 
 DS = "Dataset042_Tiny"
 
 
-def refused(proc, *fragments) -> str:
-    """The run failed with a one-line reason holding every fragment (no traceback); returns that line."""
-    text = proc.stdout + proc.stderr
-    assert proc.returncode != 0, text
-    assert "Traceback" not in text, text
-    lines = [line for line in proc.stderr.splitlines() if all(f in line for f in fragments)]
-    assert lines, f"no line with {fragments} in:\n{proc.stderr}"
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -433,11 +425,7 @@ def test_die_with_parent_uses_prctl_on_linux():
 @pytest.fixture(scope="module")
 def model(planned, tmp_path_factory) -> Path:
     """One fold trained for one epoch on the planned tiny dataset (enough to predict with)."""
-    from lnm_auto.training.run import run_training, setup_trainer
-    trainer = setup_trainer(42, "3d_resenc", "0", planned / "pre", tmp_path_factory.mktemp("results"),
-                            "LNMTrainer_1epochs", num_workers=0)
-    run_training(trainer)
-    return trainer.output_folder.parent
+    return train_one_epoch_model(planned, tmp_path_factory.mktemp("results"))
 
 
 @pytest.fixture

@@ -22,20 +22,12 @@ import pytest
 import SimpleITK as sitk
 
 from lnm_auto.utils.stale_temps import stale_temp_files
-from conftest import run_cli
+from conftest import refused, run_cli, train_one_epoch_model
 from dicom_builders import write_ct_series_sitk
 
 DS = "Dataset042_Tiny"
 
 
-def refused(proc, *fragments) -> str:
-    """The run failed with a line holding every fragment, and no traceback; returns that line."""
-    text = proc.stdout + proc.stderr
-    assert proc.returncode != 0, text
-    assert "Traceback" not in text, text
-    lines = [line for line in proc.stderr.splitlines() if all(f in line for f in fragments)]
-    assert lines, f"no line with {fragments} in:\n{proc.stderr}"
-    return lines[0]
 
 
 def hashes(folder: Path) -> dict[str, str]:
@@ -56,11 +48,7 @@ def planned(planned_tiny) -> Path:
 @pytest.fixture(scope="module")
 def model(planned, tmp_path_factory) -> Path:
     """A CT model (the tiny dataset's channel is 'CT'): one fold, one epoch."""
-    from lnm_auto.training.run import run_training, setup_trainer
-    trainer = setup_trainer(42, "3d_resenc", "0", planned / "pre", tmp_path_factory.mktemp("results"),
-                            "LNMTrainer_1epochs", num_workers=0)
-    run_training(trainer)
-    return trainer.output_folder.parent
+    return train_one_epoch_model(planned, tmp_path_factory.mktemp("results"))
 
 
 @pytest.fixture(scope="module")

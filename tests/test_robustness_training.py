@@ -29,7 +29,7 @@ from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import atomic_path, atomic_write_bytes, load_json, save_npz_atomic
 from lnm_auto.utils.labels import UNKNOWN, parse_label
 from lnm_auto.utils.paths import check_plain_name
-from conftest import run_cli, run_train_cli, write_image, write_tiny_dataset
+from conftest import run_cli, run_train_cli, train_one_epoch_model, write_image, write_tiny_dataset
 
 DS = "Dataset042_Tiny"
 
@@ -470,11 +470,7 @@ def test_train_on_a_dataset_never_preprocessed(raw_ds, tmp_path):
 @pytest.fixture(scope="module")
 def model(planned, tmp_path_factory) -> Path:
     """One fold trained for one epoch on the planned tiny dataset (enough to predict and continue from)."""
-    from lnm_auto.training.run import run_training, setup_trainer
-    trainer = setup_trainer(42, "3d_resenc", "0", planned / "pre", tmp_path_factory.mktemp("results"),
-                            "LNMTrainer_1epochs", num_workers=0)
-    run_training(trainer)
-    return trainer.output_folder.parent
+    return train_one_epoch_model(planned, tmp_path_factory.mktemp("results"))
 
 
 @pytest.mark.slow
