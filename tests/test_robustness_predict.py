@@ -489,3 +489,17 @@ def test_model_zip_with_a_huge_member_is_refused_before_unpacking(tmp_path):
     assert bomb.stat().st_size < 1 << 20
     proc = run_cli("predict", "-i", tmp_path, "-o", tmp_path / "out", "-m", bomb)
     refused(proc, str(bomb), "checkpoint_final.pth", "zip bomb")
+
+
+@pytest.mark.parametrize("kind", ["folder", "dead link"])
+def test_an_entry_named_like_an_image_but_not_one_is_said(tmp_path, kind):
+    """A folder or a dead link called <case>_0000.nii.gz in -i used to be skipped without a word."""
+    from lnm_auto.inference.cases import discover_cases
+    entry = tmp_path / "case_009_0000.nii.gz"
+    if kind == "folder":
+        entry.mkdir()
+    else:
+        entry.symlink_to(tmp_path / "gone.nii.gz")
+    cases, problems = discover_cases(tmp_path, 1)
+    assert cases == [] and len(problems) == 1 and problems[0].startswith(str(entry))
+    assert ("is a folder" if kind == "folder" else "points nowhere") in problems[0]

@@ -46,7 +46,13 @@ def discover_cases(input_dir: Path, num_channels: int) -> tuple[list[InputCase],
     """Cases in ``input_dir`` and one problem line per case that cannot be run."""
     input_dir = _input_folder(Path(input_dir))
     cases, problems = [], []
-    files = [f for f in sorted(input_dir.iterdir()) if f.is_file() and _ending(f.name)]
+    entries = [f for f in sorted(input_dir.iterdir()) if _ending(f.name)]
+    files = [f for f in entries if f.is_file()]
+    for f in entries:   # named like an image but not one: said, never skipped silently
+        if f.is_dir():
+            problems.append(f"{f}: is a folder, not an image file; rename or move it")
+        elif not f.is_file():
+            problems.append(f"{f}: a symbolic link that points nowhere (or loops); replace it with the file")
     channel_files: dict[str, dict[int, Path]] = {}
     doubled: set[str] = set()
     for f in files:
