@@ -377,3 +377,21 @@ def test_continuing_a_fine_tuning_run_equals_the_uninterrupted_one(planned_tiny,
     assert resumed.log.values["lr"] == pytest.approx(full.log.values["lr"])
     for (k, a), b in zip(full.network.state_dict().items(), resumed.network.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_plan_and_preprocess_plans_2d25_from_scratch_when_asked(tiny_dataset, tmp_path):
+    """lnm_plan_and_preprocess --no_pretrained_backbone: the MobileNetV3 ladder, no weights recorded; the default
+    plans the ImageNet backbone."""
+    import json
+
+    from conftest import run_cli
+    raw = tiny_dataset.parent
+    for flag, pre in (([], tmp_path / "pre_default"), (["--no_pretrained_backbone"], tmp_path / "pre_scratch")):
+        proc = run_cli("plan_and_preprocess", "-d", "42", "--raw", raw, "--preprocessed", pre, "--no_pp", *flag)
+        assert proc.returncode == 0, proc.stderr
+        network = json.loads((pre / tiny_dataset.name / "LNMPlans.json").read_text())["configurations"]["2d25"][
+            "network"]
+        if flag:
+            assert network["backbone"].startswith("mobilenetv3") and not network.get("pretrained_weights")
+        else:
+            assert network["backbone"] == "efficientnet_lite0" and network["pretrained_sha256"]

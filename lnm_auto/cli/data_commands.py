@@ -80,6 +80,9 @@ def plan_and_preprocess_parser() -> argparse.ArgumentParser:
                            "of 2d25 and 3d_resenc (a plan setting; default: the planner's, currently on)")
     head.add_argument("--no_shape_head", dest="shape_head", action="store_false",
                       help="image features only in the final classifier (default: the planner's, currently off)")
+    p.add_argument("--no_pretrained_backbone", dest="pretrained_backbone", action="store_false", default=None,
+                   help="2d25 trains its MobileNetV3 streams from scratch (a plan setting; default: fine-tune the "
+                        "ImageNet-pretrained efficientnet_lite0, documentation/pretrained_weights.md)")
     p.add_argument("--no_pp", action="store_true", help="plan only, do not write the crop caches (default: write them)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (default: bars on a terminal)")
     _add_progress_flag(p)
@@ -102,7 +105,7 @@ def _plan_and_preprocess(args: argparse.Namespace) -> int:
     for d in args.dataset:
         r = plan_and_preprocess(d, raw, pre, args.planner, args.plans_name, max(1, args.num_processes),
                                 args.verify, args.clean, not args.no_pp, progress, args.split_components,
-                                shape_head=args.shape_head)
+                                shape_head=args.shape_head, pretrained_backbone=args.pretrained_backbone)
         g = r.plans.scales["global"]
         print(f"{r.preprocessed_dataset.name}: plans {r.plans_file} ({r.plans.planner}); target spacing "
               f"{_mm(r.plans.target_spacing_mm)} mm; ROI {'x'.join(map(str, g.roi_shape))} voxels = "

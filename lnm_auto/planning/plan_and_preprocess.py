@@ -55,11 +55,13 @@ def plan_and_preprocess(dataset: str | int, raw_root: Path, preprocessed_root: P
                         plans_name: str = "LNMPlans", num_processes: int = 1, verify: bool = True,
                         clean: bool = False, preprocess: bool = True, progress: bool = True,
                         split_components_min_mm3: float | None = None,
-                        log: Callable[[str], None] = print, shape_head: bool | None = None) -> PlanAndPreprocessResult:
+                        log: Callable[[str], None] = print, shape_head: bool | None = None,
+                        pretrained_backbone: bool | None = None) -> PlanAndPreprocessResult:
     """Verify, fingerprint, plan, split into folds and cache crops. ``split_components_min_mm3``: first turn
     binary node masks into instance masks (components of at least that volume), reporting each case to ``log``.
     ``shape_head``: the plans' hybrid head on or off (None: the planner's default); the caches hold every
-    node's shape features either way."""
+    node's shape features either way. ``pretrained_backbone``: 2d25 on the ImageNet backbone (None: the planner's
+    default) or from scratch."""
     name = resolve_dataset_name(dataset, raw_root)
     ds = RawDataset.load(raw_root / name)
     out = Path(preprocessed_root) / name
@@ -84,7 +86,8 @@ def plan_and_preprocess(dataset: str | int, raw_root: Path, preprocessed_root: P
         raise LNMError(f"{out}: cannot be created ({e.strerror or e})") from None
     save_json(fingerprint, out / FINGERPRINT_FILE)
     atomic_copy(ds.root / "dataset.json", out / "dataset.json")
-    plans = plan_experiment(fingerprint, planner=planner, plans_name=plans_name, shape_head=shape_head)
+    plans = plan_experiment(fingerprint, planner=planner, plans_name=plans_name, shape_head=shape_head,
+                            pretrained_backbone=pretrained_backbone)
     if to_dict(plans.scales) != to_dict(scan.scales):
         raise RuntimeError("the plans' crop scales differ from those the crops were cut with (a planner bug)")
     plans_file = out / f"{plans_name}.json"
