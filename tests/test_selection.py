@@ -233,3 +233,29 @@ def test_a_damaged_calibration_map_is_one_line_naming_its_file(bad):
     with pytest.raises(LNMError, match="calibration.json"):
         checked_calibration(bad, "model/crossval_results/calibration.json")
     assert checked_calibration({"method": "platt", "a": 0.8, "b": -0.4}, "x")["a"] == 0.8
+
+
+def test_a_models_map_is_not_applied_to_fold_models_it_was_not_fitted_for(tmp_path, planned_tiny):
+    """A retrained fold (other checkpoint bytes) or another -chk: the stored Platt map is left out, with the reason."""
+    import json
+    import shutil
+
+    from lnm_auto.evaluation.crossval_inputs import fold_model_digests
+    from lnm_auto.inference.model import TrainedModel
+    pre = planned_tiny(8, 0) / "pre" / "Dataset042_Tiny"
+    folder = tmp_path / "LNMTrainer__LNMPlans__3d_resenc"
+    (folder / "fold_0").mkdir(parents=True)
+    shutil.copy(pre / "LNMPlans.json", folder / "plans.json")
+    shutil.copy(pre / "dataset.json", folder / "dataset.json")
+    checkpoint = folder / "fold_0" / "checkpoint_final.pth"
+    checkpoint.write_bytes(b"weights of the cross-validated fold 0")
+    (folder / "crossval_results").mkdir()
+    (folder / "crossval_results" / "calibration.json").write_text(json.dumps(
+        {"method": "platt", "a": 0.9, "b": -0.7, "model_files": fold_model_digests(folder, [0])}))
+    model = TrainedModel.load(folder)
+    calibration, why_not = model.calibration(["0"])
+    assert calibration["a"] == 0.9 and why_not == ""
+    assert model.calibration(["0"], "checkpoint_best.pth")[0] is None
+    checkpoint.write_bytes(b"weights of fold 0 trained again")
+    calibration, why_not = model.calibration(["0"])
+    assert calibration is None and "fold(s) 0" in why_not and "re-run lnm_find_best_configuration" in why_not

@@ -79,7 +79,11 @@ def _predict(args: argparse.Namespace) -> int:
         print(f"{info['n_nodes']} nodes of {info['n_cases']} case(s) scored; results in {args.output}")
         return 0
     folder = find_model(results, args.dataset, args.configuration, args.trainer, args.plans_name, args.model)
-    calibration = TrainedModel.load(folder).calibration()
+    model = TrainedModel.load(folder)
+    folds = args.folds or model.default_folds(model.model_file(args.checkpoint))
+    calibration, why_not = model.calibration(folds, args.checkpoint)
+    if why_not:
+        print(f"warning: {why_not}", file=sys.stderr, flush=True)
     if calibration and not args.quiet:
         print(f"probabilities calibrated by the model's Platt map (a={calibration['a']:.3f}, b={calibration['b']:.3f}, "
               f"fitted on its out-of-fold predictions)", flush=True)

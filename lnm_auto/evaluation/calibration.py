@@ -56,10 +56,15 @@ def fit_platt(y_true: Sequence, scores: Sequence) -> dict:
     return {"method": "platt", "a": a, "b": b, "n": int(y.size), "n_positive": n_pos}
 
 
+def is_identity(calibration: dict | None) -> bool:
+    """No map, or the map that changes nothing."""
+    return not calibration or calibration.get("method", "identity") == "identity"
+
+
 def apply_calibration(calibration: dict | None, scores: Sequence) -> np.ndarray:
     """Calibrated probabilities; ``None`` or the identity map returns the scores unchanged."""
     p = np.asarray(scores, dtype=float)
-    if not calibration or calibration.get("method", "identity") == "identity":
+    if is_identity(calibration):
         return p
     a, b = float(calibration["a"]), float(calibration["b"])
     if not (math.isfinite(a) and math.isfinite(b)):

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from lnm_auto.evaluation.crossval_inputs import (PREDICTIONS_FILE, accumulate_crossval_results, check_same_nodes,
-                                                 fold_list, missing_folds, read_json)
+                                                 fold_list, fold_model_digests, missing_folds, read_json)
 from lnm_auto.evaluation.calibration import CALIBRATION_FILE, cross_fitted, fit_platt
 from lnm_auto.evaluation.crossval_table import plot_reliability, plot_table, table_markdown
 from lnm_auto.evaluation.metrics import auroc, expected_calibration_error
@@ -222,6 +222,7 @@ def select_configuration(dataset_results: Path, folds: int | Iterable[int] | Non
         "folds": [str(k) for k in folds],
         "ensemble": "mean of the members' fold-ensemble probabilities",
         "calibration": calibration,
+        "model_files": {m: fold_model_digests(dataset_results / m, folds) for m in chosen},
         "cv": candidates[chosen],
         "choice": {"best": name(why["best"]), "best_auroc": why["best_auroc"], "best_se": why["best_se"],
                    "difference_se": {name(m): se for m, se in why["difference_se"].items()},
@@ -264,7 +265,8 @@ def find_best_configuration(dataset_results: Path, folds: int | Iterable[int] | 
         show(selection["table"])
     for model, calibration in selection["model_calibrations"].items():   # each model's own map travels with it
         save_json({**calibration, "fitted_on": "out-of-fold node predictions of folds "
-                   + " ".join(map(str, selection["folds"]))},
+                   + " ".join(map(str, selection["folds"])),
+                   "model_files": fold_model_digests(dataset_results / model, selection["folds"])},
                   dataset_results / model / CALIBRATION_FILE)
     save_json(selection["instructions"], dataset_results / INSTRUCTIONS_FILE)
     return selection

@@ -193,3 +193,33 @@ def check_same_nodes(pooled: dict[str, pd.DataFrame], where: Path) -> None:
         if not first.equals(other):
             raise LNMError(f"{where}: models {names[0]} and {name} hold different labels or stations for the same "
                            "nodes; was the dataset relabelled between their trainings? Retrain the stale one")
+
+
+# what a fold's validation predictions were made with: a calibration map or a choice fitted on them applies to these
+# exact files only (a retrained fold, another checkpoint, another model file: the map is out of date)
+FOLD_MODEL_FILES = ("checkpoint_final.pth", "radiomics_model.json")
+
+
+def fold_model_digests(model_folder: Path, folds) -> dict[str, dict]:
+    """{fold: {"file", "sha256"}} of the model file each fold's validation predictions came from."""
+    import hashlib
+    out = {}
+    for k in folds:
+        fold = Path(model_folder) / f"fold_{k}"
+        path = next((fold / f for f in FOLD_MODEL_FILES if (fold / f).is_file()), None)
+        if path is not None:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            out[str(k)] = {"file": path.name, "sha256": digest.hexdigest()}
+    return out
+
+
+def changed_folds(recorded: dict | None, model_folder: Path, folds, model_file: str) -> list[str]:
+    """The folds (of ``folds``) whose ``model_file`` is not the one ``recorded`` (fold_model_digests) names."""
+    recorded = recorded if isinstance(recorded, dict) else {}
+    now = fold_model_digests(model_folder, folds)
+    return [str(k) for k in folds
+            if not isinstance(recorded.get(str(k)), dict) or recorded[str(k)].get("file") != model_file
+            or now.get(str(k)) != recorded[str(k)]]

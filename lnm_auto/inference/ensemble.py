@@ -6,11 +6,13 @@ patients by the usual max rule; probability maps are written from the (instance)
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pandas as pd
 
-from lnm_auto.evaluation.calibration import apply_calibration, checked_calibration
+from lnm_auto.evaluation.calibration import apply_calibration, checked_calibration, is_identity
+from lnm_auto.evaluation.crossval_inputs import changed_folds
 from lnm_auto.evaluation.crossval import INSTRUCTIONS_FILE, load_instructions, model_folders as trained_model_folders
 from lnm_auto.evaluation.rollup import rollup
 from lnm_auto.inference.cases import discover_cases, input_locations
@@ -28,11 +30,7 @@ def chosen_models(dataset_results: Path) -> list[Path] | None:
     not the JSON lnm_find_best_configuration writes, or that names a folder outside ``dataset_results``, is one
     line."""
     path = Path(dataset_results) / INSTRUCTIONS_FILE
-    try:
-        instructions = load_instructions(dataset_results)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise LNMError(f"{path}: not valid JSON ({str(e).splitlines()[0][:120]}); re-run lnm_find_best_configuration") \
-            from None
+    instructions = load_instructions(dataset_results)   # damaged JSON: one line naming the file
     if instructions is None:
         return None
     chosen = instructions.get("chosen") if isinstance(instructions, dict) else None
@@ -109,7 +107,7 @@ def _predict_members(input_dir: Path, output_dir: Path, model_folders: list[Path
                             on=["case", "node"], how="inner")
     mean = nodes[[f"probability_{n}" for n in members]].mean(axis=1).to_numpy()
     nodes.insert(3, "probability", apply_calibration(calibration, mean))
-    if calibration and calibration.get("method") != "identity":
+    if not is_identity(calibration):
         nodes.insert(4, UNCALIBRATED, mean)
     save_csv_atomic(nodes, output_dir / "nodes.csv")
     if len(nodes):
@@ -150,6 +148,16 @@ def predict_chosen(input_dir: Path, output_dir: Path, dataset_results: Path, dev
     calibration = checked_calibration(instructions.get("calibration", {"method": "identity"}), str(path))
     recorded = instructions.get("folds")
     folds = folds or ([str(f) for f in recorded] if isinstance(recorded, list) and recorded else None)
+    digests = instructions.get("model_files") if isinstance(instructions.get("model_files"), dict) else {}
+    for member in chosen:   # the choice and its map were made with these fold models: retrained ones void the map
+        model = TrainedModel.load(member)
+        member_folds = folds or [str(k) for k in range(model.plans.n_folds)]
+        changed = changed_folds(digests.get(member.name), member, member_folds, model.model_file("checkpoint_final.pth"))
+        if changed and not is_identity(calibration):
+            print(f"warning: {member.name}: fold(s) {', '.join(changed)} changed since lnm_find_best_configuration "
+                  f"chose it; its calibration map is not applied (re-run lnm_find_best_configuration)",
+                  file=sys.stderr, flush=True)
+            calibration = None
     if chosen:
         return predict_ensemble(input_dir, output_dir, chosen, device, num_processes, mirror, save_probmaps, progress,
                                 overwrite, folds, calibration)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lnm_auto.evaluation.calibration import CALIBRATION_FILE, checked_calibration
+from lnm_auto.evaluation.crossval_inputs import changed_folds, read_json
 from lnm_auto.networks import network_for
 from lnm_auto.networks.frozen_embedding import check_weights
 from lnm_auto.networks.node_predictor import predict_node_crops
@@ -84,18 +85,20 @@ class TrainedModel:
                            f"-f {' '.join(f for f in available if f != 'all')}")
         return planned
 
-    def calibration(self) -> dict | None:
-        """The Platt map fitted on this model's out-of-fold predictions (``lnm_find_best_configuration`` writes it),
-        checked; None before the model was cross-validated (probabilities are then the networks' own)."""
+    def calibration(self, folds: list[str], checkpoint: str = "checkpoint_final.pth") -> tuple[dict | None, str]:
+        """The Platt map ``lnm_find_best_configuration`` fitted on this model's out-of-fold predictions, checked, and
+        "" -- or None and why not: never cross-validated, or a fold model (of ``folds``, with ``checkpoint``) is not
+        the one the map was fitted for (retrained since, or another checkpoint)."""
         path = self.folder / CALIBRATION_FILE
         if not path.is_file():
-            return None
-        try:
-            data = load_json(path)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise LNMError(f"{path}: not valid JSON ({str(e).splitlines()[0][:120]}); re-run "
-                           "lnm_find_best_configuration") from None
-        return checked_calibration(data, str(path))
+            return None, ""
+        data = checked_calibration(read_json(path), str(path))
+        changed = changed_folds(data.get("model_files"), self.folder, folds, self.model_file(checkpoint))
+        if changed:
+            return None, (f"{path}: fitted for other fold models than fold(s) {', '.join(changed)} with {checkpoint} "
+                          "(retrained since, or another -chk); probabilities left uncalibrated: re-run "
+                          "lnm_find_best_configuration")
+        return data, ""
 
     @property
     def is_radiomics(self) -> bool:

@@ -30,7 +30,7 @@ import torch
 import lnm_auto
 from lnm_auto.conversion.components import as_instance_mask
 from lnm_auto.datasets.raw_dataset import read_instance_mask
-from lnm_auto.evaluation.calibration import apply_calibration
+from lnm_auto.evaluation.calibration import apply_calibration, is_identity
 from lnm_auto.evaluation.rollup import rollup
 from lnm_auto.evaluation.size_rule import size_rule_score
 from lnm_auto.inference.cases import InputCase, discover_cases, input_locations, read_case_images
@@ -65,7 +65,7 @@ class Scoring:
 
     @property
     def calibrated(self) -> bool:
-        return bool(self.calibration) and self.calibration.get("method", "identity") != "identity"
+        return not is_identity(self.calibration)
 
     def columns(self) -> list[str]:
         """The node table's columns after case and node (station goes in between)."""

@@ -43,10 +43,10 @@ class FrozenBackbone(nn.Module):
     def __init__(self, topology: DeepRadiomicsTopology):
         super().__init__()
         weights = weights_for(topology.weights_id)
-        check_weights(topology)   # before anything reads the file
         self.input = ImageNetInput(1, topology.image_window, weights.mean, weights.std)
         self.backbone = timm.create_model(topology.backbone, pretrained=False, features_only=True, in_chans=3,
                                           out_indices=tuple(topology.feature_levels))
+        # imagenet_state_dict checks the file's SHA-256 against the plans' before it reads it
         load_into_backbone(self.backbone, imagenet_state_dict(weights, topology.weights_sha256))
         self.requires_grad_(False)
         self.eval()

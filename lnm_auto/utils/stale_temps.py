@@ -8,6 +8,7 @@ tests/test_robustness_predict.py kills a real ``atomic_path`` write and checks t
 """
 from __future__ import annotations
 
+import glob
 import re
 from pathlib import Path
 
@@ -21,7 +22,7 @@ def stale_temp_files(path: str | Path) -> list[Path]:
         return []
     pattern = re.compile(re.escape(f".{path.name}.") + MKSTEMP_RANDOM + r"(?P<ending>\..+)$")
     found = []
-    for candidate in path.parent.glob(f".{glob_escape(path.name)}.*"):
+    for candidate in path.parent.glob(f".{glob.escape(path.name)}.*"):
         match = pattern.fullmatch(candidate.name)
         if match and (match["ending"] == ".tmp" or path.name.endswith(match["ending"])) and candidate.is_file() \
                 and not candidate.is_symlink():
@@ -36,7 +37,3 @@ def remove_stale_temp_files(path: str | Path) -> list[Path]:
         f.unlink(missing_ok=True)
     return removed
 
-
-def glob_escape(name: str) -> str:
-    """``name`` with glob's special characters taken literally."""
-    return re.sub(r"([*?\[])", r"[\1]", name)
