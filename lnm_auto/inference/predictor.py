@@ -43,6 +43,7 @@ from lnm_auto.planning.plans import ConfigurationPlan, Plans
 from lnm_auto.radiomics.dataset_features import case_inputs as radiomics_case_inputs
 from lnm_auto.radiomics.deep_features import case_inputs as deep_radiomics_case_inputs
 from lnm_auto.preprocessing.crops import preprocess_images
+from lnm_auto.preprocessing.geometry import measure_nodes
 from lnm_auto.preprocessing.preprocessor import check_case_images
 from lnm_auto.training.progress import progress_bar, show_progress
 from lnm_auto.utils.errors import LNMError
@@ -92,12 +93,13 @@ class PreprocessedCase:
 
 def load_and_preprocess(case: InputCase, plans: Plans, output_dir: Path,
                         configuration: ConfigurationPlan | None = None,
-                        reference: dict | None = None) -> PreprocessedCase:
+                        reference: dict | None = None, size_rule: bool = False) -> PreprocessedCase:
     """Read, check and crop one case (runs in a worker process). A binary node mask is split into its
     26-connected components, written as ``<case>_nodes.nii.gz`` into ``output_dir`` so the node ids of the
     outputs point to voxels. ``reference``: the training intensities (``domain.training_reference``) the case is
-    compared with. Bad input (LNMError, SimpleITK read errors) is handed back as the case's one-line error;
-    anything else is a bug of ours and surfaces with its traceback."""
+    compared with. ``size_rule``: only each node's short axis is needed (measured as the crops measure it; no crop
+    is cut). Bad input (LNMError, SimpleITK read errors) is handed back as the case's one-line error; anything else
+    is a bug of ours and surfaces with its traceback."""
     try:
         images, modality = read_case_images(case)
         mask, split_note = as_instance_mask(read_instance_mask(case.node_mask_file), str(case.node_mask_file))
@@ -112,7 +114,11 @@ def load_and_preprocess(case: InputCase, plans: Plans, output_dir: Path,
             sitk.WriteImage(mask, str(tmp), useCompression=True)
         split_note += f"; instances written to {instance_file}"
     network = configuration.network if configuration is not None else None
-    if isinstance(network, RadiomicsTopology):
+    if size_rule:
+        nodes = measure_nodes(mask)
+        inputs = {"node_ids": np.asarray([n.node for n in nodes], dtype=np.int32),
+                  "short_axis_mm": np.asarray([n.short_axis_mm for n in nodes], dtype=np.float32)}
+    elif isinstance(network, RadiomicsTopology):
         inputs = radiomics_case_inputs(images, mask, network)
     elif isinstance(network, DeepRadiomicsTopology):   # radiomics + the frozen backbone's embedding of the crops
         inputs = deep_radiomics_case_inputs(images, mask, plans, network)
@@ -234,7 +240,8 @@ def predict_folder(input_dir: Path, output_dir: Path, model_folder: Path, folds:
     warnings = {c: str(w) for c, w in earlier.items() if c in done}
     todo = [c for c in cases if c.case_id not in done]
     prepare = partial(load_and_preprocess, plans=model.plans, output_dir=output_dir,
-                      configuration=None if size_rule else model.configuration, reference=reference)
+                      configuration=None if size_rule else model.configuration, reference=reference,
+                      size_rule=size_rule)
     try:
         _predict_cases(todo, prepare, num_processes, scorers, scoring, model, checkpoint, output_dir, save_probmaps,
                        progress, failures, warnings)
