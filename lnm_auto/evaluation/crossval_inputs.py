@@ -14,10 +14,10 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from lnm_auto.evaluation.inputs import read_predictions
+from lnm_auto.evaluation.inputs import parse_labels, read_predictions
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import load_json, save_csv_atomic
-from lnm_auto.utils.labels import UNKNOWN, parse_label
+from lnm_auto.utils.labels import UNKNOWN
 
 PREDICTIONS_FILE = "validation/predictions.csv"
 LABEL_COLUMNS = ("label", "station_label", "patient_label")
@@ -76,14 +76,7 @@ def _label_column(df: pd.DataFrame, column: str, path: Path) -> np.ndarray:
     """A label column as 1 / 0 / UNKNOWN (UNKNOWN throughout when the file has no such column)."""
     if column not in df.columns:
         return np.full(len(df), UNKNOWN, dtype=int)
-    out = np.empty(len(df), dtype=int)
-    for i, raw in enumerate(df[column].to_list()):
-        try:
-            out[i] = parse_label(raw)
-        except ValueError:
-            raise LNMError(f"{path}: line {i + 2}: column '{column}' must be 1, 0, -1 or empty (unknown), "
-                           f"got '{raw}'") from None
-    return out
+    return parse_labels(df, path, column, "1, 0, -1 or empty (unknown)")
 
 
 def _parse_unknown(raw) -> str:

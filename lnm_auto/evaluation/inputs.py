@@ -27,15 +27,17 @@ def read_checked_csv(path: str | Path, what: str, required: tuple[str, ...]) -> 
     return df
 
 
-def parse_labels(df: pd.DataFrame, path: Path) -> np.ndarray:
-    """The 'label' column as 1 / 0 / -1 (unknown); LNMError naming the line of a bad label."""
+def parse_labels(df: pd.DataFrame, path: Path, column: str = "label",
+                 allowed: str = "1, 0 or empty (unknown)") -> np.ndarray:
+    """A label column as 1 / 0 / -1 (unknown); LNMError naming the line of a bad label (``allowed`` says what a
+    cell may hold, for the message)."""
+    what = "label" if column == "label" else f"column '{column}'"
     out = np.empty(len(df), dtype=int)
-    for i, raw in enumerate(df["label"].to_list()):
+    for i, raw in enumerate(df[column].to_list()):
         try:
             out[i] = parse_label(raw)
         except ValueError:
-            raise LNMError(f"{path}: line {i + 2}: label must be 1, 0 or empty (unknown), "
-                           f"got '{str(raw).strip()}'") from None
+            raise LNMError(f"{path}: line {i + 2}: {what} must be {allowed}, got '{str(raw).strip()}'") from None
     return out
 
 
