@@ -148,3 +148,14 @@ def train_one_epoch_model(planned: Path, results: Path) -> Path:
     trainer = setup_trainer(42, "3d_resenc", "0", planned / "pre", results, "LNMTrainer_1epochs", num_workers=0)
     run_training(trainer)
     return trainer.output_folder.parent
+
+
+def old_plans_identifier(data: dict) -> str:
+    """Plans.identifier() as lnm_auto computed it before fields were added to the plans (what the checkpoints of
+    older model folders recorded): the JSON of the plans, without an empty head_shape_features."""
+    import hashlib
+    data = json.loads(json.dumps(data))
+    for config in data["configurations"].values():
+        if not config.get("head_shape_features"):
+            config.pop("head_shape_features", None)
+    return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -2,7 +2,6 @@
 by the radiomics classifier. Real datasets on disk, the real CLIs, the real pinned weights (no mocks)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 
@@ -20,7 +19,7 @@ from lnm_auto.radiomics.classifier import LEGACY_C, LOGISTIC_C_GRID, RadiomicsCl
 from lnm_auto.radiomics.features import FEATURE_COLUMNS
 from lnm_auto.training.run import setup_trainer
 from lnm_auto.utils.errors import LNMError
-from conftest import run_cli, run_train_cli
+from conftest import old_plans_identifier, run_cli, run_train_cli
 
 DS = "Dataset042_Tiny"
 MODEL = "DeepRadiomicsTrainer__LNMPlans__deep_radiomics"
@@ -43,13 +42,6 @@ def input_folder(root, cases, target):
     return target
 
 
-def old_identifier(data: dict) -> str:
-    """Plans.identifier() as computed before deep_radiomics existed (what old checkpoints recorded)."""
-    data = json.loads(json.dumps(data))
-    for config in data["configurations"].values():
-        if not config.get("head_shape_features"):
-            config.pop("head_shape_features", None)
-    return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ---- the embedding ----------------------------------------------------------------------------------------
@@ -109,7 +101,7 @@ def test_plans_without_deep_radiomics_load_with_their_identifier(planned_tiny, t
     plans_file.write_text(json.dumps(data))
     old = Plans.load(plans_file)
     assert "deep_radiomics" not in old.configurations and old.to_dict() == data
-    assert old.identifier() == old_identifier(data)
+    assert old.identifier() == old_plans_identifier(data)
     proc = run_train_cli("42", "deep_radiomics", "0", preprocessed=root / "pre", results=tmp_path / "results")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "configuration 'deep_radiomics' is not in the plans LNMPlans" in proc.stderr

@@ -36,7 +36,7 @@ from lnm_auto.training.lr_schedule import warmup_cosine_schedule, warmup_epochs
 from lnm_auto.training.progress import training_logs
 from lnm_auto.training.run import setup_trainer
 from lnm_auto.utils.errors import LNMError
-from conftest import run_train_cli
+from conftest import old_plans_identifier, run_train_cli
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 torch.set_num_threads(2)
@@ -238,13 +238,6 @@ def test_plans_default_to_the_pretrained_backbone_and_its_fine_tuning_recipe(pla
     assert (scratch.recipe.backbone_lr_factor, scratch.recipe.warmup_fraction) == (1.0, 0.0)
 
 
-def old_identifier(data: dict) -> str:
-    """Plans.identifier() as lnm_auto computed it before the pretrained fields existed (for its checkpoints)."""
-    data = json.loads(json.dumps(data))
-    for config in data["configurations"].values():
-        if not config.get("head_shape_features"):
-            config.pop("head_shape_features", None)
-    return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def test_plans_written_before_the_fields_existed_build_the_old_network(planned_tiny, tmp_path):
@@ -256,7 +249,7 @@ def test_plans_written_before_the_fields_existed_build_the_old_network(planned_t
                 config[part].pop(key, None)
     (tmp_path / "plans.json").write_text(json.dumps(old))
     plans = Plans.load(tmp_path / "plans.json")
-    assert plans.identifier() == old_identifier(old)   # so the old checkpoints still load
+    assert plans.identifier() == old_plans_identifier(old)   # so the old checkpoints still load
     two_d = plans.configurations["2d25"]
     assert two_d.network.pretrained_weights is None and two_d.recipe.warmup_fraction == 0.0
     net = network_for(plans, two_d)
