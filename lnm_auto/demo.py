@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from lnm_auto.datasets.phantom import PhantomConfig, make_phantom_dataset
-from lnm_auto.evaluation.crossval import find_best_configuration, size_rule_table
+from lnm_auto.evaluation.crossval import SIZE_RULE, find_best_configuration, size_rule_table
 from lnm_auto.evaluation.report import evaluate, format_table
 from lnm_auto.evaluation.size_rule import write_size_rule_predictions
 from lnm_auto.inference.ensemble import chosen_models, predict_chosen
@@ -57,7 +57,7 @@ def run_demo(workdir: Path, configurations: tuple[str, ...] = ("radiomics", "2d2
     write_size_rule_predictions(dataset / "nodesTs", size_rule)
     report = workdir / "report"
     metrics = evaluate(dataset / "nodesTs.csv", preds / "nodes.csv", report, _if_present(dataset / "stationsTs.csv"),
-                       _if_present(dataset / "patientsTs.csv"), compare_pred_csv=size_rule)
+                       _if_present(dataset / "patientsTs.csv"), compare_pred_csv=size_rule, compare_name=SIZE_RULE)
     print(format_table(metrics))
     print(f"plots: {report / 'roc.png'}, {report / 'calibration.png'}, {results / 'crossval_table.png'}; "
           f"training curves: {results}/*/fold_*/progress.png")

@@ -72,8 +72,8 @@ def _run(prog: str, fn: Callable[[argparse.Namespace], int | None], parser: argp
 
 
 # Arguments whose values become part of a path (a folder or file name): plain names only (utils/paths.py)
-PATH_NAME_ARGUMENTS = ("dataset", "configuration", "configurations", "trainer", "plans_name", "fold", "folds",
-                       "checkpoint", "name", "case")
+PATH_NAME_ARGUMENTS = ("dataset", "dataset_id", "configuration", "configurations", "trainer", "plans_name", "fold",
+                       "folds", "checkpoint", "name", "case")
 
 
 def check_path_names(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -92,7 +92,7 @@ def _flag_name(parser: argparse.ArgumentParser, dest: str) -> str:
     for p in parsers:
         for action in p._actions:
             if action.dest == dest:
-                return action.option_strings[0] if action.option_strings else dest
+                return action.option_strings[0] if action.option_strings else (action.metavar or dest)
     return dest
 
 

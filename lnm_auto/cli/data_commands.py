@@ -8,6 +8,10 @@ from lnm_auto.cli.common import _add_threads_flag, _add_location_flags, _add_pro
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.paths import base_folder
 
+# the configurations every plan holds (planning/planner.py plan_experiment; a test keeps the two the same): -c is
+# checked against them before the first image is read
+PLANNED_CONFIGURATIONS = ("2d25", "3d_resenc", "radiomics", "deep_radiomics", "wega")
+
 
 # ---- lnm_make_phantom -----------------------------------------------------------------------------
 def make_phantom_parser() -> argparse.ArgumentParser:
@@ -17,14 +21,15 @@ def make_phantom_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", "--dataset_id", type=int, default=999, help="id of the new dataset (default: %(default)s)")
     p.add_argument("--name", default="Phantom", help="name of the new dataset (default: %(default)s)")
     p.add_argument("--cases", type=int, default=40, help="training cases (default: %(default)s)")
-    p.add_argument("--test-cases", type=int, default=10, help="test cases, imagesTs/nodesTs (default: %(default)s)")
+    p.add_argument("--test_cases", "--test-cases", type=int, default=10,
+                   help="test cases, imagesTs/nodesTs (default: %(default)s)")
     p.add_argument("--modality", choices=["CT", "MRI"], default="CT", help="image modality (default: %(default)s)")
-    p.add_argument("--labeled-fraction", type=float, default=1.0,
+    p.add_argument("--labeled_fraction", "--labeled-fraction", type=float, default=1.0,
                    help="fraction of training cases that keep their node labels, the rest station/patient labels "
                         "only (default: %(default)s)")
     p.add_argument("--difficulty", type=float, default=0.5, help="0 easy .. 1 hard (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    p.add_argument("--oblique-deg", type=float, default=0.0,
+    p.add_argument("--oblique_deg", "--oblique-deg", type=float, default=0.0,
                    help="rotate the image axes by this angle in degrees (default: %(default)s)")
     p.add_argument("--shape", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
                    help="voxels per image (default: 288 224 32; a clinical CT is about 512 512 80)")
@@ -35,7 +40,7 @@ def make_phantom_parser() -> argparse.ArgumentParser:
 def _make_phantom(args: argparse.Namespace) -> int:
     from lnm_auto.datasets.phantom import PhantomConfig, make_phantom_dataset
     if not 0.0 <= args.labeled_fraction <= 1.0:
-        raise LNMError(f"--labeled-fraction must be within [0, 1], got {args.labeled_fraction}")
+        raise LNMError(f"--labeled_fraction must be within [0, 1], got {args.labeled_fraction}")
     if args.cases < 2:
         raise LNMError(f"--cases must be at least 2, got {args.cases}")
     config = PhantomConfig(n_cases=args.cases, n_test_cases=args.test_cases, modality=args.modality,
@@ -67,11 +72,18 @@ def plan_and_preprocess_parser() -> argparse.ArgumentParser:
                    help="LNMPlanner: GPU-sized networks; LNMPlannerCPU: CPU-sized (default: CPU unless CUDA is present)")
     p.add_argument("-p", "--plans_name", default="LNMPlans", help="name of the plans file (default: %(default)s)")
     p.add_argument("-np", "--num_processes", type=int, default=2, help="worker processes (default: %(default)s)")
+    p.add_argument("-c", "--configurations", nargs="+", default=None, metavar="CONFIGURATION",
+                   help="nnU-Net's configurations to preprocess: here every configuration reads the same per-node "
+                        "crop cache, so the caches are written for all of them either way; names that the planner "
+                        f"does not plan ({', '.join(PLANNED_CONFIGURATIONS)}) are refused before any work "
+                        "(default: all)")
     verify = p.add_mutually_exclusive_group()
-    verify.add_argument("--verify", dest="verify", action="store_true", default=True,
-                        help="check the whole dataset first (default)")
-    verify.add_argument("--no-verify", dest="verify", action="store_false",
-                        help="skip the dataset check (default: check)")
+    verify.add_argument("--verify", "--verify_dataset_integrity", dest="verify", action="store_true", default=True,
+                        help="check the whole dataset first; nnU-Net's --verify_dataset_integrity is the same "
+                             "(default: on)")
+    verify.add_argument("--no_verify", "--no-verify", dest="verify", action="store_false",
+                        help="skip the checks that only report, never those that keep the output right "
+                             "(default: check)")
     p.add_argument("--clean", action="store_true",
                    help="redo every case and the folds, even if up to date (default: only what changed)")
     head = p.add_mutually_exclusive_group()
@@ -95,8 +107,19 @@ def plan_and_preprocess_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_configurations(names: list[str] | None) -> None:
+    """-c names only configurations the planner plans (one line with the nearest name otherwise)."""
+    from lnm_auto.utils.paths import nearest_hint
+    for name in names or []:
+        if name not in PLANNED_CONFIGURATIONS:
+            planned = ", ".join(PLANNED_CONFIGURATIONS)
+            raise LNMError(f"-c {name}: not a configuration the planner plans"
+                           f"{nearest_hint(name, PLANNED_CONFIGURATIONS)} (planned: {planned})")
+
+
 def _plan_and_preprocess(args: argparse.Namespace) -> int:
     from lnm_auto.planning.plan_and_preprocess import plan_and_preprocess
+    check_configurations(args.configurations)
     from lnm_auto.utils.memory import reuse_freed_memory
     from lnm_auto.utils.terminal import show_progress
     reuse_freed_memory()    # every case's image buffers reuse the last case's instead of fresh pages

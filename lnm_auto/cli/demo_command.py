@@ -22,11 +22,11 @@ def demo_parser() -> argparse.ArgumentParser:
                    help="folds to train, pool for the choice and ensemble (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=5,
                    help="epochs of every network stage (default: %(default)s, a quick demo; the plans' own is 50)")
-    p.add_argument("--labeled-fraction", type=float, default=1.0,
+    p.add_argument("--labeled_fraction", "--labeled-fraction", type=float, default=1.0,
                    help="fraction of training cases with node labels; below about 0.5 the plans recommend "
                         "supervised then PGLS (default: %(default)s)")
     p.add_argument("--cases", type=int, default=40, help="phantom training cases (default: %(default)s)")
-    p.add_argument("--test-cases", type=int, default=20, help="phantom test cases (default: %(default)s)")
+    p.add_argument("--test_cases", "--test-cases", type=int, default=20, help="phantom test cases (default: %(default)s)")
     _add_threads_flag(p)
     return p
 

@@ -16,7 +16,11 @@ def find_best_parser() -> argparse.ArgumentParser:
                                 description="Score every trained model with all folds complete, and every ensemble "
                                             "of 2-3 of them, on the pooled out-of-fold predictions; choose one for "
                                             "lnm_predict (documentation/model_selection.md).")
-    p.add_argument("-d", "--dataset", required=True, help="dataset id: 001, 1 or Dataset001_Name")
+    p.add_argument("dataset_id", nargs="?", default=None, metavar="DATASET",
+                   help="dataset id: 001, 1 or Dataset001_Name, positional as in nnUNetv2_find_best_configuration "
+                        "(put it before -f); or give -d (default: none, then -d is needed)")
+    p.add_argument("-d", "--dataset", default=None, help="dataset id: 001, 1 or Dataset001_Name (default: the "
+                                                         "positional DATASET)")
     p.add_argument("-f", "--folds", type=int, nargs="+", default=None,
                    help="the folds whose validation predictions are pooled, e.g. -f 0 or -f 0 1 2 3 4 (default: every "
                         "planned fold)")
@@ -33,7 +37,7 @@ def _find_best(args: argparse.Namespace) -> int:
     from lnm_auto.evaluation.crossval import find_best_configuration, size_rule_table
     from lnm_auto.utils.paths import resolve_dataset_name
     results = base_folder("results", args.results)
-    name = resolve_dataset_name(args.dataset, results)
+    name = resolve_dataset_name(one_dataset(args.dataset_id, args.dataset), results)
     size_rule = None
     if args.preprocessed or os.environ.get(ENV_VARS["preprocessed"]):   # the size-rule row needs the crop caches
         crops = base_folder("preprocessed", args.preprocessed) / name / f"{args.plans_name}_crops"
@@ -46,6 +50,17 @@ def _find_best(args: argparse.Namespace) -> int:
           f"{' '.join(out['instructions']['folds'])}); written: {results / name / 'inference_instructions.json'}, "
           "crossval_table.md, crossval_table.png")
     return 0
+
+
+def one_dataset(positional: str | None, flag: str | None) -> str:
+    """The dataset given either positionally (nnU-Net's habit) or with -d; both only when they agree."""
+    from lnm_auto.utils.errors import LNMError
+    if positional is None and flag is None:
+        raise LNMError("no dataset given: lnm_find_best_configuration DATASET (or -d DATASET), e.g. "
+                       "lnm_find_best_configuration 1 -f 0 1 2 3 4")
+    if positional is not None and flag is not None and positional != flag:
+        raise LNMError(f"two datasets given: {positional} (positional) and -d {flag}; give one")
+    return positional if positional is not None else flag
 
 
 def find_best_entry(argv: list[str] | None = None) -> int:
@@ -81,7 +96,7 @@ def _accumulate(args: argparse.Namespace) -> int:
     results = base_folder("results", args.results)
     folder = results / resolve_dataset_name(args.dataset, results) / f"{args.trainer}__{args.plans_name}__{args.configuration}"
     if not folder.is_dir():
-        raise LNMError(f"{folder}: no such model folder")
+        raise LNMError(f"{folder}: no such model folder{missing_model_hint(folder, args)}")
     folds = fold_list(args.folds, [folder])
     missing = missing_folds(folder, folds)
     if missing:
@@ -90,6 +105,16 @@ def _accumulate(args: argparse.Namespace) -> int:
     pooled = accumulate_crossval_results(folder, folds)
     print(f"{len(pooled)} nodes of {pooled['case'].nunique()} cases -> {folder / 'crossval_results' / 'nodes.csv'}")
     return 0
+
+
+def missing_model_hint(folder, args: argparse.Namespace) -> str:
+    """The exact -tr to pass when the trainer was trained under another name (``LNMTrainer_1epochs``), else the
+    nearest model folder."""
+    from lnm_auto.training.registry import exact_trainer_hint
+    from lnm_auto.utils.paths import nearest_hint
+    names = sorted(p.name for p in folder.parent.glob("*__*__*") if p.is_dir()) if folder.parent.is_dir() else []
+    return (exact_trainer_hint(args.trainer, names, args.plans_name, args.configuration)
+            or nearest_hint(folder.name, names))
 
 
 def accumulate_entry(argv: list[str] | None = None) -> int:

@@ -19,7 +19,9 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("configuration", help="a configuration of the plans, e.g. 2d25 or 3d_resenc")
     p.add_argument("fold", help="fold number (0..4) or 'all'")
     p.add_argument("-tr", "--trainer", default=None,
-                   help="trainer class, optionally NAME_<N>epochs (default: the scheme the plans recommend for the "
+                   help="trainer class, optionally NAME_<N>epochs (nnU-Net's NAME_1epoch is read as NAME_1epochs, "
+                        "said in one line; a finished fold is retrained only under its folder's own name) "
+                        "(default: the scheme the plans recommend for the "
                         "dataset's label mix, e.g. LNMTrainer then LNMTrainerPGLS, each stage in its own model folder; "
                         "radiomics: RadiomicsTrainer; deep_radiomics: DeepRadiomicsTrainer)")
     p.add_argument("-p", "--plans_name", default="LNMPlans", help="plans to train with (default: %(default)s)")
@@ -71,6 +73,7 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _train_stages(args: argparse.Namespace, device: str, say) -> int:
+    from lnm_auto.training.registry import run_name_note
     from lnm_auto.training.run import run_training, run_validation, setup_trainer, training_scheme
     preprocessed, results = base_folder("preprocessed", args.preprocessed), base_folder("results", args.results)
     raw = args.raw or None   # radiomics reads the raw images ($LNM_raw when not given)
@@ -81,6 +84,11 @@ def _train_stages(args: argparse.Namespace, device: str, say) -> int:
     for i, stage in enumerate(stages):
         trainer = setup_trainer(args.dataset, args.configuration, args.fold, preprocessed, results, stage,
                                 args.plans_name, device, args.epochs, args.num_workers, raw_root=raw)
+        note = run_name_note(stage, trainer.trainer_name, trainer.num_epochs) if args.trainer else None
+        if note and not (args.val or args.continue_training):
+            refuse_retraining_under_another_name(stage, trainer)
+        if note:   # the model folder differs from what -tr said: one line, before any training
+            say(note)
         if not args.val:
             run_training(trainer, args.continue_training, args.pretrained_weights if i == 0 else None,
                          save_probabilities=args.npz and not args.val_best)
@@ -90,6 +98,22 @@ def _train_stages(args: argparse.Namespace, device: str, say) -> int:
         run_validation(trainer, checkpoint, args.npz)
         say(f"validation with {checkpoint} in {trainer.output_folder / 'validation'}")
     return 0
+
+
+# what a finished fold holds: a network's final checkpoint, or the fitted radiomics model
+FINISHED_FOLD_FILES = ("checkpoint_final.pth", "radiomics_model.json")
+
+
+def refuse_retraining_under_another_name(typed: str, trainer) -> None:
+    """``-tr LNMTrainer_1epoch`` trains into LNMTrainer_1epochs: a finished fold there is retrained only when the
+    folder's own name is given, never through another spelling."""
+    from lnm_auto.training.registry import split_trainer_name
+    if split_trainer_name(typed)[1] is None:   # a plain class name (with --epochs): no other spelling involved
+        return
+    if any((trainer.output_folder / f).is_file() for f in FINISHED_FOLD_FILES):
+        folder = trainer.output_folder
+        raise LNMError(f"-tr {typed} is read as {trainer.trainer_name}, whose {folder.name} is already trained "
+                       f"({folder}); to retrain it pass -tr {trainer.trainer_name}, to continue it add --c")
 
 
 def train_entry(argv: list[str] | None = None) -> int:

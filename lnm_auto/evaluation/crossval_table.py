@@ -43,11 +43,24 @@ def table_markdown(rows: list[dict], chosen: tuple[str, ...], levels: list[str],
     return "\n".join(lines) + "\n"
 
 
+PLOT_DPI = 90
+
+
 def plot_table(rows: list[dict], path: Path, chosen: tuple[str, ...], level: str) -> None:
     """Horizontal bars of the selection level's CV AUROC with its CI, the chosen candidate highlighted."""
+    fig = table_figure(rows, chosen, level)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=PLOT_DPI)
+    pyplot().close(fig)
+
+
+def table_figure(rows: list[dict], chosen: tuple[str, ...], level: str):
+    """The figure of :func:`plot_table`: short candidate names (:func:`short_names`), laid out by matplotlib's
+    constrained layout so that no label is cut whatever their length."""
     shown = [r for r in rows if r.get(level)]
+    names = short_names(rows)
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(shown) + 1.2))
+    fig, ax = plt.subplots(figsize=(7, 0.32 * len(shown) + 1.6), dpi=PLOT_DPI, layout="constrained")
     for i, r in enumerate(shown):
         e = r[level]
         lo, hi = e["ci95"]
@@ -55,25 +68,46 @@ def plot_table(rows: list[dict], path: Path, chosen: tuple[str, ...], level: str
         ax.barh(i, e["auroc"], color=colour)
         if np.isfinite([lo, hi]).all():
             ax.plot([lo, hi], [i, i], color="black", lw=1.2)
-    ax.set_yticks(range(len(shown)), [_short_name(r) for r in shown], fontsize=8)
+    ax.set_yticks(range(len(shown)), [names[r["candidate"]] for r in shown], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0.0, 1.0)
     ax.axvline(0.5, color="black", lw=0.5, ls=":")
     ax.set_xlabel(f"{level}-level within-fold CV AUROC\n(patient-bootstrap 95% CI; red = chosen, grey = size rule)",
                   fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=90)
-    plt.close(fig)
+    _widen_for_labels(fig, ax)
+    return fig
 
 
-def _short_name(row: dict) -> str:
-    """A candidate as the plot shows it: each member's configuration, its trainer in brackets (the plans name is
-    the same for all but a few; the Markdown table keeps the full folder names)."""
-    if not row["members"]:
-        return row["candidate"]
-    parts = [m.split("__") for m in row["members"]]
-    return " + ".join(f"{c} ({t})" if len(parts) == 1 else c for t, _, c in parts)
+def _widen_for_labels(fig, ax, bars_width_in: float = 5.0, margin_in: float = 0.4) -> None:
+    """Make the figure as wide as the bars plus the longest candidate name as drawn, so the layout never has to
+    squeeze the bars away (a three-member ensemble's name can be wider than the default figure)."""
+    renderer = fig.canvas.get_renderer()
+    labels = [t.get_window_extent(renderer).width for t in ax.get_yticklabels() if t.get_text()]
+    widest_in = max(labels, default=0.0) / fig.dpi
+    fig.set_figwidth(max(fig.get_figwidth(), bars_width_in + widest_in + margin_in))
+
+
+def short_names(rows: list[dict]) -> dict[str, str]:
+    """candidate -> how the plot names it: a model is its configuration, its trainer in brackets, and its plans
+    name in square brackets only where another model of that configuration differs by the plans; in an ensemble
+    the trainer too is shown only where it tells two models of a configuration apart. The Markdown table keeps
+    the full model folder names."""
+    models = {m for r in rows for m in r["members"]}
+    # trainer, plans, configuration (a folder name of another shape is shown whole)
+    parts = {m: m.split("__") if m.count("__") == 2 else [m, "", m] for m in models}
+
+    def differs(m: str, i: int) -> bool:
+        """Another model of m's configuration has another trainer (i=0) or plans (i=1)."""
+        return any(parts[o][2] == parts[m][2] and parts[o][i] != parts[m][i] for o in models)
+
+    def member(m: str, alone: bool) -> str:
+        trainer, plans, config = parts[m]
+        if not plans:
+            return m
+        return (config + (f" ({trainer})" if alone or differs(m, 0) else "")
+                + (f" [{plans}]" if differs(m, 1) else ""))
+    return {r["candidate"]: (" + ".join(member(m, len(r["members"]) == 1) for m in r["members"])
+                             if r["members"] else r["candidate"]) for r in rows}
 
 
 def plot_reliability(y: np.ndarray, raw: np.ndarray, calibrated: np.ndarray, path: Path, name: str) -> None:

@@ -33,8 +33,17 @@ def _save_figure(fig, path: Path) -> None:
         fig.savefig(tmp, format="png")
 
 
-def plot_roc(plot_data: dict, path: Path, has_b: bool) -> None:
-    """ROC curve per level (and the compared model's, ``has_b``) with S@R75 and R@S75 marked, as a PNG."""
+COMPARED = "compared"   # the legend's name of the --compare predictions when nobody says what they are
+
+
+def plot_roc(plot_data: dict, path: Path, has_b: bool, compare_name: str = COMPARED) -> None:
+    """ROC curve per level (and the compared predictions', ``has_b``, named ``compare_name`` in the legend, e.g.
+    "size rule (short axis)") with S@R75 and R@S75 marked, as a PNG."""
+    _save_figure(roc_figure(plot_data, has_b, compare_name), path)
+
+
+def roc_figure(plot_data: dict, has_b: bool, compare_name: str = COMPARED):
+    """The figure of :func:`plot_roc`."""
     from sklearn.metrics import roc_curve
 
     fig, axes = _new_figure(len(plot_data))
@@ -47,7 +56,7 @@ def plot_roc(plot_data: dict, path: Path, has_b: bool) -> None:
                       f"[{format_number(auc['ci95'][0])}, {format_number(auc['ci95'][1])}]")
         if has_b and "pb" in d:
             fb, tb, _ = roc_curve(d["y"], d["pb"], drop_intermediate=False)
-            ax.plot(fb, tb, color="C2", lw=1.2, ls="--", label=f"compared: AUROC {M.auroc(d['y'], d['pb']):.3f}")
+            ax.plot(fb, tb, color="C2", lw=1.2, ls="--", label=f"{compare_name}: AUROC {M.auroc(d['y'], d['pb']):.3f}")
         ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls=":")
         # the operating points, located by the same rule as metrics.py (no interpolation)
         ir = int(np.argmax(tpr >= M.RECALL_TARGET))
@@ -65,7 +74,7 @@ def plot_roc(plot_data: dict, path: Path, has_b: bool) -> None:
         ax.set_title(f"{level} (n={res['n']}, pos={res['n_pos']})")
         ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
-    _save_figure(fig, path)
+    return fig
 
 
 def plot_calibration(plot_data: dict, path: Path) -> None:

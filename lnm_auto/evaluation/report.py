@@ -26,7 +26,7 @@ from lnm_auto.evaluation import statistics as S
 from lnm_auto.evaluation.inputs import (extra_predictions_warning, join_predictions, read_predictions,
                                         read_reference_nodes)
 from lnm_auto.evaluation.levels import ABSENT, build_units, label_sources, unlabelled_reason
-from lnm_auto.evaluation.plots import plot_calibration, plot_roc
+from lnm_auto.evaluation.plots import COMPARED, plot_calibration, plot_roc
 from lnm_auto.evaluation.rollup import DEFAULT_METHOD, METHODS
 from lnm_auto.evaluation.table import LEVELS, TABLE_ROWS, format_table
 from lnm_auto.utils.errors import LNMError
@@ -120,8 +120,9 @@ def refuse_foreign_metrics(out_dir: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 def evaluate(ref_nodes_csv, pred_nodes_csv, out_dir, ref_stations_csv=None, ref_patients_csv=None,
              compare_pred_csv=None, n_bootstrap: int = 1000, seed: int = 0,
-             rollup_method: str = DEFAULT_METHOD) -> dict:
-    """Evaluate node predictions against reference labels at node, station and patient level.
+             rollup_method: str = DEFAULT_METHOD, compare_name: str = COMPARED) -> dict:
+    """Evaluate node predictions against reference labels at node, station and patient level; ``compare_name``
+    is what roc.png's legend calls the ``compare_pred_csv`` predictions (e.g. "size rule (short axis)").
 
     Writes out_dir/roc.png, out_dir/calibration.png and out_dir/metrics.json (in that order, each
     atomically) and returns the metrics dict (as written: NaN / inf appear as None).
@@ -194,7 +195,7 @@ def evaluate(ref_nodes_csv, pred_nodes_csv, out_dir, ref_stations_csv=None, ref_
             f"{name}: {lv['skipped'].removeprefix(ABSENT)}" for name, lv in levels.items()))
     result = metrics_document("evaluation", source, metric_settings(n_bootstrap, seed, rollup_method), levels,
                               warnings, comparison if comp_path is not None else None)
-    plot_roc(plot_data, out_dir / "roc.png", comp_path is not None)
+    plot_roc(plot_data, out_dir / "roc.png", comp_path is not None, compare_name)
     plot_calibration(plot_data, out_dir / "calibration.png")
     save_json(result, out_dir / "metrics.json")
     return result

@@ -2,8 +2,9 @@
 ``LNMTrainer.__init_subclass__``), so no trainer imports another to be found.
 
 Names: ``-tr CLASS`` or ``-tr CLASS_<N>epochs`` (the class with N epochs, as nnU-Net's ``_Xepochs``
-trainers); a run with non-default epochs always gets the ``_<N>epochs`` name, so its model folder can
-never be mixed with a default-length run of the same class.
+trainers; nnU-Net's singular ``_1epoch`` is read as ``_1epochs``, and lnm_train says so); a run with
+non-default epochs always gets the ``_<N>epochs`` name, so its model folder can never be mixed with a
+default-length run of the same class.
 """
 from __future__ import annotations
 
@@ -30,6 +31,43 @@ def split_trainer_name(name: str) -> tuple[str, int | None]:
     """'LNMTrainerPGLS_5epochs' -> ('LNMTrainerPGLS', 5); 'LNMTrainer' -> ('LNMTrainer', None)."""
     m = _EPOCHS_SUFFIX.match(name)
     return (m.group("cls"), int(m.group("epochs"))) if m else (name, None)
+
+
+def run_name_note(typed: str, run_name: str, epochs: int) -> str | None:
+    """One line saying how ``-tr typed`` was read when its model folder's trainer name differs from what was
+    typed (nnU-Net's ``_1epoch`` spelling, ``--epochs``, the default length, radiomics' own trainer); None when
+    they agree."""
+    if typed == run_name:
+        return None
+    cls_name = split_trainer_name(run_name)[0]
+    if split_trainer_name(typed)[0] != cls_name:
+        return f"-tr {typed} is read as {run_name}: this configuration is fitted by {cls_name}"
+    return (f"-tr {typed} is read as {run_name} ({cls_name} for {epochs} epoch{'s' if epochs != 1 else ''}; "
+            "model folders always spell NAME_<N>epochs)")
+
+
+def trained_run_names(trainer: str, model_folder_names, plans_name: str, configuration: str) -> list[str]:
+    """The trainer names under which ``trainer``'s class was trained for this plans and configuration, other
+    than ``trainer`` itself (another epoch count, or the same one spelt ``_1epoch``): what to pass as -tr when
+    ``trainer`` has no model folder."""
+    cls_name = split_trainer_name(trainer)[0]
+    runs = []
+    for name in model_folder_names:
+        parts = str(name).split("__")
+        if (len(parts) == 3 and parts[1:] == [plans_name, configuration] and parts[0] != trainer
+                and split_trainer_name(parts[0])[0] == cls_name):
+            runs.append(parts[0])
+    return sorted(runs)
+
+
+def exact_trainer_hint(trainer: str, model_folder_names, plans_name: str, configuration: str) -> str:
+    """"; LNMTrainer was trained here only as LNMTrainer_1epochs: pass -tr LNMTrainer_1epochs" (or "" when
+    ``trainer``'s class has no other model folder for this plans and configuration)."""
+    runs = trained_run_names(trainer, model_folder_names, plans_name, configuration)
+    if not runs:
+        return ""
+    return (f"; {split_trainer_name(trainer)[0]} was trained for {plans_name} {configuration} only as "
+            f"{', '.join(runs)}: pass {' or '.join(f'-tr {r}' for r in runs)}")
 
 
 def trainer_name(cls_name: str, num_epochs: int, default_epochs: int) -> str:
