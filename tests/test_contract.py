@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from lnm_auto.networks import load_imagenet_backbones, network_for
+from lnm_auto.configurations.networks import network_for
+from lnm_auto.networks import load_imagenet_backbones
 from lnm_auto.networks.node_predictor import tta_flips
 from lnm_auto.planning import planner
 from lnm_auto.training.data import ChannelsToSlices, SlicesToChannels, augmentation

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lnm_auto.networks import build_network
+from lnm_auto.configurations.networks import build_network
 from lnm_auto.networks.multitask import MultiTaskNet
 from lnm_auto.networks.soft_mask import soft_mask_expansion
 from lnm_auto.networks.wega import WegaNet

@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from lnm_auto.networks import build_network, count_parameters, load_pretrained_weights
+from lnm_auto.configurations.networks import build_network
+from lnm_auto.networks import count_parameters, load_pretrained_weights
 from lnm_auto.planning.network_topology import (BACKBONES, CPU_BUDGET, GPU_BUDGET,
                                                 TWO_STREAM_LADDER, ComputeBudget, ResEncTopology,
                                                 TwoStreamTopology, estimate_resenc_gflops,

@@ -19,7 +19,7 @@ import torch
 from skimage import data as skimage_data
 from torch.utils.flop_counter import FlopCounterMode
 
-from lnm_auto.networks import build_network, network_for
+from lnm_auto.configurations.networks import build_network, network_for
 from lnm_auto.networks.imagenet_weights import (backbone_lr_groups, imagenet_state_dict, load_imagenet_backbones,
                                                 load_into_backbone, map_onto_timm, pretrained_backbone_parameters,
                                                 sha256_of, weights_file, weights_for)
@@ -27,7 +27,8 @@ from lnm_auto.networks.two_stream import ImageNetInput, group_slices
 from lnm_auto.planning.network_topology import (CPU_BUDGET, GPU_BUDGET, ComputeBudget, TwoStreamTopology,
                                                 estimate_two_stream_gflops, plan_two_stream_topology,
                                                 slice_group_starts, two_stream_cost)
-from lnm_auto.planning.planner import BACKBONE_LR_FACTOR, WARMUP_FRACTION, plan_experiment
+from lnm_auto.configurations.two_stream_2d25 import BACKBONE_LR_FACTOR, WARMUP_FRACTION
+from lnm_auto.planning.planner import plan_experiment
 from lnm_auto.planning.plans import ADDED_FIELD_DEFAULTS, Plans
 from lnm_auto.planning.two_stream_topology import (BACKBONE_SPECS, DEFAULT_PRETRAINED_WEIGHTS,
                                                    EFFICIENTNET_LITE0_IMAGENET as LITE0, IMAGENET_INPUT_WINDOW,

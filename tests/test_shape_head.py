@@ -15,7 +15,7 @@ from sklearn.metrics import roc_auc_score
 
 from lnm_auto.cli.data_commands import plan_and_preprocess_parser
 from lnm_auto.inference.predictor import predict_folder
-from lnm_auto.networks import build_network, network_for
+from lnm_auto.configurations.networks import build_network, network_for
 from lnm_auto.networks.inputs import network_inputs
 from lnm_auto.networks.multitask import MultiTaskNet
 from lnm_auto.networks.node_predictor import predict_node_crops

@@ -17,7 +17,9 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from lnm_auto.networks import global_branch_for, network_for
+from lnm_auto.configurations import wega as wega_kind
+from lnm_auto.configurations.networks import network_for
+from lnm_auto.networks import global_branch_for
 from lnm_auto.networks.multitask import MultiTaskNet
 from lnm_auto.networks.wega import TIMM_DINOV2_ARCHITECTURE, WegaNet
 from lnm_auto.planning import planner
@@ -88,7 +90,7 @@ def test_wega_plan_context_scale_tiny_vit_on_cpu_and_vit_s14_on_gpu():
         assert context.roi_shape[1] == context.roi_shape[2] == topo.context_image_size
         assert context.roi_shape[1] % PATCH_SIZE == 0 and context.roi_shape[0] == 3
         assert context.roi_size_mm[1] == pytest.approx(4 * node.roi_size_mm[1])       # 4 x the node ROI's field
-        assert config.recipe.optimizer == "AdamW" and config.recipe.initial_lr == planner.WEGA_INITIAL_LR
+        assert config.recipe.optimizer == "AdamW" and config.recipe.initial_lr == wega_kind.WEGA_INITIAL_LR
         assert plans.configuration("3d_resenc").recipe.optimizer == "SGD"
     assert cpu.scales["context"].roi_shape[1] < gpu.scales["context"].roi_shape[1]      # 126 vs 224 px
     assert "context" in cpu.notes and "tiny" in cpu.notes["context"]
@@ -153,7 +155,7 @@ def test_wega_trains_with_adamw_and_no_decay_on_1d_tensors(prepared, tmp_path):
     tr = setup_trainer(42, "wega", "0", prepared / "pre", tmp_path, "LNMTrainer_2epochs", num_workers=0)
     assert isinstance(tr.optimizer, torch.optim.AdamW)
     decayed, plain = tr.optimizer.param_groups
-    assert decayed["weight_decay"] == planner.WEGA_WEIGHT_DECAY and plain["weight_decay"] == 0.0
+    assert decayed["weight_decay"] == wega_kind.WEGA_WEIGHT_DECAY and plain["weight_decay"] == 0.0
     assert all(p.ndim > 1 for p in decayed["params"]) and all(p.ndim <= 1 for p in plain["params"])
     assert len(decayed["params"]) + len(plain["params"]) == len(list(tr.network.parameters()))
     assert isinstance(setup_trainer(42, "3d_resenc", "0", prepared / "pre", tmp_path, "LNMTrainer_2epochs",

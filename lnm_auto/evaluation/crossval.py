@@ -31,6 +31,7 @@ from typing import Callable, Iterable
 import numpy as np
 import pandas as pd
 
+from lnm_auto.configurations import simplicity
 from lnm_auto.evaluation.crossval_inputs import (PREDICTIONS_FILE, accumulate_crossval_results, check_same_nodes,
                                                  fold_list, fold_model_digests, missing_folds, read_json)
 from lnm_auto.evaluation.calibration import CALIBRATION_FILE, cross_fitted, fit_platt
@@ -47,7 +48,6 @@ __all__ = ["CALIBRATION_FILE", "INSTRUCTIONS_FILE", "LEVELS", "PREDICTIONS_FILE"
            "level_notes", "level_units", "load_instructions", "model_folders", "score", "select_configuration",
            "size_rule_table"]
 
-SIMPLICITY = {"radiomics": 0, "deep_radiomics": 1, "3d_resenc": 2, "2d25": 3}
 SIZE_RULE = "size rule (short axis)"
 LEVELS = ("node", "station", "patient")
 SELECTION_ORDER = ("node", "patient", "station")
@@ -132,7 +132,7 @@ def _complexity(members: tuple[str, ...]) -> tuple:
     if not members:
         return (0, 0, members)
     configs = [m.split("__")[2] for m in members]
-    return (len(members), sum(SIMPLICITY.get(c, len(SIMPLICITY)) for c in configs), members)
+    return (len(members), sum(simplicity(c) for c in configs), members)
 
 
 def _pool_models(dataset_results: Path, folds: list[int]) -> tuple[dict[str, pd.DataFrame], dict[str, list[int]]]:

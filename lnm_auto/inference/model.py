@@ -22,7 +22,7 @@ from torch import nn
 
 from lnm_auto.evaluation.calibration import CALIBRATION_FILE, checked_calibration
 from lnm_auto.evaluation.crossval_inputs import changed_folds, read_json
-from lnm_auto.networks import network_for
+from lnm_auto.configurations.networks import network_for
 from lnm_auto.networks.frozen_embedding import check_weights
 from lnm_auto.networks.node_predictor import predict_node_crops
 from lnm_auto.planning.deep_radiomics_topology import DeepRadiomicsTopology

@@ -15,7 +15,7 @@ from torch import nn
 from lnm_auto.networks.inputs import scale_input
 from lnm_auto.networks.shape_head import shape_embedding
 from lnm_auto.planning.network_topology import ResEncTopology
-from lnm_auto.planning.planner import SHAPE_EMBEDDING_WIDTH
+from lnm_auto.planning.plans import SHAPE_EMBEDDING_WIDTH
 from lnm_auto.planning.plans import ShapeFeature
 
 

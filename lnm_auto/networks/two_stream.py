@@ -36,7 +36,7 @@ from lnm_auto.networks.shape_head import shape_embedding
 from lnm_auto.planning.network_topology import TwoStreamTopology
 from lnm_auto.planning.two_stream_topology import IMAGENET_WEIGHTS
 from lnm_auto.utils.errors import LNMError
-from lnm_auto.planning.planner import SHAPE_EMBEDDING_WIDTH
+from lnm_auto.planning.plans import SHAPE_EMBEDDING_WIDTH
 from lnm_auto.planning.plans import ShapeFeature
 
 

@@ -10,17 +10,16 @@ import math
 
 import numpy as np
 
+from lnm_auto.configurations import KINDS, PlanningContext
+from lnm_auto.configurations.two_stream_2d25 import DEFAULT_PRETRAINED_BACKBONE
 from lnm_auto.planning.crop_scale import cache_shape_for, round_up
-from lnm_auto.planning.deep_radiomics_topology import estimate_embedding_gflops, plan_deep_radiomics
-from lnm_auto.planning.global_local_topology import estimate_wega_gflops, plan_context_scale, plan_wega_topology
+from lnm_auto.planning.global_local_topology import plan_context_scale
 from lnm_auto.planning.multitask_topology import plan_multitask_topology
-from lnm_auto.planning.learning_scheme import plan_learning_scheme, plan_radiomics
-from lnm_auto.planning.network_topology import (CPU_BUDGET, GPU_BUDGET, ComputeBudget, estimate_resenc_gflops,
-                                                estimate_two_stream_gflops, plan_resenc_topology,
-                                                plan_two_stream_topology, two_stream_cost)
-from lnm_auto.planning.two_stream_topology import DEFAULT_PRETRAINED_WEIGHTS
+from lnm_auto.planning.learning_scheme import plan_learning_scheme
+from lnm_auto.planning.network_topology import CPU_BUDGET, GPU_BUDGET, ComputeBudget
 from lnm_auto.planning.plans import (DEFAULT_PLANS_NAME, PLANS_VERSION, AugmentationPlan, ChannelNormalization,
-                                     ConfigurationPlan, CropScale, Plans, ShapeFeature, TrainingRecipe)
+                                     ConfigurationPlan, CropScale, Plans, SHAPE_EMBEDDING_WIDTH, ShapeFeature,
+                                     TrainingRecipe)
 from lnm_auto.utils.errors import LNMError
 
 # nnU-Net's anisotropy rule: the slice axis is "anisotropic" when its spacing is > 3x the in-plane one.
@@ -208,28 +207,6 @@ def plan_augmentation(anisotropic: bool) -> AugmentationPlan:
                             test_time_mirror_axes=(1, 2))
 
 
-# ---- configuration wega (global context + local node detail) ---------------------------------------
-# wega trains with AdamW: a ViT trained from scratch with SGD learns an order of magnitude more slowly
-# (documentation/wega_multitask.md); 1e-3 with ViT-style weight decay, under the plan's cosine schedule.
-WEGA_OPTIMIZER = "AdamW"
-WEGA_INITIAL_LR = 1e-3
-WEGA_WEIGHT_DECAY = 0.05
-
-
-def plan_wega_configuration(global_scale: CropScale, context: CropScale, n_channels: int, budget: ComputeBudget,
-                            recipe: TrainingRecipe, augmentation: AugmentationPlan) -> tuple[ConfigurationPlan, str]:
-    """The ``wega`` configuration (its global branch on the ``context`` scale, its local branch on the
-    ``global`` node ROI) and a note on its ViT. ``n_channels``: image channels + the node mask, as the network
-    receives them."""
-    topology = plan_wega_topology(context.roi_shape, global_scale.roi_shape, global_scale.spacing_mm, budget,
-                                  in_channels=n_channels, mask_channel=True)
-    wega_recipe = dataclasses.replace(recipe, optimizer=WEGA_OPTIMIZER, initial_lr=WEGA_INITIAL_LR,
-                                      weight_decay=WEGA_WEIGHT_DECAY)
-    gflops = estimate_wega_gflops(topology, context.roi_shape, global_scale.roi_shape, n_channels, True)
-    config = ConfigurationPlan("wega", topology, topology.scales, True, wega_recipe, augmentation, gflops)
-    return config, f"ViT '{topology.vit_name}' (width {topology.embed_dim}, depth {topology.depth})"
-
-
 # ---- the multi-task switch (M2ANet) ---------------------------------------------------------------------
 def multitask_mask_scale(config: ConfigurationPlan) -> str:
     """The scale whose node mask the head predicts: wega's node ROI, else the first (``global``) scale."""
@@ -255,8 +232,6 @@ def switch_on_multitask(plans: Plans, configuration: str) -> ConfigurationPlan:
 # 3d_resenc on three of four datasets (t50 +44 / +17, t80 +4 / +4, LIDC shapes +10 / +0.2) and lowered both by
 # 3 points on one (t20). lnm_plan_and_preprocess --no_shape_head turns it off.
 DEFAULT_SHAPE_HEAD = True
-HYBRID_HEAD_CONFIGURATIONS = ("2d25", "3d_resenc")
-SHAPE_EMBEDDING_WIDTH = 16        # the shape features' embedding joins the pooled image features at this width
 MIN_SIZE_SCALE_MM = 1.0           # a dataset of equal-sized nodes still gets a finite, physical scale
 MIN_LOG_VOLUME_SCALE = 0.1
 # (centre, scale) when the fingerprint holds no node measurements: a typical lymph node (~8 x 12 mm, ~400 mm3)
@@ -330,31 +305,6 @@ def plan_crop_scales(fingerprint: dict, planner: str = "LNMPlannerCPU") -> CropS
                          len(spacings), (slice_extent, inplane_extent), notes, context_note)
 
 
-# ---- configuration 2d25: an ImageNet-pretrained backbone (default; False: the MobileNetV3 ladder from scratch) --
-# Fine-tuning recipe (documentation/pretrained_weights.md): the backbone learns at 0.1 x the lr of the randomly
-# initialised FPN / fusion / heads, whose large early gradients would otherwise wash out the ImageNet features,
-# and the first 5 % of the epochs ramp the lr up linearly (50 CPU epochs -> 3, 300 GPU epochs -> 15).
-DEFAULT_PRETRAINED_BACKBONE = True
-BACKBONE_LR_FACTOR, WARMUP_FRACTION = 0.1, 0.05
-
-
-def plan_two_stream_configuration(scales: tuple[CropScale, CropScale], n_channels: int, budget: ComputeBudget,
-                                  recipe: TrainingRecipe, augmentation: AugmentationPlan,
-                                  pretrained: bool) -> tuple[ConfigurationPlan, str]:
-    """The ``2d25`` configuration on the (global, local) scales, and a note on its backbone."""
-    g, loc = (s.roi_shape for s in scales)
-    weights = DEFAULT_PRETRAINED_WEIGHTS if pretrained else None
-    topology = plan_two_stream_topology(g, loc, budget, in_channels=n_channels, pretrained_weights=weights)
-    note = f"{topology.backbone} from scratch"
-    if weights:
-        recipe = dataclasses.replace(recipe, backbone_lr_factor=BACKBONE_LR_FACTOR, warmup_fraction=WARMUP_FRACTION)
-        cost = two_stream_cost(topology, g, loc, n_channels)
-        note = (f"{topology.backbone} from ImageNet weights {weights}, FPN {topology.fpn_channels}, fused "
-                f"{topology.fused_channels}" + (f"; over the {budget.name} budget ({cost:.2f} GFLOPs) at its "
-                                                 "narrowest" if cost > budget.max_gflops_per_sample else ""))
-    gflops = estimate_two_stream_gflops(topology, g, loc, n_channels)
-    return ConfigurationPlan("2d25", topology, ("global", "local"), True, recipe, augmentation, gflops), note
-
 
 # ---- the whole plan ---------------------------------------------------------------------------------
 def plan_experiment(fingerprint: dict, planner: str = "LNMPlannerCPU", plans_name: str = DEFAULT_PLANS_NAME,
@@ -367,36 +317,21 @@ def plan_experiment(fingerprint: dict, planner: str = "LNMPlannerCPU", plans_nam
     budget = budget_for_planner(planner)
     crop = plan_crop_scales(fingerprint, planner)
     target, anisotropic, notes = crop.target_spacing_mm, crop.anisotropic, crop.roi_notes
-    global_scale, local_scale = crop.scales["global"], crop.scales["local"]
     slice_extent, inplane_extent = crop.node_extent_mm
-    recipe = plan_recipe(fingerprint, n_folds, planner)
     n_channels = len(fingerprint["channel_names"]) + 1  # + node mask channel: the networks see both
-    augmentation = plan_augmentation(anisotropic)
-
-    g, loc = global_scale.roi_shape, local_scale.roi_shape
     pretrained = DEFAULT_PRETRAINED_BACKBONE if pretrained_backbone is None else bool(pretrained_backbone)
-    two_stream, two_stream_note = plan_two_stream_configuration((global_scale, local_scale), n_channels, budget,
-                                                                recipe, augmentation, pretrained)
-    resenc = plan_resenc_topology(g, global_scale.spacing_mm, budget, in_channels=n_channels)
-    radiomics = plan_radiomics(fingerprint, target)
-    deep = plan_deep_radiomics(radiomics)   # reads the crops of its embedding scales; recipe and augmentation unused
-    configurations = {
-        "2d25": two_stream,
-        "3d_resenc": ConfigurationPlan("3d_resenc", resenc, ("global",), True, recipe, augmentation,
-                                       estimate_resenc_gflops(resenc, g, n_channels)),
-        "radiomics": ConfigurationPlan("radiomics", radiomics, (), False, recipe, augmentation, 0.0),
-        "deep_radiomics": ConfigurationPlan("deep_radiomics", deep, deep.embedding_scales, False, recipe, augmentation,
-                                            estimate_embedding_gflops(deep, crop.scales)),
-    }
+    context = PlanningContext(fingerprint, budget, target, crop.scales, n_channels,
+                              plan_recipe(fingerprint, n_folds, planner), plan_augmentation(anisotropic), pretrained)
+    configurations, kind_notes = {}, {}
+    for kind in KINDS:   # every registered configuration, planned by its own rule
+        configurations[kind.name], kind_notes[kind.name] = kind.plan(context)
     shape_head = DEFAULT_SHAPE_HEAD if shape_head is None else bool(shape_head)
+    hybrid = [k.name for k in KINDS if k.hybrid_head]
     if shape_head:
         features = plan_shape_features(fingerprint)
-        for name in HYBRID_HEAD_CONFIGURATIONS:
+        for name in hybrid:
             configurations[name] = with_shape_head(configurations[name], features)
-    context_scale = crop.scales["context"]
-    configurations["wega"], vit_note = plan_wega_configuration(global_scale, context_scale, n_channels, budget,
-                                                               recipe, augmentation)
-    context_note = f"{crop.context_note}; {vit_note}"
+    context_note = f"{crop.context_note}; {kind_notes['wega']}"   # the context scale is planned for wega's ViT
     trainers, why_trainers = plan_learning_scheme(fingerprint)
     notes_out = {
         "target_spacing": f"per-axis median of {crop.n_cases} cases" + (
@@ -406,14 +341,14 @@ def plan_experiment(fingerprint: dict, planner: str = "LNMPlannerCPU", plans_nam
         "input_channels": f"{n_channels - 1} image channel(s) + the node mask",
         "learning_scheme": why_trainers,
         "context": context_note,
-        "2d25_backbone": two_stream_note,
+        **{kind.note_key: kind_notes[kind.name] for kind in KINDS if kind.note_key},
     }
     if notes:
         notes_out["roi_capped"] = "; ".join(notes)
     if shape_head:   # (no note when off: plans without the head stay as they were before the setting existed)
         notes_out["shape_head"] = (f"{', '.join(f.name for f in features)} join the final classifier of "
-                                   f"{' and '.join(HYBRID_HEAD_CONFIGURATIONS)}")
+                                   f"{' and '.join(hybrid)}")
     return Plans(PLANS_VERSION, plans_name, planner, fingerprint["dataset_name"], budget, target, anisotropic,
-                 plan_normalization(fingerprint), {"global": global_scale, "local": local_scale, "context": context_scale},
+                 plan_normalization(fingerprint), dict(crop.scales),
                  configurations,
                  n_folds, split_seed, notes_out, trainers)

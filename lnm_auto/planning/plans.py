@@ -83,6 +83,9 @@ def _without_added_defaults(config: dict) -> dict:
     return config
 
 
+SHAPE_EMBEDDING_WIDTH = 16   # the hybrid head: the shape features' embedding joins the pooled image features at this width
+
+
 @dataclass
 class ShapeFeature:
     """One physical shape measurement of the node fed to the classification head (the hybrid head), with its

@@ -9,10 +9,9 @@ from typing import Iterator
 
 import torch
 
+from lnm_auto.configurations import KINDS, kind_of
 from lnm_auto.networks import global_branch_for
 from lnm_auto.planning.plan_and_preprocess import FINGERPRINT_FILE, SPLITS_FILE
-from lnm_auto.planning.deep_radiomics_topology import DeepRadiomicsTopology
-from lnm_auto.planning.learning_scheme import RadiomicsTopology
 from lnm_auto.planning.plans import ConfigurationPlan, Plans
 from lnm_auto.planning.splits import load_splits
 from lnm_auto.training.distributed import DistributedRun, destroy_process_group, init_process_group, is_main_process
@@ -164,13 +163,11 @@ def distributed_training(device: str) -> Iterator[None]:
             destroy_process_group()
 
 
-# the configurations fitted in one step (no network), and the trainer that fits each
-CLASSIFIER_TRAINERS = {RadiomicsTopology: "RadiomicsTrainer", DeepRadiomicsTopology: "DeepRadiomicsTrainer"}
-
-
 def classifier_trainer(config: ConfigurationPlan) -> str | None:
-    """The trainer that fits a radiomics-like configuration (radiomics, deep_radiomics); None for a network."""
-    return CLASSIFIER_TRAINERS.get(type(config.network))
+    """The trainer that fits a configuration fitted in one step (its kind's; radiomics, deep_radiomics); None for
+    a network."""
+    kind = kind_of(config)
+    return kind.default_trainer if kind.fitted_once else None
 
 
 def trainer_name_for_configuration(config: ConfigurationPlan, trainer_name: str) -> str:
@@ -180,7 +177,7 @@ def trainer_name_for_configuration(config: ConfigurationPlan, trainer_name: str)
     cls_name = split_trainer_name(trainer_name)[0]
     if fitter and cls_name == LNMTrainer.__name__:
         return fitter
-    fits = {v: k.config_name for k, v in CLASSIFIER_TRAINERS.items()}
+    fits = {k.default_trainer: k.name for k in KINDS if k.fitted_once}
     if fitter and cls_name != fitter:
         raise LNMError(f"-tr {trainer_name} cannot train the configuration '{config.name}': {config.name} is fitted "
                        f"by {fitter}")

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from lnm_auto.evaluation.report import metric_settings, metrics_document, validation_metrics
-from lnm_auto.networks import backbone_lr_groups, load_imagenet_backbones, load_pretrained_weights, network_for
+from lnm_auto.configurations.networks import network_for
+from lnm_auto.networks import backbone_lr_groups, load_imagenet_backbones, load_pretrained_weights
 from lnm_auto.networks.node_predictor import predict_node_crops
 from lnm_auto.planning.plans import ConfigurationPlan, Plans
 from lnm_auto.preprocessing.preprocessor import crops_digest
