@@ -135,7 +135,7 @@ class WSPPretrainer(LNMTrainer, register=False):
 
     def network_outputs(self, batch: dict) -> dict[str, torch.Tensor]:
         """The projected final feature vector of every view."""
-        self.network(batch)
+        self.forward_module(batch)
         return {"embedding": self.projection(self._features["f"])}
 
     def compute_loss(self, outputs: dict[str, torch.Tensor], batch: dict) -> torch.Tensor:

@@ -22,7 +22,6 @@ from lnm_auto.radiomics.features import FEATURE_COLUMNS
 from lnm_auto.training.trainer import LNMTrainer
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import load_json
-from lnm_auto.utils.paths import base_folder
 
 MODEL_FILE = MODEL_FILE_NAME
 
@@ -30,7 +29,6 @@ MODEL_FILE = MODEL_FILE_NAME
 class RadiomicsTrainer(LNMTrainer):
     """Fits the radiomics classifier on the fold's node-labelled training nodes."""
 
-    raw_root: Path | None = None     # the raw data folder (else $LNM_raw): features come from the raw images
     classifier: RadiomicsClassifier | None = None
     _features: pd.DataFrame | None = None
     topology_type: type = RadiomicsTopology   # the configuration's topology this trainer fits
@@ -67,7 +65,10 @@ class RadiomicsTrainer(LNMTrainer):
 
     def compute_features(self) -> pd.DataFrame:
         """The radiomics features of every raw training case (index (case, node)), from the per-case cache."""
-        raw = Path(self.raw_root or base_folder("raw")) / self.plans.dataset_name
+        if self.raw_root is None:   # setup_trainer passes $LNM_raw or --raw; a trainer reads no environment
+            raise LNMError(f"the {self.config.name} configuration reads the raw images: pass --raw FOLDER (or "
+                           "export LNM_raw=/path/to/folder)")
+        raw = self.raw_root / self.plans.dataset_name
         cache = self.preprocessed_dataset / f"{self.plans.plans_name}_radiomics"
         table = dataset_node_features(raw, self.radiomics_settings(), cache, max(1, self.num_workers),
                                       log=self.log.print)

@@ -3,6 +3,7 @@ re-run a finished fold's validation (``--val`` / ``--val_best``). Under torchrun
 joins the job's process group around the run (documentation/scaling.md)."""
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -12,6 +13,7 @@ import torch
 from lnm_auto.configurations import KINDS, kind_of
 from lnm_auto.networks import global_branch_for
 from lnm_auto.planning.plan_and_preprocess import FINGERPRINT_FILE, SPLITS_FILE
+from lnm_auto.planning.planner import switch_on_multitask
 from lnm_auto.planning.plans import ConfigurationPlan, Plans
 from lnm_auto.planning.splits import load_splits
 from lnm_auto.training.distributed import DistributedRun, destroy_process_group, init_process_group, is_main_process
@@ -21,7 +23,7 @@ from lnm_auto.training.registry import trainer_name as trainer_name_for
 from lnm_auto.training.trainer import LNMTrainer
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import atomic_copy, load_json
-from lnm_auto.utils.paths import check_plain_name, nearest_hint, resolve_preprocessed_dataset
+from lnm_auto.utils.paths import ENV_VARS, check_plain_name, nearest_hint, resolve_preprocessed_dataset
 from lnm_auto.utils.stale_temps import remove_stale_temp_files
 
 DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
@@ -85,7 +87,8 @@ def setup_trainer(dataset: str | int, configuration: str, fold: str, preprocesse
                   num_epochs: int | None = None, num_workers: int | None = None,
                   trainer_cls: type[LNMTrainer] | None = None, raw_root: Path | None = None) -> LNMTrainer:
     """The trainer of one fold, its model folder prepared (plans, dataset.json and fingerprint copied).
-    ``raw_root`` is where the radiomics configuration reads the raw images (default $LNM_raw)."""
+    ``raw_root`` is where the radiomics configuration reads the raw images (default $LNM_raw). A trainer that
+    trains with the multi-task head (``multitask = True``) gets these plans with the switch on."""
     name = resolve_preprocessed_dataset(dataset, preprocessed_root)
     pre = Path(preprocessed_root) / name
     plans = Plans.load(plans_file(pre, plans_name))
@@ -112,10 +115,12 @@ def setup_trainer(dataset: str | int, configuration: str, fold: str, preprocesse
     if saved.is_file() and any(out.glob("fold_*/checkpoint_*.pth")) and Plans.load(saved) != plans:
         raise LNMError(f"{saved}: the plans changed since this model's folds were trained; train under another "
                        f"plans name (-p) or move {out} away")
+    if getattr(trainer_cls, "multitask", False):   # decided here, on these plans (saved below), not by the trainer
+        switch_on_multitask(plans, configuration)
+    if raw_root is None:   # the factory reads the environment; trainers only get arguments
+        raw_root = os.environ.get(ENV_VARS["raw"]) or None
     trainer = trainer_cls(plans, configuration, fold_value, pre, out / f"fold_{fold_value}", resolve_device(device),
-                          epochs, num_workers=num_workers, splits=splits)
-    if raw_root is not None:
-        trainer.raw_root = Path(raw_root)
+                          epochs, num_workers=num_workers, splits=splits, raw_root=raw_root)
     if is_main_process():   # under torchrun rank 0 writes every file
         remove_killed_runs_temp_files(trainer.output_folder)
         plans.save(saved)

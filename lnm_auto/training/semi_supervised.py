@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -166,7 +165,7 @@ class LNMTrainerMeanTeacher(LNMTrainer):
         """The student on every sample but the teacher's views; the teacher on those (no gradient)."""
         teacher_view = self._teacher_view(batch)
         crops = network_inputs(batch)
-        outputs = self.network({k: v[~teacher_view] for k, v in crops.items()})
+        outputs = self.forward_module({k: v[~teacher_view] for k, v in crops.items()})
         if teacher_view.any():
             teacher = self.ensure_teacher().train()   # the teacher sees its own augmented view with dropout
             with torch.no_grad():
@@ -268,10 +267,9 @@ class LNMTrainerPGLS(LNMTrainerMeanTeacher):
         self.log.print(msg)
 
     def truth_labels(self) -> pd.DataFrame | None:
-        """Hidden true node labels, where a phantom dataset provides them ($LNM_raw/<dataset>/truth_nodes.csv):
+        """Hidden true node labels, where a phantom dataset provides them (<raw root>/<dataset>/truth_nodes.csv):
         for logging how many pseudo labels are right, never for training."""
-        raw = os.environ.get("LNM_raw")
-        path = Path(raw) / self.plans.dataset_name / "truth_nodes.csv" if raw else None
+        path = self.raw_root / self.plans.dataset_name / "truth_nodes.csv" if self.raw_root else None
         if path is None or not path.is_file():
             return None
         df = pd.read_csv(path, dtype={"case": str}, keep_default_na=False)

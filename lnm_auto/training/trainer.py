@@ -60,8 +60,9 @@ class LNMTrainer:
 
     def __init__(self, plans: Plans, configuration: str, fold: int | str, preprocessed_dataset: Path,
                  output_folder: Path, device: str = "cpu", num_epochs: int | None = None, seed: int = 12345,
-                 num_workers: int | None = None, splits: list[dict] | None = None):
+                 num_workers: int | None = None, splits: list[dict] | None = None, raw_root: Path | None = None):
         self.plans = plans
+        self.raw_root = None if raw_root is None else Path(raw_root)   # the raw dataset's root (radiomics reads it)
         self.config = plans.configuration(configuration)
         self.fold = fold
         self.preprocessed_dataset = Path(preprocessed_dataset)
@@ -81,6 +82,7 @@ class LNMTrainer:
         self.store = CropStore(self.crops_dir, self.config.scales, plans.normalization, crops_digest(plans.scales))
         torch.manual_seed(seed)  # same initial weights for the same seed
         self.network = self.build_network()
+        self.forward_module = self.network   # what a training step's forward goes through (see _replicated_network)
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
         self.loss_fn = nn.BCEWithLogitsLoss()
         if self.distributed.is_main:
@@ -159,8 +161,8 @@ class LNMTrainer:
 
     # ---- hooks: the step ----------------------------------------------------------------------------
     def network_outputs(self, batch: dict) -> dict[str, torch.Tensor]:
-        """The forward pass of a training step."""
-        return self.network(batch)
+        """The forward pass of a training step (through ``forward_module``: under torchrun the DDP replica)."""
+        return self.forward_module(batch)
 
     def compute_loss(self, outputs: dict[str, torch.Tensor], batch: dict) -> torch.Tensor:
         """Eq. 1 of Li et al.: the sum of BCE over every classification head (every (B,) output)."""
@@ -202,13 +204,13 @@ class LNMTrainer:
 
     @contextmanager
     def _replicated_network(self):
-        """In a step's forward and backward ``self.network`` is the DDP replica (gradients averaged over the ranks), so
-        every ``network_outputs`` works unchanged; elsewhere the plain one (checkpoints, EMA teacher, validation)."""
-        plain, self.network = self.network, self.distributed.replica(self.network)
+        """In a step's forward and backward ``forward_module`` is the DDP replica of ``network`` (gradients averaged
+        over the ranks); ``network`` itself is never replaced (checkpoints, EMA teacher and validation use it)."""
+        self.forward_module = self.distributed.replica(self.network)
         try:
             yield
         finally:
-            self.network = plain
+            self.forward_module = self.network
 
     def run_training(self, stop_after_epoch: int | None = None) -> None:
         """Train from ``current_epoch`` to ``num_epochs`` (or stop early after ``stop_after_epoch``)."""
