@@ -145,9 +145,41 @@ def test_cross_fitted_calibration_uses_other_folds_only():
     y, shifted, _ = _prior_shifted(seed=3, n=1000)
     folds = np.arange(y.size) % 5
     crossed = cross_fitted(y, shifted, folds)
-    own = apply_calibration(fit_platt(y[folds != 0], shifted[folds != 0]), shifted[folds == 0])
+    own = apply_calibration(fit_platt(y[folds != 0], shifted[folds != 0], folds[folds != 0]), shifted[folds == 0])
     np.testing.assert_allclose(crossed[folds == 0], own)
     assert expected_calibration_error(y, crossed) < 0.05
+
+
+def test_platt_slope_is_fitted_within_folds_so_fold_offsets_cannot_flatten_it():
+    """Five fold models that each rank well but are offset against each other: pooled, a higher score does not
+    mean metastatic (the pooled slope is negative); within folds it does. The map keeps the slope positive."""
+    rng = np.random.default_rng(4)
+    folds = np.repeat(np.arange(5), 40)
+    y = np.tile(np.r_[np.ones(10, int), np.zeros(30, int)], 5)
+    offsets = np.array([2.5, 1.0, -0.5, -2.0, -3.5])[folds]
+    prevalence_by_fold = np.array([0.1, 0.2, 0.25, 0.35, 0.5])   # offsets anti-correlated with prevalence
+    y = (rng.random(200) < prevalence_by_fold[folds]).astype(int)
+    scores = 1 / (1 + np.exp(-(offsets + 1.5 * y + rng.normal(0, 0.6, 200))))
+    pooled = fit_platt(y, scores)
+    within = fit_platt(y, scores, folds)
+    assert pooled["a"] < 0.1 < 0.5 < within["a"]                    # pooled: flattened; within folds: the signal
+    calibrated = apply_calibration(within, scores)
+    assert roc_auc_score(y, calibrated) == pytest.approx(roc_auc_score(y, scores), abs=1e-12)
+    assert abs(calibrated.mean() - y.mean()) < 0.01                # b: the prevalence, with the slope fixed
+
+
+def test_platt_without_signal_keeps_the_ranking():
+    """Scores that rank backwards get the smallest slope, never zero: probabilities near the prevalence, still
+    in their order (a flat map would tie every node and turn any AUROC into 0.5)."""
+    rng = np.random.default_rng(5)
+    y = (rng.random(300) < 0.3).astype(int)
+    scores = 1 / (1 + np.exp(-(-1.0 * y + rng.normal(0, 1, 300))))
+    cal = fit_platt(y, scores, np.arange(300) % 5)
+    assert cal["a"] == pytest.approx(0.01)
+    calibrated = apply_calibration(cal, scores)
+    assert len(np.unique(calibrated)) == len(np.unique(scores))
+    assert roc_auc_score(y, calibrated) == pytest.approx(roc_auc_score(y, scores), abs=1e-12)
+    assert abs(calibrated.mean() - y.mean()) < 0.01
 
 
 def test_too_few_labelled_units_give_the_identity_map():

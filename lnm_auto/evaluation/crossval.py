@@ -167,9 +167,10 @@ def _size_rule_nodes(reference: pd.DataFrame, size_rule: pd.DataFrame | None) ->
 
 
 def _calibration(nodes: pd.DataFrame) -> dict:
-    """The Platt map of a candidate, fitted on every labelled out-of-fold node (identity when too few)."""
+    """The Platt map of a candidate, fitted on every labelled out-of-fold node, its slope within folds (identity
+    when too few)."""
     units = level_units(nodes, "node")
-    return fit_platt(units["label"].to_numpy(int), units["probability"].to_numpy(float))
+    return fit_platt(units["label"].to_numpy(int), units["probability"].to_numpy(float), units["fold"].to_numpy())
 
 
 def select_configuration(dataset_results: Path, folds: int | Iterable[int] | None = None, max_members: int = 3,
