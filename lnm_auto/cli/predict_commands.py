@@ -13,12 +13,16 @@ from lnm_auto.utils.paths import base_folder
 # ---- lnm_predict ----------------------------------------------------------------------------------
 def predict_parser() -> argparse.ArgumentParser:
     """The lnm_predict argument parser."""
-    p = argparse.ArgumentParser(prog="lnm_predict", description="Score every lymph node of new cases with the fold "
-                                                                "ensemble of a trained model.")
+    p = argparse.ArgumentParser(prog="lnm_predict", description=(
+        "Score every lymph node of new cases with the fold ensemble of a trained model. With -d and no -c (nor -m) "
+        "it predicts with what lnm_find_best_configuration chose for the dataset: a model, an ensemble of models "
+        "or the size rule."))
     p.add_argument("-i", "--input", required=True, help="folder of cases (see documentation/outputs.md)")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("-d", "--dataset", default=None,
-                   help="dataset of the model (default: the only trained model's)")
+                   help="dataset of the model; without -c: the model, ensemble or size rule lnm_find_best_configuration "
+                        "chose for it (inference_instructions.json), else its only trained model (default: the only "
+                        "trained model's dataset)")
     p.add_argument("-c", "--configuration", default=None,
                    help="configuration of the model (default: with -d, what lnm_find_best_configuration chose - a model, "
                         "an ensemble or the size rule - on the folds it chose by, with its calibration; else the only "
@@ -26,10 +30,13 @@ def predict_parser() -> argparse.ArgumentParser:
     p.add_argument("-tr", "--trainer", default="LNMTrainer", help="trainer of the model (default: %(default)s)")
     p.add_argument("-p", "--plans_name", default="LNMPlans", help="plans of the model (default: %(default)s)")
     p.add_argument("-m", "--model", default=None,
-                   help="a model folder or a zip from lnm_export_model (default: found from -d/-c in $LNM_results)")
-    p.add_argument("-f", "--folds", nargs="+", default=None, help="folds to ensemble (default: every planned fold)")
+                   help="a model folder or a zip from lnm_export_model (one model, or a dataset's choice from "
+                        "lnm_export_model -d without -c) (default: found from -d/-c in $LNM_results)")
+    p.add_argument("-f", "--folds", nargs="+", default=None,
+                   help="folds to ensemble, for every member of a chosen ensemble (default: every planned fold; for "
+                        "the choice, the folds it was chosen on)")
     p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth",
-                   help="checkpoint file of each fold (default: %(default)s)")
+                   help="checkpoint file of each fold, of every member of an ensemble (default: %(default)s)")
     p.add_argument("-device", "--device", default="auto", help=DEVICE_HELP)
     p.add_argument("-npp", "--num_processes_preprocessing", type=int, default=None,
                    help="background processes preparing the next cases while the networks score one; 0: prepare "
@@ -38,10 +45,16 @@ def predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--disable_tta", action="store_true", help="no test-time mirroring, 4x faster (default: mirror)")
     p.add_argument("--no_probmaps", action="store_true",
                    help="do not write <case>_probmap.nii.gz (default: write them)")
+    p.add_argument("--save_probabilities", action="store_true",
+                   help="nnU-Net's name: write <case>_probmap.nii.gz, the per-node probabilities in the image's "
+                        "geometry (already the default; cannot go with --no_probmaps)")
     p.add_argument("--quiet", action="store_true", help="no progress output (default: progress shown)")
     p.add_argument("--overwrite", action="store_true",
                    help="redo cases already predicted in -o and replace that folder's previous outputs (default: "
                         "skip finished cases, refuse outputs of other settings)")
+    p.add_argument("--continue_prediction", action="store_true",
+                   help="nnU-Net's name: skip the cases already predicted in -o (already the default; cannot go "
+                        "with --overwrite)")
     p.add_argument("-num_parts", "--num_parts", type=int, default=1,
                    help="split the cases into this many parts, e.g. one per machine (default: %(default)s)")
     p.add_argument("-part_id", "--part_id", type=int, default=0,
@@ -53,29 +66,47 @@ def predict_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _refuse_contradicting_aliases(args: argparse.Namespace) -> None:
+    """nnU-Net's flags ask for lnm_predict's defaults; with the flag that turns that default off they contradict."""
+    from lnm_auto.utils.errors import LNMError
+    if args.save_probabilities and args.no_probmaps:
+        raise LNMError("--save_probabilities and --no_probmaps contradict each other; give one of them")
+    if args.continue_prediction and args.overwrite:
+        raise LNMError("--continue_prediction and --overwrite contradict each other; give one of them")
+
+
+def _chosen_dataset(args: argparse.Namespace, results: Path | None) -> Path | None:
+    """The folder of the choice to predict with: -m naming an exported choice, or -d without -c (when
+    lnm_find_best_configuration ran); else None (one model)."""
+    from lnm_auto.inference.ensemble import chosen_models
+    from lnm_auto.inference.export_choice import exported_choice
+    from lnm_auto.utils.paths import resolve_dataset_name
+    if args.model is not None:
+        return exported_choice(args.model)
+    if args.configuration is None and args.dataset is not None and results is not None:
+        dataset_results = results / resolve_dataset_name(args.dataset, results)
+        if chosen_models(dataset_results) is not None:
+            return dataset_results
+    return None
+
+
 def _predict(args: argparse.Namespace) -> int:
-    from lnm_auto.inference.ensemble import chosen_models, predict_chosen
+    from lnm_auto.inference.ensemble import chosen_models, describe_choice, predict_chosen
     from lnm_auto.inference.model import TrainedModel, find_model
     from lnm_auto.inference.predictor import predict_folder
     from lnm_auto.utils.memory import reuse_freed_memory
-    from lnm_auto.utils.paths import resolve_dataset_name
+    _refuse_contradicting_aliases(args)
     reuse_freed_memory()    # every case's image buffers reuse the last case's instead of fresh pages
     device = _say_device(args.device)
     workers = _preparation_workers(args, device)
     results = Path(args.results) if args.results else (Path(os.environ["LNM_results"]) if os.environ.get("LNM_results") else None)
-    chosen = None
-    if args.model is None and args.configuration is None and args.dataset is not None and results is not None:
-        dataset_results = results / resolve_dataset_name(args.dataset, results)
-        chosen = chosen_models(dataset_results)   # lnm_find_best_configuration's choice, if it ran
-    if chosen is not None:
-        what = " + ".join(c.name for c in chosen) if chosen else "the size rule (short axis): no model beat it"
+    dataset_results = _chosen_dataset(args, results)
+    if dataset_results is not None:
+        what = describe_choice(chosen_models(dataset_results))
         print(f"predicting with the choice of lnm_find_best_configuration: {what}", flush=True)
-        if args.checkpoint != "checkpoint_final.pth" or args.num_parts != 1:
-            from lnm_auto.utils.errors import LNMError
-            raise LNMError("-chk and -num_parts/-part_id apply to one model: name it with -c CONFIGURATION (the chosen "
-                           "model or ensemble uses checkpoint_final.pth of its folds, in one part)")
         info = predict_chosen(Path(args.input), Path(args.output), dataset_results, device, workers,
-                              not args.disable_tta, not args.no_probmaps, not args.quiet, args.overwrite, args.folds)
+                              not args.disable_tta, not args.no_probmaps, not args.quiet, args.overwrite, args.folds,
+                              args.checkpoint, args.num_parts, args.part_id)
         print(f"{info['n_nodes']} nodes of {info['n_cases']} case(s) scored; results in {args.output}")
         return 0
     folder = find_model(results, args.dataset, args.configuration, args.trainer, args.plans_name, args.model)
@@ -123,13 +154,18 @@ def predict_cli() -> None:
 # ---- lnm_export_model -----------------------------------------------------------------------------
 def export_parser() -> argparse.ArgumentParser:
     """The lnm_export_model argument parser."""
-    p = argparse.ArgumentParser(prog="lnm_export_model", description="Pack a trained model into one zip.")
+    p = argparse.ArgumentParser(prog="lnm_export_model", description=(
+        "Pack a trained model into one zip; with -d and no -c, the model, ensemble or size rule "
+        "lnm_find_best_configuration chose (lnm_predict -m THE_ZIP predicts with it as lnm_predict -d does)."))
     p.add_argument("-d", "--dataset", required=True, help="dataset id: 001, 1 or Dataset001_Name")
-    p.add_argument("-c", "--configuration", required=True, help="configuration of the model, e.g. 2d25")
+    p.add_argument("-c", "--configuration", default=None,
+                   help="configuration of the model, e.g. 2d25 (default: the choice of lnm_find_best_configuration, "
+                        "with its folds and calibration map)")
     p.add_argument("-o", "--output", required=True, help="the zip to write")
     p.add_argument("-tr", "--trainer", default="LNMTrainer", help="trainer of the model (default: %(default)s)")
     p.add_argument("-p", "--plans_name", default="LNMPlans", help="plans of the model (default: %(default)s)")
-    p.add_argument("-f", "--folds", nargs="+", default=None, help="folds to pack (default: every trained fold)")
+    p.add_argument("-f", "--folds", nargs="+", default=None,
+                   help="folds to pack (default: every trained fold; for the choice, the folds it was chosen on)")
     p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth",
                    help="checkpoint file of each fold (default: %(default)s)")
     _add_location_flags(p, "results")
@@ -137,9 +173,21 @@ def export_parser() -> argparse.ArgumentParser:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from lnm_auto.inference.ensemble import describe_choice
+    from lnm_auto.inference.export_choice import export_choice
     from lnm_auto.inference.model import export_model, find_model
-    folder = find_model(base_folder("results", args.results), args.dataset, args.configuration, args.trainer,
-                        args.plans_name)
+    from lnm_auto.utils.errors import LNMError
+    from lnm_auto.utils.paths import resolve_dataset_name
+    results = base_folder("results", args.results)
+    if args.configuration is None:
+        if args.trainer != "LNMTrainer" or args.plans_name != "LNMPlans":
+            raise LNMError("-tr and -p name one model: give its configuration with -c too (without -c, "
+                           "lnm_export_model packs the choice of lnm_find_best_configuration)")
+        out, chosen = export_choice(results / resolve_dataset_name(args.dataset, results), Path(args.output),
+                                    args.folds, args.checkpoint)
+        print(f"the choice of lnm_find_best_configuration ({describe_choice(chosen)}) written to {out}")
+        return 0
+    folder = find_model(results, args.dataset, args.configuration, args.trainer, args.plans_name)
     out = export_model(folder, Path(args.output), args.folds, args.checkpoint)
     print(f"model {folder.name} written to {out}")
     return 0

@@ -4,20 +4,25 @@ Input layouts (``-i FOLDER``):
   * ``<case>_0000<ending>`` (one per channel) with the node mask ``<case>_nodes<ending>`` beside them;
   * a raw dataset's ``imagesTs/`` (or ``imagesTr/``): masks are found in ``nodesTs/<case><ending>``;
   * one sub-folder per case holding a DICOM series and the node mask as NIfTI/NRRD/MHA.
-Every file read here is an input: ``input_locations`` names them so the output folder can be kept apart.
+An optional ``nodes.csv`` (case,node,station[,...]) in ``-i`` -- or the raw dataset's ``nodesTs.csv`` beside
+``imagesTs/`` -- names each node's station (``station_table``). Every file read here is an input:
+``input_locations`` names them so the output folder can be kept apart.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
 import SimpleITK as sitk
 
 from lnm_auto.datasets.raw_dataset import CHANNEL_SUFFIX, SAFE_CASE_ID, read_image
 from lnm_auto.utils.errors import LNMError
+from lnm_auto.utils.tables import node_ids, read_csv_text
 
 IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 MAX_HINT_FOLDERS = 200   # folders searched for a misplaced node mask (beside -i and inside it)
+UNKNOWN_STATION = "unknown"
 
 
 @dataclass
@@ -214,3 +219,28 @@ def input_locations(input_dir: Path, cases: list[InputCase], extra_files: list[P
     for c in cases:
         found += [*c.image_files, *([c.dicom_dir] if c.dicom_dir else []), c.node_mask_file]
     return found + [Path(f) for f in extra_files]
+
+
+def station_table(input_dir: Path) -> tuple[pd.DataFrame | None, str]:
+    """Stations from the input's node table (``station_table_file``); else None and the warning line saying why
+    every node's station will be ``unknown``."""
+    p = station_table_file(input_dir)
+    if p is None:
+        return None, (f"{input_dir}: no nodes.csv with a station column; stations.csv lists every node under station "
+                      f"'{UNKNOWN_STATION}'")
+    df = read_csv_text(p, "node table", required=("case", "node"))
+    if "station" not in df.columns:
+        return None, f"{p}: no 'station' column; stations.csv lists every node under station '{UNKNOWN_STATION}'"
+    table = pd.DataFrame({"case": df["case"], "node": node_ids(df["node"], p), "station": df["station"]})
+    dup = table[table.duplicated(["case", "node"])]
+    if len(dup):
+        raise LNMError(f"{p}: node {dup.node.iloc[0]} of case '{dup.case.iloc[0]}' is listed more than once")
+    return table, ""
+
+
+def station_table_file(input_dir: Path) -> Path | None:
+    """The input's node table: ``nodes.csv`` in the input folder, or ``nodesTs.csv`` beside ``imagesTs/``."""
+    candidates = [input_dir / "nodes.csv"]
+    if input_dir.name.startswith("images"):
+        candidates.append(input_dir.parent / (input_dir.name.replace("images", "nodes", 1) + ".csv"))
+    return next((p for p in candidates if p.is_file()), None)

@@ -1,28 +1,28 @@
-"""Prediction with the model (or ensemble of configurations) chosen by ``lnm_find_best_configuration``.
+"""Prediction with an ensemble of models, and with what ``lnm_find_best_configuration`` chose for a dataset.
 
-Each member predicts into ``<output>/members/<model folder name>/`` (its own fold ensemble, as ``lnm_predict``
-does for one model); the ensemble's node probability is the mean over the members, rolled up to stations and
-patients by the usual max rule; probability maps are written from the (instance) node masks.
+An ensemble goes through the same three parts as one model (``predictor.predict_with_members``): each case is
+read once, prepared for every member, scored by every member's folds (``-f``, ``-chk``), the node probability is
+the mean over the members through the ensemble's calibration map; the parts (``-num_parts/-part_id``), resume
+and the output rules are one model's. ``nodes.csv`` keeps each member's mean (``probability_<member>``) and
+folds; ``<case>_probmap.nii.gz`` shows the ensemble's (calibrated) probability.
+
+The choice (``inference_instructions.json``) is a model, an ensemble, or the size rule (``"chosen": []``: every
+node scored by its short axis, no network). ``export_choice.py`` packs it into one zip that ``lnm_predict -m``
+predicts with exactly the same way.
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-import pandas as pd
-
-from lnm_auto.evaluation.calibration import apply_calibration, checked_calibration, is_identity
-from lnm_auto.evaluation.crossval_inputs import changed_folds
+from lnm_auto.evaluation.calibration import checked_calibration, is_identity
 from lnm_auto.evaluation.crossval import INSTRUCTIONS_FILE, load_instructions, model_folders as trained_model_folders
-from lnm_auto.evaluation.rollup import rollup
-from lnm_auto.inference.cases import discover_cases, input_locations
+from lnm_auto.evaluation.crossval_inputs import changed_folds
+from lnm_auto.inference.members import Member, load_member
 from lnm_auto.inference.model import TrainedModel
-from lnm_auto.inference.output_folder import prepare_output
-from lnm_auto.inference.predictor import UNCALIBRATED, predict_folder, station_table_file, write_probability_map
+from lnm_auto.inference.output_folder import OutputFolder
+from lnm_auto.inference.predictor import predict_with_members
 from lnm_auto.utils.errors import LNMError
-from lnm_auto.utils.io import save_csv_atomic, save_json
-
-MEMBERS_DIR = "members"
 
 
 def chosen_models(dataset_results: Path) -> list[Path] | None:
@@ -53,120 +53,82 @@ def chosen_models(dataset_results: Path) -> list[Path] | None:
 
 def predict_ensemble(input_dir: Path, output_dir: Path, model_folders: list[Path], device: str = "cpu",
                      num_processes: int = 0, mirror: bool = True, save_probmaps: bool = True, progress: bool = True,
-                     overwrite: bool = False, folds: list[str] | None = None, calibration: dict | None = None) -> dict:
-    """Predict with every member (``folds``, default all planned folds, each), then average them node by node and
-    apply ``calibration`` (the ensemble's own Platt map) to the mean."""
-    output_dir = Path(output_dir)
+                     overwrite: bool = False, folds: list[str] | None = None, calibration: dict | None = None,
+                     checkpoint: str = "checkpoint_final.pth", num_parts: int = 1, part_id: int = 0) -> dict:
+    """Predict with every member (``folds``, default all planned folds, each with ``checkpoint``), average them node
+    by node and apply ``calibration`` (the ensemble's own Platt map) to the mean; one member is one model."""
     if not model_folders:   # inference_instructions.json with "chosen": []
         raise LNMError("no model to predict with: lnm_find_best_configuration chose the size rule (short axis), no "
                        "model beat it; to predict with a model anyway, name it (lnm_predict -d DATASET -c CONFIGURATION)")
-    if len(model_folders) == 1:
-        return predict_folder(input_dir, output_dir, model_folders[0], folds, device=device,
-                              num_processes=num_processes, mirror=mirror, save_probmaps=save_probmaps,
-                              progress=progress, overwrite=overwrite, calibration=calibration)
-    n_channels = len(TrainedModel.load(model_folders[0]).plans.normalization)
-    cases = discover_cases(Path(input_dir), n_channels)[0]
-    case_ids = [c.case_id for c in cases]
-    table_file = station_table_file(Path(input_dir))
-    inputs = input_locations(Path(input_dir), cases, [table_file] if table_file else [])
-    settings = {"ensemble": [str(Path(f).absolute()) for f in model_folders], "folds": folds,
-                "test_time_mirroring": mirror, "probability_maps": save_probmaps, "calibration": calibration}
-    info_file = output_dir / "predict_info.json"
-    tables = [output_dir / f"{t}.csv" for t in ("nodes", "stations", "patients")]
-    _, _, files = prepare_output(output_dir, info_file, settings, case_ids, tables, overwrite, inputs)
-    save_json({"status": "running", "settings": settings, "cases": case_ids, "files": files}, info_file)
-    try:
-        info = _predict_members(Path(input_dir), output_dir, model_folders, device, num_processes, mirror,
-                                save_probmaps, progress, overwrite, folds, calibration)
-    except LNMError as e:
-        save_json({"status": "failed", "settings": settings, "cases": case_ids, "files": files, "failed": [str(e)]},
-                  info_file)
-        raise
-    save_json({**info, "settings": settings, "cases": case_ids, "files": files}, info_file)
-    return info
+    out = OutputFolder(output_dir, num_parts, part_id)
+    names = [Path(f).name for f in model_folders]
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice and (overwrite or not out.info_file.is_file()):   # else -o's record of other settings says so first
+        raise LNMError(f"the ensemble names model {twice} twice; give each member once")
+    members = [load_member(f, folds, checkpoint, device, mirror) for f in model_folders]
+    return predict_with_members(input_dir, out, members, device, num_processes, mirror, save_probmaps, progress,
+                                overwrite, calibration)
 
 
-def _predict_members(input_dir: Path, output_dir: Path, model_folders: list[Path], device: str, num_processes: int,
-                     mirror: bool, save_probmaps: bool, progress: bool, overwrite: bool,
-                     folds: list[str] | None, calibration: dict | None) -> dict:
-    """Every member's predictions (each in members/<model>/, uncalibrated), their mean node by node through the
-    ensemble's calibration map, rolled up."""
-    members = {}
-    for folder in model_folders:
-        out = output_dir / MEMBERS_DIR / folder.name
-        if progress:
-            print(f"ensemble member {folder.name}", flush=True)
-        predict_folder(input_dir, out, folder, folds, device=device, num_processes=num_processes, mirror=mirror,
-                       save_probmaps=False, progress=progress, overwrite=overwrite, calibration=None)
-        members[folder.name] = pd.read_csv(out / "nodes.csv", dtype={"case": str, "station": str},
-                                           keep_default_na=False)
-    first = next(iter(members.values()))
-    nodes = first[["case", "node", "station"]].copy()
-    for name, table in members.items():
-        nodes = nodes.merge(table[["case", "node", "probability"]].rename(columns={"probability": f"probability_{name}"}),
-                            on=["case", "node"], how="inner")
-    mean = nodes[[f"probability_{n}" for n in members]].mean(axis=1).to_numpy()
-    nodes.insert(3, "probability", apply_calibration(calibration, mean))
-    if not is_identity(calibration):
-        nodes.insert(4, UNCALIBRATED, mean)
-    save_csv_atomic(nodes, output_dir / "nodes.csv")
-    if len(nodes):
-        save_csv_atomic(rollup(nodes, "station"), output_dir / "stations.csv")
-        save_csv_atomic(rollup(nodes, "patient"), output_dir / "patients.csv")
-    if save_probmaps:
-        masks = _mask_files(input_dir, output_dir / MEMBERS_DIR / model_folders[0].name, model_folders[0])
-        for case, group in nodes.groupby("case"):
-            write_probability_map(masks[case], dict(zip(group["node"], group["probability"])),
-                                  output_dir / f"{case}_probmap.nii.gz")
-    return {"status": "finished", "ensemble": [str(f) for f in model_folders], "members_dir": MEMBERS_DIR,
-            "combination": "mean of the members' probabilities", "n_cases": int(nodes["case"].nunique()),
-            "n_nodes": len(nodes), "folds": folds or ["all planned folds of each member"],
-            "calibration": calibration or "none: the members' mean"}
-
-
-def _mask_files(input_dir: Path, member_output: Path, model_folder: Path) -> dict[str, Path]:
-    """Each case's node mask: the instance mask a member wrote for a split binary mask, else the input's."""
-    n_channels = len(TrainedModel.load(model_folder).plans.normalization)
-    out = {}
-    for case in discover_cases(input_dir, n_channels)[0]:
-        split = member_output / f"{case.case_id}_nodes.nii.gz"
-        out[case.case_id] = split if split.is_file() else case.node_mask_file
-    return out
-
-
-def predict_chosen(input_dir: Path, output_dir: Path, dataset_results: Path, device: str = "cpu",
-                   num_processes: int = 0, mirror: bool = True, save_probmaps: bool = True, progress: bool = True,
-                   overwrite: bool = False, folds: list[str] | None = None) -> dict:
-    """Predict with what ``lnm_find_best_configuration`` chose for a dataset: its model, its ensemble or the size
-    rule, on the folds it was chosen on (``folds`` overrides), through the choice's calibration map."""
-    dataset_results = Path(dataset_results)
-    chosen = chosen_models(dataset_results)
-    if chosen is None:
-        raise LNMError(f"{dataset_results}: lnm_find_best_configuration has not run; run it, or name a model with -c")
-    path = dataset_results / INSTRUCTIONS_FILE
+def chosen_calibration(dataset_results: Path, chosen: list[Path], folds: list[str] | None,
+                       checkpoint: str) -> tuple[dict | None, list[str] | None]:
+    """The choice's calibration map and folds (``folds`` overrides the recorded ones). The map is left out, with a
+    warning line, when a member's fold models are not those it was chosen with (retrained since, or another -chk)."""
+    path = Path(dataset_results) / INSTRUCTIONS_FILE
     instructions = load_instructions(dataset_results)
     calibration = checked_calibration(instructions.get("calibration", {"method": "identity"}), str(path))
     recorded = instructions.get("folds")
     folds = folds or ([str(f) for f in recorded] if isinstance(recorded, list) and recorded else None)
     digests = instructions.get("model_files") if isinstance(instructions.get("model_files"), dict) else {}
-    for member in chosen:   # the choice and its map were made with these fold models: retrained ones void the map
+    for member in chosen:   # the choice and its map were made with these fold models: other ones void the map
         model = TrainedModel.load(member)
         member_folds = folds or [str(k) for k in range(model.plans.n_folds)]
-        changed = changed_folds(digests.get(member.name), member, member_folds, model.model_file("checkpoint_final.pth"))
+        changed = changed_folds(digests.get(member.name), member, member_folds, model.model_file(checkpoint))
         if changed and not is_identity(calibration):
-            print(f"warning: {member.name}: fold(s) {', '.join(changed)} changed since lnm_find_best_configuration "
-                  f"chose it; its calibration map is not applied (re-run lnm_find_best_configuration)",
-                  file=sys.stderr, flush=True)
+            print(f"warning: {member.name}: fold(s) {', '.join(changed)} are not the fold models "
+                  f"lnm_find_best_configuration chose it with (retrained since, or another -chk); its calibration "
+                  f"map is not applied (re-run lnm_find_best_configuration)", file=sys.stderr, flush=True)
             calibration = None
-    if chosen:
-        return predict_ensemble(input_dir, output_dir, chosen, device, num_processes, mirror, save_probmaps, progress,
-                                overwrite, folds, calibration)
-    # the size rule: any trained model of the dataset says how many channels a case has and what its training
-    # intensities looked like (the domain check); no network runs
+    return calibration, folds
+
+
+def size_rule_source(dataset_results: Path) -> Path:
+    """The model folder the size rule reads the dataset's channels and training intensities from (no network runs)."""
     models = [m for m in trained_model_folders(dataset_results) if (m / "plans.json").is_file()]
     if not models:
-        raise LNMError(f"{path}: the size rule was chosen but no model folder of {dataset_results} is left to read "
-                       "the dataset's channels from; re-run lnm_find_best_configuration")
-    return predict_folder(input_dir, output_dir, models[0], device=device, num_processes=num_processes,
-                          mirror=mirror, save_probmaps=save_probmaps, progress=progress, overwrite=overwrite,
-                          calibration=calibration, size_rule=True)
+        raise LNMError(f"{Path(dataset_results) / INSTRUCTIONS_FILE}: the size rule was chosen but no model folder of "
+                       f"{dataset_results} is left to read the dataset's channels from; re-run "
+                       "lnm_find_best_configuration")
+    return models[0]
+
+
+def predict_chosen(input_dir: Path, output_dir: Path, dataset_results: Path, device: str = "cpu",
+                   num_processes: int = 0, mirror: bool = True, save_probmaps: bool = True, progress: bool = True,
+                   overwrite: bool = False, folds: list[str] | None = None, checkpoint: str = "checkpoint_final.pth",
+                   num_parts: int = 1, part_id: int = 0) -> dict:
+    """Predict with what ``lnm_find_best_configuration`` chose for a dataset: its model, its ensemble or the size
+    rule, on the folds it was chosen on (``folds`` overrides), through the choice's calibration map. The size rule
+    has no folds nor checkpoints: ``folds`` or another ``checkpoint`` with it is one line."""
+    dataset_results = Path(dataset_results)
+    chosen = chosen_models(dataset_results)
+    if chosen is None:
+        raise LNMError(f"{dataset_results}: lnm_find_best_configuration has not run; run it, or name a model with -c")
+    if not chosen and (folds or checkpoint != "checkpoint_final.pth"):
+        raise LNMError("-f and -chk do not apply: lnm_find_best_configuration chose the size rule (short axis), "
+                       "which has no folds or checkpoints; leave them out, or name a model with -c CONFIGURATION")
+    calibration, folds = chosen_calibration(dataset_results, chosen, folds, checkpoint)
+    out = OutputFolder(output_dir, num_parts, part_id)
+    if chosen:
+        members = [load_member(f, folds, checkpoint, device, mirror) for f in chosen]
+    else:
+        members = [load_member(size_rule_source(dataset_results), None, size_rule=True)]
+    return predict_with_members(input_dir, out, members, device, num_processes, mirror, save_probmaps, progress,
+                                overwrite, calibration)
+
+
+def describe_choice(chosen: list[Path]) -> str:
+    """The choice in words, as lnm_predict announces it."""
+    return " + ".join(c.name for c in chosen) if chosen else "the size rule (short axis): no model beat it"
+
+
+__all__ = ["Member", "chosen_models", "predict_chosen", "predict_ensemble", "describe_choice"]

@@ -31,6 +31,7 @@ from lnm_auto.planning.plans import ConfigurationPlan, Plans
 from lnm_auto.radiomics.classifier import MODEL_FILE_NAME as RADIOMICS_MODEL_FILE
 from lnm_auto.radiomics.classifier import RadiomicsClassifier
 from lnm_auto.training.progress import training_logs
+from lnm_auto.training.registry import exact_trainer_hint
 from lnm_auto.utils.checkpoints import load_checkpoint
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import atomic_path, load_json
@@ -225,6 +226,10 @@ def _missing_model(folder: Path, configuration: str, trainer: str) -> LNMError:
         return LNMError(f"configuration '{configuration}' is not in the plans of {folder.parent.name}"
                         f"{nearest_hint(configuration, planned, '-c ')} (planned: {', '.join(sorted(planned))})")
     names = [m.name for m in models]
+    plans_name = folder.name.split("__")[1]
+    exact = exact_trainer_hint(trainer, names, plans_name, configuration)
+    if exact:   # the trainer's class was trained under another -tr name (LNMTrainer_1epochs): say which to pass
+        return LNMError(f"{folder}: no such model{exact}")
     trained = f" (models there: {', '.join(names)})" if names else ""
     return LNMError(f"{folder}: no such model{nearest_hint(folder.name, names)}{trained}; to train it: lnm_train "
                     f"{folder.parent.name} {configuration} FOLD -tr {trainer}")
@@ -237,32 +242,40 @@ def export_model(model_folder: Path, output_zip: Path, folds: list[str] | None =
     model = TrainedModel.load(model_folder)
     folds = folds or model.available_folds(model.model_file(checkpoint))
     model.load_scorers(folds, checkpoint, torch.device("cpu"))   # fail early on missing/damaged folds
-    _refuse_foreign_target(Path(output_zip))
+    refuse_foreign_target(Path(output_zip))
     remove_stale_temp_files(output_zip)   # what a killed export of this zip left (our temp names only)
-    base = f"{model_folder.parent.name}/{model_folder.name}"
     with atomic_path(output_zip, suffix=".zip") as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
-            for f in MODEL_FILES:
-                if (model_folder / f).is_file():
-                    z.write(model_folder / f, f"{base}/{f}")
-            for fold in folds:
-                fd = model_folder / f"fold_{fold}"
-                logs = [p.relative_to(fd).as_posix() for p in training_logs(fd)]
-                for f in [model.model_file(checkpoint), "validation/metrics.json", *logs]:
-                    if (fd / f).is_file():
-                        z.write(fd / f, f"{base}/fold_{fold}/{f}")
+            pack_model(z, model, folds, checkpoint)
     return output_zip
 
 
-def _refuse_foreign_target(output_zip: Path) -> None:
-    """lnm_export_model replaces only a model zip (one it may have written before), never another file."""
+def pack_model(z: zipfile.ZipFile, model: TrainedModel, folds: list[str], checkpoint: str) -> None:
+    """Write one model's files into ``z`` under ``DatasetXXX/<model folder>/``: plans, dataset.json, fingerprint,
+    calibration map, and per fold of ``folds`` its model file, validation metrics and training logs."""
+    model_folder = model.folder
+    base = f"{model_folder.parent.name}/{model_folder.name}"
+    for f in MODEL_FILES:
+        if (model_folder / f).is_file():
+            z.write(model_folder / f, f"{base}/{f}")
+    for fold in folds:
+        fd = model_folder / f"fold_{fold}"
+        logs = [p.relative_to(fd).as_posix() for p in training_logs(fd)]
+        for f in [model.model_file(checkpoint), "validation/metrics.json", *logs]:
+            if (fd / f).is_file():
+                z.write(fd / f, f"{base}/fold_{fold}/{f}")
+
+
+def refuse_foreign_target(output_zip: Path) -> None:
+    """lnm_export_model replaces only a model zip (one it may have written before: one model or a choice of
+    several), never another file."""
     if output_zip.is_dir():
         raise LNMError(f"-o {output_zip}: is a folder; give the path of the zip to write, e.g. "
                        f"{output_zip / 'model.zip'}")
     if output_zip.exists() or output_zip.is_symlink():
         try:
             with zipfile.ZipFile(output_zip) as z:
-                is_model = len([n for n in z.namelist() if n.count("/") == 2 and n.endswith("/plans.json")]) == 1
+                is_model = len([n for n in z.namelist() if n.count("/") == 2 and n.endswith("/plans.json")]) >= 1
         except (zipfile.BadZipFile, OSError, EOFError):
             is_model = False
         if not is_model or output_zip.is_symlink():
@@ -308,6 +321,17 @@ def _refuse_oversized(path: Path, members: list[zipfile.ZipInfo], target: Path) 
 
 def unpack_model_zip(path: Path) -> Path:
     """Extract a model zip into a temporary folder (kept for the process' lifetime) -> the model folder."""
+    target = extract_zip(path)
+    plans = list(target.glob("*/*/plans.json"))
+    if len(plans) != 1:
+        raise LNMError(f"{path}: expected exactly one model (DatasetXXX/<Trainer>__<Plans>__<config>/plans.json) in the zip")
+    EXTRACTED_FROM[plans[0].parent] = Path(path)
+    return plans[0].parent
+
+
+def extract_zip(path: Path) -> Path:
+    """Extract a zip of lnm_export_model into a temporary folder (kept for the process' lifetime), refusing unsafe
+    paths, links and zip bombs -> the folder."""
     target = Path(tempfile.mkdtemp(prefix="lnm_model_"))
     atexit.register(shutil.rmtree, target, ignore_errors=True)   # removed when the process ends
     try:
@@ -322,8 +346,4 @@ def unpack_model_zip(path: Path) -> Path:
             z.extractall(target)
     except (zipfile.BadZipFile, EOFError, zlib.error) as e:
         raise LNMError(f"{path}: not a valid zip file ({str(e)[:120] or type(e).__name__})") from None
-    plans = list(target.glob("*/*/plans.json"))
-    if len(plans) != 1:
-        raise LNMError(f"{path}: expected exactly one model (DatasetXXX/<Trainer>__<Plans>__<config>/plans.json) in the zip")
-    EXTRACTED_FROM[plans[0].parent] = Path(path)
-    return plans[0].parent
+    return target

@@ -12,15 +12,19 @@ Rules (documentation/robustness.md):
     old tables; everything it lists with ``--overwrite``), plus the temporary files of those names a killed run
     left (``utils/stale_temps.py``). Recorded names are taken only if they have the form of lnm_predict's
     outputs (a hand-edited record cannot point elsewhere).
+  * ``OutputFolder`` owns one run's part of ``-o`` (``-num_parts``: ``nodes_part<K>.csv``,
+    ``predict_info_part<K>.json``): its record goes from ``running`` to ``finished`` or ``failed``.
 """
 from __future__ import annotations
 
+import datetime
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lnm_auto.datasets.raw_dataset import SAFE_CASE_ID
 from lnm_auto.utils.errors import LNMError
-from lnm_auto.utils.io import load_json
+from lnm_auto.utils.io import load_json, save_json
 from lnm_auto.utils.stale_temps import remove_stale_temp_files
 
 CASE_ROWS = "cases"   # cases/<case>.csv: one case's node rows, written last: the case is done
@@ -135,3 +139,52 @@ def prepare_output(output_dir: Path, info_file: Path, settings: dict, case_ids: 
     except OSError as e:
         raise LNMError(f"-o {output_dir}: cannot be created ({e.strerror or e})") from None
     return done, previous, sorted(set(claimed))
+
+
+@dataclass
+class OutputFolder:
+    """One run's files in ``-o``: its part's tables and ``predict_info.json``, and the record written there."""
+    output_dir: Path
+    num_parts: int = 1
+    part_id: int = 0
+    record: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.num_parts < 1 or not 0 <= self.part_id < self.num_parts:
+            raise LNMError(f"-part_id must lie in 0..num_parts-1 and -num_parts be at least 1 (got -num_parts "
+                           f"{self.num_parts} -part_id {self.part_id})")
+        self.output_dir = Path(self.output_dir)
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise LNMError(f"-o {self.output_dir}: is a file, not a folder; give a folder for the outputs")
+
+    @property
+    def suffix(self) -> str:
+        return f"_part{self.part_id}" if self.num_parts > 1 else ""
+
+    @property
+    def info_file(self) -> Path:
+        return self.output_dir / f"predict_info{self.suffix}.json"
+
+    @property
+    def tables(self) -> list[Path]:
+        """nodes, stations, patients (of this part)."""
+        return [self.output_dir / f"{name}{self.suffix}.csv" for name in TABLES]
+
+    def claim(self, settings: dict, case_ids: list[str], overwrite: bool, inputs: list[Path]) -> tuple[set[str], dict]:
+        """``prepare_output`` for this run, then the record ``running`` (with every file the run may write) before
+        any output. Returns (the cases already done: skipped, the previous record)."""
+        done, previous, files = prepare_output(self.output_dir, self.info_file, settings, case_ids, self.tables,
+                                               overwrite, inputs)
+        self.record = {"settings": settings, "cases": case_ids, "files": files}
+        save_json({"status": "running", **self.record,
+                   "started": datetime.datetime.now().isoformat(timespec="seconds")}, self.info_file)
+        return done, previous
+
+    def failed(self, failures: list[str], warnings: dict[str, str]) -> None:
+        save_json({"status": "failed", **self.record, "failed": failures, "domain_warnings": warnings}, self.info_file)
+
+    def finished(self, info: dict) -> dict:
+        """Write the finished record (``info`` after the settings, cases and files); returns it."""
+        record = {"status": "finished", **self.record, **info}
+        save_json(record, self.info_file)
+        return record
