@@ -98,3 +98,31 @@ def test_kind_fits_saves_reloads_scores_identically_and_refuses_a_crafted_file(n
 class _Exploit:
     def __reduce__(self):
         return (print, ("unpickled!",))
+
+
+def test_trainers_override_only_the_named_hooks():
+    """A network trainer variant changes the loop only through TRAINER_HOOKS; a classifier trainer is not a network
+    trainer posing with half its methods refused: it implements FoldTrainer's two methods beside the shared fold
+    logic. Every configuration kind's default trainer is registered."""
+    import importlib
+
+    from lnm_auto.training import registry
+    from lnm_auto.training.fold_trainer import FoldTrainer
+    from lnm_auto.training.pretraining import WSPPretrainer
+    from lnm_auto.training.trainer import TRAINER_HOOKS, LNMTrainer
+    for module in registry.TRAINER_MODULES:
+        importlib.import_module(module)
+    for name, cls in [*registry.TRAINERS.items(), ("WSPPretrainer", WSPPretrainer)]:
+        if cls is LNMTrainer:
+            continue
+        base = LNMTrainer if issubclass(cls, LNMTrainer) else FoldTrainer
+        overridden = {k for c in cls.__mro__[:cls.__mro__.index(base)] for k, v in vars(c).items()
+                      if callable(v) or isinstance(v, (classmethod, property))}
+        overridden = {k for k in overridden if hasattr(base, k) and not k.startswith("__")}
+        allowed = set(TRAINER_HOOKS) if base is LNMTrainer else {"run_training", "predict_records",
+                                                                "default_num_epochs", "training_records"}
+        assert overridden <= allowed, f"{name} overrides {sorted(overridden - allowed)}"
+        if base is FoldTrainer:
+            assert not hasattr(cls, "build_network") and not hasattr(cls, "configure_optimizers")
+    for kind in KINDS:
+        assert registry.trainer_class(kind.default_trainer)[0] is not None

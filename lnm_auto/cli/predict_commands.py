@@ -217,6 +217,9 @@ def evaluate_parser() -> argparse.ArgumentParser:
                    help="reference patients CSV (default: patient labels derived from node labels)")
     p.add_argument("--compare", default=None,
                    help="a second nodes.csv: DeLong test of the AUROC difference (default: no comparison)")
+    p.add_argument("--compare_name", default="compared", metavar="NAME",
+                   help='what roc.png\'s legend calls the --compare predictions, e.g. "size rule (short axis)" '
+                        "(default: %(default)s)")
     p.add_argument("--n_bootstrap", type=int, default=1000,
                    help="patient-bootstrap resamples for the 95%% CIs, 0 for none (default: %(default)s)")
     return p
@@ -225,7 +228,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
 def _evaluate(args: argparse.Namespace) -> int:
     from lnm_auto.evaluation.report import evaluate, format_table
     metrics = evaluate(args.reference, args.prediction, args.output, args.ref_stations, args.ref_patients,
-                       args.compare, n_bootstrap=args.n_bootstrap)
+                       args.compare, n_bootstrap=args.n_bootstrap, compare_name=args.compare_name)
     print(format_table(metrics))
     print(f"report: {Path(args.output) / 'metrics.json'}, {Path(args.output) / 'roc.png'}, "
           f"{Path(args.output) / 'calibration.png'}")

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
+from lnm_auto.configurations import kind_of
 from lnm_auto.conversion.components import as_instance_mask
 from lnm_auto.datasets.raw_dataset import read_instance_mask
 from lnm_auto.evaluation.calibration import apply_calibration
@@ -27,14 +28,9 @@ from lnm_auto.inference.cases import InputCase, read_case_images
 from lnm_auto.inference.domain import case_samples, domain_warning
 from lnm_auto.inference.members import UNCALIBRATED, Member, NodeMismatch, combine
 from lnm_auto.inference.output_folder import CASE_ROWS
-from lnm_auto.planning.deep_radiomics_topology import DeepRadiomicsTopology
-from lnm_auto.planning.learning_scheme import RadiomicsTopology
 from lnm_auto.planning.plans import ConfigurationPlan, Plans
-from lnm_auto.preprocessing.crops import preprocess_images
 from lnm_auto.preprocessing.geometry import measure_nodes
 from lnm_auto.preprocessing.preprocessor import check_case_images
-from lnm_auto.radiomics.dataset_features import case_inputs as radiomics_case_inputs
-from lnm_auto.radiomics.deep_features import case_inputs as deep_radiomics_case_inputs
 from lnm_auto.training.progress import progress_bar, show_progress
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import atomic_path, save_csv_atomic
@@ -63,18 +59,11 @@ def member_inputs(images: list[sitk.Image], mask: sitk.Image, plans: Plans,
                   configuration: ConfigurationPlan | None, size_rule: bool) -> dict:
     """One member's inputs of a case: its short axes (size rule: measured as the crops measure them; no crop is
     cut), radiomics features, or the plans' crops."""
-    network = configuration.network if configuration is not None else None
     if size_rule:
         nodes = measure_nodes(mask)
-        inputs = {"node_ids": np.asarray([n.node for n in nodes], dtype=np.int32),
-                  "short_axis_mm": np.asarray([n.short_axis_mm for n in nodes], dtype=np.float32)}
-    elif isinstance(network, RadiomicsTopology):
-        inputs = radiomics_case_inputs(images, mask, network)
-    elif isinstance(network, DeepRadiomicsTopology):   # radiomics + the frozen backbone's embedding of the crops
-        inputs = deep_radiomics_case_inputs(images, mask, plans, network)
-    else:
-        inputs = preprocess_images(images, mask, plans)
-    return inputs
+        return {"node_ids": np.asarray([n.node for n in nodes], dtype=np.int32),
+                "short_axis_mm": np.asarray([n.short_axis_mm for n in nodes], dtype=np.float32)}
+    return kind_of(configuration).case_inputs(images, mask, plans, configuration)
 
 
 def prepare_case(case: InputCase, specs: list[tuple], output_dir: Path, reference: dict | None = None

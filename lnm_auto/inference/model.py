@@ -18,21 +18,14 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch import nn
 
+from lnm_auto.configurations import ConfigurationKind, kind_of
+from lnm_auto.configurations.base import CLASSIFIER_MODEL_FILE
 from lnm_auto.evaluation.calibration import CALIBRATION_FILE, checked_calibration
 from lnm_auto.evaluation.crossval_inputs import changed_folds, read_json
-from lnm_auto.configurations.networks import network_for
-from lnm_auto.networks.frozen_embedding import check_weights
-from lnm_auto.networks.node_predictor import predict_node_crops
-from lnm_auto.planning.deep_radiomics_topology import DeepRadiomicsTopology
-from lnm_auto.planning.learning_scheme import RadiomicsTopology
 from lnm_auto.planning.plans import ConfigurationPlan, Plans
-from lnm_auto.radiomics.classifier import MODEL_FILE_NAME as RADIOMICS_MODEL_FILE
-from lnm_auto.radiomics.classifier import RadiomicsClassifier
 from lnm_auto.training.progress import training_logs
 from lnm_auto.training.registry import exact_trainer_hint
-from lnm_auto.utils.checkpoints import load_checkpoint
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import atomic_path, load_json
 from lnm_auto.utils.paths import nearest_hint, resolve_dataset_name
@@ -102,57 +95,32 @@ class TrainedModel:
         return data, ""
 
     @property
-    def is_radiomics(self) -> bool:
-        """A radiomics classifier (radiomics, deep_radiomics: fold files radiomics_model.json), not a network."""
-        return isinstance(self.configuration.network, (RadiomicsTopology, DeepRadiomicsTopology))
+    def kind(self) -> ConfigurationKind:
+        """The configuration kind (lnm_auto.configurations): how its fold models are stored, loaded and scored."""
+        return kind_of(self.configuration)
 
     def model_file(self, checkpoint: str) -> str:
-        """The file a fold keeps its model in: the checkpoint, or radiomics_model.json for radiomics."""
-        return RADIOMICS_MODEL_FILE if self.is_radiomics else checkpoint
+        """The file a fold keeps its model in: the checkpoint, or radiomics_model.json for a classifier."""
+        return self.kind.model_file(checkpoint)
 
     def load_scorers(self, folds: list[str] | None, checkpoint: str, device: torch.device,
                      mirror: bool = True) -> dict[str, Callable[[dict], np.ndarray]]:
-        """Per fold, a function from one case's prepared inputs (crops, or radiomics features) to its nodes'
-        probabilities: the one interface lnm_predict ensembles over."""
-        if self.is_radiomics:
-            available = self.available_folds(RADIOMICS_MODEL_FILE)
-            folds = folds or self.default_folds(RADIOMICS_MODEL_FILE)
-            missing = [f for f in folds if f not in available]
-            if missing:
-                raise LNMError(f"{self.folder}: no {RADIOMICS_MODEL_FILE} for fold(s) {', '.join(missing)}; trained "
-                               f"folds: {', '.join(available) or 'none'}")
-            models = {f: RadiomicsClassifier.load(self.folder / f"fold_{f}" / RADIOMICS_MODEL_FILE) for f in folds}
-            if isinstance(self.configuration.network, DeepRadiomicsTopology):
-                # the frozen backbone's weights, refused before any case when they are not the plans' (SHA-256)
-                check_weights(self.configuration.network)
-            return {f: (lambda inputs, m=m: m.predict_proba(inputs["radiomics_features"])) for f, m in models.items()}
-        nets = self.load_networks(folds, checkpoint, device)
-        bs = self.configuration.recipe.batch_size
-        return {f: (lambda crops, net=net: predict_node_crops(net, crops, self.plans, self.configuration, device, bs,
-                                                              mirror)) for f, net in nets.items()}
-
-    def load_networks(self, folds: list[str] | None, checkpoint: str, device: torch.device) -> dict[str, nn.Module]:
-        """The networks of ``folds`` (default: every planned fold), loaded weights-only."""
-        available = self.available_folds(checkpoint)
-        if not available:
+        """Per fold (default: every planned fold), a function from one case's prepared inputs (crops, or radiomics
+        features) to its nodes' probabilities: the one interface lnm_predict ensembles over. Each fold model is
+        loaded by its kind, weights-only (networks) or as checked JSON (classifiers)."""
+        model_file = self.model_file(checkpoint)
+        available = self.available_folds(model_file)
+        if not available and not self.kind.fitted_once:
             raise self.missing_checkpoint(checkpoint)
-        folds = folds or self.default_folds(checkpoint)
+        folds = folds or self.default_folds(model_file)
         missing = [f for f in folds if f not in available]
         if missing:
-            raise LNMError(f"{self.folder}: no {checkpoint} for fold(s) {', '.join(missing)}; trained folds: "
+            raise LNMError(f"{self.folder}: no {model_file} for fold(s) {', '.join(missing)}; trained folds: "
                            f"{', '.join(available) or 'none'}")
-        networks = {}
-        for f in folds:
-            path = self.folder / f"fold_{f}" / checkpoint
-            net = network_for(self.plans, self.configuration)
-            state = load_checkpoint(path, self.plans.identifier())["network_weights"]
-            try:
-                net.load_state_dict(state)
-            except (RuntimeError, KeyError) as e:
-                raise LNMError(f"{path}: does not fit the network of {self.folder / 'plans.json'} "
-                               f"({str(e).splitlines()[0][:150]})") from None
-            networks[f] = net.to(device).eval()
-        return networks
+        kind, plans, config = self.kind, self.plans, self.configuration
+        models = {f: kind.load_fold_model(self.folder / f"fold_{f}" / model_file, plans, config, device)
+                  for f in folds}
+        return {f: kind.scorer(m, plans, config, device, mirror) for f, m in models.items()}
 
     def missing_checkpoint(self, checkpoint: str) -> LNMError:
         """No fold has ``checkpoint``: a misspelt name gets the nearest checkpoint that exists, else the
@@ -177,7 +145,7 @@ def list_models(results_root: Path) -> list[Path]:
     if not Path(results_root).is_dir():
         return []
     return sorted(p for p in Path(results_root).glob("Dataset*/*__*__*")
-                  if p.is_dir() and (any(p.glob("fold_*/checkpoint_*.pth")) or any(p.glob(f"fold_*/{RADIOMICS_MODEL_FILE}"))))
+                  if p.is_dir() and (any(p.glob("fold_*/checkpoint_*.pth")) or any(p.glob(f"fold_*/{CLASSIFIER_MODEL_FILE}"))))
 
 
 def find_model(results_root: Path | None, dataset=None, configuration: str | None = None,

@@ -40,11 +40,10 @@ class DeepRadiomicsTrainer(RadiomicsTrainer):
     def topology(self) -> DeepRadiomicsTopology:
         return self.config.network
 
-    def build_network(self):
-        """No network to train; the frozen backbone's weights are checked here, before any feature is computed."""
-        super().build_network()
+    def check_configuration(self) -> None:
+        """Also the frozen backbone's weights (SHA-256), before any feature is computed."""
+        super().check_configuration()
         check_weights(self.topology)
-        return None
 
     def radiomics_settings(self):
         """The radiomics part of the plan: the same feature cache as the radiomics configuration."""

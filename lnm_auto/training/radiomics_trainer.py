@@ -1,7 +1,7 @@
 """``lnm_train DATASET radiomics FOLD``: the classical configuration, trained like every other one.
 
 Same folds, same fold folder, same ``validation/`` outputs and the same validation-level rule as the deep
-configurations (it reuses LNMTrainer's folds, logging and validation export): only the model differs. The
+configurations (FoldTrainer's folds, logging and validation export): only the model differs. The
 model is IBSI node features (lnm_auto.radiomics, computed once per dataset from the raw images in $LNM_raw and
 cached in the preprocessed folder) + a scikit-learn classifier chosen by patient-grouped inner CV on the
 training fold, stored as JSON (``fold_<k>/radiomics_model.json``: no pickle, safe to share). There is no
@@ -19,35 +19,34 @@ from lnm_auto.planning.plans import ConfigurationPlan
 from lnm_auto.radiomics.classifier import MODEL_FILE_NAME, RadiomicsClassifier
 from lnm_auto.radiomics.dataset_features import dataset_node_features
 from lnm_auto.radiomics.features import FEATURE_COLUMNS
-from lnm_auto.training.trainer import LNMTrainer
+from lnm_auto.training.fold_trainer import FoldTrainer
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import load_json
 
 MODEL_FILE = MODEL_FILE_NAME
 
 
-class RadiomicsTrainer(LNMTrainer):
+class RadiomicsTrainer(FoldTrainer):
     """Fits the radiomics classifier on the fold's node-labelled training nodes."""
 
     classifier: RadiomicsClassifier | None = None
     _features: pd.DataFrame | None = None
     topology_type: type = RadiomicsTopology   # the configuration's topology this trainer fits
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.check_configuration()
+
     @classmethod
     def default_num_epochs(cls, config: ConfigurationPlan) -> int:
         """One fit."""
         return 1
 
-    def build_network(self):
-        """No network: the model is the classifier fitted in run_training."""
+    def check_configuration(self) -> None:
+        """Refuse, before any feature is computed, a configuration this trainer does not fit."""
         if type(self.config.network) is not self.topology_type:
             raise LNMError(f"{type(self).__name__} trains the '{self.topology_type.config_name}' configuration, not "
                            f"'{self.config.name}'")
-        return None
-
-    def configure_optimizers(self):
-        """Nothing to optimise by gradient descent."""
-        return None, None
 
     def radiomics_settings(self) -> RadiomicsTopology:
         """The feature settings (deep_radiomics: its radiomics part, so both share one feature cache)."""
@@ -108,7 +107,7 @@ class RadiomicsTrainer(LNMTrainer):
         records = self.training_records()
         self.log.print(f"training {self.trainer_name} {self.plans.plans_name} {self.config.name} fold {self.fold}: "
                        f"{len(records)} node-labelled training nodes ({int((records.label == 1).sum())} positive)")
-        self.on_train_start()
+        self.say_validation_level()
         rows = self.feature_rows(records)
         self.classifier = RadiomicsClassifier(self.seed).fit(rows, records["label"].to_numpy(),
                                                              self.patient_groups(records))
@@ -118,7 +117,7 @@ class RadiomicsTrainer(LNMTrainer):
         self.current_epoch = 1
         self.export_validation(MODEL_FILE)
 
-    def predict_records(self, records: pd.DataFrame, network=None) -> np.ndarray:
+    def predict_records(self, records: pd.DataFrame) -> np.ndarray:
         """Probabilities of the fitted classifier for cached nodes."""
         if self.classifier is None:
             path = self.output_folder / MODEL_FILE

@@ -259,7 +259,8 @@ def run_training(trainer: LNMTrainer, continue_training: bool = False, pretraine
                     run_validation(trainer, "checkpoint_final.pth", save_probabilities=True)
                 return trainer
     elif pretrained_weights:
-        wega = global_branch_for(trainer.network, Path(pretrained_weights))
+        # a classifier trainer has no network: its load_pretrained refuses the file in one line
+        wega = global_branch_for(trainer.network, Path(pretrained_weights)) if isinstance(trainer, LNMTrainer) else None
         if wega is not None:   # a DINOv2 (bare ViT) file: into wega's global branch, position embedding resampled
             report = wega.load_global_weights(Path(pretrained_weights))
             trainer.initial_weights = str(pretrained_weights)

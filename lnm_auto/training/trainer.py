@@ -6,10 +6,12 @@ background workers; per epoch validation AUROC on the fold's validation patients
 level, see training/validation.py), ``checkpoint_best`` by an EMA (0.9 old + 0.1 new) of it,
 ``checkpoint_latest`` every epoch, ``checkpoint_final`` at the end.
 
-Hooks a variant overrides (nothing else): ``default_num_epochs``, ``build_network``, ``configure_optimizers``,
-``training_records``, ``validation_records``, ``batch_groups``, ``make_loader``, ``steps_per_epoch``,
-``network_outputs``, ``compute_loss``, ``after_optimizer_step``, ``on_train_start``, ``on_epoch_start``,
-``on_epoch_end``, ``on_train_end``, ``checkpoint_state`` / ``restore_state``.
+The fold's cases, log and validation export are FoldTrainer's (training/fold_trainer.py), shared with the
+classifier trainers. Hooks a variant overrides (nothing else; see ``TRAINER_HOOKS``): ``default_num_epochs``,
+``build_network``, ``configure_optimizers``, ``training_records``, ``validation_records``, ``batch_groups``,
+``make_loader``, ``steps_per_epoch``, ``network_outputs``, ``compute_loss``, ``after_optimizer_step``,
+``on_train_start``, ``on_epoch_start``, ``on_epoch_end``, ``on_train_end``, ``checkpoint_state`` /
+``restore_state``, ``validate`` (WSP pre-training has nothing to validate).
 
 Under torchrun / ``-num_gpus`` every process runs this loop; ``self.distributed`` (training/distributed.py) splits
 batches and validation over the ranks, and only rank 0 writes files (documentation/scaling.md).
@@ -26,86 +28,47 @@ import pandas as pd
 import torch
 from torch import nn
 
-from lnm_auto.evaluation.report import metric_settings, metrics_document, validation_metrics
 from lnm_auto.configurations.networks import network_for
 from lnm_auto.networks import backbone_lr_groups, load_imagenet_backbones, load_pretrained_weights
 from lnm_auto.networks.node_predictor import predict_node_crops
-from lnm_auto.planning.plans import ConfigurationPlan, Plans
-from lnm_auto.preprocessing.preprocessor import crops_digest
-from lnm_auto.training import registry
-from lnm_auto.training.data import (BatchGroup, CropStore, NodeBatchLoader, batch_to_device, default_num_workers,
-                                    load_batch, training_batches)
-from lnm_auto.training.distributed import DistributedRun
+from lnm_auto.planning.plans import Plans
+from lnm_auto.training.data import BatchGroup, NodeBatchLoader, batch_to_device, load_batch, training_batches
+from lnm_auto.training.fold_trainer import FoldTrainer
 from lnm_auto.training.lr_schedule import warmup_cosine_schedule
-from lnm_auto.training.progress import TrainingLog, progress_bar
-from lnm_auto.training.validation import auroc_or_nan, bce, passed_over, validation_level, validation_units
+from lnm_auto.training.progress import progress_bar
 from lnm_auto.utils.checkpoints import load_checkpoint, save_checkpoint
 from lnm_auto.utils.errors import LNMError
-from lnm_auto.utils.io import atomic_path, save_csv_atomic, save_json
-from lnm_auto.utils.write_errors import make_folder
 
 GRAD_CLIP_NORM = 12.0
+# what a network trainer variant may override (a test holds every registered trainer to it)
+TRAINER_HOOKS = ("default_num_epochs", "build_network", "configure_optimizers", "training_records",
+                 "validation_records", "batch_groups", "make_loader", "steps_per_epoch", "network_outputs",
+                 "compute_loss", "after_optimizer_step", "on_train_start", "on_epoch_start", "on_epoch_end",
+                 "on_train_end", "checkpoint_state", "restore_state", "validate")
 EMA_KEEP = 0.9
 
 
-class LNMTrainer:
-    """Supervised training on the node-labelled nodes of one fold."""
+class LNMTrainer(FoldTrainer):
+    """Supervised training of the configuration's network on the node-labelled nodes of one fold."""
 
     imagenet_weights = ""   # build_network's line on the plan's ImageNet backbone weights ("": none loaded)
-
-    def __init_subclass__(cls, register: bool = True, **kwargs):
-        super().__init_subclass__(**kwargs)
-        if register:   # selectable with lnm_train -tr NAME
-            registry.register(cls)
 
     def __init__(self, plans: Plans, configuration: str, fold: int | str, preprocessed_dataset: Path,
                  output_folder: Path, device: str = "cpu", num_epochs: int | None = None, seed: int = 12345,
                  num_workers: int | None = None, splits: list[dict] | None = None, raw_root: Path | None = None):
-        self.plans = plans
-        self.raw_root = None if raw_root is None else Path(raw_root)   # the raw dataset's root (radiomics reads it)
-        self.config = plans.configuration(configuration)
-        self.fold = fold
-        self.preprocessed_dataset = Path(preprocessed_dataset)
-        self.output_folder = Path(output_folder)
-        self.distributed = DistributedRun.current()   # a world of one outside torchrun / -num_gpus
-        self.device = self.distributed.device(device)
-        self.seed = seed
-        self.num_epochs = int(num_epochs or self.default_num_epochs(self.config))
-        self.num_workers = num_workers if num_workers is not None else \
-            default_num_workers(self.distributed.local_world_size)   # its share of the machine's cores
-        self.crops_dir = self.preprocessed_dataset / f"{plans.plans_name}_crops"
-        index_file = self.crops_dir / "nodes_index.csv"
-        if not index_file.is_file():
-            raise LNMError(f"{index_file}: missing; run lnm_plan_and_preprocess -d {plans.dataset_name} first")
-        self.nodes = pd.read_csv(index_file, dtype={"case": str, "station": str}, keep_default_na=False)
-        self.train_cases, self.val_cases = self._fold_cases(splits)
-        self.store = CropStore(self.crops_dir, self.config.scales, plans.normalization, crops_digest(plans.scales))
+        super().__init__(plans, configuration, fold, preprocessed_dataset, output_folder, device, num_epochs, seed,
+                         num_workers, splits, raw_root)
         torch.manual_seed(seed)  # same initial weights for the same seed
         self.network = self.build_network()
         self.forward_module = self.network   # what a training step's forward goes through (see _replicated_network)
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
         self.loss_fn = nn.BCEWithLogitsLoss()
-        if self.distributed.is_main:
-            make_folder(self.output_folder)
-        self.log: TrainingLog = self.distributed.training_log(self.output_folder)   # training_log_<date>.txt per run
         if self.imagenet_weights:
             self.log.print(self.imagenet_weights)
-        self.current_epoch = 0
         self.best_ema: float | None = None
         self.ema_auroc: float | None = None
-        self.initial_weights: str | None = None   # where the weights came from, if not a fresh start
-
-    @property
-    def trainer_name(self) -> str:
-        """The name this run is stored under (class + ``_<N>epochs`` for non-default epoch counts)."""
-        return registry.trainer_name(type(self).__name__, self.num_epochs, self.default_num_epochs(self.config))
 
     # ---- hooks: what to learn from ------------------------------------------------------------------
-    @classmethod
-    def default_num_epochs(cls, config: ConfigurationPlan) -> int:
-        """The default number of epochs (the plan's)."""
-        return config.recipe.num_epochs
-
     def build_network(self) -> nn.Module:
         """The configuration's network, as the plans size it, with the plan's ImageNet backbone weights if any."""
         network = network_for(self.plans, self.config)
@@ -133,18 +96,6 @@ class LNMTrainer:
                            f"'{r.optimizer}' (use SGD or AdamW)")
         return opt, warmup_cosine_schedule(opt, self.num_epochs, r.warmup_fraction)
 
-    def training_records(self) -> pd.DataFrame:
-        """Nodes this trainer learns from: the node-labelled nodes of the training cases."""
-        df = self.nodes[self.nodes["case"].isin(self.train_cases) & (self.nodes["label"] >= 0)]
-        if df.empty:
-            raise LNMError(f"fold {self.fold} has no node-labelled training nodes; this trainer needs node labels "
-                           "(LNMTrainerWeak learns from station and patient labels, see documentation/training.md)")
-        return df
-
-    def validation_records(self) -> pd.DataFrame:
-        """Every node of the validation cases (the level they are scored at is chosen from their labels)."""
-        return self.nodes[self.nodes["case"].isin(self.val_cases)]
-
     def batch_groups(self, records: pd.DataFrame) -> list[BatchGroup]:
         """What one batch is made of: the plan's batch of labelled nodes with positive oversampling."""
         r = self.config.recipe
@@ -170,10 +121,6 @@ class LNMTrainer:
 
     def after_optimizer_step(self) -> None:
         """Called after every optimizer step (mean teacher: the EMA update)."""
-
-    def on_train_start(self) -> None:
-        """Called once before the first epoch of this process (also after --c): says what validation is on."""
-        self._say_validation_level(self.validation_records())
 
     def on_epoch_start(self) -> None:
         """Called before each epoch."""
@@ -287,6 +234,10 @@ class LNMTrainer:
             self.config = plan_config
 
     # ---- validation -----------------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        """Called once before the first epoch of this process (also after --c): says what validation is on."""
+        self.say_validation_level()
+
     def predict_records(self, records: pd.DataFrame, network: nn.Module | None = None) -> np.ndarray:
         """Probabilities (fused head) of cached nodes: the same code path as lnm_predict. Under torchrun each rank
         predicts its shard and every rank gets all of them (every rank must call this with the same records)."""
@@ -297,64 +248,6 @@ class LNMTrainer:
                                     self.plans, self.config, self.device, bs)
                  for i in range(0, len(mine), bs)]
         return self.distributed.gather(np.concatenate(probs) if probs else np.zeros(0), len(records), self.device)
-
-    def validate(self) -> dict:
-        """Loss and AUROC on the validation cases at the finest labelled level; ``nodes``: every validation node
-        with its probability (labelled or not)."""
-        records = self.validation_records()
-        nodes = records.assign(probability=self.predict_records(records)) if len(records) else None
-        level = validation_level(records) if len(records) else None
-        if level is None:
-            return {"loss": float("nan"), "auroc": float("nan"), "level": "no", "units": None, "nodes": nodes}
-        units = validation_units(records, nodes["probability"].to_numpy(), level)
-        y, p = units["label"].to_numpy(), units["probability"].to_numpy()
-        return {"loss": bce(y, p), "auroc": auroc_or_nan(y, p), "level": level, "units": units, "nodes": nodes}
-
-    def _say_validation_level(self, records: pd.DataFrame) -> None:
-        level = validation_level(records) if len(records) else None
-        if level is None:
-            self.log.print(f"WARNING: fold {self.fold} has no labelled validation case at any level: no validation "
-                           "AUROC, no checkpoint_best.pth (use more folds' data or add labels)")
-            return
-        units = validation_units(records, np.zeros(len(records)), level)
-        n_pos = int(units["label"].sum())
-        note = "" if 0 < n_pos < len(units) else " WARNING: one class only, so no AUROC and no checkpoint_best.pth"
-        self.log.print(f"validation at {level} level{passed_over(records, level)}: {len(units)} labelled units "
-                       f"({n_pos} positive){note}")
-
-    def export_validation(self, checkpoint: str = "checkpoint_final.pth", save_probabilities: bool = False) -> None:
-        """validation/<level>s.csv (the fold's labelled validation units by the model as loaded from
-        ``checkpoint``, named in metrics.json), validation/metrics.json (documentation/outputs.md),
-        validation/predictions.csv (every validation node, labelled or not: what lnm_find_best_configuration
-        pools) and, with ``save_probabilities``, validation/probabilities.npz (case, node, probability)."""
-        val = self.validate()
-        if not self.distributed.is_main:   # every rank predicted its shard; rank 0 writes
-            return
-        out = self.output_folder / "validation"
-        source = {"model_folder": str(self.output_folder.parent), "fold": str(self.fold), "checkpoint": checkpoint,
-                  "validation_level": val["level"] if val["units"] is not None else "none"}
-        nodes = val["nodes"]
-        if nodes is not None:
-            save_csv_atomic(nodes[["case", "node", "station", "label", "station_label", "patient_label",
-                                   "probability"]], out / "predictions.csv")
-        if save_probabilities and nodes is not None:   # nnU-Net's --npz
-            with atomic_path(out / "probabilities.npz", suffix=".npz") as tmp:
-                # plain str / int / float arrays: np.load(..., allow_pickle=False) reads them
-                np.savez_compressed(tmp, case=nodes["case"].to_numpy().astype(str),
-                                    node=nodes["node"].to_numpy().astype(np.int64),
-                                    probability=nodes["probability"].to_numpy(np.float64))
-        if val["units"] is None:
-            save_json(metrics_document("validation", source, metric_settings(0, 0), {}, ["no labelled validation data"]),
-                      out / "metrics.json")
-            self.log.print(f"validation of fold {self.fold}: no labelled validation data")
-            return
-        units = val["units"]
-        save_csv_atomic(units, out / f"{val['level']}s.csv")
-        metrics = validation_metrics(units, val["level"], source)
-        save_json(metrics, out / "metrics.json")
-        auroc = metrics["levels"][val["level"]].get("auroc", {}).get("value")
-        self.log.print(f"validation of fold {self.fold} with {checkpoint} at {val['level']} level: AUROC "
-                       f"{float('nan') if auroc is None else auroc:.4f} on {len(units)} {val['level']}s -> {out}")
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def checkpoint_state(self) -> dict:
@@ -415,18 +308,3 @@ class LNMTrainer:
                        f"network tensors not in the file, {len(report['unexpected'])} file tensors unused, "
                        f"{len(report['shape_mismatch'])} shape mismatches")
         return report
-
-    # ---- folds ------------------------------------------------------------------------------------
-    def _fold_cases(self, splits: list[dict] | None) -> tuple[list[str], list[str]]:
-        all_cases = sorted(self.nodes["case"].unique())
-        if self.fold == "all":
-            return all_cases, all_cases   # no held-out data: validation is on the training cases
-        if splits is None:
-            raise LNMError("splits are needed for a numbered fold")
-        k = int(self.fold)
-        if not 0 <= k < len(splits):
-            raise LNMError(f"fold {k} is out of range: the splits have folds 0..{len(splits) - 1} (or use 'all')")
-        return splits[k]["train"], splits[k]["val"]
-
-
-registry.register(LNMTrainer)
