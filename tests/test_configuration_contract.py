@@ -14,7 +14,7 @@ import torch
 
 from lnm_auto.configurations import KINDS, REGISTRY, ClassifierKind, NetworkKind, kind_named, kind_of, simplicity
 from lnm_auto.configurations.base import CLASSIFIER_MODEL_FILE
-from lnm_auto.planning.plans import Plans
+from lnm_auto.plans.plans import Plans
 from lnm_auto.planning.planner import plan_experiment
 from lnm_auto.radiomics.classifier import MODEL_FILE_NAME
 from lnm_auto.training.run import classifier_trainer, run_training, setup_trainer

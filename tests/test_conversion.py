@@ -12,9 +12,9 @@ import SimpleITK as sitk
 from conftest import write_image
 from dicom_builders import NODES, write_dicom_case, write_nnunet_dataset
 from lnm_auto.cli import plan_and_preprocess_entry, plan_and_preprocess_parser
-from lnm_auto.conversion.cli import convert_entry
-from lnm_auto.conversion.components import (DEFAULT_MIN_VOLUME_MM3, as_instance_mask, needs_splitting, nodes_skeleton,
-                                            split_binary_mask, split_components)
+from lnm_auto.cli.convert_commands import convert_entry
+from lnm_auto.imaging.components import (DEFAULT_MIN_VOLUME_MM3, as_instance_mask, needs_splitting, nodes_skeleton,
+                                         split_binary_mask, split_components)
 from lnm_auto.datasets.raw_dataset import RawDataset
 from lnm_auto.datasets.verify import verify_dataset
 

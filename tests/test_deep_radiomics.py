@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from lnm_auto.inference.cases import discover_cases
 from lnm_auto.inference.predictor import load_and_preprocess
 from lnm_auto.networks.frozen_embedding import embedding_columns, node_embeddings
-from lnm_auto.planning.plans import Plans
+from lnm_auto.plans.plans import Plans
 from lnm_auto.radiomics.classifier import LEGACY_C, LOGISTIC_C_GRID, RadiomicsClassifier
 from lnm_auto.radiomics.features import FEATURE_COLUMNS
 from lnm_auto.training.run import setup_trainer

@@ -1,6 +1,6 @@
 """Hand-written helpers replaced by the libraries the design already depends on, checked against the code they
 replaced (copied here verbatim as ``_reference_*``): acvl-utils' connected components (cc3d) in
-conversion/components.py, one AUROC (evaluation/metrics.py, midranks) behind training/validation.py, and the DICOM
+imaging/components.py, one AUROC (evaluation/metrics.py, midranks) behind training/validation.py, and the DICOM
 slice order, which stays ours: these tests pin that GDCM's series order agrees with it on every valid geometry."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from lnm_auto.conversion import components as C
+from lnm_auto.imaging import components as C
 from lnm_auto.conversion.dicom import sorted_slices
 from lnm_auto.evaluation import metrics as M
 from lnm_auto.evaluation.metric_engine import SortedScores

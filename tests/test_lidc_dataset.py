@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from lnm_auto.datasets.raw_dataset import RawDataset  # noqa: E402
 from lnm_auto.datasets.verify import verify_dataset  # noqa: E402
-from lnm_auto.preprocessing.geometry import measure_nodes  # noqa: E402
+from lnm_auto.imaging.geometry import measure_nodes  # noqa: E402
 from lnm_auto.utils.errors import LNMError  # noqa: E402
 from lidc_nodules import Contour, LidcDatabase, LidcNodule, lidc_database_path, reader_mask  # noqa: E402
 

@@ -15,11 +15,11 @@ from lnm_auto.configurations.networks import build_network
 from lnm_auto.networks.multitask import MultiTaskNet
 from lnm_auto.networks.soft_mask import soft_mask_expansion
 from lnm_auto.networks.wega import WegaNet
-from lnm_auto.planning.global_local_topology import WegaTopology
-from lnm_auto.planning.multitask_topology import (SOFT_MASK_MARGIN_MM, MultiTaskTopology,
-                                                  plan_multitask_topology)
-from lnm_auto.planning.network_topology import (CPU_BUDGET, GPU_BUDGET, TWO_STREAM_LADDER, TwoStreamTopology,
-                                                plan_resenc_axes, resenc_topology_from_rung, slice_group_starts)
+from lnm_auto.plans.global_local_topology import WegaTopology
+from lnm_auto.plans.multitask_topology import (SOFT_MASK_MARGIN_MM, MultiTaskTopology,
+                                               plan_multitask_topology)
+from lnm_auto.plans.network_topology import (CPU_BUDGET, GPU_BUDGET, TWO_STREAM_LADDER, TwoStreamTopology,
+                                             plan_resenc_axes, resenc_topology_from_rung, slice_group_starts)
 from lnm_auto.training.losses import (REGIONAL_MARGIN, dice_bce_loss, head_bce_sum, noisy_or_logit,
                                       regional_affinity_loss)
 

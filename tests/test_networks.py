@@ -15,13 +15,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lnm_auto.configurations.networks import build_network
 from lnm_auto.networks import count_parameters, load_pretrained_weights
-from lnm_auto.planning.network_topology import (BACKBONES, CPU_BUDGET, GPU_BUDGET,
-                                                TWO_STREAM_LADDER, ComputeBudget, ResEncTopology,
-                                                TwoStreamTopology, estimate_resenc_gflops,
-                                                estimate_two_stream_gflops, plan_resenc_axes,
-                                                plan_resenc_topology, plan_two_stream_topology,
-                                                resenc_topology_from_rung, slice_group_starts,
-                                                topology_from_dict)
+from lnm_auto.plans.network_topology import (BACKBONES, CPU_BUDGET, GPU_BUDGET,
+                                             TWO_STREAM_LADDER, ComputeBudget, ResEncTopology,
+                                             TwoStreamTopology, estimate_resenc_gflops,
+                                             estimate_two_stream_gflops, plan_resenc_axes,
+                                             plan_resenc_topology, plan_two_stream_topology,
+                                             resenc_topology_from_rung, slice_group_starts,
+                                             topology_from_dict)
 from lnm_auto.utils.errors import LNMError
 
 warnings.filterwarnings("ignore", category=FutureWarning)

@@ -20,7 +20,7 @@ from lnm_auto.evaluation.crossval import select_configuration
 from lnm_auto.evaluation.crossval_table import table_figure
 from lnm_auto.evaluation.plots import roc_figure
 from lnm_auto.evaluation.report import evaluate, level_metrics
-from lnm_auto.planning.plans import Plans
+from lnm_auto.plans.plans import Plans
 from lnm_auto.training.registry import exact_trainer_hint, run_name_note
 from conftest import refused, run_cli, run_train_cli
 from test_crossval import sigmoid, truth, write_model

@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 
 from lnm_auto.planning import planner
-from lnm_auto.planning.plans import Plans
+from lnm_auto.plans.plans import Plans
 from lnm_auto.planning.splits import make_patient_splits
 from lnm_auto.utils.errors import LNMError
 
 
 def make_fingerprint(spacings_zyx, shapes_zyx, node_extents, channel_names=None, labels=None, patients=None):
     """A fingerprint with given case spacings/shapes and node extents (slice, row, col) in mm."""
-    from lnm_auto.preprocessing.geometry import slice_axis
+    from lnm_auto.imaging.geometry import slice_axis
     cases = {}
     for i, (sp, sh) in enumerate(zip(spacings_zyx, shapes_zyx)):
         cases[f"c{i:03d}"] = {"spacing_zyx_mm": list(sp), "shape_zyx": list(sh), "slice_axis": slice_axis(sp),

@@ -10,8 +10,8 @@ import pytest
 import SimpleITK as sitk
 
 from lnm_auto.datasets.raw_dataset import Grid
-from lnm_auto.planning.plans import ChannelNormalization, CropScale
-from lnm_auto.preprocessing.geometry import canonical_axes, crop_grid, measure_nodes, sample_linear, sitk_spacing_zyx
+from lnm_auto.plans.plans import ChannelNormalization, CropScale
+from lnm_auto.imaging.geometry import canonical_axes, crop_grid, measure_nodes, sample_linear, sitk_spacing_zyx
 from lnm_auto.preprocessing.normalization import normalize, normalize_stored
 from lnm_auto.preprocessing.crops import preprocess_images
 from lnm_auto.preprocessing.preprocessor import crops_digest, crops_folder, load_case_crops
@@ -203,7 +203,7 @@ def planned_copy(planned_tiny, tmp_path):
 
 def test_plan_and_preprocess_writes_everything_and_npz_round_trips(planned_tiny, tmp_path):
     from lnm_auto.planning.plan_and_preprocess import plan_and_preprocess
-    from lnm_auto.planning.plans import Plans
+    from lnm_auto.plans.plans import Plans
     from lnm_auto.utils.io import load_json
     tiny_dataset, crops_dir = planned_copy(planned_tiny, tmp_path)     # what a first run wrote
     # re-running skips finished cases (files untouched) unless clean
@@ -324,7 +324,7 @@ def test_short_axis_is_the_radiologists_on_the_largest_slice(spacing_xyz):
 def test_node_boxes_are_find_objects_of_the_whole_mask():
     """node_boxes searches only the box around all nodes: the same boxes as find_objects over every voxel."""
     from scipy import ndimage
-    from lnm_auto.preprocessing.geometry import node_boxes
+    from lnm_auto.imaging.geometry import node_boxes
     rng = np.random.default_rng(1)
     for _ in range(300):
         shape = tuple(int(s) for s in rng.integers(1, 12, 3))
@@ -339,7 +339,7 @@ def test_a_training_cache_reads_back_as_the_crops_inference_cuts(planned_tiny, t
     """What training reads of a case (its cache through CropStore: the plans' normalization applied to the stored
     z-scores) is exactly what lnm_predict cuts of the same files."""
     from lnm_auto.datasets.raw_dataset import RawDataset, read_image, read_instance_mask
-    from lnm_auto.planning.plans import Plans
+    from lnm_auto.plans.plans import Plans
     from lnm_auto.training.data import CropStore
     tiny_dataset, crops = planned_copy(planned_tiny, tmp_path)
     plans = Plans.load(crops.parent / "LNMPlans.json")
@@ -360,7 +360,7 @@ def test_a_training_cache_reads_back_as_the_crops_inference_cuts(planned_tiny, t
 def test_training_refuses_caches_cut_for_other_crop_scales(planned_tiny, tmp_path):
     """Caches re-cut for new scales next to an older plans file (a re-run that failed later) are refused, not
     trained on at the wrong spacing."""
-    from lnm_auto.planning.plans import Plans
+    from lnm_auto.plans.plans import Plans
     from lnm_auto.training.data import CropStore
     from lnm_auto.utils.errors import LNMError
     _, crops = planned_copy(planned_tiny, tmp_path)
@@ -377,7 +377,7 @@ def test_samples_on_the_volume_edge_or_a_mask_tie_do_not_flip_with_rounding_nois
     """Geometry noise far below a voxel (the same scan read from DICOM and from NIfTI) leaves every sample as it
     is, even exactly on the volume's edge (inside: the edge voxel; past it: the default) or halfway between a
     mask voxel and background (the mask threshold's tie)."""
-    from lnm_auto.preprocessing.geometry import CropGrid
+    from lnm_auto.imaging.geometry import CropGrid
     voxels = np.zeros((3, 4, 4), dtype=np.float32)
     voxels[:, :, 0] = 7.0
     voxels[1, 1, 2] = 1.0

@@ -24,15 +24,15 @@ from lnm_auto.networks.imagenet_weights import (backbone_lr_groups, imagenet_sta
                                                 load_into_backbone, map_onto_timm, pretrained_backbone_parameters,
                                                 sha256_of, weights_file, weights_for)
 from lnm_auto.networks.two_stream import ImageNetInput, group_slices
-from lnm_auto.planning.network_topology import (CPU_BUDGET, GPU_BUDGET, ComputeBudget, TwoStreamTopology,
-                                                estimate_two_stream_gflops, plan_two_stream_topology,
-                                                slice_group_starts, two_stream_cost)
+from lnm_auto.plans.network_topology import (CPU_BUDGET, GPU_BUDGET, ComputeBudget, TwoStreamTopology,
+                                             estimate_two_stream_gflops, plan_two_stream_topology,
+                                             slice_group_starts, two_stream_cost)
 from lnm_auto.configurations.two_stream_2d25 import BACKBONE_LR_FACTOR, WARMUP_FRACTION
 from lnm_auto.planning.planner import plan_experiment
-from lnm_auto.planning.plans import ADDED_FIELD_DEFAULTS, Plans
-from lnm_auto.planning.two_stream_topology import (BACKBONE_SPECS, DEFAULT_PRETRAINED_WEIGHTS,
-                                                   EFFICIENTNET_LITE0_IMAGENET as LITE0, IMAGENET_INPUT_WINDOW,
-                                                   PRETRAINED_WIDTH_LADDER)
+from lnm_auto.plans.plans import ADDED_FIELD_DEFAULTS, Plans
+from lnm_auto.plans.two_stream_topology import (BACKBONE_SPECS, DEFAULT_PRETRAINED_WEIGHTS,
+                                                EFFICIENTNET_LITE0_IMAGENET as LITE0, IMAGENET_INPUT_WINDOW,
+                                                PRETRAINED_WIDTH_LADDER)
 from lnm_auto.training.lr_schedule import warmup_cosine_schedule, warmup_epochs
 from lnm_auto.training.progress import training_logs
 from lnm_auto.training.run import setup_trainer

@@ -12,7 +12,8 @@ from sklearn.metrics import roc_auc_score
 
 from lnm_auto.radiomics.classifier import RadiomicsClassifier, size_rule_scores
 from lnm_auto.radiomics.features import FEATURE_COLUMNS, node_features
-from lnm_auto.radiomics.features import discretisation_settings, texture_mode_for_spacing
+from lnm_auto.plans.radiomics_topology import texture_mode_for_spacing
+from lnm_auto.radiomics.features import discretisation_settings
 from lnm_auto.utils.errors import LNMError
 
 SPACING_XYZ = (0.7, 0.9, 2.5)
@@ -308,7 +309,7 @@ def _surface_on_the_whole_padded_region(binary: sitk.Image) -> tuple[float, floa
                                                 ((5.0, 5.0, 2.0), (0.4, 0.4, 3.0))])
 def test_the_surface_estimate_needs_only_the_voxels_near_the_node(semi_axes, spacing):
     """Leaving out the isotropic voxels the blur cannot lift to 0.5 changes neither surface nor volume."""
-    from lnm_auto.radiomics.features import SURFACE_PAD_VOXELS, padded_surface_and_volume
+    from lnm_auto.imaging.surface import SURFACE_PAD_VOXELS, padded_surface_and_volume
     _, mask = _ellipsoid_case(semi_axes, spacing_xyz=spacing, direction=_rotation_direction())
     pad = [SURFACE_PAD_VOXELS] * 3
     binary = sitk.Cast(sitk.ConstantPad(mask, pad, pad, 0), sitk.sitkFloat32)

@@ -54,7 +54,7 @@ def test_trainers_and_configurations_that_do_not_fit_are_one_line(planned_tiny, 
 
 
 def test_recommended_scheme_comes_from_the_plans(planned_tiny):
-    from lnm_auto.planning.plans import Plans
+    from lnm_auto.plans.plans import Plans
     plans = Plans.load(planned_tiny(8) / "pre" / "Dataset042_Tiny" / "LNMPlans.json")
     assert recommended_scheme(plans, "radiomics") == ["RadiomicsTrainer"]
     assert recommended_scheme(plans, "2d25") == plans.recommended_trainers

@@ -21,9 +21,9 @@ import SimpleITK as sitk
 import torch
 
 from lnm_auto.datasets.raw_dataset import read_image, read_instance_mask
-from lnm_auto.planning.plans import Plans
-from lnm_auto.planning.plans_validation import (CHOICES, RANGES, SHAPE_FEATURE_NAMES, SOFT_MASK_KINDS,
-                                                numeric_fields, plans_problems)
+from lnm_auto.plans.plans import Plans
+from lnm_auto.plans.validation import (CHOICES, RANGES, SHAPE_FEATURE_NAMES, SOFT_MASK_KINDS,
+                                       numeric_fields, plans_problems)
 from lnm_auto.planning.splits import split_file_problems
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import atomic_path, atomic_write_bytes, load_json, save_npz_atomic
@@ -128,7 +128,7 @@ def test_every_numeric_plans_field_has_a_range_and_planned_plans_pass(planned, t
     from lnm_auto.networks.soft_mask import KINDS
     assert SHAPE_FEATURE_NAMES == SHAPE_MEASUREMENTS and SOFT_MASK_KINDS == KINDS
     assert all(choices() for choices in CHOICES.values())
-    from lnm_auto.planning.multitask_topology import plan_multitask_topology
+    from lnm_auto.plans.multitask_topology import plan_multitask_topology
     from lnm_auto.planning.plan_and_preprocess import plan_and_preprocess
     plans = Plans.load(planned / "pre" / DS / "LNMPlans.json")
     head = plan_multitask_topology("global", plans.scales["global"].spacing_mm, "cpu")

@@ -15,16 +15,16 @@ from sklearn.metrics import roc_auc_score
 
 from lnm_auto.cli.data_commands import plan_and_preprocess_parser
 from lnm_auto.inference.predictor import predict_folder
-from lnm_auto.configurations.networks import build_network, network_for
+from lnm_auto.configurations.networks import build_network
 from lnm_auto.networks.inputs import network_inputs
 from lnm_auto.networks.multitask import MultiTaskNet
 from lnm_auto.networks.node_predictor import predict_node_crops
 from lnm_auto.networks.shape_head import SHAPE_FEATURES_KEY, SHAPE_MEASUREMENTS, ShapeEmbedding
 from lnm_auto.planning import planner
-from lnm_auto.planning.multitask_topology import plan_multitask_topology
-from lnm_auto.planning.network_topology import (CPU_BUDGET, TWO_STREAM_LADDER, TwoStreamTopology, plan_resenc_axes,
-                                                resenc_topology_from_rung, slice_group_starts)
-from lnm_auto.planning.plans import Plans, ShapeFeature
+from lnm_auto.plans.multitask_topology import plan_multitask_topology
+from lnm_auto.plans.network_topology import (CPU_BUDGET, TWO_STREAM_LADDER, TwoStreamTopology, plan_resenc_axes,
+                                             resenc_topology_from_rung, slice_group_starts)
+from lnm_auto.plans.plans import Plans, ShapeFeature
 from lnm_auto.preprocessing.crops import preprocess_images
 from lnm_auto.preprocessing.preprocessor import crops_folder, load_case_crops
 from lnm_auto.training.data import load_batch

@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from lnm_auto.networks.wega import TIMM_DINOV2_ARCHITECTURE, WegaNet
-from lnm_auto.planning.global_local_topology import (CONTEXT_FOV_FACTOR, CONTEXT_SLICES, MAX_CONTEXT_FOV_MM,
-                                                     MIN_CONTEXT_GRID, PATCH_SIZE, VIT_SMALL, VIT_TINY, WEGA_LADDER,
-                                                     WegaTopology, estimate_wega_gflops, plan_context_scale,
-                                                     plan_wega_topology)
-from lnm_auto.planning.network_topology import (CPU_BUDGET, GPU_BUDGET, ComputeBudget, plan_resenc_axes,
-                                                resenc_topology_from_rung, slice_group_starts)
+from lnm_auto.plans.global_local_topology import (CONTEXT_FOV_FACTOR, CONTEXT_SLICES, MAX_CONTEXT_FOV_MM,
+                                                  MIN_CONTEXT_GRID, PATCH_SIZE, VIT_SMALL, VIT_TINY, WEGA_LADDER,
+                                                  WegaTopology, estimate_wega_gflops, plan_context_scale,
+                                                  plan_wega_topology)
+from lnm_auto.plans.network_topology import (CPU_BUDGET, GPU_BUDGET, ComputeBudget, plan_resenc_axes,
+                                             resenc_topology_from_rung, slice_group_starts)
 from lnm_auto.utils.dataclass_json import from_dict, to_dict
 from lnm_auto.utils.errors import LNMError
 

@@ -23,8 +23,8 @@ from lnm_auto.networks import global_branch_for
 from lnm_auto.networks.multitask import MultiTaskNet
 from lnm_auto.networks.wega import TIMM_DINOV2_ARCHITECTURE, WegaNet
 from lnm_auto.planning import planner
-from lnm_auto.planning.global_local_topology import PATCH_SIZE, VIT_SMALL, VIT_TINY, WegaTopology
-from lnm_auto.planning.plans import Plans
+from lnm_auto.plans.global_local_topology import PATCH_SIZE, VIT_SMALL, VIT_TINY, WegaTopology
+from lnm_auto.plans.plans import Plans
 from lnm_auto.training.losses import regional_affinity_loss
 from lnm_auto.training.run import run_training, setup_trainer
 from lnm_auto.training.weak import (REGIONAL_AFFINITY_WEIGHT, BagBatchLoader, LNMTrainerWeak, make_bags, mil_loss,

@@ -51,7 +51,7 @@ def demo_cli() -> None:
 # ---- lnm_convert (parser and work in lnm_auto.conversion) ----------------------------------------
 def convert_entry(argv: list[str] | None = None) -> int:
     """Run lnm_convert with ``argv``; returns the exit status."""
-    from lnm_auto.conversion.cli import convert_entry as run_convert
+    from lnm_auto.cli.convert_commands import convert_entry as run_convert
     return run_convert(argv)
 
 

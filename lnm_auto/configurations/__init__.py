@@ -13,7 +13,7 @@ from lnm_auto.configurations.deep_radiomics import DeepRadiomics
 from lnm_auto.configurations.resenc_3d import ResEnc3D
 from lnm_auto.configurations.two_stream_2d25 import TwoStream25D
 from lnm_auto.configurations.wega import Wega
-from lnm_auto.planning.plans import ConfigurationPlan
+from lnm_auto.plans.plans import ConfigurationPlan
 
 # in plans order
 KINDS: tuple[ConfigurationKind, ...] = (TwoStream25D(), ResEnc3D(), Radiomics(), DeepRadiomics(), Wega())

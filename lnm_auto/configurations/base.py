@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, ClassVar
 
-from lnm_auto.planning.crop_scale import CropScale
-from lnm_auto.planning.network_topology import ComputeBudget
-from lnm_auto.planning.plans import AugmentationPlan, ConfigurationPlan, Plans, TrainingRecipe
+from lnm_auto.plans.crop_scale import CropScale
+from lnm_auto.plans.network_topology import ComputeBudget
+from lnm_auto.plans.plans import AugmentationPlan, ConfigurationPlan, Plans, TrainingRecipe
 from lnm_auto.utils.errors import LNMError
 
 if TYPE_CHECKING:   # the registry is imported by planning and selection: torch and scikit-learn load when used

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from lnm_auto.configurations.base import ClassifierKind, PlanningContext
-from lnm_auto.planning.learning_scheme import RadiomicsTopology, plan_radiomics
-from lnm_auto.planning.plans import ConfigurationPlan
+from lnm_auto.plans.radiomics_topology import RadiomicsTopology, plan_radiomics
+from lnm_auto.plans.plans import ConfigurationPlan
 
 
 class Radiomics(ClassifierKind):

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from lnm_auto.configurations.base import ClassifierKind, PlanningContext
-from lnm_auto.planning.deep_radiomics_topology import (DeepRadiomicsTopology, estimate_embedding_gflops,
-                                                       plan_deep_radiomics)
-from lnm_auto.planning.learning_scheme import plan_radiomics
-from lnm_auto.planning.plans import ConfigurationPlan
+from lnm_auto.plans.deep_radiomics_topology import (DeepRadiomicsTopology, estimate_embedding_gflops,
+                                                    plan_deep_radiomics)
+from lnm_auto.plans.radiomics_topology import plan_radiomics
+from lnm_auto.plans.plans import ConfigurationPlan
 
 
 class DeepRadiomics(ClassifierKind):

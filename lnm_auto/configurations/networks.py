@@ -6,7 +6,7 @@ from torch import nn
 
 from lnm_auto.configurations.base import NetworkKind
 from lnm_auto.networks.multitask import MultiTaskNet
-from lnm_auto.planning.plans import ConfigurationPlan, Plans, ShapeFeature
+from lnm_auto.plans.plans import ConfigurationPlan, Plans, ShapeFeature
 
 
 def build_network(topology, in_channels: int, mask_channel: bool = False,

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from lnm_auto.configurations.base import NetworkKind, PlanningContext
-from lnm_auto.planning.network_topology import ResEncTopology, estimate_resenc_gflops, plan_resenc_topology
-from lnm_auto.planning.plans import ConfigurationPlan
+from lnm_auto.plans.network_topology import ResEncTopology, estimate_resenc_gflops, plan_resenc_topology
+from lnm_auto.plans.plans import ConfigurationPlan
 
 
 class ResEnc3D(NetworkKind):

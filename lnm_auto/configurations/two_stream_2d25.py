@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 
 from lnm_auto.configurations.base import NetworkKind, PlanningContext
-from lnm_auto.planning.network_topology import (TwoStreamTopology, estimate_two_stream_gflops,
-                                                plan_two_stream_topology, two_stream_cost)
-from lnm_auto.planning.plans import ConfigurationPlan
-from lnm_auto.planning.two_stream_topology import DEFAULT_PRETRAINED_WEIGHTS
+from lnm_auto.plans.network_topology import (TwoStreamTopology, estimate_two_stream_gflops,
+                                             plan_two_stream_topology, two_stream_cost)
+from lnm_auto.plans.plans import ConfigurationPlan
+from lnm_auto.plans.two_stream_topology import DEFAULT_PRETRAINED_WEIGHTS
 
 # Fine-tuning the ImageNet backbone: its parameters at a tenth of the head's learning rate after a 5 % warm-up,
 # so the first large gradients of the new head cannot wreck the pretrained features.

@@ -4,8 +4,8 @@ from __future__ import annotations
 import dataclasses
 
 from lnm_auto.configurations.base import NetworkKind, PlanningContext
-from lnm_auto.planning.global_local_topology import WegaTopology, estimate_wega_gflops, plan_wega_topology
-from lnm_auto.planning.plans import ConfigurationPlan
+from lnm_auto.plans.global_local_topology import WegaTopology, estimate_wega_gflops, plan_wega_topology
+from lnm_auto.plans.plans import ConfigurationPlan
 
 # wega trains with AdamW: a ViT trained from scratch with SGD learns an order of magnitude more slowly
 # (documentation/wega_multitask.md); 1e-3 with ViT-style weight decay, under the plan's cosine schedule.

@@ -23,7 +23,7 @@ import pydicom
 import SimpleITK as sitk
 
 from lnm_auto.conversion import dicom_seg, rtstruct
-from lnm_auto.conversion.components import DEFAULT_MIN_VOLUME_MM3, InstanceSplit, nodes_skeleton, split_components
+from lnm_auto.imaging.components import DEFAULT_MIN_VOLUME_MM3, InstanceSplit, nodes_skeleton, split_components
 from lnm_auto.conversion.dicom_file import damage
 from lnm_auto.conversion.nnunet import LN_NAME
 from lnm_auto.conversion.split_dataset import write_mask

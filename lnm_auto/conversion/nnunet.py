@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from lnm_auto.conversion.components import DEFAULT_MIN_VOLUME_MM3, nodes_skeleton, split_components
+from lnm_auto.imaging.components import DEFAULT_MIN_VOLUME_MM3, nodes_skeleton, split_components
 from lnm_auto.conversion.split_dataset import write_mask
 from lnm_auto.datasets.raw_dataset import CHANNEL_SUFFIX, read_image
 from lnm_auto.utils.errors import LNMError

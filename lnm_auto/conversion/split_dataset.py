@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from lnm_auto.conversion.components import DEFAULT_MIN_VOLUME_MM3, NODES_CSV_COLUMNS, nodes_skeleton, split_if_binary
+from lnm_auto.imaging.components import DEFAULT_MIN_VOLUME_MM3, NODES_CSV_COLUMNS, nodes_skeleton, split_if_binary
 from lnm_auto.datasets.raw_dataset import RawDataset, read_image
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import atomic_copy, atomic_path, save_csv_atomic

@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from lnm_auto.conversion.components import DEFAULT_MIN_VOLUME_MM3, needs_splitting
+from lnm_auto.imaging.components import DEFAULT_MIN_VOLUME_MM3, needs_splitting
 from lnm_auto.datasets.raw_dataset import (SAFE_CASE_ID, Grid, RawCase, RawDataset, node_id_range_problem, parse_label,
                                            read_image, read_image_header, read_image_voxels)
-from lnm_auto.preprocessing.geometry import node_boxes
+from lnm_auto.imaging.geometry import node_boxes
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.labels import unknown_hint
 from lnm_auto.utils.processes import map_in_workers

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from lnm_auto.datasets.raw_dataset import read_image
-from lnm_auto.preprocessing.geometry import measure_nodes
+from lnm_auto.imaging.geometry import measure_nodes
 from lnm_auto.utils.io import save_csv_atomic
 
 CUT_OFF_MM = 10.0

@@ -21,15 +21,15 @@ import pandas as pd
 import SimpleITK as sitk
 
 from lnm_auto.configurations import kind_of
-from lnm_auto.conversion.components import as_instance_mask
+from lnm_auto.imaging.components import as_instance_mask
 from lnm_auto.datasets.raw_dataset import read_instance_mask
 from lnm_auto.evaluation.calibration import apply_calibration
 from lnm_auto.inference.cases import InputCase, read_case_images
 from lnm_auto.inference.domain import case_samples, domain_warning
 from lnm_auto.inference.members import UNCALIBRATED, Member, NodeMismatch, combine
 from lnm_auto.inference.output_folder import CASE_ROWS
-from lnm_auto.planning.plans import ConfigurationPlan, Plans
-from lnm_auto.preprocessing.geometry import measure_nodes
+from lnm_auto.plans.plans import ConfigurationPlan, Plans
+from lnm_auto.imaging.geometry import measure_nodes
 from lnm_auto.preprocessing.preprocessor import check_case_images
 from lnm_auto.training.progress import progress_bar, show_progress
 from lnm_auto.utils.errors import LNMError

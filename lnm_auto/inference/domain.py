@@ -29,7 +29,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from lnm_auto.preprocessing.crops import intensity_samples, neighbourhood_box
-from lnm_auto.preprocessing.geometry import node_boxes, sitk_spacing_zyx
+from lnm_auto.imaging.geometry import node_boxes, sitk_spacing_zyx
 from lnm_auto.utils.io import load_json
 
 FINGERPRINT_FILE = "dataset_fingerprint.json"

@@ -23,7 +23,7 @@ from lnm_auto.configurations import ConfigurationKind, kind_of
 from lnm_auto.configurations.base import CLASSIFIER_MODEL_FILE
 from lnm_auto.evaluation.calibration import CALIBRATION_FILE, checked_calibration
 from lnm_auto.evaluation.crossval_inputs import changed_folds, read_json
-from lnm_auto.planning.plans import ConfigurationPlan, Plans
+from lnm_auto.plans.plans import ConfigurationPlan, Plans
 from lnm_auto.training.progress import training_logs
 from lnm_auto.training.registry import exact_trainer_hint
 from lnm_auto.utils.errors import LNMError

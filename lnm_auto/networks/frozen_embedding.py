@@ -28,9 +28,9 @@ from lnm_auto.networks.imagenet_weights import (imagenet_state_dict, load_into_b
 from lnm_auto.networks.inputs import image_key
 from lnm_auto.networks.node_predictor import center_crop
 from lnm_auto.networks.two_stream import ImageNetInput, group_slices
-from lnm_auto.planning.deep_radiomics_topology import DeepRadiomicsTopology
-from lnm_auto.planning.plans import Plans
-from lnm_auto.planning.two_stream_topology import slice_group_starts
+from lnm_auto.plans.deep_radiomics_topology import DeepRadiomicsTopology
+from lnm_auto.plans.plans import Plans
+from lnm_auto.plans.two_stream_topology import slice_group_starts
 from lnm_auto.utils.errors import LNMError
 
 NODES_PER_PASS = 8          # nodes embedded together (every case in the same chunks: same batches, same numbers)

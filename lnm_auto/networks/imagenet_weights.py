@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lnm_auto.networks.two_stream import TwoStreamNet
-from lnm_auto.planning.two_stream_topology import IMAGENET_WEIGHTS, ImageNetWeights
+from lnm_auto.plans.two_stream_topology import IMAGENET_WEIGHTS, ImageNetWeights
 from lnm_auto.utils.errors import LNMError
 
 _SKIPPED_SUFFIX = "num_batches_tracked"   # BatchNorm counters: not weights, absent from some files

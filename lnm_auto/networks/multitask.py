@@ -32,7 +32,7 @@ from lnm_auto.networks.resenc_classifier import ResEncClassifier
 from lnm_auto.networks.soft_mask import soft_mask_expansion
 from lnm_auto.networks.two_stream import TwoStreamNet
 from lnm_auto.networks.wega import WegaNet
-from lnm_auto.planning.multitask_topology import MultiTaskTopology
+from lnm_auto.plans.multitask_topology import MultiTaskTopology
 
 
 class ResEncMaskFeatures(nn.Module):

@@ -9,7 +9,7 @@ from torch import nn
 
 from lnm_auto.networks.inputs import image_key, mask_key
 from lnm_auto.networks.shape_head import SHAPE_FEATURES_KEY, shape_measurements
-from lnm_auto.planning.plans import ConfigurationPlan, Plans
+from lnm_auto.plans.plans import ConfigurationPlan, Plans
 
 
 def center_crop(x: np.ndarray, shape) -> np.ndarray:

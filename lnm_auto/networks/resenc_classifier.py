@@ -14,9 +14,9 @@ from torch import nn
 
 from lnm_auto.networks.inputs import scale_input
 from lnm_auto.networks.shape_head import shape_embedding
-from lnm_auto.planning.network_topology import ResEncTopology
-from lnm_auto.planning.plans import SHAPE_EMBEDDING_WIDTH
-from lnm_auto.planning.plans import ShapeFeature
+from lnm_auto.plans.network_topology import ResEncTopology
+from lnm_auto.plans.plans import SHAPE_EMBEDDING_WIDTH
+from lnm_auto.plans.plans import ShapeFeature
 
 
 def build_resenc_encoder(topology: ResEncTopology, in_channels: int) -> ResidualEncoder:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lnm_auto.planning.plans import ShapeFeature
+from lnm_auto.plans.plans import ShapeFeature
 
 SHAPE_FEATURES_KEY = "shape_features"
 SHAPE_MEASUREMENTS = ("short_axis_mm", "long_axis_mm", "volume_mm3", "sphericity")

@@ -33,11 +33,11 @@ from torchvision.ops import FeaturePyramidNetwork
 
 from lnm_auto.networks.inputs import scale_input
 from lnm_auto.networks.shape_head import shape_embedding
-from lnm_auto.planning.network_topology import TwoStreamTopology
-from lnm_auto.planning.two_stream_topology import IMAGENET_WEIGHTS
+from lnm_auto.plans.network_topology import TwoStreamTopology
+from lnm_auto.plans.two_stream_topology import IMAGENET_WEIGHTS
 from lnm_auto.utils.errors import LNMError
-from lnm_auto.planning.plans import SHAPE_EMBEDDING_WIDTH
-from lnm_auto.planning.plans import ShapeFeature
+from lnm_auto.plans.plans import SHAPE_EMBEDDING_WIDTH
+from lnm_auto.plans.plans import ShapeFeature
 
 
 def group_slices(x: torch.Tensor, starts: tuple[int, ...]) -> torch.Tensor:

@@ -33,7 +33,7 @@ from lnm_auto.networks.inputs import image_key, mask_key, scale_input
 from lnm_auto.networks.pretrained import _WRAPPER_KEYS, load_pretrained_weights
 from lnm_auto.networks.resenc_classifier import build_resenc_encoder, pad_to_multiple
 from lnm_auto.networks.two_stream import group_slices
-from lnm_auto.planning.global_local_topology import MLP_RATIO, PATCH_SIZE, WegaTopology
+from lnm_auto.plans.global_local_topology import MLP_RATIO, PATCH_SIZE, WegaTopology
 
 TIMM_DINOV2_ARCHITECTURE = "vit_small_patch14_dinov2"
 

@@ -15,7 +15,7 @@ from lnm_auto.datasets.raw_dataset import (UNKNOWN, RawCase, RawDataset, as_inte
                                            read_image_header, read_instance_mask)
 from lnm_auto.datasets.verify import CaseCheck, check_headers_and_mask
 from lnm_auto.preprocessing.crops import CaseNodes, case_nodes, intensity_samples
-from lnm_auto.preprocessing.geometry import sitk_spacing_zyx, slice_axis
+from lnm_auto.imaging.geometry import sitk_spacing_zyx, slice_axis
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.processes import map_in_workers
 

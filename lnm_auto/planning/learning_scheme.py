@@ -13,13 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lnm_auto.radiomics.features import texture_mode_for_spacing
 
 PLENTIFUL_FRACTION = 0.5
 MIN_POSITIVE_SEMI = 3
 MIN_LABELLED_SEMI = 10
 MIN_STATION_COVERAGE = 0.2
-CT_CHANNEL_NAMES = ("CT",)
 
 
 def label_mix(fingerprint: dict) -> dict[str, int]:
@@ -51,22 +49,3 @@ def plan_learning_scheme(fingerprint: dict) -> tuple[list[str], str]:
     if m["weakly_labelled"]:
         return ["LNMTrainerWeak"], f"{counts}: too few node labels -> multiple-instance learning on station/patient labels"
     return ["LNMTrainer"], f"{counts}: no weak labels either; supervised on what there is"
-
-
-@dataclass(frozen=True)
-class RadiomicsTopology:
-    """Configuration ``radiomics``: IBSI node features (lnm_auto.radiomics) + a scikit-learn classifier chosen
-    by inner cross-validation. ``texture_mode`` is fixed per dataset so every case's texture is comparable."""
-    image_channel: int
-    modality_hint: str              # "CT": fixed 25 HU bins; else a fixed bin count per node
-    texture_mode: str               # "3d" or "2.5d" (thick slices: texture per slice, aggregated)
-
-    config_name = "radiomics"
-
-
-def plan_radiomics(fingerprint: dict, target_spacing_zyx) -> RadiomicsTopology:
-    """Features of the first CT channel (else channel 0); 2.5D texture when the plan's slices are thick."""
-    names = {int(k): v for k, v in fingerprint["channel_names"].items()}
-    ct = [k for k, v in sorted(names.items()) if v.strip().upper() in CT_CHANNEL_NAMES]
-    channel = ct[0] if ct else 0
-    return RadiomicsTopology(channel, "CT" if ct else names[channel], texture_mode_for_spacing(target_spacing_zyx))

@@ -19,7 +19,7 @@ from lnm_auto.datasets.raw_dataset import RawCase, RawDataset
 from lnm_auto.datasets.verify import case_list_problems, check_tables, safety_problems
 from lnm_auto.planning.fingerprint import MaskScan, assemble_fingerprint, node_entries, scan_node_mask
 from lnm_auto.planning.planner import plan_crop_scales, plan_experiment
-from lnm_auto.planning.plans import CropScale, Plans
+from lnm_auto.plans.plans import CropScale, Plans
 from lnm_auto.planning.splits import load_splits, make_patient_splits
 from lnm_auto.preprocessing.preprocessor import (ImageJob, NodeLabels, case_digest, case_labels,
                                                  crops_digest, crops_folder, scan_case_images, up_to_date_samples,

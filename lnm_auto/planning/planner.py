@@ -1,7 +1,7 @@
 """Planning rules: every decision is a pure function of the fingerprint (and the compute budget).
 
 Nothing here reads images; the unit tests drive each rule with hand-made fingerprints.
-Axes are canonical (slice, row, col): see lnm_auto.preprocessing.geometry.
+Axes are canonical (slice, row, col): see lnm_auto.imaging.geometry.
 """
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ import numpy as np
 
 from lnm_auto.configurations import KINDS, PlanningContext
 from lnm_auto.configurations.two_stream_2d25 import DEFAULT_PRETRAINED_BACKBONE
-from lnm_auto.planning.crop_scale import cache_shape_for, round_up
-from lnm_auto.planning.global_local_topology import plan_context_scale
-from lnm_auto.planning.multitask_topology import plan_multitask_topology
+from lnm_auto.plans.crop_scale import cache_shape_for, round_up
+from lnm_auto.plans.global_local_topology import plan_context_scale
+from lnm_auto.plans.multitask_topology import plan_multitask_topology
 from lnm_auto.planning.learning_scheme import plan_learning_scheme
-from lnm_auto.planning.network_topology import CPU_BUDGET, GPU_BUDGET, ComputeBudget
-from lnm_auto.planning.plans import (DEFAULT_PLANS_NAME, PLANS_VERSION, AugmentationPlan, ChannelNormalization,
-                                     ConfigurationPlan, CropScale, Plans, SHAPE_EMBEDDING_WIDTH, ShapeFeature,
-                                     TrainingRecipe)
+from lnm_auto.plans.network_topology import CPU_BUDGET, GPU_BUDGET, ComputeBudget
+from lnm_auto.plans.plans import (DEFAULT_PLANS_NAME, PLANS_VERSION, AugmentationPlan, ChannelNormalization,
+                                  ConfigurationPlan, CropScale, Plans, SHAPE_EMBEDDING_WIDTH, ShapeFeature,
+                                  TrainingRecipe)
 from lnm_auto.utils.errors import LNMError
 
 # nnU-Net's anisotropy rule: the slice axis is "anisotropic" when its spacing is > 3x the in-plane one.

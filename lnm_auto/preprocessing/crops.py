@@ -16,12 +16,12 @@ import numpy as np
 import SimpleITK as sitk
 
 from lnm_auto.datasets.raw_dataset import Grid
-from lnm_auto.planning.plans import CropScale, Plans
-from lnm_auto.preprocessing.geometry import (NodeMeasurement, canonical_axes, crop_grid, measure_nodes, node_boxes,
-                                             sample_linear, sitk_spacing_zyx)
+from lnm_auto.plans.plans import CropScale, Plans
+from lnm_auto.imaging.geometry import (NodeMeasurement, canonical_axes, crop_grid, measure_nodes, node_boxes,
+                                       sample_linear, sitk_spacing_zyx)
 from lnm_auto.preprocessing.normalization import normalize_node_crops
 # the radiomics shape features' surface estimate: one sphericity for the caches and the radiomics configuration
-from lnm_auto.radiomics.features import MARGIN_VOXELS, SURFACE_PAD_VOXELS, padded_surface_and_volume
+from lnm_auto.imaging.surface import MARGIN_VOXELS, SURFACE_PAD_VOXELS, padded_surface_and_volume
 
 INTENSITY_MARGIN_MM = 10.0           # tissue around the nodes that counts as "node surroundings"
 INTENSITY_SAMPLES_PER_CASE = 10_000  # per channel; pooled over cases like nnU-Net's foreground samples

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lnm_auto.planning.plans import ChannelNormalization
+from lnm_auto.plans.plans import ChannelNormalization
 
 
 def normalize(array: np.ndarray, norm: ChannelNormalization, case_mean: float = 0.0, case_std: float = 1.0) -> np.ndarray:

@@ -32,7 +32,7 @@ import SimpleITK as sitk
 
 from lnm_auto.datasets.raw_dataset import UNKNOWN, RawCase, RawDataset
 from lnm_auto.datasets.verify import geometry_mismatches, read_checked_images
-from lnm_auto.planning.plans import CropScale
+from lnm_auto.plans.plans import CropScale
 from lnm_auto.preprocessing.crops import CaseNodes, case_statistics, cut_node_crops, intensity_samples
 from lnm_auto.utils.dataclass_json import to_dict
 from lnm_auto.utils.errors import LNMError

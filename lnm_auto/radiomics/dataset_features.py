@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from lnm_auto.datasets.raw_dataset import RawCase, RawDataset, read_image
-from lnm_auto.planning.learning_scheme import RadiomicsTopology
+from lnm_auto.plans.radiomics_topology import RadiomicsTopology
 from lnm_auto.radiomics.features import FEATURE_COLUMNS, node_features
 from lnm_auto.utils.io import save_csv_atomic
 from lnm_auto.utils.processes import map_in_workers

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 
 from lnm_auto.networks.frozen_embedding import embedding_table
-from lnm_auto.planning.deep_radiomics_topology import DeepRadiomicsTopology
-from lnm_auto.planning.plans import Plans
+from lnm_auto.plans.deep_radiomics_topology import DeepRadiomicsTopology
+from lnm_auto.plans.plans import Plans
 from lnm_auto.preprocessing.crops import preprocess_images
 from lnm_auto.radiomics.dataset_features import case_inputs as radiomics_case_inputs
 

@@ -21,8 +21,9 @@ import pandas as pd
 import SimpleITK as sitk
 from scipy import ndimage
 
-from lnm_auto.preprocessing.geometry import (SLICE_AXIS_MIN_RATIO, canonical_axes, inplane_axes_mm, sitk_spacing_zyx,
-                                             slice_axis)
+from lnm_auto.imaging.surface import MARGIN_VOXELS, isotropic_surface_and_volume
+from lnm_auto.plans.radiomics_topology import texture_mode_for_spacing
+from lnm_auto.imaging.geometry import canonical_axes, inplane_axes_mm, sitk_spacing_zyx
 from lnm_auto.utils.errors import LNMError
 
 logger = logging.getLogger(__name__)
@@ -62,9 +63,6 @@ CT_BIN_WIDTH_HU = 25.0            # IBSI / pyradiomics default for CT: bins of 2
 CT_LOWER_BOUND_HU = -1000.0       # ... counted from air; voxels below (scanner padding) leave the ROI
 MR_BIN_COUNT = 32                 # uncalibrated intensities (MR, PET...): 32 bins over each node's range
 MIN_VOXELS_FOR_INTENSITY = 8      # fewer voxels: first-order and texture are noise, reported as NaN
-ISOTROPIC_SURFACE_MIN_SPACING_MM = 0.5  # finer grids only cost time for the surface estimate
-MARGIN_VOXELS = 2                 # background kept around each node (ITK's surface estimate needs it)
-SURFACE_PAD_VOXELS = 2            # zeros padded around that for the surface estimate's blur
 _MIRP_SUFFIX = re.compile(r"(_d[\d.]+)?_(2d|2\.5d|3d)(_.*)?$")
 
 
@@ -111,13 +109,6 @@ def node_features(image: sitk.Image, instance_mask: sitk.Image, node_ids: Sequen
     return table
 
 
-def texture_mode_for_spacing(spacing_zyx) -> str:
-    """'2.5d' when one axis is clearly coarser (thick slices: no 3D neighbours across 5 mm), else '3d'."""
-    sp = np.asarray(spacing_zyx, dtype=float)
-    coarse = slice_axis(sp)
-    return "2.5d" if sp[coarse] >= SLICE_AXIS_MIN_RATIO * np.delete(sp, coarse).max() else "3d"
-
-
 def discretisation_settings(modality_hint: str, fixed_bin_width: float | None = None) -> dict:
     """MIRP discretisation arguments for a modality (the rule is documented in documentation/radiomics.md)."""
     if fixed_bin_width is not None and not fixed_bin_width > 0:
@@ -160,60 +151,6 @@ def _shape_features(node_mask: np.ndarray, spacing_zyx: np.ndarray, origin, dire
         "flatness": np.sqrt(moments[2] / moments[0]) if moments[0] > 0 else np.nan,
         "equivalent_diameter_mm": 2.0 * stats.GetEquivalentSphericalRadius(1),
     }
-
-
-def isotropic_surface_and_volume(binary: sitk.Image) -> tuple[float, float]:
-    """Surface (mm2) and volume (mm3) of the node on isotropic voxels of its finest spacing.
-
-    Thick slices leave a staircase whose area no estimator gets right (ITK's estimate on a 0.8x0.8x5 mm
-    grid puts flat ellipsoids above sphericity 1; an IBSI mesh gives a ball 0.81). So the mask is
-    blurred with a Gaussian of half the voxel size per axis, resampled linearly to isotropic voxels
-    and thresholded at 0.5: a ball of 20 mm on 0.8x0.8x5 mm then reads 0.90, on 1 mm voxels 1.00.
-    """
-    pad = [SURFACE_PAD_VOXELS] * 3
-    return padded_surface_and_volume(sitk.Cast(sitk.ConstantPad(binary, pad, pad, 0), sitk.sitkFloat32))
-
-
-def padded_surface_and_volume(binary: sitk.Image) -> tuple[float, float]:
-    """:func:`isotropic_surface_and_volume` of a float32 0/1 mask that already has ``SURFACE_PAD_VOXELS`` zero
-    voxels on every side (the blur needs 4 voxels per axis and must not clip a node at the crop's edge)."""
-    spacing = np.asarray(binary.GetSpacing(), dtype=float)
-    iso = max(float(spacing.min()), ISOTROPIC_SURFACE_MIN_SPACING_MM)
-    size = np.asarray([max(1, int(round(n * s / iso))) for n, s in zip(binary.GetSize(), spacing)])
-    first, size = _fine_voxels_near_node(binary, spacing, iso, size)
-    # keep the outer voxel edges in place: the first new voxel centre sits iso/2 inside the old edge
-    direction = np.asarray(binary.GetDirection(), dtype=float).reshape(3, 3)
-    shift = direction @ ((iso - spacing) / 2.0 + first * iso)
-    origin = tuple(float(v) for v in np.asarray(binary.GetOrigin()) + shift)
-    blurred = sitk.SmoothingRecursiveGaussian(binary, [0.5 * s for s in spacing])
-    fine = sitk.Resample(blurred, [int(n) for n in size], sitk.Transform(), sitk.sitkLinear, origin,
-                         (iso, iso, iso), binary.GetDirection(), 0.0, sitk.sitkFloat32)
-    fine_binary = fine >= 0.5     # uint8
-    stats = sitk.LabelShapeStatisticsImageFilter()
-    stats.ComputePerimeterOn()
-    stats.Execute(fine_binary)
-    if 1 not in stats.GetLabels():   # a node thinner than half a voxel everywhere vanishes
-        return float("nan"), float("nan")
-    return float(stats.GetPerimeter(1)), float(stats.GetPhysicalSize(1))
-
-
-def _fine_voxels_near_node(binary: sitk.Image, spacing: np.ndarray, iso: float, size: np.ndarray
-                           ) -> tuple[np.ndarray, np.ndarray]:
-    """(first index, size) (x, y, z) of the isotropic voxels that can reach 0.5 after the blur, plus one voxel of
-    background: those within one coarse voxel of the node's bounding box (a Gaussian blur is below 0.5 beyond
-    the box, linear interpolation mixes only neighbouring coarse voxels). The rest of the padded region is
-    background whatever happens, so leaving it out changes no voxel of the surface (the kept voxels' positions
-    move by float rounding, ~1e-15 mm) and saves most of the time on thick slices (a 5 mm slice becomes 6-10
-    isotropic ones, most of them in the padding)."""
-    inside = np.nonzero(sitk.GetArrayViewFromImage(binary) >= 0.5)
-    if not inside[0].size:
-        return np.zeros(3, dtype=int), size
-    lo = np.asarray([int(i.min()) for i in inside[::-1]]) - 1      # coarse indices, x y z
-    hi = np.asarray([int(i.max()) for i in inside[::-1]]) + 1
-    # fine voxel i's centre sits at coarse continuous index -0.5 + (i + 0.5) * iso / spacing
-    first = np.maximum(np.floor((lo + 0.5) * spacing / iso - 0.5).astype(int) - 1, 0)
-    last = np.minimum(np.ceil((hi + 0.5) * spacing / iso - 0.5).astype(int) + 1, size - 1)
-    return first, last - first + 1
 
 
 def _intensity_features(node: int, crop: np.ndarray, node_mask: np.ndarray, axes, mode: str,

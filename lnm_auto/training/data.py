@@ -26,7 +26,7 @@ from batchgenerators.transforms.spatial_transforms import MirrorTransform, Spati
 
 from lnm_auto.networks.inputs import image_key, mask_key
 from lnm_auto.networks.shape_head import SHAPE_FEATURES_KEY, shape_measurements
-from lnm_auto.planning.plans import ChannelNormalization, ConfigurationPlan, Plans
+from lnm_auto.plans.plans import ChannelNormalization, ConfigurationPlan, Plans
 from lnm_auto.preprocessing.normalization import normalize_channels
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import atomic_path

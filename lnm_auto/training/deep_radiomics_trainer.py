@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from lnm_auto.networks.frozen_embedding import check_weights, embedding_columns, node_embeddings
-from lnm_auto.planning.deep_radiomics_topology import DeepRadiomicsTopology
+from lnm_auto.plans.deep_radiomics_topology import DeepRadiomicsTopology
 from lnm_auto.radiomics.deep_features import joined_features
 from lnm_auto.radiomics.features import FEATURE_COLUMNS
 from lnm_auto.training.data import load_batch

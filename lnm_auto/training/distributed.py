@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lnm_auto.planning.plans import ConfigurationPlan
+from lnm_auto.plans.plans import ConfigurationPlan
 from lnm_auto.training.progress import TrainingLog
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.threads import available_cores, requested_threads

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from lnm_auto.evaluation.report import metric_settings, metrics_document, validation_metrics
-from lnm_auto.planning.plans import ConfigurationPlan, Plans
+from lnm_auto.plans.plans import ConfigurationPlan, Plans
 from lnm_auto.preprocessing.preprocessor import crops_digest
 from lnm_auto.training import registry
 from lnm_auto.training.data import CropStore, default_num_workers

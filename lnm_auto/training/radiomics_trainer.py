@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lnm_auto.planning.learning_scheme import RadiomicsTopology
-from lnm_auto.planning.plans import ConfigurationPlan
+from lnm_auto.plans.radiomics_topology import RadiomicsTopology
+from lnm_auto.plans.plans import ConfigurationPlan
 from lnm_auto.radiomics.classifier import MODEL_FILE_NAME, RadiomicsClassifier
 from lnm_auto.radiomics.dataset_features import dataset_node_features
 from lnm_auto.radiomics.features import FEATURE_COLUMNS

@@ -14,7 +14,7 @@ from lnm_auto.configurations import KINDS, kind_of
 from lnm_auto.networks import global_branch_for
 from lnm_auto.planning.plan_and_preprocess import FINGERPRINT_FILE, SPLITS_FILE
 from lnm_auto.planning.planner import switch_on_multitask
-from lnm_auto.planning.plans import ConfigurationPlan, Plans
+from lnm_auto.plans.plans import ConfigurationPlan, Plans
 from lnm_auto.planning.splits import load_splits
 from lnm_auto.training.distributed import DistributedRun, destroy_process_group, init_process_group, is_main_process
 from lnm_auto.training.pretraining import WSPPretrainer

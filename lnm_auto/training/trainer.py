@@ -31,7 +31,7 @@ from torch import nn
 from lnm_auto.configurations.networks import network_for
 from lnm_auto.networks import backbone_lr_groups, load_imagenet_backbones, load_pretrained_weights
 from lnm_auto.networks.node_predictor import predict_node_crops
-from lnm_auto.planning.plans import Plans
+from lnm_auto.plans.plans import Plans
 from lnm_auto.training.data import BatchGroup, NodeBatchLoader, batch_to_device, load_batch, training_batches
 from lnm_auto.training.fold_trainer import FoldTrainer
 from lnm_auto.training.lr_schedule import warmup_cosine_schedule

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from lnm_auto.cli.common import _run
-from lnm_auto.conversion.components import DEFAULT_MIN_VOLUME_MM3
+from lnm_auto.imaging.components import DEFAULT_MIN_VOLUME_MM3
 from lnm_auto.conversion.dicom import convert_dicom_folder
 from lnm_auto.conversion.nnunet import convert_nnunet_dataset
 from lnm_auto.utils.paths import base_folder

@@ -27,15 +27,15 @@ from typing import Any
 
 # The budgets and each configuration's topology live in their own modules; every name stays importable
 # from here, where the plans and the networks have always found them.
-from lnm_auto.planning.global_local_topology import WegaTopology
-from lnm_auto.planning.compute_budget import BUDGETS, CPU_BUDGET, GPU_BUDGET, ComputeBudget, get_budget
-from lnm_auto.planning.resenc_topology import (MAX_RESENC_STAGES, MIN_FEATURE_MAP_SIZE, RESENC_LADDER,
-                                               ResEncTopology, estimate_resenc_gflops, plan_resenc_axes,
-                                               plan_resenc_topology, resenc_topology_from_rung)
-from lnm_auto.planning.two_stream_topology import (BACKBONE_SPECS, BACKBONES, MOBILENET_COST_FACTOR,
-                                                   TWO_STREAM_LADDER, BackboneSpec, TwoStreamTopology,
-                                                   estimate_two_stream_gflops, plan_two_stream_topology,
-                                                   slice_group_starts, two_stream_cost)
+from lnm_auto.plans.global_local_topology import WegaTopology
+from lnm_auto.plans.compute_budget import BUDGETS, CPU_BUDGET, GPU_BUDGET, ComputeBudget, get_budget
+from lnm_auto.plans.resenc_topology import (MAX_RESENC_STAGES, MIN_FEATURE_MAP_SIZE, RESENC_LADDER,
+                                            ResEncTopology, estimate_resenc_gflops, plan_resenc_axes,
+                                            plan_resenc_topology, resenc_topology_from_rung)
+from lnm_auto.plans.two_stream_topology import (BACKBONE_SPECS, BACKBONES, MOBILENET_COST_FACTOR,
+                                                TWO_STREAM_LADDER, BackboneSpec, TwoStreamTopology,
+                                                estimate_two_stream_gflops, plan_two_stream_topology,
+                                                slice_group_starts, two_stream_cost)
 
 __all__ = [
     "BUDGETS", "CPU_BUDGET", "GPU_BUDGET", "ComputeBudget", "get_budget",

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lnm_auto.planning.crop_scale import CropScale
-from lnm_auto.planning.learning_scheme import RadiomicsTopology
-from lnm_auto.planning.two_stream_topology import (BACKBONE_SPECS, DEFAULT_PRETRAINED_WEIGHTS, IMAGENET_INPUT_WINDOW,
-                                                   IMAGENET_WEIGHTS, slice_group_starts)
+from lnm_auto.plans.crop_scale import CropScale
+from lnm_auto.plans.radiomics_topology import RadiomicsTopology
+from lnm_auto.plans.two_stream_topology import (BACKBONE_SPECS, DEFAULT_PRETRAINED_WEIGHTS, IMAGENET_INPUT_WINDOW,
+                                                IMAGENET_WEIGHTS, slice_group_starts)
 
 # The 2d25 plan's two views: the node in its context and the zoomed-in node.
 EMBEDDING_SCALES = ("global", "local")

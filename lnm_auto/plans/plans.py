@@ -1,6 +1,6 @@
 """The plans: a typed, versioned JSON file — the one contract between planning, preprocessing,
 training and inference (like nnU-Net's nnUNetPlans.json). All axes are canonical (slice, row, col),
-see lnm_auto.preprocessing.geometry."""
+see lnm_auto.imaging.geometry."""
 from __future__ import annotations
 
 import hashlib
@@ -8,13 +8,13 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from lnm_auto.planning.learning_scheme import RadiomicsTopology
-from lnm_auto.planning.deep_radiomics_topology import DeepRadiomicsTopology
-from lnm_auto.planning.crop_scale import CropScale  # noqa: F401  (part of the plans; re-exported)
-from lnm_auto.planning.global_local_topology import WegaTopology
-from lnm_auto.planning.multitask_topology import MultiTaskTopology
-from lnm_auto.planning.network_topology import ComputeBudget, ResEncTopology, TwoStreamTopology
-from lnm_auto.planning.plans_validation import plans_problems
+from lnm_auto.plans.radiomics_topology import RadiomicsTopology
+from lnm_auto.plans.deep_radiomics_topology import DeepRadiomicsTopology
+from lnm_auto.plans.crop_scale import CropScale  # noqa: F401  (part of the plans; re-exported)
+from lnm_auto.plans.global_local_topology import WegaTopology
+from lnm_auto.plans.multitask_topology import MultiTaskTopology
+from lnm_auto.plans.network_topology import ComputeBudget, ResEncTopology, TwoStreamTopology
+from lnm_auto.plans.validation import plans_problems
 from lnm_auto.utils.dataclass_json import from_dict, to_dict
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import load_json, save_json

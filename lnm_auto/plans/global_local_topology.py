@@ -17,11 +17,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from lnm_auto.planning.compute_budget import ComputeBudget, _check_shape, get_budget
-from lnm_auto.planning.crop_scale import CropScale, cache_shape_for
-from lnm_auto.planning.resenc_topology import (ResEncTopology, estimate_resenc_gflops, plan_resenc_axes,
-                                               resenc_topology_from_rung)
-from lnm_auto.planning.two_stream_topology import slice_group_starts
+from lnm_auto.plans.compute_budget import ComputeBudget, _check_shape, get_budget
+from lnm_auto.plans.crop_scale import CropScale, cache_shape_for
+from lnm_auto.plans.resenc_topology import (ResEncTopology, estimate_resenc_gflops, plan_resenc_axes,
+                                            resenc_topology_from_rung)
+from lnm_auto.plans.two_stream_topology import slice_group_starts
 
 PATCH_SIZE = 14                 # DINOv2's patch; the context image side is a multiple of it
 

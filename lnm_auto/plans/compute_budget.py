@@ -1,6 +1,6 @@
 """The compute budget that sizes the networks, and the shape arithmetic the topology planners share.
 
-Pure arithmetic: no torch import. :mod:`lnm_auto.planning.network_topology` explains the budget rule
+Pure arithmetic: no torch import. :mod:`lnm_auto.plans.network_topology` explains the budget rule
 and its cost unit (dense-equivalent GFLOPs).
 """
 from __future__ import annotations

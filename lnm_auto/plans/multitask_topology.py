@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from lnm_auto.planning.network_topology import ComputeBudget, get_budget
+from lnm_auto.plans.network_topology import ComputeBudget, get_budget
 
 # The soft mask reaches SOFT_MASK_MARGIN_MM around the node: the same "node surroundings" margin the
 # fingerprint samples intensities from (preprocessing/crops.py INTENSITY_MARGIN_MM), i.e. the tissue a reader looks at.

@@ -1,7 +1,7 @@
 """Configuration ``2d25``: the 2.5D two-stream topology (Li et al. 2024), its FLOP estimate and planning.
 
 Pure arithmetic: no torch import. The network is :class:`lnm_auto.networks.two_stream.TwoStreamNet`;
-the budget rule is explained in :mod:`lnm_auto.planning.network_topology`. Two ladders: the ImageNet-pretrained
+the budget rule is explained in :mod:`lnm_auto.plans.network_topology`. Two ladders: the ImageNet-pretrained
 ``efficientnet_lite0`` with growing FPN / fusion widths (the default, documentation/pretrained_weights.md), and
 the MobileNetV3 ladder trained from scratch.
 """
@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from lnm_auto.planning.compute_budget import ComputeBudget, _ceil_div, _check_shape, get_budget
+from lnm_auto.plans.compute_budget import ComputeBudget, _ceil_div, _check_shape, get_budget
 
 # --------------------------------------------------------------------------------------------------
 # 2.5D two-stream (Li et al. 2024)

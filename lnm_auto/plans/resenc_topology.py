@@ -3,7 +3,7 @@ and planning.
 
 Pure arithmetic: no torch import. The network is
 :class:`lnm_auto.networks.resenc_classifier.ResEncClassifier`; the budget rule is explained in
-:mod:`lnm_auto.planning.network_topology`.
+:mod:`lnm_auto.plans.network_topology`.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from lnm_auto.planning.compute_budget import (ComputeBudget, _ceil_div, _check_shape, _conv_out, _tuple,
-                                              get_budget)
+from lnm_auto.plans.compute_budget import (ComputeBudget, _ceil_div, _check_shape, _conv_out, _tuple,
+                                           get_budget)
 
 # --------------------------------------------------------------------------------------------------
 # 3D residual encoder (WeGA's local branch; nnU-Net's ResEnc)

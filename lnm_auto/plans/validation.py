@@ -126,17 +126,17 @@ SOFT_MASK_KINDS = ("linear", "exp")
 
 
 def _backbones() -> list[str]:
-    from lnm_auto.planning.two_stream_topology import BACKBONE_SPECS   # the backbones the code can build
+    from lnm_auto.plans.two_stream_topology import BACKBONE_SPECS   # the backbones the code can build
     return sorted(BACKBONE_SPECS)
 
 
 def _imagenet_weights() -> list[str]:
-    from lnm_auto.planning.two_stream_topology import IMAGENET_WEIGHTS  # the weights the code can find
+    from lnm_auto.plans.two_stream_topology import IMAGENET_WEIGHTS  # the weights the code can find
     return sorted(IMAGENET_WEIGHTS)
 
 
 def _imagenet_backbones() -> list[str]:
-    from lnm_auto.planning.two_stream_topology import IMAGENET_WEIGHTS  # the backbones those weights fit
+    from lnm_auto.plans.two_stream_topology import IMAGENET_WEIGHTS  # the backbones those weights fit
     return sorted({w.backbone for w in IMAGENET_WEIGHTS.values()})
 
 
@@ -371,7 +371,7 @@ def _configuration_problems(name: str, config: dict, scales: dict, n_channels: i
 def _embedding_problems(where: str, network: dict, scales: dict) -> list[str]:
     """deep_radiomics: its scales exist, scales and levels are each named once (every one gives its own
     columns), and the weights are those of its backbone."""
-    from lnm_auto.planning.two_stream_topology import IMAGENET_WEIGHTS
+    from lnm_auto.plans.two_stream_topology import IMAGENET_WEIGHTS
     problems = [f"{where}.embedding_scales: scale {s!r} is not among the plans' scales ({', '.join(scales)})"
                 for s in network["embedding_scales"] if s not in scales]
     for key in ("embedding_scales", "feature_levels"):
