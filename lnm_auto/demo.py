@@ -6,20 +6,21 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from lnm_auto.configurations import kind_of
 from lnm_auto.datasets.phantom import PhantomConfig, make_phantom_dataset
 from lnm_auto.evaluation.crossval import SIZE_RULE, find_best_configuration, size_rule_table
 from lnm_auto.evaluation.report import evaluate, format_table
 from lnm_auto.evaluation.size_rule import write_size_rule_predictions
 from lnm_auto.inference.ensemble import chosen_models, predict_chosen
 from lnm_auto.planning.plan_and_preprocess import plan_and_preprocess
-from lnm_auto.training.run import classifier_trainer, recommended_scheme, run_training, setup_trainer
+from lnm_auto.training.run import recommended_scheme, run_training, setup_trainer
 
 DEMO_DATASET_ID = 999
 
 
-def run_demo(workdir: Path, configurations: tuple[str, ...] = ("radiomics", "2d25"), folds: tuple[int, ...] = (0, 1, 2, 3, 4),
-             epochs: int | None = 5, n_cases: int = 40, n_test_cases: int = 20, seed: int = 0,
-             labeled_fraction: float = 1.0) -> dict:
+def run_demo(workdir: Path, configurations: tuple[str, ...] = ("radiomics", "deep_radiomics", "2d25"),
+             folds: tuple[int, ...] = (0, 1, 2, 3, 4), epochs: int | None = 3, n_cases: int = 40,
+             n_test_cases: int = 20, seed: int = 0, labeled_fraction: float = 1.0) -> dict:
     """Run the whole pipeline; returns the test metrics document (model vs size rule)."""
     t0 = time.time()
     workdir = Path(workdir)
@@ -34,7 +35,7 @@ def run_demo(workdir: Path, configurations: tuple[str, ...] = ("radiomics", "2d2
           f"({planned.plans.notes['learning_scheme']})", flush=True)
     for configuration in configurations:
         # radiomics and deep_radiomics are fitted in one step: the demo's epoch count is for networks
-        fitted_once = classifier_trainer(planned.plans.configuration(configuration)) is not None
+        fitted_once = kind_of(planned.plans.configuration(configuration)).fitted_once
         for trainer in recommended_scheme(planned.plans, configuration):
             for fold in folds:
                 print(f"[3/6] train {configuration} fold {fold} ({trainer})", flush=True)
