@@ -120,7 +120,8 @@ def test_trainers_override_only_the_named_hooks():
                       if callable(v) or isinstance(v, (classmethod, property))}
         overridden = {k for k in overridden if hasattr(base, k) and not k.startswith("__")}
         allowed = set(TRAINER_HOOKS) if base is LNMTrainer else {"run_training", "predict_records",
-                                                                "default_num_epochs", "training_records"}
+                                                                "default_num_epochs", "training_records",
+                                                                "initialize"}
         assert overridden <= allowed, f"{name} overrides {sorted(overridden - allowed)}"
         if base is FoldTrainer:
             assert not hasattr(cls, "build_network") and not hasattr(cls, "configure_optimizers")

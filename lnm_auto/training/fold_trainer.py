@@ -48,18 +48,25 @@ class FoldTrainer:
         self.num_epochs = int(num_epochs or self.default_num_epochs(self.config))
         self.num_workers = num_workers if num_workers is not None else \
             default_num_workers(self.distributed.local_world_size)   # its share of the machine's cores
+        self.splits = splits
         self.crops_dir = self.preprocessed_dataset / f"{plans.plans_name}_crops"
+        self.current_epoch = 0
+        self.initial_weights: str | None = None   # where the weights came from, if not a fresh start
+
+    def initialize(self) -> None:
+        """The file work before a run (``setup_trainer`` calls it; the constructor only stores its arguments): the
+        fold's nodes and cases from the crop caches, the fold folder, the training log. Subclasses add theirs
+        (a network trainer: its network and optimizer) after calling this."""
         index_file = self.crops_dir / "nodes_index.csv"
         if not index_file.is_file():
-            raise LNMError(f"{index_file}: missing; run lnm_plan_and_preprocess -d {plans.dataset_name} first")
+            raise LNMError(f"{index_file}: missing; run lnm_plan_and_preprocess -d {self.plans.dataset_name} first")
         self.nodes = pd.read_csv(index_file, dtype={"case": str, "station": str}, keep_default_na=False)
-        self.train_cases, self.val_cases = self._fold_cases(splits)
-        self.store = CropStore(self.crops_dir, self.config.scales, plans.normalization, crops_digest(plans.scales))
+        self.train_cases, self.val_cases = self._fold_cases(self.splits)
+        self.store = CropStore(self.crops_dir, self.config.scales, self.plans.normalization,
+                               crops_digest(self.plans.scales))
         if self.distributed.is_main:
             make_folder(self.output_folder)
         self.log: TrainingLog = self.distributed.training_log(self.output_folder)   # training_log_<date>.txt per run
-        self.current_epoch = 0
-        self.initial_weights: str | None = None   # where the weights came from, if not a fresh start
 
     @property
     def trainer_name(self) -> str:

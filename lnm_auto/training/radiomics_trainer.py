@@ -33,8 +33,8 @@ class RadiomicsTrainer(FoldTrainer):
     _features: pd.DataFrame | None = None
     topology_type: type = RadiomicsTopology   # the configuration's topology this trainer fits
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def initialize(self) -> None:
+        super().initialize()
         self.check_configuration()
 
     @classmethod

@@ -121,6 +121,7 @@ def setup_trainer(dataset: str | int, configuration: str, fold: str, preprocesse
         raw_root = os.environ.get(ENV_VARS["raw"]) or None
     trainer = trainer_cls(plans, configuration, fold_value, pre, out / f"fold_{fold_value}", resolve_device(device),
                           epochs, num_workers=num_workers, splits=splits, raw_root=raw_root)
+    trainer.initialize()   # the file work: the fold's nodes, its folder and log, the network
     if is_main_process():   # under torchrun rank 0 writes every file
         remove_killed_runs_temp_files(trainer.output_folder)
         plans.save(saved)

@@ -229,8 +229,8 @@ class LNMTrainerPGLS(LNMTrainerMeanTeacher):
     gamma = 0.3
     omega = 0.6
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def initialize(self) -> None:
+        super().initialize()
         if not (self.unlabelled_records()["station_label"] >= 0).any():
             raise LNMError(f"{type(self).__name__} needs pathology labels of LN stations for unlabelled nodes, but "
                            "none are known: add stations.csv to the raw dataset (or use LNMTrainerMeanTeacher)")

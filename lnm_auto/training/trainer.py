@@ -44,7 +44,7 @@ GRAD_CLIP_NORM = 12.0
 TRAINER_HOOKS = ("default_num_epochs", "build_network", "configure_optimizers", "training_records",
                  "validation_records", "batch_groups", "make_loader", "steps_per_epoch", "network_outputs",
                  "compute_loss", "after_optimizer_step", "on_train_start", "on_epoch_start", "on_epoch_end",
-                 "on_train_end", "checkpoint_state", "restore_state", "validate")
+                 "on_train_end", "checkpoint_state", "restore_state", "validate", "initialize")
 EMA_KEEP = 0.9
 
 
@@ -58,15 +58,20 @@ class LNMTrainer(FoldTrainer):
                  num_workers: int | None = None, splits: list[dict] | None = None, raw_root: Path | None = None):
         super().__init__(plans, configuration, fold, preprocessed_dataset, output_folder, device, num_epochs, seed,
                          num_workers, splits, raw_root)
-        torch.manual_seed(seed)  # same initial weights for the same seed
+        self.best_ema: float | None = None
+        self.ema_auroc: float | None = None
+
+    def initialize(self) -> None:
+        """The fold's data and log (FoldTrainer), then the network (ImageNet backbone weights loaded), optimizer
+        and schedule."""
+        super().initialize()
+        torch.manual_seed(self.seed)  # same initial weights for the same seed
         self.network = self.build_network()
         self.forward_module = self.network   # what a training step's forward goes through (see _replicated_network)
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
         self.loss_fn = nn.BCEWithLogitsLoss()
         if self.imagenet_weights:
             self.log.print(self.imagenet_weights)
-        self.best_ema: float | None = None
-        self.ema_auroc: float | None = None
 
     # ---- hooks: what to learn from ------------------------------------------------------------------
     def build_network(self) -> nn.Module:
