@@ -198,8 +198,9 @@ def run_dataset(name: str, make, dataset_id: int, args, workdir: Path) -> list[d
         uncalibrated = np.mean([test_predictions[m].set_index(["case", "node"]).loc[
             list(zip(ensemble.case, ensemble.node)), "probability_uncalibrated"].to_numpy() for m in chosen], axis=0)
         ensemble["probability"] = apply_calibration(selection["instructions"]["calibration"], uncalibrated)
-    else:                                     # the size rule was chosen: lnm_predict -d scores by short axis
+    else:            # the size rule was chosen: lnm_predict -d scores by short axis, through the choice's map
         ensemble = pd.read_csv(workdir / name / "test" / "size_rule.csv", dtype={"case": str})
+        ensemble["probability"] = apply_calibration(selection["instructions"]["calibration"], ensemble["probability"])
     cv = selection["instructions"]["cv"].get("node", {})
     rows.append({"dataset": name, "method": f"chosen: {' + '.join(chosen) if chosen else SIZE_RULE}",
                  "train_s": round(sum(times[k] for k, f in folders.items() if f in chosen), 1),
