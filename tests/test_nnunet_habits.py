@@ -187,6 +187,7 @@ def test_nnunet_1epoch_spelling_is_said_and_never_retrains_a_finished_fold(plann
     final = model / "fold_0" / "checkpoint_final.pth"
     before = final.read_bytes()
     assert not (res / "Dataset042_Tiny" / "LNMTrainer_1epoch__LNMPlans__3d_resenc").exists()
+    model_files = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in model.rglob("*") if p.is_file()}
 
     again = run_train_cli("42", "3d_resenc", "0", "-tr", "LNMTrainer_1epoch", "-device", "cpu",
                           preprocessed=pre, results=res)
@@ -194,6 +195,8 @@ def test_nnunet_1epoch_spelling_is_said_and_never_retrains_a_finished_fold(plann
                    "to retrain it pass -tr LNMTrainer_1epochs, to continue it add --c")
     assert str(model / "fold_0") in line
     assert final.read_bytes() == before
+    # refused before anything was loaded or written: no plans.json rewritten, no stray training log
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in model.rglob("*") if p.is_file()} == model_files
 
     for trainer in ("LNMTrainer", "LNMTrainer_1epoch"):   # lnm_predict: the exact -tr, not a wrong "to train it"
         proc = run_cli("predict", "-i", tmp_path / "raw" / "Dataset042_Tiny" / "imagesTr", "-o", tmp_path / "out",

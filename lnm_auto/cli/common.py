@@ -116,7 +116,7 @@ def _add_threads_flag(p: argparse.ArgumentParser) -> None:
 
 def _say_device(requested: str) -> str:
     """Resolve -device and print the choice (auto picks cuda, then mps, then cpu)."""
-    from lnm_auto.training.run import resolve_device
+    from lnm_auto.utils.devices import resolve_device
     device = resolve_device(requested)
     how = "picked automatically: cuda > mps > cpu; choose with -device" if requested.lower() == "auto" else "-device"
     print(f"device: {device} ({how})", flush=True)

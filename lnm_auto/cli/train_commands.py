@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+from pathlib import Path
 
 from lnm_auto.cli.common import DEVICE_HELP, _add_location_flags, _add_progress_flag, _add_threads_flag, _run, _say_device
 from lnm_auto.utils.errors import LNMError
@@ -57,7 +58,8 @@ def train_parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace, argv: list[str]) -> int:
     from lnm_auto.training.distributed import is_main_process, launch_local_processes
-    from lnm_auto.training.run import check_processes_fit_batch, distributed_training, resolve_device
+    from lnm_auto.training.run import check_processes_fit_batch, distributed_training
+    from lnm_auto.utils.devices import resolve_device
     if args.val and (args.continue_training or args.pretrained_weights):
         raise LNMError("--val only validates a trained fold; leave out --c and -pretrained_weights")
     if args.num_gpus != 1:   # each of the N processes parses the same arguments, told to be one of them
@@ -82,13 +84,17 @@ def _train_stages(args: argparse.Namespace, device: str, say) -> int:
         say(f"training scheme (the plans' recommendation for this label mix): {' -> '.join(stages)}")
     checkpoint = "checkpoint_best.pth" if args.val_best else "checkpoint_final.pth"
     for i, stage in enumerate(stages):
+        def before_writing(run_name: str, epochs: int, fold_folder: Path, stage: str = stage) -> None:
+            """Before setup loads or writes anything: refuse retraining a finished fold under another spelling,
+            and say how -tr was read when the model folder's name differs."""
+            note = run_name_note(stage, run_name, epochs) if args.trainer else None
+            if note and not (args.val or args.continue_training):
+                refuse_retraining_under_another_name(stage, run_name, fold_folder)
+            if note:   # the model folder differs from what -tr said: one line, before any training
+                say(note)
         trainer = setup_trainer(args.dataset, args.configuration, args.fold, preprocessed, results, stage,
-                                args.plans_name, device, args.epochs, args.num_workers, raw_root=raw)
-        note = run_name_note(stage, trainer.trainer_name, trainer.num_epochs) if args.trainer else None
-        if note and not (args.val or args.continue_training):
-            refuse_retraining_under_another_name(stage, trainer)
-        if note:   # the model folder differs from what -tr said: one line, before any training
-            say(note)
+                                args.plans_name, device, args.epochs, args.num_workers, raw_root=raw,
+                                before_writing=before_writing)
         if not args.val:
             run_training(trainer, args.continue_training, args.pretrained_weights if i == 0 else None,
                          save_probabilities=args.npz and not args.val_best)
@@ -104,16 +110,15 @@ def _train_stages(args: argparse.Namespace, device: str, say) -> int:
 FINISHED_FOLD_FILES = ("checkpoint_final.pth", "radiomics_model.json")
 
 
-def refuse_retraining_under_another_name(typed: str, trainer) -> None:
+def refuse_retraining_under_another_name(typed: str, run_name: str, folder: Path) -> None:
     """``-tr LNMTrainer_1epoch`` trains into LNMTrainer_1epochs: a finished fold there is retrained only when the
-    folder's own name is given, never through another spelling."""
+    folder's own name is given, never through another spelling (checked before anything is loaded or written)."""
     from lnm_auto.training.registry import split_trainer_name
     if split_trainer_name(typed)[1] is None:   # a plain class name (with --epochs): no other spelling involved
         return
-    if any((trainer.output_folder / f).is_file() for f in FINISHED_FOLD_FILES):
-        folder = trainer.output_folder
-        raise LNMError(f"-tr {typed} is read as {trainer.trainer_name}, whose {folder.name} is already trained "
-                       f"({folder}); to retrain it pass -tr {trainer.trainer_name}, to continue it add --c")
+    if any((folder / f).is_file() for f in FINISHED_FOLD_FILES):
+        raise LNMError(f"-tr {typed} is read as {run_name}, whose {folder.name} is already trained "
+                       f"({folder}); to retrain it pass -tr {run_name}, to continue it add --c")
 
 
 def train_entry(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -21,12 +21,12 @@ from lnm_auto.training.pretraining import WSPPretrainer
 from lnm_auto.training.registry import split_trainer_name, trainer_class
 from lnm_auto.training.registry import trainer_name as trainer_name_for
 from lnm_auto.training.trainer import LNMTrainer
+from lnm_auto.utils.devices import DEVICE_CHOICES, default_device, resolve_device  # noqa: F401  (lnm_train)
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import atomic_copy, load_json
 from lnm_auto.utils.paths import ENV_VARS, check_plain_name, nearest_hint, resolve_preprocessed_dataset
 from lnm_auto.utils.stale_temps import remove_stale_temp_files
 
-DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
 
 
 def model_folder(results_root: Path, dataset_name: str, trainer: str, plans_name: str, configuration: str) -> Path:
@@ -51,29 +51,6 @@ def parse_fold(fold: str) -> int | str:
         raise LNMError(f"fold must be a number (0, 1, ...) or 'all', got '{fold}'") from None
 
 
-def default_device() -> str:
-    """The fastest device here: cuda when available, then mps, then cpu (nnU-Net defaults to cuda too)."""
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def resolve_device(name: str | None = "auto") -> str:
-    """Check a -device value against what this machine has; "auto" (or None) picks ``default_device()``."""
-    name = "auto" if name is None else name.lower()
-    if name == "auto":
-        return default_device()
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LNMError("-device cuda requested but no CUDA GPU is available; use -device cpu (or auto)")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise LNMError("-device mps requested but MPS is not available; use -device cpu (or auto)")
-    if name not in DEVICE_CHOICES:
-        raise LNMError(f"unknown device '{name}': use {', '.join(DEVICE_CHOICES)}{nearest_hint(name, DEVICE_CHOICES)}")
-    return name
-
-
 def check_configuration(plans: Plans, configuration: str) -> None:
     """One line naming the plans' configurations and the nearest one, for a configuration not planned."""
     if configuration not in plans.configurations:
@@ -85,10 +62,13 @@ def check_configuration(plans: Plans, configuration: str) -> None:
 def setup_trainer(dataset: str | int, configuration: str, fold: str, preprocessed_root: Path, results_root: Path,
                   trainer_name: str = "LNMTrainer", plans_name: str = "LNMPlans", device: str | None = "cpu",
                   num_epochs: int | None = None, num_workers: int | None = None,
-                  trainer_cls: type[LNMTrainer] | None = None, raw_root: Path | None = None) -> LNMTrainer:
+                  trainer_cls: type[LNMTrainer] | None = None, raw_root: Path | None = None,
+                  before_writing: Callable[[str, int, Path], None] | None = None) -> LNMTrainer:
     """The trainer of one fold, its model folder prepared (plans, dataset.json and fingerprint copied).
     ``raw_root`` is where the radiomics configuration reads the raw images (default $LNM_raw). A trainer that
-    trains with the multi-task head (``multitask = True``) gets these plans with the switch on."""
+    trains with the multi-task head (``multitask = True``) gets these plans with the switch on. ``before_writing``
+    (run name, epochs, fold folder) is called once those are known, before anything is loaded or written: a
+    command's last chance to refuse."""
     name = resolve_preprocessed_dataset(dataset, preprocessed_root)
     pre = Path(preprocessed_root) / name
     plans = Plans.load(plans_file(pre, plans_name))
@@ -110,6 +90,8 @@ def setup_trainer(dataset: str | int, configuration: str, fold: str, preprocesse
     epochs = num_epochs or trainer_cls.default_num_epochs(config)
     run_name = trainer_name_for(trainer_cls.__name__, epochs, trainer_cls.default_num_epochs(config))
     out = model_folder(results_root, name, run_name, plans_name, configuration)
+    if before_writing is not None:
+        before_writing(run_name, epochs, out / f"fold_{fold_value}")
     # the model folder alone must be enough for inference (like nnU-Net's results folders)
     saved = out / "plans.json"
     if saved.is_file() and any(out.glob("fold_*/checkpoint_*.pth")) and Plans.load(saved) != plans:
