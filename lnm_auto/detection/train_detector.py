@@ -1,0 +1,143 @@
+"""``lnm_train_detector``: nnU-Net v2's own planning, preprocessing and training of a node segmenter on an lnm
+dataset's node masks.
+
+nnU-Net runs in its own processes (``python -c`` calling its entry point or its ``run_training`` function) with
+nnUNet_raw / nnUNet_preprocessed / nnUNet_results set in their environment only: nnU-Net reads those variables
+when its modules load, and this process's environment stays as it was. The roots lie below the lnm dataset's
+preprocessed and results folders (``nnunet_dataset.detector_folders``).
+
+On a GPU the defaults are nnU-Net's own (3d_fullres, nnUNetTrainer: 1000 epochs). On a CPU the default is a
+smoke-level detector: the 2d configuration with nnU-Net's shipped ``nnUNetTrainer_5epochs``; it shows the chain
+works, it is not a detector of nnU-Net's quality.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lnm_auto.detection.nnunet_dataset import (DetectorExport, DetectorFolders, detector_folders,
+                                               export_detector_dataset, nnunet_dataset_id, nnunet_dataset_name)
+from lnm_auto.utils.errors import LNMError
+from lnm_auto.utils.io import load_json
+from lnm_auto.utils.paths import resolve_dataset_name
+
+NEEDS_NNUNET = 'lnm_train_detector needs nnU-Net v2: pip install -e ".[detect]"'
+CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
+GPU_DEFAULT = ("3d_fullres", "nnUNetTrainer")           # nnU-Net's own defaults
+CPU_DEFAULT = ("2d", "nnUNetTrainer_5epochs")           # smoke level: shows the chain works, not nnU-Net quality
+PLANS = "nnUNetPlans"
+ALL_FOLDS = ["0", "1", "2", "3", "4"]
+
+PLAN_CODE = ("import sys\n"
+             "from nnunetv2.experiment_planning.plan_and_preprocess_entrypoints import plan_and_preprocess_entry\n"
+             "sys.argv[0] = 'nnUNetv2_plan_and_preprocess'\n"
+             "plan_and_preprocess_entry()\n")
+# run_training itself (not its entry point, which gives a CPU run every core of the machine): the threads are ours
+TRAIN_CODE = ("import sys, torch\n"
+              "from nnunetv2.run.run_training import run_training\n"
+              "dataset, configuration, fold, trainer, plans, device, threads, resume = sys.argv[1:9]\n"
+              "torch.set_num_threads(int(threads))\n"
+              "run_training(dataset, configuration, fold, trainer, plans, device=torch.device(device),\n"
+              "             continue_training=resume == '1')\n")
+
+
+def nnunet_installed() -> bool:
+    """Whether the optional nnunetv2 package can be imported (without importing it here)."""
+    try:
+        return importlib.util.find_spec("nnunetv2") is not None
+    except (ImportError, ValueError):      # a broken install, or one removed from sys.modules
+        return False
+
+
+def default_setup(device: str) -> tuple[str, str]:
+    """(configuration, trainer) when -c / -tr are not given: nnU-Net's defaults on a GPU, smoke level elsewhere."""
+    return GPU_DEFAULT if device == "cuda" else CPU_DEFAULT
+
+
+def check_folds(folds: list[str] | None) -> list[str]:
+    """nnU-Net's folds: 0..4 (its 5-fold split) or 'all'; none given means all five."""
+    folds = list(folds) if folds else list(ALL_FOLDS)
+    for fold in folds:
+        if fold != "all" and fold not in ALL_FOLDS:
+            raise LNMError(f"fold '{fold}': nnU-Net's folds are 0, 1, 2, 3, 4 or 'all'")
+    return folds
+
+
+@dataclass
+class DetectorRun:
+    dataset_name: str                  # the lnm dataset, DatasetXXX_Name
+    folders: DetectorFolders
+    configuration: str
+    trainer: str
+    export: DetectorExport | None = None
+    fold_folders: list[Path] = field(default_factory=list)
+
+    @property
+    def model_folder(self) -> Path:
+        """nnU-Net's model folder: nnUNet_results/DatasetXXX_NameLN/<trainer>__nnUNetPlans__<configuration>."""
+        return (self.folders.results / nnunet_dataset_name(self.dataset_name)
+                / f"{self.trainer}__{PLANS}__{self.configuration}")
+
+
+def nnunet_environment(folders: DetectorFolders, threads: int) -> dict[str, str]:
+    """This process's environment with nnU-Net's roots (and, unless set by the user, its augmentation workers:
+    threads - 1, at least 1: nnU-Net's planner also sets torch's threads to it, and refuses 0)."""
+    env = {**os.environ, **folders.environment()}
+    env.setdefault("nnUNet_n_proc_DA", str(max(threads - 1, 1)))
+    return env
+
+
+def _run_nnunet(code: str, args: list[str], env: dict[str, str], what: str) -> None:
+    """One nnU-Net step in its own process; its output goes to ours. A failure is one line after nnU-Net's own."""
+    sys.stdout.flush()
+    proc = subprocess.run([sys.executable, "-c", code, *args], env=env)
+    if proc.returncode != 0:
+        raise LNMError(f"{what} failed (exit status {proc.returncode}); nnU-Net's own messages are above")
+
+
+def _check_planned(folders: DetectorFolders, dataset_name: str, configuration: str) -> None:
+    """The configuration must be in nnU-Net's plans and preprocessed (3d_lowres is planned only for large images)."""
+    plans_file = folders.preprocessed / nnunet_dataset_name(dataset_name) / f"{PLANS}.json"
+    if not plans_file.is_file():
+        raise LNMError(f"{plans_file}: missing; run lnm_train_detector without --skip_preprocessing first")
+    planned = sorted(load_json(plans_file).get("configurations", {}))
+    if configuration not in planned:
+        raise LNMError(f"{plans_file}: nnU-Net planned no '{configuration}' for this dataset (planned: "
+                       f"{', '.join(planned)}); choose one of those with -c")
+
+
+def prepare_detector(dataset: str, raw_root: Path, preprocessed_root: Path, results_root: Path, configuration: str,
+                     trainer: str, threads: int = 1, skip_preprocessing: bool = False, say=print) -> DetectorRun:
+    """Export the node masks as an nnU-Net dataset and run nnU-Net's planning and preprocessing of
+    ``configuration`` (with its dataset integrity check); ``skip_preprocessing``: use an earlier run's."""
+    if not nnunet_installed():
+        raise LNMError(NEEDS_NNUNET)
+    if configuration not in CONFIGURATIONS:
+        raise LNMError(f"-c '{configuration}': lnm_train_detector trains {', '.join(CONFIGURATIONS)}")
+    name = resolve_dataset_name(dataset, Path(raw_root))
+    run = DetectorRun(name, detector_folders(name, preprocessed_root, results_root), configuration, trainer)
+    if not skip_preprocessing:
+        run.export = export_detector_dataset(Path(raw_root) / name, run.folders.raw)
+        say(f"nnU-Net dataset: {run.export.folder} ({len(run.export.cases)} cases)", flush=True)
+        _run_nnunet(PLAN_CODE, ["-d", str(nnunet_dataset_id(name)), "-c", configuration, "-np", str(threads),
+                                "-npfp", str(threads), "--verify_dataset_integrity", "--clean"],
+                    nnunet_environment(run.folders, threads), "nnUNetv2_plan_and_preprocess")
+    _check_planned(run.folders, name, configuration)
+    return run
+
+
+def train_detector_folds(run: DetectorRun, folds: list[str], device: str, threads: int = 1,
+                         continue_training: bool = False) -> DetectorRun:
+    """nnU-Net's training of each fold (then its own validation); the fold folders go to ``run.fold_folders``."""
+    env = nnunet_environment(run.folders, threads)
+    torch_threads = 1 if device == "cuda" else threads      # as nnU-Net does on a GPU
+    for fold in check_folds(folds):
+        _run_nnunet(TRAIN_CODE, [str(nnunet_dataset_id(run.dataset_name)), run.configuration, fold, run.trainer, PLANS,
+                                 device, str(torch_threads), "1" if continue_training else "0"], env,
+                    f"nnU-Net's training of fold {fold}")
+        run.fold_folders.append(run.model_folder / f"fold_{fold}")
+    return run
