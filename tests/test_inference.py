@@ -111,6 +111,17 @@ def test_export_zip_predicts_the_same(trained, tmp_path):
     pd.testing.assert_frame_equal(a, b)
 
 
+def test_zip_of_some_folds_predicts_with_the_folds_it_holds(trained, tmp_path):
+    """A zip exported with -f 0 is that model: -m without -f predicts with fold 0, as the folder does with -f 0
+    (before, it asked a zip user to "train" the missing folds, naming a temporary extraction path)."""
+    root, model, inp = trained
+    zip_file = export_model(model, tmp_path / "fold0.zip", folds=["0"])
+    proc = run_cli("predict", "-i", inp, "-o", tmp_path / "z", "-m", zip_file, "--quiet", env={"LNM_results": None})
+    assert proc.returncode == 0, proc.stderr
+    predict_folder(inp, tmp_path / "d", model, ["0"], progress=False)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "z" / "nodes.csv"), pd.read_csv(tmp_path / "d" / "nodes.csv"))
+
+
 def test_dicom_series_input(trained, tmp_path):
     """A DICOM series predicts what the same int16 voxels predict from NIfTI. (It flaked at a tolerance of 0.02
     against the float original: crops were cut one sample different at the volume's edge, see sample_linear.)"""

@@ -65,11 +65,14 @@ class TrainedModel:
 
     def default_folds(self, checkpoint: str) -> list[str]:
         """All cross-validation folds of the plans (fold 'all' only when asked for with -f all); a partial set is
-        refused, so an ensemble is never silently made of fewer folds than were planned."""
+        refused, so an ensemble is never silently made of fewer folds than were planned. A model from a zip: the
+        folds the zip holds (lnm_export_model -f chose them)."""
         available = self.available_folds(checkpoint)
         planned = [str(k) for k in range(self.plans.n_folds)]
         if not available:
             raise self.missing_checkpoint(checkpoint)
+        if Path(self.folder) in EXTRACTED_FROM:   # a zip holds the folds its exporter chose: those are the model
+            return available
         missing = [f for f in planned if f not in available]
         if missing and available == ["all"]:
             return available
