@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -67,7 +68,9 @@ def _first_case(planned):
 @pytest.mark.parametrize("name", KIND_NAMES)
 def test_kind_fits_saves_reloads_scores_identically_and_refuses_a_crafted_file(name, planned_tiny, tmp_path):
     kind = REGISTRY[name]
-    planned = planned_tiny(8)
+    planned = tmp_path / "planned"   # a copy: fitting writes feature and embedding caches into pre/
+    for part in ("raw", "pre"):
+        shutil.copytree(planned_tiny(8) / part, planned / part)
     trainer_name = kind.default_trainer if kind.fitted_once else "LNMTrainer_1epochs"
     trainer = setup_trainer(42, name, "0", planned / "pre", tmp_path / "results", trainer_name, num_workers=0,
                             raw_root=planned / "raw")

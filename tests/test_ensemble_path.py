@@ -24,8 +24,12 @@ PLATT = {"method": "platt", "a": 0.8, "b": -0.3, "n": 20, "n_positive": 8}
 
 
 @pytest.fixture(scope="module")
-def planned(planned_tiny) -> Path:
-    return planned_tiny(8)
+def planned(planned_tiny, tmp_path_factory) -> Path:
+    """A private copy of the session's planned tiny dataset: the radiomics fit writes its feature cache into pre/."""
+    root = tmp_path_factory.mktemp("planned")
+    for part in ("raw", "pre"):
+        shutil.copytree(planned_tiny(8) / part, root / part)
+    return root
 
 
 @pytest.fixture(scope="module")

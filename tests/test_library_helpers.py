@@ -202,8 +202,8 @@ def test_validation_auroc_accepts_what_the_trainer_passes():
 def test_no_other_auroc_implementation_in_the_package():
     """roc_auc_score is called nowhere in lnm_auto: every unweighted AUROC is metrics.auroc."""
     package = Path(M.__file__).parents[1]
-    users = [p for p in package.rglob("*.py") if "roc_auc_score(" in p.read_text() or "import roc_auc_score"
-             in p.read_text()]
+    users = [p for p in package.rglob("*.py") if "roc_auc_score(" in p.read_text(encoding="utf-8") or "import roc_auc_score"
+             in p.read_text(encoding="utf-8")]
     assert users == []
 
 
