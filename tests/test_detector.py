@@ -125,7 +125,8 @@ def test_tiny_cpu_detector_trains_end_to_end(tiny_dataset, tmp_path):
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         env.pop(var, None)
     proc = subprocess.run([sys.executable, "-m", "lnm_auto", "train_detector", "42", "0", "-c", "2d",
-                           "-tr", "nnUNetTrainer_1epoch", "-device", "cpu", "--raw", str(tiny_dataset.parent),
+                           "-tr", "nnUNetTrainer_1epoch", "--iterations_per_epoch", "5", "-device", "cpu",
+                           "--raw", str(tiny_dataset.parent),
                            "--preprocessed", str(tmp_path / "pre"), "--results", str(tmp_path / "res")],
                           capture_output=True, text=True, cwd=workdir, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -33,6 +33,9 @@ def train_detector_parser() -> argparse.ArgumentParser:
                    help=f"nnU-Net trainer class, e.g. nnUNetTrainer_1epoch (default: {GPU_DEFAULT[1]} on cuda, "
                         f"{CPU_DEFAULT[1]} otherwise: smoke level)")
     p.add_argument("-device", "--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--iterations_per_epoch", type=int, default=0, metavar="N",
+                   help="shorten nnU-Net's epochs to N training iterations (N // 5 validation): a CPU smoke run only "
+                        "(default: nnU-Net's 250)")
     p.add_argument("--skip_preprocessing", action="store_true",
                    help="use the export and nnU-Net preprocessing of an earlier run (default: export and preprocess "
                         "again, so a changed dataset is never trained on stale data)")
@@ -57,7 +60,9 @@ def _train_detector(args: argparse.Namespace) -> int:
     run = prepare_detector(args.dataset, base_folder("raw", args.raw), base_folder("preprocessed", args.preprocessed),
                            base_folder("results", args.results), configuration, trainer, threads,
                            args.skip_preprocessing)
-    train_detector_folds(run, folds, device, threads, args.continue_training)
+    if args.iterations_per_epoch < 0:
+        raise LNMError(f"--iterations_per_epoch must be 0 (nnU-Net's) or more, got {args.iterations_per_epoch}")
+    train_detector_folds(run, folds, device, threads, args.continue_training, args.iterations_per_epoch)
     for folder in run.fold_folders:
         print(f"detector {folder.name}: {folder}")
     return 0

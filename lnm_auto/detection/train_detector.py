@@ -36,13 +36,20 @@ PLAN_CODE = ("import sys\n"
              "from nnunetv2.experiment_planning.plan_and_preprocess_entrypoints import plan_and_preprocess_entry\n"
              "sys.argv[0] = 'nnUNetv2_plan_and_preprocess'\n"
              "plan_and_preprocess_entry()\n")
-# run_training itself (not its entry point, which gives a CPU run every core of the machine): the threads are ours
+# nnU-Net's run_training steps (not its entry point, which gives a CPU run every core of the machine): the threads
+# are ours, and a CPU smoke run may shorten nnU-Net's 250 training / 50 validation iterations per epoch
 TRAIN_CODE = ("import sys, torch\n"
-              "from nnunetv2.run.run_training import run_training\n"
-              "dataset, configuration, fold, trainer, plans, device, threads, resume = sys.argv[1:9]\n"
+              "from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint\n"
+              "dataset, configuration, fold, trainer, plans, device, threads, resume, iterations = sys.argv[1:10]\n"
               "torch.set_num_threads(int(threads))\n"
-              "run_training(dataset, configuration, fold, trainer, plans, device=torch.device(device),\n"
-              "             continue_training=resume == '1')\n")
+              "fold = fold if fold == 'all' else int(fold)\n"
+              "t = get_trainer_from_args(dataset, configuration, fold, trainer, plans, resume == '1',\n"
+              "                          device=torch.device(device))\n"
+              "if int(iterations) > 0:\n"
+              "    t.num_iterations_per_epoch, t.num_val_iterations_per_epoch = int(iterations), max(1, int(iterations) // 5)\n"
+              "maybe_load_checkpoint(t, resume == '1', False, None)\n"
+              "t.run_training()\n"
+              "t.perform_actual_validation(False)\n")
 
 
 def nnunet_installed() -> bool:
@@ -131,13 +138,15 @@ def prepare_detector(dataset: str, raw_root: Path, preprocessed_root: Path, resu
 
 
 def train_detector_folds(run: DetectorRun, folds: list[str], device: str, threads: int = 1,
-                         continue_training: bool = False) -> DetectorRun:
-    """nnU-Net's training of each fold (then its own validation); the fold folders go to ``run.fold_folders``."""
+                         continue_training: bool = False, iterations_per_epoch: int = 0) -> DetectorRun:
+    """nnU-Net's training of each fold (then its own validation); the fold folders go to ``run.fold_folders``.
+    ``iterations_per_epoch`` > 0 shortens nnU-Net's epochs (a CPU smoke run; 0: nnU-Net's 250)."""
     env = nnunet_environment(run.folders, threads)
     torch_threads = 1 if device == "cuda" else threads      # as nnU-Net does on a GPU
     for fold in check_folds(folds):
         _run_nnunet(TRAIN_CODE, [str(nnunet_dataset_id(run.dataset_name)), run.configuration, fold, run.trainer, PLANS,
-                                 device, str(torch_threads), "1" if continue_training else "0"], env,
+                                 device, str(torch_threads), "1" if continue_training else "0",
+                                 str(int(iterations_per_epoch))], env,
                     f"nnU-Net's training of fold {fold}")
         run.fold_folders.append(run.model_folder / f"fold_{fold}")
     return run
