@@ -291,3 +291,16 @@ def test_a_models_map_is_not_applied_to_fold_models_it_was_not_fitted_for(tmp_pa
     checkpoint.write_bytes(b"weights of fold 0 trained again")
     calibration, why_not = model.calibration(["0"])
     assert calibration is None and "fold(s) 0" in why_not and "re-run lnm_find_best_configuration" in why_not
+
+
+def test_patients_in_pairs_counts_the_patients_of_folds_holding_both_classes():
+    """The within-fold AUROC's support: two folds with both classes hold 3 patients; a one-class fold adds none. Below
+    MIN_PATIENTS_IN_PAIRS the selection table warns (the AUROC then ranks nodes within a few patients only)."""
+    import pandas as pd
+
+    from lnm_auto.evaluation.crossval import MIN_PATIENTS_IN_PAIRS, patients_in_pairs
+    units = pd.DataFrame({"case": ["a", "a", "b", "c", "c", "d", "e"], "label": [1, 0, 0, 1, 0, 0, 0],
+                          "fold": [0, 0, 0, 1, 1, 2, 2], "probability": 0.5})
+    assert patients_in_pairs(units) == 3
+    assert patients_in_pairs(units.assign(label=0)) == 0
+    assert MIN_PATIENTS_IN_PAIRS > 3

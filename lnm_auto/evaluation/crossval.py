@@ -56,6 +56,7 @@ TABLE_FILE = "crossval_table.md"
 PLOT_FILE = "crossval_table.png"
 RELIABILITY_FILE = "crossval_reliability.png"
 KEY = ["case", "node"]
+MIN_PATIENTS_IN_PAIRS = 5   # fewer: the table warns that the CV AUROCs rank within a few patients
 
 
 def model_folders(dataset_results: Path) -> list[Path]:
@@ -125,6 +126,13 @@ def score(nodes: pd.DataFrame, n_bootstrap: int = 1000, seed: int = 0,
             out[level]["ece"] = expected_calibration_error(y, p)
             out[level]["ece_calibrated"] = expected_calibration_error(y, cross_fitted(y, p, units["fold"].to_numpy()))
     return out
+
+
+def patients_in_pairs(units: pd.DataFrame) -> int:
+    """How many patients the within-fold AUROC's labelled pairs come from: the patients of folds holding both
+    classes. A handful means the AUROC ranks nodes within those patients only - not what a new patient sees."""
+    both = units.groupby("fold")["label"].nunique()
+    return int(units[units["fold"].isin(both[both == 2].index)]["case"].nunique())
 
 
 def _complexity(members: tuple[str, ...]) -> tuple:
@@ -214,6 +222,7 @@ def select_configuration(dataset_results: Path, folds: int | Iterable[int] | Non
     calibration = _calibration(scored_nodes[chosen])
     model_calibrations = {m[0]: (calibration if m == chosen else _calibration(nodes))
                           for m, nodes in scored_nodes.items() if len(m) == 1}
+    support = {lv: patients_in_pairs(level_units(reference, lv)) for lv in LEVELS if lv not in notes}
     instructions = {
         "selected_by": (f"{level}-level within-fold cross-validation AUROC; the simplest candidate within one paired "
                         "patient-bootstrap standard error of the best (the size rule counts as the simplest)"),
@@ -229,6 +238,7 @@ def select_configuration(dataset_results: Path, folds: int | Iterable[int] | Non
                    "difference_se": {name(m): se for m, se in why["difference_se"].items()},
                    "within_one_se": [name(m) for m in why["tied"]]},
         "levels_not_scored": notes,
+        "patients_in_pairs": {lv: int(k) for lv, k in support.items()},
         "optimism": "the chosen candidate's CV AUROC is the best of several tried on the same folds, so it is "
                     "optimistic; report the held-out test set",
         "incomplete_models": sorted(incomplete),
@@ -238,6 +248,11 @@ def select_configuration(dataset_results: Path, folds: int | Iterable[int] | Non
               for m, f in incomplete.items()]
     lines += [size_note] if size_note else []
     lines += [_choice_line(level, name(chosen), why, name)]
+    if support[level] < MIN_PATIENTS_IN_PAIRS:
+        others = ", ".join(f"{lv} level {k}" for lv, k in support.items() if lv != level)
+        lines += [f"warning: the {level}-level AUROCs rest on the labelled {level}s of {support[level]} patient(s) in "
+                  "folds holding both classes: they rank within those few patients, not across new patients, so the "
+                  "choice is provisional; label more patients" + (f" (patients in pairs: {others})" if others else "")]
     if calibration["method"] == "identity":
         lines += [f"probabilities not calibrated: {calibration['n_positive']} positive of {calibration['n']} "
                   "node-labelled out-of-fold nodes are too few to fit a map"]
