@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lnm_auto.configurations import kind_for_topology
 from lnm_auto.configurations.base import NetworkKind
 from lnm_auto.networks.multitask import MultiTaskNet
 from lnm_auto.plans.plans import ConfigurationPlan, Plans, ShapeFeature
@@ -15,7 +16,6 @@ def build_network(topology, in_channels: int, mask_channel: bool = False,
     first layer sees (image channels, + 1 when ``mask_channel``: the network then appends ``mask_<scale>`` to
     ``image_<scale>`` itself). For ``2d25`` each 2D image then has 3 * C channels. ``shape_features``: the plan's
     hybrid head (kinds with ``hybrid_head``; empty: off)."""
-    from lnm_auto.configurations import kind_for_topology   # the registry imports this module's users
     if int(in_channels) < 1 + int(mask_channel):
         raise ValueError(f"in_channels must be >= {1 + int(mask_channel)}, got {in_channels}")
     kind = kind_for_topology(topology)
