@@ -13,15 +13,18 @@ from lnm_auto.evaluation.report import evaluate, format_table
 from lnm_auto.evaluation.size_rule import write_size_rule_predictions
 from lnm_auto.inference.ensemble import chosen_models, predict_chosen
 from lnm_auto.planning.plan_and_preprocess import plan_and_preprocess
-from lnm_auto.training.run import recommended_scheme, run_training, setup_trainer
+from lnm_auto.training.parallel_folds import FoldJob, folds_at_once, train_folds
+from lnm_auto.training.run import recommended_scheme
+from lnm_auto.utils.threads import available_cores
 
 DEMO_DATASET_ID = 999
 
 
 def run_demo(workdir: Path, configurations: tuple[str, ...] = ("radiomics", "deep_radiomics", "2d25"),
              folds: tuple[int, ...] = (0, 1, 2, 3, 4), epochs: int | None = 3, n_cases: int = 40,
-             n_test_cases: int = 20, seed: int = 0, labeled_fraction: float = 1.0) -> dict:
-    """Run the whole pipeline; returns the test metrics document (model vs size rule)."""
+             n_test_cases: int = 20, seed: int = 0, labeled_fraction: float = 1.0, cores: int | None = None) -> dict:
+    """Run the whole pipeline; returns the test metrics document (model vs size rule). ``cores`` (default: the
+    cores this process may use): folds are trained that many at once, one thread each (training/parallel_folds)."""
     t0 = time.time()
     workdir = Path(workdir)
     raw, pre, res = workdir / "raw", workdir / "preprocessed", workdir / "results"
@@ -33,16 +36,19 @@ def run_demo(workdir: Path, configurations: tuple[str, ...] = ("radiomics", "dee
     planned = plan_and_preprocess(DEMO_DATASET_ID, raw, pre, num_processes=2)
     print(f"      learning scheme for this label mix: {' -> '.join(planned.plans.recommended_trainers)} "
           f"({planned.plans.notes['learning_scheme']})", flush=True)
+    at_once = folds_at_once(cores or available_cores(), len(folds), "cpu")
     for configuration in configurations:
         # radiomics and deep_radiomics are fitted in one step: the demo's epoch count is for networks
         fitted_once = kind_of(planned.plans.configuration(configuration)).fitted_once
-        for trainer in recommended_scheme(planned.plans, configuration):
-            for fold in folds:
-                print(f"[3/6] train {configuration} fold {fold} ({trainer})", flush=True)
-                tr = setup_trainer(DEMO_DATASET_ID, configuration, str(fold), pre, res, trainer,
-                                   planned.plans.plans_name, num_epochs=None if fitted_once else epochs,
-                                   raw_root=raw)
-                run_training(tr, continue_training=True)   # a re-run of the demo picks up where it stopped
+        stages = tuple(recommended_scheme(planned.plans, configuration))
+        t_config = time.time()
+        print(f"[3/6] train {configuration} ({' -> '.join(stages)}), folds {', '.join(map(str, folds))}"
+              + (f", {at_once} at once with one thread each" if at_once > 1 else ""), flush=True)
+        # a re-run of the demo picks up where it stopped: every stage continues its fold's latest checkpoint
+        train_folds([FoldJob(DEMO_DATASET_ID, configuration, fold, stages, pre, res, planned.plans.plans_name,
+                             None if fitted_once else epochs, raw) for fold in folds], at_once,
+                    first_alone=fitted_once)   # a classifier's first fold fills the feature cache
+        print(f"      {configuration}: {time.time() - t_config:.0f} s", flush=True)
     print("[4/6] choose the model by cross-validation (lnm_find_best_configuration)", flush=True)
     results = res / dataset.name
     find_best_configuration(results, list(folds), size_rule=size_rule_table(planned.crops_dir or

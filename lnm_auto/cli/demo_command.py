@@ -34,8 +34,10 @@ def demo_parser() -> argparse.ArgumentParser:
 
 def _demo(args: argparse.Namespace) -> int:
     from lnm_auto.demo import run_demo
+    from lnm_auto.utils.threads import requested_threads
+    # -nt / $LNM_NUM_THREADS caps the cores the demo uses: that many folds train at once, one thread each
     run_demo(Path(args.workdir), tuple(args.configurations), tuple(args.folds), args.epochs, args.cases,
-             args.test_cases, labeled_fraction=args.labeled_fraction)
+             args.test_cases, labeled_fraction=args.labeled_fraction, cores=requested_threads(args.num_threads))
     return 0
 
 
