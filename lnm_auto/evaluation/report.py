@@ -79,12 +79,15 @@ def metric_settings(n_bootstrap: int, seed: int, rollup_method: str = DEFAULT_ME
 
 
 def metrics_document(kind: str, source: dict[str, Any], settings: dict[str, Any], levels: dict[str, dict],
-                     warnings: list[str], comparison: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The one metrics.json layout of evaluation and validation (JSON-safe: NaN / inf become null)."""
+                     warnings: list[str], comparison: dict[str, Any] | None = None,
+                     sections: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The one metrics.json layout of evaluation and validation (JSON-safe: NaN / inf become null);
+    ``sections``: further top-level entries (e.g. "detection")."""
     document: dict[str, Any] = {"schema": METRICS_SCHEMA, "kind": kind, "source": source, "settings": settings,
                                 "levels": levels}
     if comparison is not None:
         document["comparison"] = comparison
+    document.update(sections or {})
     document["warnings"] = list(warnings)
     return json_safe(document)
 
@@ -120,9 +123,11 @@ def refuse_foreign_metrics(out_dir: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 def evaluate(ref_nodes_csv, pred_nodes_csv, out_dir, ref_stations_csv=None, ref_patients_csv=None,
              compare_pred_csv=None, n_bootstrap: int = 1000, seed: int = 0,
-             rollup_method: str = DEFAULT_METHOD, compare_name: str = COMPARED) -> dict:
+             rollup_method: str = DEFAULT_METHOD, compare_name: str = COMPARED,
+             sections: dict[str, Any] | None = None) -> dict:
     """Evaluate node predictions against reference labels at node, station and patient level; ``compare_name``
-    is what roc.png's legend calls the ``compare_pred_csv`` predictions (e.g. "size rule (short axis)").
+    is what roc.png's legend calls the ``compare_pred_csv`` predictions (e.g. "size rule (short axis)");
+    ``sections``: further top-level entries of metrics.json (lnm_evaluate's "detection").
 
     Writes out_dir/roc.png, out_dir/calibration.png and out_dir/metrics.json (in that order, each
     atomically) and returns the metrics dict (as written: NaN / inf appear as None).
@@ -194,7 +199,7 @@ def evaluate(ref_nodes_csv, pred_nodes_csv, out_dir, ref_stations_csv=None, ref_
         raise LNMError(f"{ref_path}: nothing to evaluate: " + "; ".join(
             f"{name}: {lv['skipped'].removeprefix(ABSENT)}" for name, lv in levels.items()))
     result = metrics_document("evaluation", source, metric_settings(n_bootstrap, seed, rollup_method), levels,
-                              warnings, comparison if comp_path is not None else None)
+                              warnings, comparison if comp_path is not None else None, sections)
     plot_roc(plot_data, out_dir / "roc.png", comp_path is not None, compare_name)
     plot_calibration(plot_data, out_dir / "calibration.png")
     save_json(result, out_dir / "metrics.json")
