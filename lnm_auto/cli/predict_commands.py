@@ -37,6 +37,13 @@ def predict_parser() -> argparse.ArgumentParser:
                         "the choice, the folds it was chosen on)")
     p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth",
                    help="checkpoint file of each fold, of every member of an ensemble (default: %(default)s)")
+    p.add_argument("--detector", default=None, metavar="FOLDER",
+                   help="a trained nnU-Net v2 model folder (<Trainer>__<Plans>__<configuration> with its fold_<k>) "
+                        "finding the nodes of cases without a node mask (default: with -d, the dataset's own "
+                        "detector from lnm_train_detector, if trained; see documentation/detection.md)")
+    p.add_argument("--detector_label", default=None, metavar="LABEL",
+                   help="the detector's lymph-node label, by value or by name in its dataset.json, e.g. lymph_node "
+                        "(default: 1)")
     p.add_argument("-device", "--device", default="auto", help=DEVICE_HELP)
     p.add_argument("-npp", "--num_processes_preprocessing", type=int, default=None,
                    help="background processes preparing the next cases while the networks score one; 0: prepare "
@@ -90,6 +97,27 @@ def _chosen_dataset(args: argparse.Namespace, results: Path | None) -> Path | No
     return None
 
 
+def _detector(args: argparse.Namespace, results: Path | None):
+    """The node detector for cases without a node mask: --detector, else the dataset's own (-d) when trained;
+    None when there is none."""
+    from lnm_auto.detection.detector import DetectorModel, find_dataset_detector
+    from lnm_auto.utils.errors import LNMError
+    from lnm_auto.utils.paths import resolve_dataset_name
+    folder = Path(args.detector) if args.detector else None
+    if folder is None and args.dataset is not None and results is not None and results.is_dir():
+        try:
+            name = resolve_dataset_name(args.dataset, results)
+        except LNMError:          # no such dataset: finding its model says so
+            name = None
+        folder = name and find_dataset_detector(results, name, say=print if not args.quiet else (lambda *a, **k: None))
+    if folder is None:
+        if args.detector_label is not None:
+            raise LNMError("--detector_label needs a detector: --detector FOLDER, or -d of a dataset with a trained "
+                           "detector (lnm_train_detector)")
+        return None
+    return DetectorModel.load(folder, args.detector_label)
+
+
 def _predict(args: argparse.Namespace) -> int:
     from lnm_auto.inference.ensemble import chosen_models, describe_choice, predict_chosen
     from lnm_auto.inference.model import TrainedModel, find_model
@@ -100,13 +128,14 @@ def _predict(args: argparse.Namespace) -> int:
     device = _say_device(args.device)
     workers = _preparation_workers(args, device)
     results = Path(args.results) if args.results else (Path(os.environ["LNM_results"]) if os.environ.get("LNM_results") else None)
+    detector = _detector(args, results)
     dataset_results = _chosen_dataset(args, results)
     if dataset_results is not None:
         what = describe_choice(chosen_models(dataset_results))
         print(f"predicting with the choice of lnm_find_best_configuration: {what}", flush=True)
         info = predict_chosen(Path(args.input), Path(args.output), dataset_results, device, workers,
                               not args.disable_tta, not args.no_probmaps, not args.quiet, args.overwrite, args.folds,
-                              args.checkpoint, args.num_parts, args.part_id)
+                              args.checkpoint, args.num_parts, args.part_id, detector)
         print(f"{info['n_nodes']} nodes of {info['n_cases']} case(s) scored; results in {args.output}")
         return 0
     folder = find_model(results, args.dataset, args.configuration, args.trainer, args.plans_name, args.model)
@@ -121,7 +150,7 @@ def _predict(args: argparse.Namespace) -> int:
     info = predict_folder(Path(args.input), Path(args.output), folder, args.folds, args.checkpoint,
                           device, workers, not args.disable_tta,
                           not args.no_probmaps, not args.quiet, args.overwrite, args.num_parts,
-                          args.part_id, calibration=calibration)
+                          args.part_id, calibration=calibration, detector=detector)
     print(f"{info['n_nodes']} nodes of {info['n_cases']} case(s) scored by folds {', '.join(info['folds'])} of "
           f"{folder}; results in {args.output}")
     return 0
@@ -222,16 +251,36 @@ def evaluate_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     p.add_argument("--n_bootstrap", type=int, default=1000,
                    help="patient-bootstrap resamples for the 95%% CIs, 0 for none (default: %(default)s)")
+    p.add_argument("--ref_masks", default=None, metavar="FOLDER",
+                   help="reference node instance masks (<case>.nii.gz or <case>_nodes.nii.gz, e.g. a raw dataset's "
+                        "nodesTs/): evaluate the detection of the cases lnm_predict detected - sensitivity, false "
+                        "positives per case, classification on found nodes; with --compare (the predictions made "
+                        "with the given masks), the patient AUROC of both (default: no detection evaluation)")
+    p.add_argument("--pred_masks", default=None, metavar="FOLDER",
+                   help="the detected instance masks <case>_nodes.nii.gz (default: the folder of -pred)")
     return p
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from lnm_auto.evaluation.detection import format_detection
+    from lnm_auto.evaluation.detection_report import MATCHES_FILE, evaluate_detection
     from lnm_auto.evaluation.report import evaluate, format_table
-    metrics = evaluate(args.reference, args.prediction, args.output, args.ref_stations, args.ref_patients,
-                       args.compare, n_bootstrap=args.n_bootstrap, compare_name=args.compare_name)
+    from lnm_auto.utils.errors import LNMError
+    if args.pred_masks is not None and args.ref_masks is None:
+        raise LNMError("--pred_masks needs --ref_masks: the reference masks the detected ones are compared with")
+    if args.ref_masks is not None:
+        metrics = evaluate_detection(args.reference, args.prediction, args.output, args.ref_masks, args.pred_masks,
+                                     args.ref_stations, args.ref_patients, args.compare,
+                                     n_bootstrap=args.n_bootstrap, compare_name=args.compare_name)
+    else:
+        metrics = evaluate(args.reference, args.prediction, args.output, args.ref_stations, args.ref_patients,
+                           args.compare, n_bootstrap=args.n_bootstrap, compare_name=args.compare_name)
     print(format_table(metrics))
+    if "detection" in metrics:
+        print("\n" + format_detection(metrics["detection"]))
     print(f"report: {Path(args.output) / 'metrics.json'}, {Path(args.output) / 'roc.png'}, "
-          f"{Path(args.output) / 'calibration.png'}")
+          f"{Path(args.output) / 'calibration.png'}"
+          + (f", {Path(args.output) / MATCHES_FILE}" if "detection" in metrics else ""))
     return 0
 
 

@@ -25,6 +25,7 @@ from lnm_auto.imaging.components import as_instance_mask
 from lnm_auto.datasets.raw_dataset import read_instance_mask
 from lnm_auto.evaluation.calibration import apply_calibration
 from lnm_auto.inference.cases import InputCase, read_case_images
+from lnm_auto.inference.detection_step import detection_values
 from lnm_auto.inference.domain import case_samples, domain_warning
 from lnm_auto.inference.members import UNCALIBRATED, Member, NodeMismatch, combine
 from lnm_auto.inference.output_folder import CASE_ROWS
@@ -131,8 +132,8 @@ def predict_cases(todo: list[InputCase], members: list[Member], columns: list[st
                 print(f"warning: {prepared.domain_warning}", file=sys.stderr, flush=True)
                 warnings[case_id] = prepared.domain_warning
             try:
-                n_nodes = _write_case(prepared, by_id[case_id].node_mask_file, members, columns, calibration,
-                                      output_dir, save_probmaps)
+                n_nodes = _write_case(prepared, by_id[case_id], members, columns, calibration, output_dir,
+                                      save_probmaps)
                 state = f"{n_nodes} node(s)"
             except NodeMismatch as e:
                 failures.append(str(e))
@@ -145,13 +146,18 @@ def predict_cases(todo: list[InputCase], members: list[Member], columns: list[st
         bar.close()
 
 
-def _write_case(prepared: PreprocessedCase, mask_file: Path, members: list[Member], columns: list[str],
+def _write_case(prepared: PreprocessedCase, case: InputCase, members: list[Member], columns: list[str],
                 calibration: dict | None, output_dir: Path, save_probmaps: bool) -> int:
-    """Score one prepared case, write its probability map and then its rows (last: the case is done)."""
+    """Score one prepared case, write its probability map and then its rows (last: the case is done). A run that
+    detects (``columns`` holding ``detected``) also writes each node's detection values and detected station."""
+    mask_file = case.node_mask_file
     ids, raw, values = combine(members, prepared.inputs, prepared.case_id, mask_file)
     probability = apply_calibration(calibration, raw)
+    extra = ["station"] if "detected" in columns else []
+    if extra:
+        values = {**values, **detection_values(case, ids.tolist())}
     rows = pd.DataFrame({"case": prepared.case_id, "node": ids, "probability": probability, UNCALIBRATED: raw,
-                         **values}, columns=["case", "node"] + columns)
+                         **values}, columns=["case", "node"] + columns + extra)
     if save_probmaps:
         write_probability_map(mask_file, dict(zip(ids.tolist(), probability.tolist())),
                               output_dir / f"{prepared.case_id}_probmap.nii.gz")

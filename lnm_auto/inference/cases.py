@@ -4,6 +4,9 @@ Input layouts (``-i FOLDER``):
   * ``<case>_0000<ending>`` (one per channel) with the node mask ``<case>_nodes<ending>`` beside them;
   * a raw dataset's ``imagesTs/`` (or ``imagesTr/``): masks are found in ``nodesTs/<case><ending>``;
   * one sub-folder per case holding a DICOM series and the node mask as NIfTI/NRRD/MHA.
+With a node detector (``detection=True``) a case without a node mask is kept, marked ``needs_detection``, with
+its region map if it has one (``<case>_regions<ending>`` beside the images, or ``regionsTs/<case><ending>``
+beside ``imagesTs/``) and the stations' names from ``regions.csv`` in ``-i`` (``region_table_file``).
 An optional ``nodes.csv`` (case,node,station[,...]) in ``-i`` -- or the raw dataset's ``nodesTs.csv`` beside
 ``imagesTs/`` -- names each node's station (``station_table``). Every file read here is an input:
 ``input_locations`` names them so the output folder can be kept apart.
@@ -23,6 +26,7 @@ from lnm_auto.utils.tables import node_ids, read_csv_text
 IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 MAX_HINT_FOLDERS = 200   # folders searched for a misplaced node mask (beside -i and inside it)
 UNKNOWN_STATION = "unknown"
+NO_DETECTOR = "; or let a detector find the nodes: train one (lnm_train_detector) or pass --detector FOLDER"
 
 
 @dataclass
@@ -31,6 +35,9 @@ class InputCase:
     image_files: list[Path] = field(default_factory=list)   # one per channel (empty for DICOM)
     dicom_dir: Path | None = None
     node_mask_file: Path | None = None
+    needs_detection: bool = False                          # no node mask: the detector finds the nodes
+    regions_file: Path | None = None                       # its region map (stations of detected nodes)
+    detection: dict[int, tuple[float, str]] | None = None  # detected node -> (confidence, station)
 
 
 def _ending(name: str) -> str | None:
@@ -47,8 +54,9 @@ def _input_folder(input_dir: Path) -> Path:
     return input_dir
 
 
-def discover_cases(input_dir: Path, num_channels: int) -> tuple[list[InputCase], list[str]]:
-    """Cases in ``input_dir`` and one problem line per case that cannot be run."""
+def discover_cases(input_dir: Path, num_channels: int, detection: bool = False) -> tuple[list[InputCase], list[str]]:
+    """Cases in ``input_dir`` and one problem line per case that cannot be run. ``detection``: a detector can find
+    the nodes of a case without a node mask (kept, ``needs_detection``), else such a case is a problem line."""
     input_dir = _input_folder(Path(input_dir))
     cases, problems = [], []
     entries = [f for f in sorted(input_dir.iterdir()) if _ending(f.name)]
@@ -88,12 +96,16 @@ def discover_cases(input_dir: Path, num_channels: int) -> tuple[list[InputCase],
             candidates.append(sibling_masks / f"{case_id}{ending}")
         others = [c.parent / c.name.replace(ending, e) for c in candidates for e in IMAGE_ENDINGS if e != ending]
         mask = next((c for c in candidates + others if c.is_file()), None)
+        if mask is None and detection:
+            cases.append(InputCase(case_id, [chans[c] for c in range(num_channels)], needs_detection=True,
+                                   regions_file=_region_map(input_dir, case_id, ending)))
+            continue
         if mask is None:
             hint_folders = _hint_folders(input_dir) if hint_folders is None else hint_folders
             problems.append(_missing_mask(case_id, candidates, hint_folders))
             continue
         cases.append(InputCase(case_id, [chans[c] for c in range(num_channels)], node_mask_file=mask))
-    cases += _dicom_cases(input_dir, num_channels, problems)
+    cases += _dicom_cases(input_dir, num_channels, problems, detection)
     problems += _unusable_case_ids(input_dir, cases)
     problems = list(dict.fromkeys(problems))
     cases.sort(key=lambda c: c.case_id)
@@ -106,8 +118,10 @@ def discover_cases(input_dir: Path, num_channels: int) -> tuple[list[InputCase],
     return cases, problems
 
 
-def _dicom_cases(input_dir: Path, num_channels: int, problems: list[str]) -> list[InputCase]:
-    """One case per sub-folder holding a DICOM series (problems appended to ``problems``)."""
+def _dicom_cases(input_dir: Path, num_channels: int, problems: list[str], detection: bool = False
+                 ) -> list[InputCase]:
+    """One case per sub-folder holding a DICOM series (problems appended to ``problems``); ``detection``: a
+    folder without a node mask is a case for the detector."""
     cases = []
     for sub in sorted(p for p in input_dir.iterdir() if p.is_dir()):
         series = dicom_series_ids(sub)
@@ -118,9 +132,11 @@ def _dicom_cases(input_dir: Path, num_channels: int, problems: list[str]) -> lis
             problems.append(f"{sub}: DICOM input holds one channel, the model needs {num_channels}")
         elif len(series) > 1:
             problems.append(f"{sub}: {len(series)} DICOM series in one folder; keep one series per case folder")
+        elif not masks and detection:
+            cases.append(InputCase(sub.name, dicom_dir=sub, needs_detection=True))
         elif len(masks) != 1:
             problems.append(f"{sub}: expected exactly one node mask (NIfTI/NRRD/MHA) beside the DICOM series, "
-                            f"found {len(masks)}")
+                            f"found {len(masks)}" + ("" if masks else NO_DETECTOR))
         else:
             cases.append(InputCase(sub.name, dicom_dir=sub, node_mask_file=masks[0]))
     return cases
@@ -146,7 +162,8 @@ def _unusable_case_ids(input_dir: Path, cases: list[InputCase]) -> list[str]:
         if seen[c.case_id] > 1:
             problems.append(f"{input_dir}: case id '{c.case_id}' is given twice (files and a DICOM folder); rename one")
         elif not SAFE_CASE_ID.match(c.case_id):
-            problems.append(f"{c.node_mask_file}: case id '{c.case_id}' is not a safe file name (use letters, digits, "
+            named = c.node_mask_file or c.dicom_dir or c.image_files[0]   # a case to detect has no mask yet
+            problems.append(f"{named}: case id '{c.case_id}' is not a safe file name (use letters, digits, "
                             "'_', '-', '.'; no leading '.' or '-'); rename the files")
         else:
             continue
@@ -176,7 +193,7 @@ def _missing_mask(case_id: str, candidates: list[Path], hint_folders: list[Path]
         labels = found.parent.name.startswith("labels")
         nnunet = " (nnU-Net labels: lnm_convert nnunet converts the dataset)" if labels else ""
         line += f"; {found} has the case's name: if it is the node mask, put it at {candidates[-1]}{nnunet}"
-    return line
+    return line + NO_DETECTOR
 
 
 def read_case_images(case: InputCase) -> tuple[list[sitk.Image], str | None]:
@@ -217,8 +234,25 @@ def input_locations(input_dir: Path, cases: list[InputCase], extra_files: list[P
     ``extra_files`` (the node table)."""
     found = [Path(input_dir)]
     for c in cases:
-        found += [*c.image_files, *([c.dicom_dir] if c.dicom_dir else []), c.node_mask_file]
+        given = [f for f in (c.dicom_dir, c.regions_file, None if c.needs_detection else c.node_mask_file) if f]
+        found += [*c.image_files, *given]
     return found + [Path(f) for f in extra_files]
+
+
+def _region_map(input_dir: Path, case_id: str, ending: str) -> Path | None:
+    """A case's region map: ``<case>_regions<ending>`` beside its images, or ``regionsTs/<case><ending>`` beside
+    ``imagesTs/`` (any image ending)."""
+    candidates = [input_dir / f"{case_id}_regions{e}" for e in (ending, *IMAGE_ENDINGS)]
+    if input_dir.name.startswith("images"):
+        regions = input_dir.parent / input_dir.name.replace("images", "regions", 1)
+        candidates += [regions / f"{case_id}{e}" for e in (ending, *IMAGE_ENDINGS)]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def region_table_file(input_dir: Path) -> Path | None:
+    """``regions.csv`` (region,station) in the input folder: the station names of the region maps' values."""
+    path = Path(input_dir) / "regions.csv"
+    return path if path.is_file() else None
 
 
 def station_table(input_dir: Path) -> tuple[pd.DataFrame | None, str]:

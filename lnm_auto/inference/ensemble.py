@@ -105,10 +105,11 @@ def size_rule_source(dataset_results: Path) -> Path:
 def predict_chosen(input_dir: Path, output_dir: Path, dataset_results: Path, device: str = "cpu",
                    num_processes: int = 0, mirror: bool = True, save_probmaps: bool = True, progress: bool = True,
                    overwrite: bool = False, folds: list[str] | None = None, checkpoint: str = "checkpoint_final.pth",
-                   num_parts: int = 1, part_id: int = 0) -> dict:
+                   num_parts: int = 1, part_id: int = 0, detector=None) -> dict:
     """Predict with what ``lnm_find_best_configuration`` chose for a dataset: its model, its ensemble or the size
     rule, on the folds it was chosen on (``folds`` overrides), through the choice's calibration map. The size rule
-    has no folds nor checkpoints: ``folds`` or another ``checkpoint`` with it is one line."""
+    has no folds nor checkpoints: ``folds`` or another ``checkpoint`` with it is one line. ``detector``
+    (``detection.detector.DetectorModel``): finds the nodes of cases without a node mask."""
     dataset_results = Path(dataset_results)
     chosen = chosen_models(dataset_results)
     if chosen is None:
@@ -123,7 +124,7 @@ def predict_chosen(input_dir: Path, output_dir: Path, dataset_results: Path, dev
     else:
         members = [load_member(size_rule_source(dataset_results), None, size_rule=True)]
     return predict_with_members(input_dir, out, members, device, num_processes, mirror, save_probmaps, progress,
-                                overwrite, calibration)
+                                overwrite, calibration, detector)
 
 
 def describe_choice(chosen: list[Path]) -> str:

@@ -8,7 +8,8 @@ Prediction in three parts, the same for one model, the size rule and an ensemble
   * the loop: ``inference/case_loop.py`` (prepare, score by the members of ``inference/members.py``, write each
     case's probability map, then ``cases/<case>.csv``, so a rerun skips finished cases unless ``overwrite``).
 This module ties them together and writes the tables (rolled up by the max rule) and the finished record.
-Every case is checked against the model's training data (``inference/domain.py``: a warning line).
+Every case is checked against the model's training data (``inference/domain.py``: a warning line). With a node
+detector, cases without a node mask are detected first (``inference/detection_step.py``).
 """
 from __future__ import annotations
 
@@ -23,8 +24,10 @@ import pandas as pd
 import lnm_auto
 from lnm_auto.evaluation.rollup import rollup
 from lnm_auto.inference.case_loop import PreprocessedCase, load_and_preprocess, predict_cases, write_probability_map
-from lnm_auto.inference.cases import (UNKNOWN_STATION, discover_cases, input_locations, station_table,
-                                      station_table_file)
+from lnm_auto.inference.cases import (UNKNOWN_STATION, discover_cases, input_locations, region_table_file,
+                                      station_table, station_table_file)
+from lnm_auto.detection.detector import DetectorModel
+from lnm_auto.inference.detection_step import DETECTION_COLUMNS, detect_cases, detection_needed
 from lnm_auto.inference.domain import training_reference
 from lnm_auto.inference.members import (SIZE_RULE_COLUMN, UNCALIBRATED, Member, channel_count, load_member,
                                         run_settings, table_columns)
@@ -44,37 +47,42 @@ def predict_folder(input_dir: Path, output_dir: Path, model_folder: Path, folds:
                    checkpoint: str = "checkpoint_final.pth", device: str = "cpu", num_processes: int = 0,
                    mirror: bool = True, save_probmaps: bool = True, progress: bool = True, overwrite: bool = False,
                    num_parts: int = 1, part_id: int = 0, calibration: dict | None = None,
-                   size_rule: bool = False) -> dict:
+                   size_rule: bool = False, detector: DetectorModel | None = None) -> dict:
     """Predict every case (of part ``part_id`` of ``num_parts``: cases sorted by id, every num_parts-th one)
     with one model; cases already in ``output_dir`` from the same settings are skipped unless ``overwrite``.
     ``num_processes``: background workers preparing the cases (0: this process does). ``calibration``: the
     Platt map applied to the fold ensemble's mean (``probability``; the mean itself in
     ``probability_uncalibrated``). ``size_rule``: score every node by its short axis instead of the model's folds
     (the model folder then only says how many channels a case has and what training intensities looked like).
+    ``detector``: finds the nodes of cases without a node mask.
     Returns a summary; raises LNMError at the end if any case failed (``predict_info.json``: status ``failed``
     when no case could be predicted)."""
     out = OutputFolder(output_dir, num_parts, part_id)
     member = load_member(model_folder, folds, checkpoint, device, mirror, size_rule)
     return predict_with_members(input_dir, out, [member], device, num_processes, mirror, save_probmaps, progress,
-                                overwrite, calibration)
+                                overwrite, calibration, detector)
 
 
 def predict_with_members(input_dir: Path, out: OutputFolder, members: list[Member], device: str = "cpu",
                          num_processes: int = 0, mirror: bool = True, save_probmaps: bool = True,
-                         progress: bool = True, overwrite: bool = False, calibration: dict | None = None) -> dict:
-    """The run behind every lnm_predict: find this part's cases, claim the output folder, loop over the cases
-    not done yet, write the tables and the record. ``members``: one model, the size rule, or an ensemble."""
+                         progress: bool = True, overwrite: bool = False, calibration: dict | None = None,
+                         detector: DetectorModel | None = None) -> dict:
+    """The run behind every lnm_predict: find this part's cases, claim the output folder, detect the nodes of
+    cases without a node mask (``detector``), loop over the cases not done yet, write the tables and the record.
+    ``members``: one model, the size rule, or an ensemble."""
     t0, input_dir = time.time(), Path(input_dir)
-    cases, failures = discover_cases(input_dir, channel_count(members))
+    cases, failures = discover_cases(input_dir, channel_count(members), detection=detector is not None)
+    detecting = detection_needed(cases, detector)   # of all parts: every part has the same columns and settings
     cases = cases[out.part_id::out.num_parts]
     failures = failures if out.part_id == 0 else []   # input problems are reported once, by part 0
     stations, station_warning = station_table(input_dir)
     reference, reference_note = training_reference(members[0].model.folder)
     settings = run_settings(members, mirror, save_probmaps, calibration)
+    if detecting:
+        settings["detector"] = detector.record()
     case_ids = [c.case_id for c in cases]
-    table_file = station_table_file(input_dir)
-    done, previous = out.claim(settings, case_ids, overwrite,
-                               input_locations(input_dir, cases, [table_file] if table_file else []))
+    tables_read = [f for f in (station_table_file(input_dir), region_table_file(input_dir)) if f]
+    done, previous = out.claim(settings, case_ids, overwrite, input_locations(input_dir, cases, tables_read))
     if done and progress:
         print(f"{len(done)} case(s) already predicted in {out.output_dir}: skipped (--overwrite redoes them)",
               flush=True)
@@ -82,9 +90,17 @@ def predict_with_members(input_dir: Path, out: OutputFolder, members: list[Membe
         print(f"note: {reference_note}", flush=True)
     earlier = previous.get("domain_warnings") if isinstance(previous.get("domain_warnings"), dict) else {}
     warnings = {c: str(w) for c, w in earlier.items() if c in done}
-    columns = table_columns(members, calibration)
+    columns = table_columns(members, calibration) + (DETECTION_COLUMNS if detecting else [])
+    todo = [c for c in cases if c.case_id not in done]
+    detected_ids: set[str] = set()
     try:
-        predict_cases([c for c in cases if c.case_id not in done], members, columns, calibration, out.output_dir,
+        if detecting:
+            to_detect = [c for c in todo if c.needs_detection]
+            detected = detect_cases(to_detect, detector, out.output_dir, input_dir, device, _torch_threads(),
+                                    mirror, out.suffix, failures, say=print if progress else _quiet)
+            detected_ids = {c.case_id for c in detected}
+            todo = [c for c in todo if not c.needs_detection or c.case_id in detected_ids]
+        predict_cases(todo, members, columns, calibration, out.output_dir,
                       reference, num_processes, save_probmaps, progress, failures, warnings)
     except LNMError as e:   # a damaged model file, a full disk: the record says so
         out.failed(failures + [str(e)], warnings)
@@ -95,8 +111,13 @@ def predict_with_members(input_dir: Path, out: OutputFolder, members: list[Membe
         raise LNMError(f"{len(failures)} case(s) failed and none could be predicted ({out.info_file}: status "
                        "failed):\n" + "\n".join(failures))
     nodes = _node_table(out.output_dir, written, columns, stations)
-    _write_tables(nodes, out.tables, stations, station_warning)
-    info = out.finished({**_model_record(members, calibration), "test_time_mirroring": mirror,
+    if detecting:
+        station_warning = _detection_station_warning(nodes)
+    _write_tables(nodes, out.tables, stations if not detecting else None, station_warning)
+    detection = {"detector": {**detector.record(), "configuration": detector.configuration,
+                              "trainer": detector.trainer},
+                 "detected_cases": sorted(detected_ids)} if detecting else {}
+    info = out.finished({**_model_record(members, calibration), **detection, "test_time_mirroring": mirror,
                   "lnm_auto_version": lnm_auto.__version__, "device": device,
                   "part": f"{out.part_id} of {out.num_parts}", "n_cases": len(nodes["case"].unique()),
                   "n_nodes": len(nodes), "skipped_already_done": sorted(done),
@@ -110,6 +131,24 @@ def predict_with_members(input_dir: Path, out: OutputFolder, members: list[Membe
     if failures:
         raise LNMError(f"{len(failures)} case(s) failed (the others are in {out.output_dir}):\n" + "\n".join(failures))
     return info
+
+
+def _quiet(*args, **kwargs) -> None:
+    """``print``'s stand-in for a --quiet run."""
+
+
+def _torch_threads() -> int:
+    """The threads this process gives torch (lnm_predict set them): the detector's process gets as many."""
+    import torch
+    return torch.get_num_threads()
+
+
+def _detection_station_warning(nodes: pd.DataFrame) -> str:
+    """The line for nodes without a station in a run that detects ('' when every node has one)."""
+    n_unknown = int((nodes["station"] == UNKNOWN_STATION).sum()) if len(nodes) else 0
+    return (f"{n_unknown} node(s) have no station (given masks: none in the input's nodes.csv; detected nodes: no "
+            f"<case>_regions.nii.gz region map, or region 0): station '{UNKNOWN_STATION}' in stations.csv"
+            if n_unknown else "")
 
 
 def _model_record(members: list[Member], calibration: dict | None) -> dict:
@@ -150,6 +189,9 @@ def read_case_rows(output_dir: Path, case_id: str) -> pd.DataFrame:
     """The node rows a previous run wrote for one case."""
     df = read_csv_text(output_dir / CASE_ROWS / f"{case_id}.csv", "case rows", required=("case", "node", "probability"))
     probability_columns = [c for c in df.columns if c.startswith("probability") or c == SIZE_RULE_COLUMN]
+    if "detection_confidence" in df.columns:    # empty for a given node mask
+        df["detection_confidence"] = df["detection_confidence"].replace("", "nan")
+        probability_columns.append("detection_confidence")
     return df.astype({"node": np.int64, **{c: float for c in probability_columns}})
 
 
@@ -158,7 +200,10 @@ def _node_table(output_dir: Path, written: list[str], value_columns: list[str],
     """The finished cases' rows with their stations (``unknown`` where the input's node table names none)."""
     columns = ["case", "node"] + value_columns
     parts = [read_case_rows(output_dir, c) for c in written]
-    nodes = pd.concat(parts, ignore_index=True)[columns] if parts else pd.DataFrame(columns=columns)
+    rows = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
+    # a run that detects wrote each detected node's station (from its region map) into the case rows
+    detected_stations = rows["station"].fillna("").to_numpy() if "station" in rows.columns else None
+    nodes = rows[columns].copy()
     nodes.insert(2, "station", UNKNOWN_STATION)
     split_cases = {c for c in written if (output_dir / f"{c}_nodes.nii.gz").is_file()}
     if stations is not None and split_cases:   # split masks have new node ids: their station rows do not apply
@@ -166,4 +211,7 @@ def _node_table(output_dir: Path, written: list[str], value_columns: list[str],
     if stations is not None and len(nodes):
         merged = nodes.drop(columns="station").merge(stations, on=["case", "node"], how="left")
         nodes = merged[nodes.columns].fillna({"station": UNKNOWN_STATION}).replace({"station": {"": UNKNOWN_STATION}})
+    if detected_stations is not None and len(nodes):
+        given = detected_stations != ""
+        nodes.loc[given, "station"] = detected_stations[given]
     return nodes
