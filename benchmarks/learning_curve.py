@@ -12,8 +12,10 @@ also trains on the unlabelled cases (the supervised trainers ignore them, PGLS l
 one of them (its own, station level; the final checkpoint is scored, so validation chooses nothing).
 
 Methods: the short-axis size rule (needs no training), radiomics, deep_radiomics, 2d25 from scratch (plans
-LNMPlans_scratch, --no_pretrained_backbone), 2d25 on its ImageNet backbone (LNMPlans) and PGLS started from that
-fold's pretrained 2d25. Networks train a fixed number of optimizer steps (at least --min-epochs epochs), so a small
+LNMPlans_scratch, --no_pretrained_backbone), 2d25 on its ImageNet backbone (LNMPlans), the same with the node mask
+pooling the FPN levels instead of entering the stem (plans LNMPlans_maskpool: LNMPlans with the 2d25 network's
+mask_use "pooling") and PGLS started from that fold's pretrained 2d25. --methods runs a subset (the size rule
+always). Networks train a fixed number of optimizer steps (at least --min-epochs epochs), so a small
 subset gets as many updates as a large one instead of a few steps; PGLS gets half as many more. Every method is
 scored on the SAME test nodes: AUROC with a patient-bootstrap 95 % CI. Results: results/learning_curve[_quick]
 .{json,md} (mean over seeds per size), learning_curve[_quick]_runs.{json,md} (every run) and a plot (.png).
@@ -37,12 +39,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, machine_header, markdown_table, write_results  # noqa: E402
 
 SCRATCH_PLANS = "LNMPlans_scratch"
+MASKPOOL_PLANS = "LNMPlans_maskpool"
 SPLITS_FILE = "splits_final.json"
 # row name -> (configuration, trainer, plans name, kind): kind "fit" (no epochs), "net" or "pgls" (epochs by size)
 METHODS = {"radiomics": ("radiomics", "RadiomicsTrainer", "LNMPlans", "fit"),
            "deep_radiomics": ("deep_radiomics", "DeepRadiomicsTrainer", "LNMPlans", "fit"),
            "2d25 scratch": ("2d25", "LNMTrainer", SCRATCH_PLANS, "net"),
            "2d25 pretrained": ("2d25", "LNMTrainer", "LNMPlans", "net"),
+           "2d25 pretrained, mask pooling": ("2d25", "LNMTrainer", MASKPOOL_PLANS, "net"),
            "PGLS (2d25 pretrained)": ("2d25", "LNMTrainerPGLS", "LNMPlans", "pgls")}
 SIZE_RULE = "size rule (short axis)"
 
@@ -111,17 +115,38 @@ def crossings(curves: dict[str, dict[int, float]]) -> list[str]:
 
 
 # ---- running: datasets, folds, trainings, predictions ---------------------------------------------------------
+def selected_methods(args) -> list[str]:
+    """The METHODS rows to run, in METHODS order (all without --methods)."""
+    return [m for m in METHODS if not args.methods or m in args.methods]
+
+
+def switch_to_mask_pooling(plans_file: Path) -> None:
+    """Rewrite a plans file (planned as LNMPlans, pretrained) with its 2d25 network pooling by the node mask."""
+    from lnm_auto.plans.plans import Plans
+    from lnm_auto.utils.io import load_json, save_json
+    plans = load_json(plans_file)
+    plans["configurations"]["2d25"]["network"]["mask_use"] = "pooling"
+    save_json(plans, plans_file)
+    Plans.load(plans_file)   # still valid plans
+
+
 def prepare_dataset(name: str, make, dataset_id: int, args, root: Path) -> tuple[Path, Path]:
-    """The raw dataset and its preprocessed folder under both plans (made once, reused by a resumed run)."""
+    """The raw dataset and its preprocessed folder under LNMPlans and the plans of the selected methods (made once,
+    reused by a resumed run)."""
     from lnm_auto.planning.plan_and_preprocess import plan_and_preprocess
     raw, pre = root / "raw", root / "pre"
     dataset = next(raw.glob(f"Dataset{dataset_id:03d}_*"), None) if raw.is_dir() else None
     if dataset is None:
         dataset = make(raw, dataset_id, args.cases, args.test_cases, args.labeled_fraction, args.seed)
-    for plans_name, pretrained in (("LNMPlans", True), (SCRATCH_PLANS, False)):
-        if not (pre / dataset.name / f"{plans_name}.json").is_file():
+    needed = {"LNMPlans"} | {METHODS[m][2] for m in selected_methods(args)}
+    for plans_name, pretrained in (("LNMPlans", True), (SCRATCH_PLANS, False), (MASKPOOL_PLANS, True)):
+        plans_file = pre / dataset.name / f"{plans_name}.json"
+        if plans_name in needed and not plans_file.is_file():
+            # the mask-pooling plans cut their own crop cache (the same crops: same planner, same data)
             plan_and_preprocess(dataset_id, raw, pre, planner="LNMPlannerCPU", plans_name=plans_name,
                                 num_processes=1, progress=False, pretrained_backbone=pretrained)
+            if plans_name == MASKPOOL_PLANS:
+                switch_to_mask_pooling(plans_file)
     return dataset, pre / dataset.name
 
 
@@ -205,8 +230,9 @@ def run_dataset(name: str, make, dataset_id: int, args) -> list[dict]:
     times_file = root / "train_times.json"
     times = json.loads(times_file.read_text()) if times_file.is_file() else {}
     trained = {}   # (method, fold) -> (model folder, epochs)
+    methods = selected_methods(args)
     for fold in folds:
-        for method in METHODS:
+        for method in methods:
             epochs = fold_epochs(method, fold, batch_size, args)
             key = f"{method}|fold {fold['fold']}"
             t0 = time.time()
@@ -224,7 +250,7 @@ def run_dataset(name: str, make, dataset_id: int, args) -> list[dict]:
     rows = [{"dataset": name, "method": SIZE_RULE, "size": 0, "seed": -1, "n_train_nodes": 0, "n_train_positive": 0,
              "epochs": None, "train_s": 0.0, **size_rule}]
     for fold in folds:
-        for method in METHODS:
+        for method in methods:
             folder, epochs = trained[method, fold["fold"]]
             p = predictions[folder][["case", "node", f"probability_fold{fold['fold']}"]]
             rows.append({"dataset": name, "method": method, "size": fold["size"], "seed": fold["seed"],
@@ -319,9 +345,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="/tmp/lnm_bench/learning_curve")
     ap.add_argument("--quick", action="store_true",
-                    help="sizes 30 60 120, 2 seeds, 16 steps, 40 + 16 cases, no TTA, 200 bootstrap resamples")
-    ap.add_argument("--sizes", type=int, nargs="+", default=[30, 60, 120, 250, 500])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+                    help="sizes 30 60 120, 2 seeds (unless given), 16 steps, 40 + 16 cases, no TTA, 200 bootstrap "
+                         "resamples")
+    ap.add_argument("--sizes", type=int, nargs="+", default=None, help="default 30 60 120 250 500 (--quick: 30 60 120)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (--quick: 0 1)")
     ap.add_argument("--cases", type=int, default=130, help="training cases (labelled pool + unlabelled)")
     ap.add_argument("--test-cases", type=int, default=40)
     ap.add_argument("--labeled-fraction", type=float, default=0.78, help="share of training cases node-labelled")
@@ -334,9 +361,15 @@ def main() -> None:
     ap.add_argument("--datasets", nargs="+", default=None, help="subset of dataset names to run")
     ap.add_argument("--no-tta", action="store_true", help="no test-time mirroring")
     ap.add_argument("--name", default=None, help="results name (default learning_curve[_quick])")
+    ap.add_argument("--methods", nargs="+", default=None, choices=list(METHODS), metavar="METHOD",
+                    help=f"run only these rows (quoted), of: {'; '.join(METHODS)}")
     args = ap.parse_args()
+    if args.methods and "PGLS (2d25 pretrained)" in args.methods and "2d25 pretrained" not in args.methods:
+        ap.error("--methods: PGLS starts from the fold's '2d25 pretrained'; select that too")
+    args.sizes = args.sizes or ([30, 60, 120] if args.quick else [30, 60, 120, 250, 500])
+    args.seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2])
     if args.quick:
-        args.sizes, args.seeds, args.steps, args.min_epochs = [30, 60, 120], [0, 1], 16, 2
+        args.steps, args.min_epochs = 16, 2
         args.cases, args.test_cases, args.labeled_fraction, args.n_bootstrap = 40, 16, 0.7, 200
         args.no_tta = True
     header = machine_header()

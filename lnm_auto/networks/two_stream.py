@@ -12,7 +12,9 @@ Per stream (global = node ROI at plan scale, local = zoomed-in ROI):
    slice triplet of the first image channel where RGB was; the node mask stays 0 / 1, and the stem's filters
    for the input planes after the first three (``SplitStem.extra``) start at zero;
 3. an FPN over those three levels (torchvision); every level is globally average-pooled, the three
-   vectors concatenated and fused by a 1x1 conv (multi-scale fusion);
+   vectors concatenated and fused by a 1x1 conv (multi-scale fusion). With the topology's ``mask_use``
+   "pooling" the node mask is not an input plane: the backbone sees the image planes only, and every level is
+   also pooled with the group's node mask as weights (:func:`mask_weighted_mean`), next to the plain mean;
 4. the per-group features, stacked along channels, are fused by a 1x1 conv (slice fusion) into the
    stream feature; a side classifier gives the stream's logit.
 
@@ -34,7 +36,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from lnm_auto.networks.inputs import scale_input
 from lnm_auto.networks.shape_head import shape_embedding
 from lnm_auto.plans.network_topology import TwoStreamTopology
-from lnm_auto.plans.two_stream_topology import IMAGENET_WEIGHTS
+from lnm_auto.plans.two_stream_topology import IMAGENET_WEIGHTS, MASK_USES
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.plans.plans import SHAPE_EMBEDDING_WIDTH
 from lnm_auto.plans.plans import ShapeFeature
@@ -114,33 +116,59 @@ class SplitStem(nn.Module):
         return self.pretrained(x[:, :3]) + self.extra(x[:, 3:])
 
 
+def group_mask_weights(mask: torch.Tensor, starts: tuple[int, ...]) -> torch.Tensor:
+    """(B, 1, Z, Y, X) node mask -> (B * G, 1, Y, X): per group of 3 slices the mean of its slices' masks."""
+    return group_slices(mask, starts).mean(dim=1, keepdim=True)
+
+
+def mask_weighted_mean(features: torch.Tensor, weights: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """(N, F, y, x) feature map, (N, 1, Y, X) weights >= 0 -> (N, F, 1, 1) weighted spatial mean, the weights
+    resized to (y, x) by area averaging (the share of each feature pixel the node covers). A sample whose weights
+    are (nearly) all zero, a group of slices the node is not in, gets the plain mean instead."""
+    w = F.adaptive_avg_pool2d(weights.to(features.dtype), features.shape[-2:])
+    total = w.sum(dim=(2, 3), keepdim=True)
+    weighted = (features * w).sum(dim=(2, 3), keepdim=True) / total.clamp_min(eps)
+    return torch.where(total > eps, weighted, features.mean(dim=(2, 3), keepdim=True))
+
+
 class Stream(nn.Module):
-    """One stream: backbone + FPN + multi-scale fusion per group, then slice fusion."""
+    """One stream: backbone + FPN + multi-scale fusion per group, then slice fusion. ``in_channels`` counts the
+    input's channels; with ``mask_pooling`` its last channel is the node mask, which the backbone does not see:
+    it weights a second pooling of every FPN level instead."""
 
     def __init__(self, backbone: str, in_channels: int, fpn_channels: int, fused_channels: int,
-                 starts: tuple[int, ...], input_transform: nn.Module | None = None):
+                 starts: tuple[int, ...], input_transform: nn.Module | None = None, mask_pooling: bool = False):
         super().__init__()
         self.starts = tuple(int(s) for s in starts)
         self.input_transform = input_transform
+        self.mask_pooling = bool(mask_pooling)
+        backbone_channels = in_channels - int(self.mask_pooling)
         self.backbone = timm.create_model(backbone, pretrained=False, features_only=True,
-                                          in_chans=3 * in_channels, out_indices=(-3, -2, -1))
-        if input_transform is not None and 3 * in_channels > 3:
+                                          in_chans=3 * backbone_channels, out_indices=(-3, -2, -1))
+        if input_transform is not None and 3 * backbone_channels > 3:
             self.backbone.conv_stem = SplitStem(self.backbone.conv_stem)
         channels = list(self.backbone.feature_info.channels())
         self.fpn = FeaturePyramidNetwork(channels, fpn_channels)
-        self.scale_fusion = nn.Sequential(nn.Conv2d(3 * fpn_channels, fused_channels, 1), nn.ReLU(inplace=True))
+        # pooling: [plain mean, mask-weighted mean] per level; the plain mean keeps the context around the node
+        pooled = 3 * fpn_channels * (2 if self.mask_pooling else 1)
+        self.scale_fusion = nn.Sequential(nn.Conv2d(pooled, fused_channels, 1), nn.ReLU(inplace=True))
         self.slice_fusion = nn.Sequential(nn.Conv2d(len(self.starts) * fused_channels, fused_channels, 1),
                                           nn.ReLU(inplace=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, Z, Y, X) -> stream features (B, F)."""
         b = x.shape[0]
+        if self.mask_pooling:
+            x, weights = x[:, :-1], group_mask_weights(x[:, -1:], self.starts)   # (B*G, 1, Y, X)
         images = group_slices(x, self.starts)                               # (B*G, 3C, Y, X)
         if self.input_transform is not None:
             images = self.input_transform(images)
         levels = self.backbone(images)
         pyramid = self.fpn(OrderedDict((str(i), f) for i, f in enumerate(levels)))
-        pooled = torch.cat([p.mean(dim=(2, 3), keepdim=True) for p in pyramid.values()], dim=1)
+        pooled = [p.mean(dim=(2, 3), keepdim=True) for p in pyramid.values()]
+        if self.mask_pooling:
+            pooled += [mask_weighted_mean(p, weights) for p in pyramid.values()]
+        pooled = torch.cat(pooled, dim=1)
         per_group = self.scale_fusion(pooled)                               # (B*G, F, 1, 1)
         stacked = per_group.reshape(b, -1, 1, 1)                            # (B, G*F, 1, 1) group-major
         return self.slice_fusion(stacked).flatten(1)                        # (B, F)
@@ -149,7 +177,8 @@ class Stream(nn.Module):
 class TwoStreamNet(nn.Module):
     """``forward({"image_global": (B,C,Z,Y,X), "image_local": (B,C,Z',Y',X')[, "mask_global", "mask_local"]})
     -> {"fused", "global", "local"}`` (logits (B,)); with ``mask_channel`` the node masks are appended as a
-    channel, so C + 1 == ``in_channels``. ``shape_features`` (the plan's hybrid head; empty: off) adds their
+    channel, so C + 1 == ``in_channels``; the topology's ``mask_use`` says whether the backbones' stems see it or
+    the FPN levels are pooled with it (without ``mask_channel`` there is no mask and ``mask_use`` changes nothing). ``shape_features`` (the plan's hybrid head; empty: off) adds their
     embedding to the fused classifier's input, read from the batch's ``shape_features``."""
 
     def __init__(self, topology: TwoStreamTopology, in_channels: int, mask_channel: bool = False,
@@ -159,11 +188,14 @@ class TwoStreamNet(nn.Module):
         self.in_channels = int(in_channels)
         self.mask_channel = bool(mask_channel)
         t = topology
+        if t.mask_use not in MASK_USES:
+            raise ValueError(f"2d25: unknown mask_use {t.mask_use!r}; known: {MASK_USES}")
         n_image = self.in_channels - int(self.mask_channel)
+        pooling = self.mask_channel and t.mask_use == "pooling"
         self.global_stream = Stream(t.backbone, self.in_channels, t.fpn_channels, t.fused_channels,
-                                    t.slice_group_starts, imagenet_input(t, n_image))
+                                    t.slice_group_starts, imagenet_input(t, n_image), pooling)
         self.local_stream = Stream(t.backbone, self.in_channels, t.fpn_channels, t.fused_channels, t.local_starts,
-                                   imagenet_input(t, n_image))
+                                   imagenet_input(t, n_image), pooling)
         self.stream_fusion = nn.Sequential(nn.Conv2d(2 * t.fused_channels, t.fused_channels, 1), nn.ReLU(inplace=True))
         self.dropout = nn.Dropout(p=t.dropout)
         self.global_head = nn.Linear(t.fused_channels, 1)

@@ -71,7 +71,8 @@ class TrainingRecipe:
 # Fields of a configuration's parts added after plans were first written, with the value that means "as before":
 # not written at that value, so such plans are the same file and Plans.identifier() as before (checkpoints load).
 ADDED_FIELD_DEFAULTS = {"recipe": {"backbone_lr_factor": 1.0, "warmup_fraction": 0.0},
-                        "network": {"pretrained_weights": None, "pretrained_sha256": None, "input_window": None}}
+                        "network": {"pretrained_weights": None, "pretrained_sha256": None, "input_window": None,
+                                    "mask_use": "stem_channels"}}
 
 
 def _without_added_defaults(config: dict) -> dict:

@@ -39,6 +39,10 @@ def slice_group_starts(n_slices: int) -> tuple[int, ...]:
     return tuple((2 * i * last + (g - 1)) // (2 * (g - 1)) for i in range(g))
 
 
+# How a 2d25 network uses the node mask (TwoStreamTopology.mask_use); the first is the planner's default
+MASK_USES = ("stem_channels", "pooling")
+
+
 @dataclass(frozen=True)
 class TwoStreamTopology:
     """Configuration ``2d25``: two timm backbone + FPN streams over groups of 3 slices.
@@ -52,6 +56,11 @@ class TwoStreamTopology:
     ``input_window`` the z-score window mapped onto [0, 1] before ImageNet's mean / std normalisation of the
     image channels (the network applies it for training and prediction alike). All ``None``: a backbone trained
     from scratch on the raw z-scored crops, as plans written before these fields existed.
+
+    ``mask_use``: how the node mask (when the configuration feeds it) reaches the network (:data:`MASK_USES`):
+    ``"stem_channels"`` as extra input planes of the backbone's stem (plans written before the field existed), or
+    ``"pooling"``: the backbones see only the image planes and every FPN level is also average-pooled with the
+    node mask as weights (documentation/networks.md, 2d25).
     """
 
     backbone: str
@@ -63,6 +72,7 @@ class TwoStreamTopology:
     pretrained_weights: str | None = None
     pretrained_sha256: str | None = None
     input_window: tuple[float, float] | None = None
+    mask_use: str = "stem_channels"
 
     config_name = "2d25"
 
@@ -85,7 +95,8 @@ class TwoStreamTopology:
                    dropout=float(d.get("dropout", 0.2)),
                    local_slice_group_starts=None if local is None else tuple(int(i) for i in local),
                    pretrained_weights=d.get("pretrained_weights"), pretrained_sha256=d.get("pretrained_sha256"),
-                   input_window=None if window is None else (float(window[0]), float(window[1])))
+                   input_window=None if window is None else (float(window[0]), float(window[1])),
+                   mask_use=str(d.get("mask_use", "stem_channels")))
 
 
 @dataclass(frozen=True)
@@ -208,7 +219,8 @@ def estimate_two_stream_gflops(topology: TwoStreamTopology, roi_shape_zyx: Seque
             r = 2 ** (level + 3)
             hw = _ceil_div(y, r) * _ceil_div(x, r)
             per_image += 2 * hw * fpn * (cin + 9 * fpn)
-        per_image += 2 * 3 * fpn * fused          # multi-scale fusion (1x1 conv on pooled levels)
+        pooled = 3 * fpn * (2 if topology.mask_use == "pooling" else 1)   # + the mask-weighted means
+        per_image += 2 * pooled * fused           # multi-scale fusion (1x1 conv on pooled levels)
         total += g * per_image
         total += 2 * g * fused * fused            # slice fusion
         total += 2 * fused                        # side classifier
@@ -238,10 +250,14 @@ def two_stream_ladder(pretrained_weights: str | None) -> list[dict[str, Any]]:
 
 def plan_two_stream_topology(roi_shape_zyx: Sequence[int], local_roi_shape_zyx: Sequence[int] | None,
                              budget: "ComputeBudget | str", in_channels: int = 1,
-                             dropout: float = 0.2, pretrained_weights: str | None = None) -> TwoStreamTopology:
+                             dropout: float = 0.2, pretrained_weights: str | None = None,
+                             mask_use: str = MASK_USES[0]) -> TwoStreamTopology:
     """The largest rung of :func:`two_stream_ladder` whose cost fits the budget (else the smallest).
     ``pretrained_weights``: an :data:`IMAGENET_WEIGHTS` id (the planner's default), or None for the MobileNetV3
-    ladder from scratch."""
+    ladder from scratch. ``mask_use``: see :class:`TwoStreamTopology` (the default stays the stem channels: mask
+    pooling did not win the learning-curve benchmark, benchmarks/README.md)."""
+    if mask_use not in MASK_USES:
+        raise ValueError(f"unknown mask_use {mask_use!r}; known: {MASK_USES}")
     budget = get_budget(budget)
     roi = _check_shape("roi_shape_zyx", roi_shape_zyx)
     local = roi if local_roi_shape_zyx is None else _check_shape("local_roi_shape_zyx", local_roi_shape_zyx)
@@ -250,7 +266,8 @@ def plan_two_stream_topology(roi_shape_zyx: Sequence[int], local_roi_shape_zyx: 
     chosen = None
     for rung in two_stream_ladder(pretrained_weights):
         topo = TwoStreamTopology(**rung, slice_group_starts=starts, dropout=dropout,
-                                 local_slice_group_starts=None if local_starts == starts else local_starts)
+                                 local_slice_group_starts=None if local_starts == starts else local_starts,
+                                 mask_use=mask_use)
         if chosen is None or two_stream_cost(topo, roi, local, in_channels) <= budget.max_gflops_per_sample:
             chosen = topo
     return chosen

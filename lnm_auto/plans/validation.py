@@ -140,6 +140,11 @@ def _imagenet_backbones() -> list[str]:
     return sorted({w.backbone for w in IMAGENET_WEIGHTS.values()})
 
 
+def _mask_uses() -> tuple[str, ...]:
+    from lnm_auto.plans.two_stream_topology import MASK_USES       # how a 2d25 network can use the node mask
+    return MASK_USES
+
+
 # String fields with a closed set of values (a callable: read when checked, so new entries count at once)
 CHOICES: dict[str, Callable[[], typing.Sequence[str]]] = {
     "ChannelNormalization.scheme": lambda: ("CT", "zscore"),
@@ -147,6 +152,7 @@ CHOICES: dict[str, Callable[[], typing.Sequence[str]]] = {
     "TrainingRecipe.lr_schedule": lambda: ("cosine",),
     "TwoStreamTopology.backbone": _backbones,
     "TwoStreamTopology.pretrained_weights": _imagenet_weights,
+    "TwoStreamTopology.mask_use": _mask_uses,
     "MultiTaskTopology.soft_mask_kind": lambda: SOFT_MASK_KINDS,
     "RadiomicsTopology.texture_mode": lambda: ("3d", "2.5d"),
     "DeepRadiomicsTopology.texture_mode": lambda: ("3d", "2.5d"),
@@ -359,6 +365,9 @@ def _configuration_problems(name: str, config: dict, scales: dict, n_channels: i
         low, high = config["augmentation"][key]
         if low > high:
             problems.append(f"{where}.augmentation.{key} = [{low:g}, {high:g}]: low above high")
+    if network.get("mask_use") == "pooling" and not config["use_mask_channel"]:
+        problems.append(f"{where}.network.mask_use = 'pooling': pools with the node mask, which use_mask_channel "
+                        "false leaves out; set use_mask_channel true or mask_use 'stem_channels'")
     for key in ("input_window", "image_window"):
         window = network.get(key)
         if window is not None and window[0] >= window[1]:
