@@ -235,7 +235,7 @@ def trained(planned_tiny, tmp_path_factory):
                           capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     detector = (root / "results" / DS / "detector" / "nnUNet_results" / "Dataset042_TinyLN"
-                / "nnUNetTrainer_1epoch__nnUNetPlans__2d")
+                / "nnUNetTrainer_1epoch__nnUNetPlans_1GB__2d")
     return root, model, detector
 
 

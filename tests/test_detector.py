@@ -112,7 +112,20 @@ def test_skip_preprocessing_without_an_earlier_run_names_the_plans_file(tiny_dat
     proc = run_cli("train_detector", "42", "0", "--skip_preprocessing", "--raw", tiny_dataset.parent,
                    "--preprocessed", tmp_path / "pre", "--results", tmp_path / "res", "-device", "cpu")
     plans = tmp_path / "pre" / "Dataset042_Tiny" / "detector" / "nnUNet_preprocessed" / "Dataset042_TinyLN"
-    refused(proc, f"{plans / 'nnUNetPlans.json'}: missing; run lnm_train_detector without --skip_preprocessing first")
+    # a CPU run plans for 1 GB (nnU-Net's -gpu_memory_target), under its own plans name
+    refused(proc, f"{plans / 'nnUNetPlans_1GB.json'}: missing; run lnm_train_detector without --skip_preprocessing "
+                  "first")
+
+
+def test_gpu_memory_target_names_the_plans_and_is_checked(tiny_dataset, tmp_path):
+    from lnm_auto.detection.train_detector import default_memory_target, plans_name
+    assert plans_name(None) == "nnUNetPlans" and plans_name(1.0) == "nnUNetPlans_1GB"
+    assert plans_name(2.5) == "nnUNetPlans_2.5GB"
+    assert default_memory_target("cuda") is None and default_memory_target("cpu") == 1.0
+    proc = run_cli("train_detector", "42", "0", "-gpu_memory_target", "0", "--raw", tiny_dataset.parent,
+                   "--preprocessed", tmp_path / "pre", "--results", tmp_path / "res", "-device", "cpu")
+    refused(proc, "-gpu_memory_target must be a positive number of GB, got 0")
+    assert not (tmp_path / "pre").exists()
 
 
 @pytest.mark.slow
@@ -131,7 +144,7 @@ def test_tiny_cpu_detector_trains_end_to_end(tiny_dataset, tmp_path):
                           capture_output=True, text=True, cwd=workdir, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     fold = (tmp_path / "res" / "Dataset042_Tiny" / "detector" / "nnUNet_results" / "Dataset042_TinyLN"
-            / "nnUNetTrainer_1epoch__nnUNetPlans__2d" / "fold_0")
+            / "nnUNetTrainer_1epoch__nnUNetPlans_1GB__2d" / "fold_0")
     assert (fold / "checkpoint_final.pth").is_file()
     assert f"detector fold_0: {fold}" in proc.stdout
     assert "a smoke-level detector, not nnU-Net's quality" in proc.stdout

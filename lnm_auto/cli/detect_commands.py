@@ -6,7 +6,8 @@ import sys
 
 from lnm_auto.cli.common import DEVICE_HELP, _add_location_flags, _add_threads_flag, _run, _say_device
 from lnm_auto.detection.train_detector import (CONFIGURATIONS, CPU_DEFAULT, GPU_DEFAULT, NEEDS_NNUNET, check_folds,
-                                               default_setup, nnunet_installed, prepare_detector,
+                                               default_memory_target, default_setup, nnunet_installed,
+                                               prepare_detector, CPU_MEMORY_TARGET_GB,
                                                train_detector_folds)
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.paths import base_folder
@@ -36,6 +37,10 @@ def train_detector_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations_per_epoch", type=int, default=0, metavar="N",
                    help="shorten nnU-Net's epochs to N training iterations (N // 5 validation): a CPU smoke run only "
                         "(default: nnU-Net's 250)")
+    p.add_argument("-gpu_memory_target", "--gpu_memory_target", type=float, default=None, metavar="GB",
+                   help="nnU-Net's -gpu_memory_target: the memory its batch is planned for, in plans "
+                        "nnUNetPlans_<GB>GB (default: nnU-Net's own, 8, on cuda; "
+                        f"{CPU_MEMORY_TARGET_GB:g} otherwise, so a CPU iteration takes seconds, not half a minute)")
     p.add_argument("--skip_preprocessing", action="store_true",
                    help="use the export and nnU-Net preprocessing of an earlier run (default: export and preprocess "
                         "again, so a changed dataset is never trained on stale data)")
@@ -54,12 +59,15 @@ def _train_detector(args: argparse.Namespace) -> int:
     device = _say_device(args.device)
     configuration, trainer = default_setup(device)
     configuration, trainer = args.configuration or configuration, args.trainer or trainer
+    memory_target = args.gpu_memory_target if args.gpu_memory_target is not None else default_memory_target(device)
+    if memory_target is not None and memory_target <= 0:
+        raise LNMError(f"-gpu_memory_target must be a positive number of GB, got {memory_target:g}")
     if device != "cuda":
         print(f"{configuration} + {trainer} on {device}: a smoke-level detector, not nnU-Net's quality "
               "(train on a GPU for that)", flush=True)
     run = prepare_detector(args.dataset, base_folder("raw", args.raw), base_folder("preprocessed", args.preprocessed),
                            base_folder("results", args.results), configuration, trainer, threads,
-                           args.skip_preprocessing)
+                           args.skip_preprocessing, memory_target_gb=memory_target)
     if args.iterations_per_epoch < 0:
         raise LNMError(f"--iterations_per_epoch must be 0 (nnU-Net's) or more, got {args.iterations_per_epoch}")
     train_detector_folds(run, folds, device, threads, args.continue_training, args.iterations_per_epoch)

@@ -30,6 +30,20 @@ CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
 GPU_DEFAULT = ("3d_fullres", "nnUNetTrainer")           # nnU-Net's own defaults
 CPU_DEFAULT = ("2d", "nnUNetTrainer_5epochs")           # smoke level: shows the chain works, not nnU-Net quality
 PLANS = "nnUNetPlans"
+# nnU-Net plans its batch for 8 GB of GPU memory: 51 slices of 224 x 288 for the demo phantom's 2d, some 20 s per
+# iteration on one CPU thread. A CPU run plans for 1 GB instead (nnU-Net's own -gpu_memory_target; its batch then
+# about 6), under its own plans name so it never overwrites the GPU plans.
+CPU_MEMORY_TARGET_GB = 1.0
+
+
+def plans_name(memory_target_gb: float | None) -> str:
+    """nnU-Net's plans name: its own for its default memory target, ``nnUNetPlans_<N>GB`` for another one."""
+    return PLANS if memory_target_gb is None else f"{PLANS}_{memory_target_gb:g}GB"
+
+
+def default_memory_target(device: str) -> float | None:
+    """The memory nnU-Net plans batches for: its default (None) on a GPU, CPU_MEMORY_TARGET_GB elsewhere."""
+    return None if device == "cuda" else CPU_MEMORY_TARGET_GB
 ALL_FOLDS = ["0", "1", "2", "3", "4"]
 
 PLAN_CODE = ("import sys\n"
@@ -80,14 +94,15 @@ class DetectorRun:
     folders: DetectorFolders
     configuration: str
     trainer: str
+    plans: str = PLANS
     export: DetectorExport | None = None
     fold_folders: list[Path] = field(default_factory=list)
 
     @property
     def model_folder(self) -> Path:
-        """nnU-Net's model folder: nnUNet_results/DatasetXXX_NameLN/<trainer>__nnUNetPlans__<configuration>."""
+        """nnU-Net's model folder: nnUNet_results/DatasetXXX_NameLN/<trainer>__<plans>__<configuration>."""
         return (self.folders.results / nnunet_dataset_name(self.dataset_name)
-                / f"{self.trainer}__{PLANS}__{self.configuration}")
+                / f"{self.trainer}__{self.plans}__{self.configuration}")
 
 
 def nnunet_environment(folders: DetectorFolders, threads: int) -> dict[str, str]:
@@ -106,9 +121,9 @@ def _run_nnunet(code: str, args: list[str], env: dict[str, str], what: str) -> N
         raise LNMError(f"{what} failed (exit status {proc.returncode}); nnU-Net's own messages are above")
 
 
-def _check_planned(folders: DetectorFolders, dataset_name: str, configuration: str) -> None:
+def _check_planned(folders: DetectorFolders, dataset_name: str, configuration: str, plans: str = PLANS) -> None:
     """The configuration must be in nnU-Net's plans and preprocessed (3d_lowres is planned only for large images)."""
-    plans_file = folders.preprocessed / nnunet_dataset_name(dataset_name) / f"{PLANS}.json"
+    plans_file = folders.preprocessed / nnunet_dataset_name(dataset_name) / f"{plans}.json"
     if not plans_file.is_file():
         raise LNMError(f"{plans_file}: missing; run lnm_train_detector without --skip_preprocessing first")
     planned = sorted(load_json(plans_file).get("configurations", {}))
@@ -118,22 +133,27 @@ def _check_planned(folders: DetectorFolders, dataset_name: str, configuration: s
 
 
 def prepare_detector(dataset: str, raw_root: Path, preprocessed_root: Path, results_root: Path, configuration: str,
-                     trainer: str, threads: int = 1, skip_preprocessing: bool = False, say=print) -> DetectorRun:
+                     trainer: str, threads: int = 1, skip_preprocessing: bool = False, say=print,
+                     memory_target_gb: float | None = None) -> DetectorRun:
     """Export the node masks as an nnU-Net dataset and run nnU-Net's planning and preprocessing of
-    ``configuration`` (with its dataset integrity check); ``skip_preprocessing``: use an earlier run's."""
+    ``configuration`` (with its dataset integrity check); ``skip_preprocessing``: use an earlier run's.
+    ``memory_target_gb``: nnU-Net's -gpu_memory_target (None: its default, plans ``nnUNetPlans``)."""
     if not nnunet_installed():
         raise LNMError(NEEDS_NNUNET)
     if configuration not in CONFIGURATIONS:
         raise LNMError(f"-c '{configuration}': lnm_train_detector trains {', '.join(CONFIGURATIONS)}")
     name = resolve_dataset_name(dataset, Path(raw_root))
-    run = DetectorRun(name, detector_folders(name, preprocessed_root, results_root), configuration, trainer)
+    run = DetectorRun(name, detector_folders(name, preprocessed_root, results_root), configuration, trainer,
+                      plans_name(memory_target_gb))
+    target = [] if memory_target_gb is None else ["-gpu_memory_target", f"{memory_target_gb:g}",
+                                                  "-overwrite_plans_name", run.plans]
     if not skip_preprocessing:
         run.export = export_detector_dataset(Path(raw_root) / name, run.folders.raw)
         say(f"nnU-Net dataset: {run.export.folder} ({len(run.export.cases)} cases)", flush=True)
         _run_nnunet(PLAN_CODE, ["-d", str(nnunet_dataset_id(name)), "-c", configuration, "-np", str(threads),
-                                "-npfp", str(threads), "--verify_dataset_integrity", "--clean"],
+                                "-npfp", str(threads), "--verify_dataset_integrity", "--clean", *target],
                     nnunet_environment(run.folders, threads), "nnUNetv2_plan_and_preprocess")
-    _check_planned(run.folders, name, configuration)
+    _check_planned(run.folders, name, configuration, run.plans)
     return run
 
 
@@ -144,7 +164,7 @@ def train_detector_folds(run: DetectorRun, folds: list[str], device: str, thread
     env = nnunet_environment(run.folders, threads)
     torch_threads = 1 if device == "cuda" else threads      # as nnU-Net does on a GPU
     for fold in check_folds(folds):
-        _run_nnunet(TRAIN_CODE, [str(nnunet_dataset_id(run.dataset_name)), run.configuration, fold, run.trainer, PLANS,
+        _run_nnunet(TRAIN_CODE, [str(nnunet_dataset_id(run.dataset_name)), run.configuration, fold, run.trainer, run.plans,
                                  device, str(torch_threads), "1" if continue_training else "0",
                                  str(int(iterations_per_epoch))], env,
                     f"nnU-Net's training of fold {fold}")
