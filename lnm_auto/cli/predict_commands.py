@@ -39,8 +39,9 @@ def predict_parser() -> argparse.ArgumentParser:
                    help="checkpoint file of each fold, of every member of an ensemble (default: %(default)s)")
     p.add_argument("--detector", default=None, metavar="FOLDER",
                    help="a trained nnU-Net v2 model folder (<Trainer>__<Plans>__<configuration> with its fold_<k>) "
-                        "finding the nodes of cases without a node mask (default: with -d, the dataset's own "
-                        "detector from lnm_train_detector, if trained; see documentation/detection.md)")
+                        "finding the nodes of cases without a node mask (default: the detector packed in -m ZIP, else "
+                        "with -d the dataset's own detector from lnm_train_detector, if trained; see "
+                        "documentation/detection.md)")
     p.add_argument("--detector_label", default=None, metavar="LABEL",
                    help="the detector's lymph-node label, by value or by name in its dataset.json, e.g. lymph_node "
                         "(default: 1)")
@@ -97,13 +98,15 @@ def _chosen_dataset(args: argparse.Namespace, results: Path | None) -> Path | No
     return None
 
 
-def _detector(args: argparse.Namespace, results: Path | None):
+def _detector(args: argparse.Namespace, results: Path | None, zip_first: bool = True):
     """The node detector for cases without a node mask: --detector, else the dataset's own (-d) when trained;
-    None when there is none."""
+    None when there is none. With -m ZIP (``zip_first``) the zip's own comes before -d's: None here."""
     from lnm_auto.detection.detector import DetectorModel, find_dataset_detector
     from lnm_auto.utils.errors import LNMError
     from lnm_auto.utils.paths import resolve_dataset_name
     folder = Path(args.detector) if args.detector else None
+    if folder is None and zip_first and _model_zip(args) is not None:
+        return None               # the zip's own detector, if it packs one (_with_zip_detector), comes first
     if folder is None and args.dataset is not None and results is not None and results.is_dir():
         try:
             name = resolve_dataset_name(args.dataset, results)
@@ -116,6 +119,33 @@ def _detector(args: argparse.Namespace, results: Path | None):
                            "detector (lnm_train_detector)")
         return None
     return DetectorModel.load(folder, args.detector_label)
+
+
+def _model_zip(args: argparse.Namespace) -> Path | None:
+    """-m when it names a zip (of one model or of a choice), else None."""
+    import zipfile
+    path = Path(args.model) if args.model is not None else None
+    return path if path is not None and path.is_file() and zipfile.is_zipfile(path) else None
+
+
+def _with_zip_detector(args: argparse.Namespace, detector, extracted_dataset: Path, results: Path | None):
+    """The detector for a run with -m ZIP: --detector wins (said in a line when the zip packs one), else the zip's
+    own, else (none packed) what -d finds as without a zip; any other run keeps ``detector``."""
+    from lnm_auto.inference.detector_zip import DETECTOR_DIR, zip_detector
+    model_zip = _model_zip(args)
+    if model_zip is None:
+        return detector
+    if args.detector:
+        if (extracted_dataset / DETECTOR_DIR).is_dir():
+            print(f"--detector {args.detector} is used, not the detector packed in {model_zip}", flush=True)
+        return detector
+    packed = zip_detector(model_zip, extracted_dataset, args.detector_label)
+    if packed is None:            # nothing packed: the dataset's own detector (-d), or none
+        return _detector(args, results, zip_first=False)
+    if not args.quiet:
+        print(f"detector packed in {model_zip}: {packed.folder.name} (folds {', '.join(packed.folds)}, label "
+              f"{packed.label} '{packed.label_name}') for cases without a node mask", flush=True)
+    return packed
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -133,12 +163,14 @@ def _predict(args: argparse.Namespace) -> int:
     if dataset_results is not None:
         what = describe_choice(chosen_models(dataset_results))
         print(f"predicting with the choice of lnm_find_best_configuration: {what}", flush=True)
+        detector = _with_zip_detector(args, detector, dataset_results, results)
         info = predict_chosen(Path(args.input), Path(args.output), dataset_results, device, workers,
                               not args.disable_tta, not args.no_probmaps, not args.quiet, args.overwrite, args.folds,
                               args.checkpoint, args.num_parts, args.part_id, detector)
         print(f"{info['n_nodes']} nodes of {info['n_cases']} case(s) scored; results in {args.output}")
         return 0
     folder = find_model(results, args.dataset, args.configuration, args.trainer, args.plans_name, args.model)
+    detector = _with_zip_detector(args, detector, folder.parent, results)
     model = TrainedModel.load(folder)
     folds = args.folds or model.default_folds(model.model_file(args.checkpoint))
     calibration, why_not = model.calibration(folds, args.checkpoint)
@@ -197,11 +229,38 @@ def export_parser() -> argparse.ArgumentParser:
                    help="folds to pack (default: every trained fold; for the choice, the folds it was chosen on)")
     p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth",
                    help="checkpoint file of each fold (default: %(default)s)")
+    p.add_argument("--detector", default=None, metavar="FOLDER",
+                   help="a trained nnU-Net v2 model folder (<Trainer>__<Plans>__<configuration> with its fold_<k>) "
+                        "to pack as the zip's node detector (default: the dataset's own detector from "
+                        "lnm_train_detector, if trained; see documentation/detection.md)")
+    p.add_argument("--detector_label", default=None, metavar="LABEL",
+                   help="the detector's lymph-node label, by value or by name in its dataset.json (default: 1)")
+    p.add_argument("--no_detector", action="store_true",
+                   help="pack no detector: the zip then predicts cases with node masks only (default: pack one)")
     _add_location_flags(p, "results")
     return p
 
 
+def _export_detector(args: argparse.Namespace, results: Path, dataset_name: str):
+    """The detector lnm_export_model packs: --detector, else the dataset's own when trained; None with
+    --no_detector or when there is none."""
+    from lnm_auto.detection.detector import DetectorModel, find_dataset_detector
+    from lnm_auto.utils.errors import LNMError
+    if args.no_detector:
+        if args.detector or args.detector_label is not None:
+            raise LNMError("--no_detector leaves the detector out; it cannot go with --detector or --detector_label")
+        return None
+    folder = Path(args.detector) if args.detector else find_dataset_detector(results, dataset_name)
+    if folder is None:
+        if args.detector_label is not None:
+            raise LNMError("--detector_label needs a detector: --detector FOLDER, or a dataset with a trained "
+                           "detector (lnm_train_detector)")
+        return None
+    return DetectorModel.load(folder, args.detector_label)
+
+
 def _export(args: argparse.Namespace) -> int:
+    from lnm_auto.inference.detector_zip import packed_line
     from lnm_auto.inference.ensemble import describe_choice
     from lnm_auto.inference.export_choice import export_choice
     from lnm_auto.inference.model import export_model, find_model
@@ -212,13 +271,17 @@ def _export(args: argparse.Namespace) -> int:
         if args.trainer != "LNMTrainer" or args.plans_name != "LNMPlans":
             raise LNMError("-tr and -p name one model: give its configuration with -c too (without -c, "
                            "lnm_export_model packs the choice of lnm_find_best_configuration)")
-        out, chosen = export_choice(results / resolve_dataset_name(args.dataset, results), Path(args.output),
-                                    args.folds, args.checkpoint)
+        name = resolve_dataset_name(args.dataset, results)
+        detector = _export_detector(args, results, name)
+        out, chosen = export_choice(results / name, Path(args.output), args.folds, args.checkpoint, detector)
         print(f"the choice of lnm_find_best_configuration ({describe_choice(chosen)}) written to {out}")
+        print(packed_line(detector))
         return 0
     folder = find_model(results, args.dataset, args.configuration, args.trainer, args.plans_name)
-    out = export_model(folder, Path(args.output), args.folds, args.checkpoint)
+    detector = _export_detector(args, results, folder.parent.name)
+    out = export_model(folder, Path(args.output), args.folds, args.checkpoint, detector)
     print(f"model {folder.name} written to {out}")
+    print(packed_line(detector))
     return 0
 
 

@@ -47,6 +47,7 @@ class DetectorModel:
     num_channels: int
     file_ending: str
     checkpoint: str = CHECKPOINT
+    origin: str = ""     # where the folder came from when it is a temporary extraction (a model zip's member)
 
     @classmethod
     def load(cls, folder: Path, label: str | int | None = None, checkpoint: str = CHECKPOINT) -> "DetectorModel":
@@ -76,8 +77,8 @@ class DetectorModel:
 
     def record(self) -> dict:
         """What predict_info.json records of the detector (and what a rerun into the same -o must share)."""
-        return {"folder": str(self.folder.absolute()), "folds": list(self.folds), "checkpoint": self.checkpoint,
-                "label": self.label, "label_name": self.label_name}
+        return {"folder": self.origin or str(self.folder.absolute()), "folds": list(self.folds),
+                "checkpoint": self.checkpoint, "label": self.label, "label_name": self.label_name}
 
 
 def _model_json(folder: Path, name: str) -> dict:

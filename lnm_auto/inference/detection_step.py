@@ -75,7 +75,7 @@ def detect_cases(cases: list[InputCase], detector: DetectorModel, output_dir: Pa
             except LNMError as e:
                 failures.append(str(e))
         if jobs:
-            say(f"detecting the nodes of {len(jobs)} case(s) without a node mask with {detector.folder} "
+            say(f"detecting the nodes of {len(jobs)} case(s) without a node mask with {detector.origin or detector.folder} "
                 f"(folds {', '.join(detector.folds)}, label {detector.label} '{detector.label_name}')", flush=True)
         run_detector(detector, list(jobs.values()), work, device, threads, mirror)
         names = region_names(region_table_file(Path(input_dir)))

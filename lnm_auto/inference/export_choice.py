@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from lnm_auto.evaluation.crossval import INSTRUCTIONS_FILE, load_instructions
+from lnm_auto.inference.detector_zip import check_detector_weights, pack_detector
 from lnm_auto.inference.ensemble import chosen_models, size_rule_source
 from lnm_auto.inference.model import (EXTRACTED_FROM, TrainedModel, extract_zip, pack_model,
                                       refuse_foreign_target)
@@ -27,9 +28,10 @@ CHOSEN_CHECKPOINT = "checkpoint_final.pth"   # what lnm_find_best_configuration 
 
 
 def export_choice(dataset_results: Path, output_zip: Path, folds: list[str] | None = None,
-                  checkpoint: str = CHOSEN_CHECKPOINT) -> tuple[Path, list[Path]]:
+                  checkpoint: str = CHOSEN_CHECKPOINT, detector=None) -> tuple[Path, list[Path]]:
     """Pack the dataset's choice (``folds``: default the folds it was chosen on) into ``output_zip``, written
-    atomically. Returns (the zip, the chosen model folders; [] for the size rule)."""
+    atomically; with ``detector`` (``detection.detector.DetectorModel``) its model folder too
+    (``inference/detector_zip.py``). Returns (the zip, the chosen model folders; [] for the size rule)."""
     dataset_results = Path(dataset_results)
     chosen = chosen_models(dataset_results)
     if chosen is None:
@@ -49,6 +51,8 @@ def export_choice(dataset_results: Path, output_zip: Path, folds: list[str] | No
     for model in models if chosen else []:   # fail early on missing or damaged folds
         packed[model.folder.name] = folds or model.default_folds(model.model_file(checkpoint))
         model.load_scorers(packed[model.folder.name], checkpoint, torch.device("cpu"))
+    if detector is not None:
+        check_detector_weights(detector)      # a damaged or crafted detector fails here, before the zip is written
     output_zip = Path(output_zip)
     refuse_foreign_target(output_zip)
     remove_stale_temp_files(output_zip)   # what a killed export of this zip left (our temp names only)
@@ -60,6 +64,8 @@ def export_choice(dataset_results: Path, output_zip: Path, folds: list[str] | No
                 pack_model(z, model, packed.get(model.folder.name, []), checkpoint)
             z.writestr(f"{dataset_results.name}/{INSTRUCTIONS_FILE}",
                        json.dumps(json_safe(instructions), indent=2, allow_nan=False) + "\n")
+            if detector is not None:
+                pack_detector(z, dataset_results.name, detector)
     return output_zip, chosen
 
 

@@ -23,6 +23,7 @@ from lnm_auto.configurations import ConfigurationKind, kind_of
 from lnm_auto.configurations.base import CLASSIFIER_MODEL_FILE
 from lnm_auto.evaluation.calibration import CALIBRATION_FILE, checked_calibration
 from lnm_auto.evaluation.crossval_inputs import changed_folds, read_json
+from lnm_auto.inference.detector_zip import check_detector_weights, pack_detector
 from lnm_auto.plans.plans import ConfigurationPlan, Plans
 from lnm_auto.training.progress import training_logs
 from lnm_auto.training.registry import exact_trainer_hint
@@ -207,17 +208,22 @@ def _missing_model(folder: Path, configuration: str, trainer: str) -> LNMError:
 
 
 def export_model(model_folder: Path, output_zip: Path, folds: list[str] | None = None,
-                 checkpoint: str = "checkpoint_final.pth") -> Path:
+                 checkpoint: str = "checkpoint_final.pth", detector=None) -> Path:
     """Pack what inference needs (plans, dataset.json, fingerprint, the folds' checkpoints - or radiomics models -,
-    validation metrics and training logs) into one zip, written atomically."""
+    validation metrics and training logs) into one zip, written atomically; with ``detector``
+    (``detection.detector.DetectorModel``) its model folder too (``inference/detector_zip.py``)."""
     model = TrainedModel.load(model_folder)
     folds = folds or model.available_folds(model.model_file(checkpoint))
     model.load_scorers(folds, checkpoint, torch.device("cpu"))   # fail early on missing/damaged folds
+    if detector is not None:
+        check_detector_weights(detector)      # a damaged or crafted detector fails here, before the zip is written
     refuse_foreign_target(Path(output_zip))
     remove_stale_temp_files(output_zip)   # what a killed export of this zip left (our temp names only)
     with atomic_path(output_zip, suffix=".zip") as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
             pack_model(z, model, folds, checkpoint)
+            if detector is not None:
+                pack_detector(z, Path(model_folder).parent.name, detector)
     return output_zip
 
 
