@@ -22,6 +22,10 @@ from lnm_auto.detection.detector import DetectorModel, find_dataset_detector
 from lnm_auto.inference.cases import NO_DETECTOR, discover_cases
 from lnm_auto.utils.errors import LNMError
 
+# one test process runs every test of the detector path (README: -n 2 --dist loadgroup), so the session
+# fixture that trains the lnm model and the nnU-Net detector runs once, not once per process
+pytestmark = pytest.mark.xdist_group("detector")
+
 DS = "Dataset042_Tiny"
 
 
@@ -217,26 +221,10 @@ def test_dataset_detector_is_found_most_recent_first(tmp_path):
 
 
 # ---- slow: a tiny nnU-Net detector trained here, a tiny lnm model, lnm_predict on images alone ----------------
-@pytest.fixture(scope="module")
-def trained(planned_tiny, tmp_path_factory):
-    """(root, the lnm model folder, the detector's model folder): a one-epoch 3d_resenc model and a one-epoch 2d
-    nnU-Net detector (5 iterations, CPU) of the planned tiny dataset, both in root/results (the detector where
-    lnm_train_detector puts it, so -d finds it)."""
-    from conftest import train_one_epoch_model
-    root = tmp_path_factory.mktemp("detect_predict")
-    for part in ("raw", "pre"):     # a private copy: the detector's export writes below pre/
-        shutil.copytree(planned_tiny(8) / part, root / part)
-    model = train_one_epoch_model(root, root / "results")
-    env = {**os.environ, "LNM_NUM_THREADS": "1", "LNM_NO_PROGRESS": "1", "MPLBACKEND": "Agg"}
-    proc = subprocess.run([sys.executable, "-m", "lnm_auto", "train_detector", "42", "0", "-c", "2d",
-                           "-tr", "nnUNetTrainer_1epoch", "--iterations_per_epoch", "5", "-device", "cpu",
-                           "--raw", str(root / "raw"), "--preprocessed", str(root / "pre"),
-                           "--results", str(root / "results")],
-                          capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    detector = (root / "results" / DS / "detector" / "nnUNet_results" / "Dataset042_TinyLN"
-                / "nnUNetTrainer_1epoch__nnUNetPlans_1GB__2d")
-    return root, model, detector
+@pytest.fixture
+def trained(trained_model_and_detector):
+    """conftest's session-wide one-epoch lnm model and nnU-Net detector (trained once per test process)."""
+    return trained_model_and_detector
 
 
 def read_nodes(path: Path) -> pd.DataFrame:

@@ -21,6 +21,10 @@ from lnm_auto.detection.detector import DetectorModel
 from lnm_auto.inference.detector_zip import check_detector_weights
 from lnm_auto.utils.errors import LNMError
 
+# one test process runs every test of the detector path (README: -n 2 --dist loadgroup), so the session
+# fixture that trains the lnm model and the nnU-Net detector runs once, not once per process
+pytestmark = pytest.mark.xdist_group("detector")
+
 MODEL = "LNMTrainer_1epochs__LNMPlans__3d_resenc"
 NO_DETECTOR_LINE = "no detector: the zip predicts cases with node masks only"
 
