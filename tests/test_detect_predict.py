@@ -220,6 +220,15 @@ def test_dataset_detector_is_found_most_recent_first(tmp_path):
                     "chooses another)"]
 
 
+def test_the_dataset_detector_is_found_under_a_plans_name_with_a_dot(tmp_path):
+    """lnm_train_detector -gpu_memory_target 0.5 trains into <trainer>__nnUNetPlans_0.5GB__2d."""
+    root = tmp_path / "res" / DS / "detector" / "nnUNet_results" / "Dataset042_TinyLN"
+    root.mkdir(parents=True)
+    made = fake_model_folder(root, name="nnUNetTrainer_5epochs__nnUNetPlans_0.5GB__2d")
+    assert find_dataset_detector(tmp_path / "res", DS, say=pytest.fail) == made
+    assert DetectorModel.load(made).configuration == "2d"
+
+
 # ---- slow: a tiny nnU-Net detector trained here, a tiny lnm model, lnm_predict on images alone ----------------
 @pytest.fixture
 def trained(trained_model_and_detector):

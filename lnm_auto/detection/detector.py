@@ -23,7 +23,8 @@ from lnm_auto.detection.train_detector import nnunet_installed
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.io import load_json, save_json
 
-MODEL_FOLDER_NAME = re.compile(r"^(?P<trainer>[A-Za-z0-9_]+)__(?P<plans>[A-Za-z0-9_]+)"
+# plans names may hold '.' and '-' (lnm_train_detector's CPU plans nnUNetPlans_0.5GB, nnU-Net's -overwrite_plans_name)
+MODEL_FOLDER_NAME = re.compile(r"^(?P<trainer>[A-Za-z0-9_]+)__(?P<plans>[A-Za-z0-9_][A-Za-z0-9_.-]*)"
                                r"__(?P<configuration>[A-Za-z0-9_]+)$")
 FOLD_FOLDER = re.compile(r"^fold_(?P<fold>\d+|all)$")
 CHECKPOINT = "checkpoint_final.pth"
