@@ -331,3 +331,20 @@ def test_real_ct_geometry_smoke():
     assert img.GetSpacing()[2] > 2 * img.GetSpacing()[0]                  # anisotropic like the phantom
     lesion = sitk.GetArrayViewFromImage(lab) > 0
     assert lesion.sum() > 100 and -200 < float(hu[lesion].mean()) < 200
+
+
+def test_phantom_written_by_two_processes_is_byte_identical(tmp_path):
+    """A case depends only on its index: two worker processes write exactly the files one process writes."""
+    import hashlib
+
+    from lnm_auto.datasets.phantom import PhantomConfig, make_phantom_dataset
+
+    def tree(root):
+        return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(root.rglob("*")) if p.is_file()}
+
+    config = PhantomConfig(n_cases=5, n_test_cases=2, labeled_fraction=0.6, shape_xyz=(64, 64, 12))
+    one = tree(make_phantom_dataset(tmp_path / "one", 5, "P", config))
+    two = tree(make_phantom_dataset(tmp_path / "two", 5, "P", config, num_processes=2))
+    assert sum(k.endswith(".nii.gz") for k in one) == 14      # 7 images + 7 node masks
+    assert one == two

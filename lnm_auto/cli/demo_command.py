@@ -20,9 +20,10 @@ def demo_parser() -> argparse.ArgumentParser:
                    help="configurations to cross-validate and choose from (default: %(default)s)")
     p.add_argument("-f", "--folds", nargs="+", type=int, default=[0, 1, 2, 3, 4],
                    help="folds to train, pool for the choice and ensemble (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=3,
-                   help="epochs of every network stage (default: %(default)s, a quick demo: the pretrained 2d25 "
-                        "reaches most of its validation AUROC in the first epochs; the plans' own is 50)")
+    p.add_argument("--epochs", type=int, default=2,
+                   help="epochs of every network stage (default: %(default)s, a quick demo: on this phantom the "
+                        "pretrained 2d25's validation AUROC peaks in its first epochs, e.g. 0.874, 0.855, 0.852 after "
+                        "epochs 1-3 of one fold; the plans' own is 50)")
     p.add_argument("--labeled_fraction", "--labeled-fraction", type=float, default=1.0,
                    help="fraction of training cases with node labels; below about 0.5 the plans recommend "
                         "supervised then PGLS (default: %(default)s)")
