@@ -50,8 +50,9 @@ def test_two_folds_at_once_train_both_folds_and_name_them(planned_tiny, tmp_path
 @pytest.mark.slow
 def test_a_folds_bad_input_is_one_line_naming_the_fold(planned_tiny, tmp_path):
     root = planned_tiny(8)
-    jobs = [FoldJob(42, "2d25", 0, ("LNMTrainer",), root / "pre", tmp_path / "r", num_epochs=1),
-            FoldJob(42, "2d25", 7, ("LNMTrainer",), root / "pre", tmp_path / "r", num_epochs=1)]
+    # two bad folds: the pool waits for running jobs, so a good one beside them would train for nothing
+    jobs = [FoldJob(42, "2d25", 7, ("LNMTrainer",), root / "pre", tmp_path / "r", num_epochs=1),
+            FoldJob(42, "2d25", 8, ("LNMTrainer",), root / "pre", tmp_path / "r", num_epochs=1)]
     with pytest.raises(LNMError, match=r"^2d25 fold 7: .*fold"):
         train_folds(jobs, at_once=2)
 
