@@ -9,13 +9,13 @@ dtype types nnU-Net's checkpoints hold (its logged numbers), then hands them to 
 probabilities; they are saved as ``<case>.npz`` (plain arrays, read back with ``allow_pickle=False``): nothing
 nnU-Net would pickle (its ``.pkl`` properties) is ever written or read.
 
-Only the standard library, numpy, torch and nnunetv2 are imported here (the parent checked the folder).
+Only the standard library, numpy, torch, nnunetv2 and lnm_auto.utils (the weights-only load) are imported here
+(the parent checked the folder).
 """
 from __future__ import annotations
 
 import json
 import os
-import pickle
 import sys
 from pathlib import Path
 
@@ -41,18 +41,12 @@ def safe_numpy_globals() -> list:
 
 def load_weights(checkpoint: Path) -> tuple[dict, tuple | None]:
     """(network weights, test-time mirror axes) of one fold's checkpoint, read weights-only."""
-    import torch
+    from lnm_auto.utils.checkpoints import load_weights_only
+    from lnm_auto.utils.errors import LNMError
     try:
-        with torch.serialization.safe_globals(safe_numpy_globals()):
-            ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else "not a weights-only file"
-        raise Refused(f"{checkpoint}: refused: it holds more than tensors, numbers and strings, so loading it could "
-                      f"run code ({first}); only use detectors from a source you trust") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise Refused(f"{checkpoint}: cannot be loaded as a checkpoint, the file is damaged or not a checkpoint "
-                      f"({first})") from None
+        ckpt = load_weights_only(checkpoint, "cpu", "detectors", safe_numpy_globals())
+    except LNMError as e:
+        raise Refused(str(e)) from None
     if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
         raise Refused(f"{checkpoint}: no network_weights; not an nnU-Net v2 checkpoint")
     axes = ckpt.get("inference_allowed_mirroring_axes")
