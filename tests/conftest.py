@@ -164,20 +164,20 @@ def old_plans_identifier(data: dict) -> str:
 
 @pytest.fixture(scope="session")
 def trained_model_and_detector(planned_tiny, tmp_path_factory):
-    """(root, the lnm model folder, the detector's model folder): a one-epoch 3d_resenc model and a one-epoch 2d
-    nnU-Net detector (5 iterations, CPU) of the planned tiny dataset, both in root/results (the detector where
+    """(root, the lnm model folder, the detector's model folder): a one-epoch 3d_resenc model and a one-epoch
+    2d_cpu nnU-Net detector (5 iterations, CPU) of the planned tiny dataset, both in root/results (the detector where
     lnm_train_detector puts it, so -d finds it)."""
     root = tmp_path_factory.mktemp("detect_predict")
     for part in ("raw", "pre"):     # a private copy: the detector's export writes below pre/
         shutil.copytree(planned_tiny(8) / part, root / part)
     model = train_one_epoch_model(root, root / "results")
     env = {**os.environ, "LNM_NUM_THREADS": "1", "LNM_NO_PROGRESS": "1", "MPLBACKEND": "Agg"}
-    proc = subprocess.run([sys.executable, "-m", "lnm_auto", "train_detector", "42", "0", "-c", "2d",
+    proc = subprocess.run([sys.executable, "-m", "lnm_auto", "train_detector", "42", "0",
                            "-tr", "nnUNetTrainer_1epoch", "--iterations_per_epoch", "5", "-device", "cpu",
                            "--raw", str(root / "raw"), "--preprocessed", str(root / "pre"),
                            "--results", str(root / "results")],
                           capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     detector = (root / "results" / "Dataset042_Tiny" / "detector" / "nnUNet_results" / "Dataset042_TinyLN"
-                / "nnUNetTrainer_1epoch__nnUNetPlans_1GB__2d")
+                / "nnUNetTrainer_1epoch__nnUNetPlans__2d_cpu")
     return root, model, detector

@@ -15,6 +15,7 @@ import SimpleITK as sitk
 
 from conftest import refused, run_cli, write_image
 from lnm_auto.detection.nnunet_dataset import detector_folders, export_detector_dataset, nnunet_dataset_name
+from lnm_auto.detection import cpu_variant
 from lnm_auto.detection.train_detector import NEEDS_NNUNET
 from lnm_auto.utils.errors import LNMError
 
@@ -112,8 +113,8 @@ def test_skip_preprocessing_without_an_earlier_run_names_the_plans_file(tiny_dat
     proc = run_cli("train_detector", "42", "0", "--skip_preprocessing", "--raw", tiny_dataset.parent,
                    "--preprocessed", tmp_path / "pre", "--results", tmp_path / "res", "-device", "cpu")
     plans = tmp_path / "pre" / "Dataset042_Tiny" / "detector" / "nnUNet_preprocessed" / "Dataset042_TinyLN"
-    # a CPU run plans for 1 GB (nnU-Net's -gpu_memory_target), under its own plans name
-    refused(proc, f"{plans / 'nnUNetPlans_1GB.json'}: missing; run lnm_train_detector without --skip_preprocessing "
+    # the CPU default, 2d_cpu, lives in nnU-Net's default plans
+    refused(proc, f"{plans / 'nnUNetPlans.json'}: missing; run lnm_train_detector without --skip_preprocessing "
                   "first")
 
 
@@ -122,6 +123,7 @@ def test_gpu_memory_target_names_the_plans_and_is_checked(tiny_dataset, tmp_path
     assert plans_name(None) == "nnUNetPlans" and plans_name(1.0) == "nnUNetPlans_1GB"
     assert plans_name(2.5) == "nnUNetPlans_2.5GB"
     assert default_memory_target("cuda") is None and default_memory_target("cpu") == 1.0
+    assert default_memory_target("cpu", "2d_cpu") is None       # 2d_cpu plans its own batch
     proc = run_cli("train_detector", "42", "0", "-gpu_memory_target", "0", "--raw", tiny_dataset.parent,
                    "--preprocessed", tmp_path / "pre", "--results", tmp_path / "res", "-device", "cpu")
     refused(proc, "-gpu_memory_target must be a positive number of GB, got 0")
@@ -130,24 +132,30 @@ def test_gpu_memory_target_names_the_plans_and_is_checked(tiny_dataset, tmp_path
 
 @pytest.mark.slow
 def test_tiny_cpu_detector_trains_end_to_end(tiny_dataset, tmp_path):
-    """nnU-Net's own planning, preprocessing and one-epoch 2d training on CPU; every file inside the given roots."""
+    """nnU-Net's own planning, preprocessing and a one-epoch training of the CPU default (2d_cpu, added to
+    nnU-Net's plans, its foreground oversampling applied); every file inside the given roots."""
     raw_before = tree_hashes(tiny_dataset.parent)
     workdir = tmp_path / "cwd"
     workdir.mkdir()
     env = {**os.environ, "LNM_NUM_THREADS": "1", "LNM_NO_PROGRESS": "1", "MPLBACKEND": "Agg"}
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         env.pop(var, None)
-    proc = subprocess.run([sys.executable, "-m", "lnm_auto", "train_detector", "42", "0", "-c", "2d",
+    proc = subprocess.run([sys.executable, "-m", "lnm_auto", "train_detector", "42", "0",
                            "-tr", "nnUNetTrainer_1epoch", "--iterations_per_epoch", "5", "-device", "cpu",
                            "--raw", str(tiny_dataset.parent),
                            "--preprocessed", str(tmp_path / "pre"), "--results", str(tmp_path / "res")],
                           capture_output=True, text=True, cwd=workdir, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     fold = (tmp_path / "res" / "Dataset042_Tiny" / "detector" / "nnUNet_results" / "Dataset042_TinyLN"
-            / "nnUNetTrainer_1epoch__nnUNetPlans_1GB__2d" / "fold_0")
+            / "nnUNetTrainer_1epoch__nnUNetPlans__2d_cpu" / "fold_0")
     assert (fold / "checkpoint_final.pth").is_file()
     assert f"detector fold_0: {fold}" in proc.stdout
-    assert "a smoke-level detector, not nnU-Net's quality" in proc.stdout
+    assert "a CPU detector, not nnU-Net's quality" in proc.stdout
+    planned = json.loads((fold.parent / "plans.json").read_text())["configurations"]["2d_cpu"]
+    assert planned["batch_size"] == cpu_variant.BATCH and planned["lnm_training"]["trainer"] == cpu_variant.TRAINER
+    debug = json.loads((fold / "debug.json").read_text())      # nnU-Net's record of its trainer's attributes
+    assert float(debug["oversample_foreground_percent"]) == cpu_variant.FOREGROUND_OVERSAMPLING
+    assert int(debug["num_iterations_per_epoch"]) == 5          # the flag wins over the plan's 40
     assert tree_hashes(tiny_dataset.parent) == raw_before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "pre", "raw", "res"]
     assert list(workdir.iterdir()) == []

@@ -22,25 +22,27 @@ def train_detector_parser() -> argparse.ArgumentParser:
                     "exports the images and masks as an nnU-Net raw dataset, then runs nnU-Net's own planning, "
                     "preprocessing (with its integrity check) and training. nnU-Net's folders live below the "
                     "dataset's preprocessed and results folders (<results>/DatasetXXX_Name/detector/nnUNet_results). "
-                    f"On a GPU: nnU-Net's defaults ({' + '.join(GPU_DEFAULT)}). On a CPU: a smoke-level model "
-                    f"({' + '.join(CPU_DEFAULT)}) that shows the chain works; it is NOT a detector of nnU-Net's "
-                    "quality. Needs the optional nnunetv2 package: pip install -e \".[detect]\".")
+                    f"On a GPU: nnU-Net's defaults ({' + '.join(GPU_DEFAULT)}). On a CPU: {CPU_DEFAULT[0]}, a small "
+                    f"configuration planned from nnU-Net's 2d so a CPU learns nodes within minutes ({CPU_DEFAULT[1]}, "
+                    "documentation/detection.md); it is NOT a detector of nnU-Net's quality. Needs the optional nnunetv2 package: pip install -e \".[detect]\".")
     p.add_argument("dataset", help="dataset id: 001, 1 or Dataset001_Name (in $LNM_raw)")
     p.add_argument("folds", nargs="*", default=None,
                    help="nnU-Net folds 0..4 or 'all' (default: 0 1 2 3 4)")
     p.add_argument("-c", "--configuration", default=None, choices=CONFIGURATIONS,
-                   help=f"nnU-Net configuration (default: {GPU_DEFAULT[0]} on cuda, {CPU_DEFAULT[0]} otherwise)")
+                   help=f"nnU-Net configuration (default: {GPU_DEFAULT[0]} on cuda, {CPU_DEFAULT[0]} otherwise: lnm_auto's "
+                        "CPU configuration, added to nnU-Net's plans)")
     p.add_argument("-tr", "--trainer", default=None,
                    help=f"nnU-Net trainer class, e.g. nnUNetTrainer_1epoch (default: {GPU_DEFAULT[1]} on cuda, "
-                        f"{CPU_DEFAULT[1]} otherwise: smoke level)")
+                        f"{CPU_DEFAULT[1]} otherwise)")
     p.add_argument("-device", "--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--iterations_per_epoch", type=int, default=0, metavar="N",
                    help="shorten nnU-Net's epochs to N training iterations (N // 5 validation): a CPU smoke run only "
-                        "(default: nnU-Net's 250)")
+                        f"(default: nnU-Net's 250; {CPU_DEFAULT[0]}: its planned number)")
     p.add_argument("-gpu_memory_target", "--gpu_memory_target", type=float, default=None, metavar="GB",
                    help="nnU-Net's -gpu_memory_target: the memory its batch is planned for, in plans "
                         "nnUNetPlans_<GB>GB (default: nnU-Net's own, 8, on cuda; "
-                        f"{CPU_MEMORY_TARGET_GB:g} otherwise, so a CPU iteration takes seconds, not half a minute)")
+                        f"{CPU_MEMORY_TARGET_GB:g} otherwise, so a CPU iteration takes seconds, not half a minute; "
+                        f"{CPU_DEFAULT[0]} plans its own batch)")
     p.add_argument("--skip_preprocessing", action="store_true",
                    help="use the export and nnU-Net preprocessing of an earlier run (default: export and preprocess "
                         "again, so a changed dataset is never trained on stale data)")
@@ -59,11 +61,12 @@ def _train_detector(args: argparse.Namespace) -> int:
     device = _say_device(args.device)
     configuration, trainer = default_setup(device)
     configuration, trainer = args.configuration or configuration, args.trainer or trainer
-    memory_target = args.gpu_memory_target if args.gpu_memory_target is not None else default_memory_target(device)
+    memory_target = (args.gpu_memory_target if args.gpu_memory_target is not None
+                     else default_memory_target(device, configuration))
     if memory_target is not None and memory_target <= 0:
         raise LNMError(f"-gpu_memory_target must be a positive number of GB, got {memory_target:g}")
     if device != "cuda":
-        print(f"{configuration} + {trainer} on {device}: a smoke-level detector, not nnU-Net's quality "
+        print(f"{configuration} + {trainer} on {device}: a CPU detector, not nnU-Net's quality "
               "(train on a GPU for that)", flush=True)
     run = prepare_detector(args.dataset, base_folder("raw", args.raw), base_folder("preprocessed", args.preprocessed),
                            base_folder("results", args.results), configuration, trainer, threads,

@@ -6,9 +6,9 @@ nnUNet_raw / nnUNet_preprocessed / nnUNet_results set in their environment only:
 when its modules load, and this process's environment stays as it was. The roots lie below the lnm dataset's
 preprocessed and results folders (``nnunet_dataset.detector_folders``).
 
-On a GPU the defaults are nnU-Net's own (3d_fullres, nnUNetTrainer: 1000 epochs). On a CPU the default is a
-smoke-level detector: the 2d configuration with nnU-Net's shipped ``nnUNetTrainer_5epochs``; it shows the chain
-works, it is not a detector of nnU-Net's quality.
+On a GPU the defaults are nnU-Net's own (3d_fullres, nnUNetTrainer: 1000 epochs). On a CPU the default is the
+``2d_cpu`` configuration (``cpu_variant``): planned from nnU-Net's 2d to learn nodes within minutes on a CPU, with
+nnU-Net's shipped ``nnUNetTrainer_20epochs``; it is not a detector of nnU-Net's quality.
 """
 from __future__ import annotations
 
@@ -19,20 +19,22 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lnm_auto.detection import cpu_variant
 from lnm_auto.detection.nnunet_dataset import (DetectorExport, DetectorFolders, detector_folders,
                                                export_detector_dataset, nnunet_dataset_id, nnunet_dataset_name)
 from lnm_auto.utils.errors import LNMError
-from lnm_auto.utils.io import load_json
+from lnm_auto.utils.io import load_json, save_json
 from lnm_auto.utils.paths import resolve_dataset_name
 
 NEEDS_NNUNET = 'lnm_train_detector needs nnU-Net v2: pip install -e ".[detect]"'
-CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
+CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", cpu_variant.CONFIGURATION)
 GPU_DEFAULT = ("3d_fullres", "nnUNetTrainer")           # nnU-Net's own defaults
-CPU_DEFAULT = ("2d", "nnUNetTrainer_5epochs")           # smoke level: shows the chain works, not nnU-Net quality
+CPU_DEFAULT = (cpu_variant.CONFIGURATION, cpu_variant.TRAINER)   # learns in minutes on a CPU, not nnU-Net quality
 PLANS = "nnUNetPlans"
 # nnU-Net plans its batch for 8 GB of GPU memory: 51 slices of 224 x 288 for the demo phantom's 2d, some 20 s per
-# iteration on one CPU thread. A CPU run plans for 1 GB instead (nnU-Net's own -gpu_memory_target; its batch then
-# about 6), under its own plans name so it never overwrites the GPU plans.
+# iteration on one CPU thread. A CPU run of nnU-Net's own configurations plans for 1 GB instead (nnU-Net's own
+# -gpu_memory_target; its batch then about 6), under its own plans name so it never overwrites the GPU plans.
+# 2d_cpu sets its own batch, so it is added to nnU-Net's default plans.
 CPU_MEMORY_TARGET_GB = 1.0
 
 
@@ -41,17 +43,23 @@ def plans_name(memory_target_gb: float | None) -> str:
     return PLANS if memory_target_gb is None else f"{PLANS}_{memory_target_gb:g}GB"
 
 
-def default_memory_target(device: str) -> float | None:
-    """The memory nnU-Net plans batches for: its default (None) on a GPU, CPU_MEMORY_TARGET_GB elsewhere."""
-    return None if device == "cuda" else CPU_MEMORY_TARGET_GB
+def default_memory_target(device: str, configuration: str = "2d") -> float | None:
+    """The memory nnU-Net plans batches for: its default (None) on a GPU or for 2d_cpu (its batch is its own),
+    CPU_MEMORY_TARGET_GB for nnU-Net's configurations elsewhere."""
+    return None if device == "cuda" or configuration == cpu_variant.CONFIGURATION else CPU_MEMORY_TARGET_GB
 ALL_FOLDS = ["0", "1", "2", "3", "4"]
 
 PLAN_CODE = ("import sys\n"
              "from nnunetv2.experiment_planning.plan_and_preprocess_entrypoints import plan_and_preprocess_entry\n"
              "sys.argv[0] = 'nnUNetv2_plan_and_preprocess'\n"
              "plan_and_preprocess_entry()\n")
+PREPROCESS_CODE = ("import sys\n"
+                   "from nnunetv2.experiment_planning.plan_and_preprocess_entrypoints import preprocess_entry\n"
+                   "sys.argv[0] = 'nnUNetv2_preprocess'\n"
+                   "preprocess_entry()\n")
 # nnU-Net's run_training steps (not its entry point, which gives a CPU run every core of the machine): the threads
-# are ours, and a CPU smoke run may shorten nnU-Net's 250 training / 50 validation iterations per epoch
+# are ours; a configuration's 'lnm_training' (2d_cpu) sets foreground oversampling and iterations per epoch, and
+# -iterations_per_epoch may shorten nnU-Net's 250 training / 50 validation iterations per epoch
 TRAIN_CODE = ("import sys, torch\n"
               "from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint\n"
               "dataset, configuration, fold, trainer, plans, device, threads, resume, iterations = sys.argv[1:10]\n"
@@ -59,6 +67,11 @@ TRAIN_CODE = ("import sys, torch\n"
               "fold = fold if fold == 'all' else int(fold)\n"
               "t = get_trainer_from_args(dataset, configuration, fold, trainer, plans, resume == '1',\n"
               "                          device=torch.device(device))\n"
+              "own = t.configuration_manager.configuration.get('lnm_training') or {}\n"
+              "if 'foreground_oversampling' in own:\n"
+              "    t.oversample_foreground_percent = float(own['foreground_oversampling'])\n"
+              "if int(iterations) == 0 and 'iterations_per_epoch' in own:\n"
+              "    iterations = own['iterations_per_epoch']\n"
               "if int(iterations) > 0:\n"
               "    t.num_iterations_per_epoch, t.num_val_iterations_per_epoch = int(iterations), max(1, int(iterations) // 5)\n"
               "maybe_load_checkpoint(t, resume == '1', False, None)\n"
@@ -75,7 +88,7 @@ def nnunet_installed() -> bool:
 
 
 def default_setup(device: str) -> tuple[str, str]:
-    """(configuration, trainer) when -c / -tr are not given: nnU-Net's defaults on a GPU, smoke level elsewhere."""
+    """(configuration, trainer) when -c / -tr are not given: nnU-Net's defaults on a GPU, 2d_cpu elsewhere."""
     return GPU_DEFAULT if device == "cuda" else CPU_DEFAULT
 
 
@@ -121,9 +134,13 @@ def _run_nnunet(code: str, args: list[str], env: dict[str, str], what: str) -> N
         raise LNMError(f"{what} failed (exit status {proc.returncode}); nnU-Net's own messages are above")
 
 
+def _plans_file(folders: DetectorFolders, dataset_name: str, plans: str) -> Path:
+    return folders.preprocessed / nnunet_dataset_name(dataset_name) / f"{plans}.json"
+
+
 def _check_planned(folders: DetectorFolders, dataset_name: str, configuration: str, plans: str = PLANS) -> None:
     """The configuration must be in nnU-Net's plans and preprocessed (3d_lowres is planned only for large images)."""
-    plans_file = folders.preprocessed / nnunet_dataset_name(dataset_name) / f"{plans}.json"
+    plans_file = _plans_file(folders, dataset_name, plans)
     if not plans_file.is_file():
         raise LNMError(f"{plans_file}: missing; run lnm_train_detector without --skip_preprocessing first")
     planned = sorted(load_json(plans_file).get("configurations", {}))
@@ -150,9 +167,17 @@ def prepare_detector(dataset: str, raw_root: Path, preprocessed_root: Path, resu
     if not skip_preprocessing:
         run.export = export_detector_dataset(Path(raw_root) / name, run.folders.raw)
         say(f"nnU-Net dataset: {run.export.folder} ({len(run.export.cases)} cases)", flush=True)
-        _run_nnunet(PLAN_CODE, ["-d", str(nnunet_dataset_id(name)), "-c", configuration, "-np", str(threads),
-                                "-npfp", str(threads), "--verify_dataset_integrity", "--clean", *target],
-                    nnunet_environment(run.folders, threads), "nnUNetv2_plan_and_preprocess")
+        env, dataset_id = nnunet_environment(run.folders, threads), str(nnunet_dataset_id(name))
+        own = configuration == cpu_variant.CONFIGURATION     # planned by us from nnU-Net's 2d, then preprocessed
+        _run_nnunet(PLAN_CODE, ["-d", dataset_id, "-c", cpu_variant.SOURCE_CONFIGURATION if own else configuration,
+                                "-np", str(threads), "-npfp", str(threads),
+                                "--verify_dataset_integrity", "--clean", *target, *(["--no_pp"] if own else [])],
+                    env, "nnUNetv2_plan_and_preprocess")
+        if own:
+            plans_file = _plans_file(run.folders, name, run.plans)
+            save_json(cpu_variant.add_cpu_configuration(load_json(plans_file)), plans_file)
+            _run_nnunet(PREPROCESS_CODE, ["-d", dataset_id, "-plans_name", run.plans, "-c", configuration,
+                                          "-np", str(threads)], env, "nnUNetv2_preprocess")
     _check_planned(run.folders, name, configuration, run.plans)
     return run
 
@@ -160,7 +185,8 @@ def prepare_detector(dataset: str, raw_root: Path, preprocessed_root: Path, resu
 def train_detector_folds(run: DetectorRun, folds: list[str], device: str, threads: int = 1,
                          continue_training: bool = False, iterations_per_epoch: int = 0) -> DetectorRun:
     """nnU-Net's training of each fold (then its own validation); the fold folders go to ``run.fold_folders``.
-    ``iterations_per_epoch`` > 0 shortens nnU-Net's epochs (a CPU smoke run; 0: nnU-Net's 250)."""
+    ``iterations_per_epoch`` > 0 sets the iterations per epoch (a CPU smoke run); 0: the configuration's
+    planned number (2d_cpu), else nnU-Net's 250."""
     env = nnunet_environment(run.folders, threads)
     torch_threads = 1 if device == "cuda" else threads      # as nnU-Net does on a GPU
     for fold in check_folds(folds):
