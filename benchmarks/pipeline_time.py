@@ -2,7 +2,7 @@
 test AUROC and the arithmetic bound of its training.
 
     python benchmarks/pipeline_time.py                     # 40 + 16 cases, 30 % node-labelled; the plans' recipe
-    python benchmarks/pipeline_time.py --folds-at-once 2   # the same, two lnm_train processes at once (-nt 1 each)
+    python benchmarks/pipeline_time.py --folds-at-once 2   # the same, two lnm_train at once (-nt 1 -num_workers 0)
     python benchmarks/pipeline_time.py --quick             # 12 + 6 cases, 1 epoch: a check of this script
 
 Steps, each a public command as the README gives it (no -tr: the scheme the plans recommend for the label mix,
@@ -14,16 +14,18 @@ e.g. LNMTrainer then LNMTrainerPGLS; no --epochs unless --epochs is given):
   lnm_predict -i imagesTs -o preds -d ID
   lnm_evaluate -ref nodesTs.csv -pred preds/nodes.csv --compare <size rule on the same nodes>
 With --folds-at-once 2 the folds of a configuration run two at a time (fold 0 of radiomics and deep_radiomics
-alone first: it fills the feature cache the other folds read), each with -nt 1, as documentation/threads.md
-recommends on 2 cores.
+alone first: it fills the feature cache the other folds read), each with -nt 1 -num_workers 0, as
+documentation/threads.md recommends on 2 cores.
 
 Training bound, per network configuration: the node-steps every fold trained (each epoch's nodes/s x its seconds,
 from the training logs, every stage of the scheme) over the rate of the trainer's own train_step on real batches
 already in memory (no data loading, no validation), measured here with the threads the folds had: the time the
 training would take if it did nothing but the network's arithmetic at the rate this machine reaches for it. The
-achieved fraction is that bound over the folds' wall time (target >= 40 %, issue 25). GFLOP/s uses the
+achieved fraction is that bound over the seconds the folds' epochs took, summed over folds (per process: with two
+folds at once, both count; target >= 40 %, issue 25). The rate is LNMTrainer's step (PGLS's step is the same
+network's forward and backward on pseudo-labelled nodes). GFLOP/s uses the
 configuration's planned forward GFLOPs per node x 3 (forward + backward).
-Results: results/pipeline_time[_quick|_<name>].{json,md}.
+Results: results/pipeline_time[_2_at_once][_quick].{json,md} (or --name).
 """
 from __future__ import annotations
 
@@ -53,7 +55,8 @@ def timed(cmd: list[str], env: dict) -> float:
 
 def train_configuration(configuration: str, env: dict, folds_at_once: int, epochs: int | None) -> float:
     """All five folds of one configuration as a user runs them; returns the wall time."""
-    extra = [*(["--epochs", epochs] if epochs else []), *(["-nt", "1"] if folds_at_once > 1 else [])]
+    side_by_side = ["-nt", "1", "-num_workers", "0"] if folds_at_once > 1 else []
+    extra = [*(["--epochs", epochs] if epochs else []), *side_by_side]
     commands = [lnm_command("train", DATASET_ID, configuration, fold, *extra) for fold in FOLDS]
     t0 = time.perf_counter()
     if folds_at_once > 1 and configuration in CLASSIFIERS:
@@ -164,8 +167,8 @@ def main() -> None:
                           "size rule": ((metrics.get("comparison") or {}).get(level) or {}).get("metrics_b", {})
                           .get("auroc")}
                   for level in ("node", "patient") if "auroc" in metrics["levels"].get(level, {})}
-    from lnm_auto.utils.threads import available_cores
-    threads = 1 if args.folds_at_once > 1 else available_cores()
+    import torch        # its threads: the caller's setting (common.py configures them as lnm_train does)
+    threads = 1 if args.folds_at_once > 1 else torch.get_num_threads()
     bound_rows = []
     for configuration in configurations:
         if configuration in CLASSIFIERS:
@@ -179,7 +182,8 @@ def main() -> None:
                            "achieved fraction (bound / epoch seconds)": round(bound / seconds, 2) if seconds else None,
                            "achieved GFLOP/s": round(3 * gflops * nodes / seconds, 2) if seconds else None,
                            "train_step GFLOP/s": round(3 * gflops * rate, 2)})
-    name = args.name or "pipeline_time" + ("_quick" if args.quick else "")
+    name = args.name or ("pipeline_time" + ("_2_at_once" if args.folds_at_once > 1 else "")
+                         + ("_quick" if args.quick else ""))
     notes = [f"chosen: {json.dumps(chosen)}",
              f"test AUROC [patient-bootstrap 95 % CI] of the choice beside the size rule on the same units: "
              f"{json.dumps(test_auroc)}",

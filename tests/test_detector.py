@@ -124,10 +124,18 @@ def test_gpu_memory_target_names_the_plans_and_is_checked(tiny_dataset, tmp_path
     assert plans_name(2.5) == "nnUNetPlans_2.5GB"
     assert default_memory_target("cuda") is None and default_memory_target("cpu") == 1.0
     assert default_memory_target("cpu", "2d_cpu") is None       # 2d_cpu plans its own batch
+
     proc = run_cli("train_detector", "42", "0", "-gpu_memory_target", "0", "--raw", tiny_dataset.parent,
                    "--preprocessed", tmp_path / "pre", "--results", tmp_path / "res", "-device", "cpu")
     refused(proc, "-gpu_memory_target must be a positive number of GB, got 0")
     assert not (tmp_path / "pre").exists()
+
+def test_default_trainer_follows_the_configuration():
+    from lnm_auto.detection.train_detector import default_setup, default_trainer
+    assert default_setup("cuda") == ("3d_fullres", "nnUNetTrainer") and default_setup("cpu")[0] == "2d_cpu"
+    assert default_trainer("2d_cpu", "cpu") == default_trainer("2d_cpu", "cuda") == "nnUNetTrainer_20epochs"
+    assert default_trainer("3d_fullres", "cuda") == "nnUNetTrainer"
+    assert default_trainer("2d", "cpu") == "nnUNetTrainer_5epochs"     # nnU-Net's own networks: a smoke run
 
 
 @pytest.mark.slow
@@ -152,7 +160,7 @@ def test_tiny_cpu_detector_trains_end_to_end(tiny_dataset, tmp_path):
     assert f"detector fold_0: {fold}" in proc.stdout
     assert "a CPU detector, not nnU-Net's quality" in proc.stdout
     planned = json.loads((fold.parent / "plans.json").read_text())["configurations"]["2d_cpu"]
-    assert planned["batch_size"] == cpu_variant.BATCH and planned["lnm_training"]["trainer"] == cpu_variant.TRAINER
+    assert planned["batch_size"] == cpu_variant.BATCH and planned["lnm_training"]["iterations_per_epoch"] == 40
     debug = json.loads((fold / "debug.json").read_text())      # nnU-Net's record of its trainer's attributes
     assert float(debug["oversample_foreground_percent"]) == cpu_variant.FOREGROUND_OVERSAMPLING
     assert int(debug["num_iterations_per_epoch"]) == 5          # the flag wins over the plan's 40

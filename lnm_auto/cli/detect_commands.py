@@ -5,9 +5,9 @@ import argparse
 import sys
 
 from lnm_auto.cli.common import DEVICE_HELP, _add_location_flags, _add_threads_flag, _run, _say_device
-from lnm_auto.detection.train_detector import (CONFIGURATIONS, CPU_DEFAULT, GPU_DEFAULT, NEEDS_NNUNET, check_folds,
-                                               default_memory_target, default_setup, nnunet_installed,
-                                               prepare_detector, CPU_MEMORY_TARGET_GB,
+from lnm_auto.detection.train_detector import (CONFIGURATIONS, CPU_DEFAULT, CPU_MEMORY_TARGET_GB, GPU_DEFAULT,
+                                               NEEDS_NNUNET, NNUNET_CPU_TRAINER, check_folds, default_memory_target,
+                                               default_setup, default_trainer, nnunet_installed, prepare_detector,
                                                train_detector_folds)
 from lnm_auto.utils.errors import LNMError
 from lnm_auto.utils.paths import base_folder
@@ -32,8 +32,9 @@ def train_detector_parser() -> argparse.ArgumentParser:
                    help=f"nnU-Net configuration (default: {GPU_DEFAULT[0]} on cuda, {CPU_DEFAULT[0]} otherwise: lnm_auto's "
                         "CPU configuration, added to nnU-Net's plans)")
     p.add_argument("-tr", "--trainer", default=None,
-                   help=f"nnU-Net trainer class, e.g. nnUNetTrainer_1epoch (default: {GPU_DEFAULT[1]} on cuda, "
-                        f"{CPU_DEFAULT[1]} otherwise)")
+                   help=f"nnU-Net trainer class, e.g. nnUNetTrainer_1epoch (default: {CPU_DEFAULT[1]} for "
+                        f"{CPU_DEFAULT[0]}; for nnU-Net's configurations {GPU_DEFAULT[1]} on cuda, "
+                        f"{NNUNET_CPU_TRAINER} otherwise)")
     p.add_argument("-device", "--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--iterations_per_epoch", type=int, default=0, metavar="N",
                    help="shorten nnU-Net's epochs to N training iterations (N // 5 validation): a CPU smoke run only "
@@ -59,20 +60,20 @@ def _train_detector(args: argparse.Namespace) -> int:
     folds = check_folds(args.folds)     # before the export and nnU-Net's preprocessing, which take minutes
     threads = configure_threads(args.num_threads, uses_torch=False)
     device = _say_device(args.device)
-    configuration, trainer = default_setup(device)
-    configuration, trainer = args.configuration or configuration, args.trainer or trainer
+    configuration = args.configuration or default_setup(device)[0]
+    trainer = args.trainer or default_trainer(configuration, device)
     memory_target = (args.gpu_memory_target if args.gpu_memory_target is not None
                      else default_memory_target(device, configuration))
     if memory_target is not None and memory_target <= 0:
         raise LNMError(f"-gpu_memory_target must be a positive number of GB, got {memory_target:g}")
+    if args.iterations_per_epoch < 0:
+        raise LNMError(f"--iterations_per_epoch must be 0 (nnU-Net's) or more, got {args.iterations_per_epoch}")
     if device != "cuda":
         print(f"{configuration} + {trainer} on {device}: a CPU detector, not nnU-Net's quality "
               "(train on a GPU for that)", flush=True)
     run = prepare_detector(args.dataset, base_folder("raw", args.raw), base_folder("preprocessed", args.preprocessed),
                            base_folder("results", args.results), configuration, trainer, threads,
                            args.skip_preprocessing, memory_target_gb=memory_target)
-    if args.iterations_per_epoch < 0:
-        raise LNMError(f"--iterations_per_epoch must be 0 (nnU-Net's) or more, got {args.iterations_per_epoch}")
     train_detector_folds(run, folds, device, threads, args.continue_training, args.iterations_per_epoch)
     for folder in run.fold_folders:
         print(f"detector {folder.name}: {folder}")

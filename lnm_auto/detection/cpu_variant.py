@@ -10,8 +10,9 @@ benchmarks/results/detection_phantom.md):
   node keeps at least three voxels across), never finer than nnU-Net's;
 * a ``PATCH`` x ``PATCH`` patch (smaller only when the image is) and a batch of ``BATCH``;
 * five stages of ``BASE_FEATURES``..``MAX_FEATURES`` features (nnU-Net: 32..512), 3 x 3 kernels;
-* two of three patches centred on a node (``FOREGROUND_OVERSAMPLING``; nnU-Net: one of three), and epochs of
-  ``ITERATIONS_PER_EPOCH`` iterations with nnU-Net's shipped ``nnUNetTrainer_20epochs``.
+* foreground oversampling ``FOREGROUND_OVERSAMPLING`` (nnU-Net: 0.33; with a batch of 8, nnU-Net's rounding puts
+  a node in 5 of the 8 patches), and epochs of ``ITERATIONS_PER_EPOCH`` iterations with nnU-Net's shipped
+  ``nnUNetTrainer_20epochs`` (``TRAINER``: lnm_train_detector's default trainer for this configuration).
 
 nnU-Net's documented way to add a configuration is an entry in its plans file; its trainer and predictor read it
 like their own. The two settings nnU-Net keeps outside plans (foreground oversampling, iterations per epoch) are
@@ -44,10 +45,23 @@ def cpu_spacing(planned_spacing_mm: list[float]) -> list[float]:
 
 
 def cpu_patch(median_size_voxels: list[float], planned_spacing_mm: list[float], spacing_mm: list[float]) -> list[int]:
-    """PATCH per axis, or the median image at ``spacing_mm`` rounded up to what five stages can halve (16)."""
+    """PATCH per axis, or the median image at ``spacing_mm`` rounded up to what five stages can halve (16), at
+    least twice that: a 1 x 1 bottleneck is refused by the instance norm nnU-Net plans (one value per channel)."""
     step = 2 ** (N_STAGES - 1)
-    return [min(PATCH, step * math.ceil(n * s0 / s / step))
+    return [min(PATCH, step * max(2, math.ceil(n * s0 / s / step)))
             for n, s0, s in zip(median_size_voxels, planned_spacing_mm, spacing_mm)]
+
+
+def encoder_depth(arch_kwargs: dict) -> dict:
+    """The encoder's depth per stage under the key its network class takes: PlainConvUNet's ``n_conv_per_stage``
+    (2 convolutions), or ResidualEncoderUNet's ``n_blocks_per_stage`` (nnU-Net's ResEnc planners: 1, 3, 4, 6, ...;
+    its first N_STAGES counts, the last repeated when it planned fewer stages). Passing the other key, or a count
+    per stage nnU-Net planned, would make the network class refuse its arguments."""
+    if "n_blocks_per_stage" not in arch_kwargs:
+        return {"n_conv_per_stage": [2] * N_STAGES}
+    blocks = arch_kwargs["n_blocks_per_stage"]
+    blocks = [int(b) for b in (blocks if isinstance(blocks, (list, tuple)) else [blocks])] or [1]
+    return {"n_blocks_per_stage": (blocks + blocks[-1:] * N_STAGES)[:N_STAGES]}
 
 
 def cpu_configuration(planned_2d: dict) -> dict:
@@ -71,7 +85,7 @@ def cpu_configuration(planned_2d: dict) -> dict:
         "patch_size": cpu_patch(median, spacing0, spacing),
         "batch_size": BATCH,
         TRAINING_KEY: {"foreground_oversampling": FOREGROUND_OVERSAMPLING,
-                       "iterations_per_epoch": ITERATIONS_PER_EPOCH, "trainer": TRAINER},
+                       "iterations_per_epoch": ITERATIONS_PER_EPOCH},
     })
     config["architecture"] = copy.deepcopy(planned_2d["architecture"])
     config["architecture"]["arch_kwargs"] = {
@@ -80,7 +94,7 @@ def cpu_configuration(planned_2d: dict) -> dict:
         "features_per_stage": [min(BASE_FEATURES * 2 ** i, MAX_FEATURES) for i in range(N_STAGES)],
         "kernel_sizes": [[3, 3]] * N_STAGES,
         "strides": [[1, 1]] + [[2, 2]] * (N_STAGES - 1),
-        "n_conv_per_stage": [2] * N_STAGES,
+        **encoder_depth(arch),
         "n_conv_per_stage_decoder": [2] * (N_STAGES - 1),
     }
     return config

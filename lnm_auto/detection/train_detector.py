@@ -30,6 +30,7 @@ NEEDS_NNUNET = 'lnm_train_detector needs nnU-Net v2: pip install -e ".[detect]"'
 CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", cpu_variant.CONFIGURATION)
 GPU_DEFAULT = ("3d_fullres", "nnUNetTrainer")           # nnU-Net's own defaults
 CPU_DEFAULT = (cpu_variant.CONFIGURATION, cpu_variant.TRAINER)   # learns in minutes on a CPU, not nnU-Net quality
+NNUNET_CPU_TRAINER = "nnUNetTrainer_5epochs"   # nnU-Net's own configurations on a CPU: a smoke test of the chain
 PLANS = "nnUNetPlans"
 # nnU-Net plans its batch for 8 GB of GPU memory: 51 slices of 224 x 288 for the demo phantom's 2d, some 20 s per
 # iteration on one CPU thread. A CPU run of nnU-Net's own configurations plans for 1 GB instead (nnU-Net's own
@@ -90,6 +91,14 @@ def nnunet_installed() -> bool:
 def default_setup(device: str) -> tuple[str, str]:
     """(configuration, trainer) when -c / -tr are not given: nnU-Net's defaults on a GPU, 2d_cpu elsewhere."""
     return GPU_DEFAULT if device == "cuda" else CPU_DEFAULT
+
+
+def default_trainer(configuration: str, device: str) -> str:
+    """The trainer when -tr is not given: 2d_cpu's own on any device; for nnU-Net's configurations its default
+    on a GPU and a 5-epoch smoke run elsewhere (their networks need a GPU to learn)."""
+    if configuration == cpu_variant.CONFIGURATION:
+        return cpu_variant.TRAINER
+    return GPU_DEFAULT[1] if device == "cuda" else NNUNET_CPU_TRAINER
 
 
 def check_folds(folds: list[str] | None) -> list[str]:
