@@ -96,7 +96,8 @@ def test_without_nnunet_the_command_says_how_to_install(tiny_dataset, tmp_path):
     code = ("import sys; sys.modules['nnunetv2'] = None; from lnm_auto.cli import main; "
             f"sys.exit(main(['train_detector', '42', '0', '--raw', {str(tiny_dataset.parent)!r}, "
             f"'--preprocessed', {str(tmp_path / 'pre')!r}, '--results', {str(tmp_path / 'res')!r}]))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8",
+                          errors="replace", cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == f"lnm_train_detector: error: {NEEDS_NNUNET}"
     assert not (tmp_path / "pre").exists() and not (tmp_path / "res").exists()
@@ -152,7 +153,8 @@ def test_tiny_cpu_detector_trains_end_to_end(tiny_dataset, tmp_path):
                            "-tr", "nnUNetTrainer_1epoch", "--iterations_per_epoch", "5", "-device", "cpu",
                            "--raw", str(tiny_dataset.parent),
                            "--preprocessed", str(tmp_path / "pre"), "--results", str(tmp_path / "res")],
-                          capture_output=True, text=True, cwd=workdir, env=env, timeout=900)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", cwd=workdir,
+                          env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     fold = (tmp_path / "res" / "Dataset042_Tiny" / "detector" / "nnUNet_results" / "Dataset042_TinyLN"
             / "nnUNetTrainer_1epoch__nnUNetPlans__2d_cpu" / "fold_0")

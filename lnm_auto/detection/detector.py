@@ -200,10 +200,11 @@ def run_detector(model: DetectorModel, jobs: list[DetectionJob], work: Path, dev
                "cases": [{"case_id": j.case_id, "files": [str(f.absolute()) for f in j.images],
                           "output": str(j.output.absolute())} for j in jobs]}, job_file)
     env = {**_environment_without_nnunet(), "nnUNet_raw": str(work), "nnUNet_preprocessed": str(work),
-           "nnUNet_results": str(work), "nnUNet_n_proc_DA": "1", "OMP_NUM_THREADS": str(max(1, int(threads)))}
+           "nnUNet_results": str(work), "nnUNet_n_proc_DA": "1", "OMP_NUM_THREADS": str(max(1, int(threads))),
+           "PYTHONIOENCODING": "utf-8"}       # nnU-Net's progress bars are not ASCII; a C locale must not break us
     sys.stdout.flush()
     proc = subprocess.run([sys.executable, "-m", "lnm_auto.detection.nnunet_predict", str(job_file)], env=env,
-                          capture_output=True, text=True)
+                          capture_output=True, encoding="utf-8", errors="replace")
     if proc.returncode == REFUSED and proc.stderr.strip():     # a checkpoint refused: the worker's one line
         raise LNMError(proc.stderr.strip().splitlines()[-1])
     if proc.returncode != 0:
