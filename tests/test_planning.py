@@ -1,12 +1,14 @@
 """Planning rules on fingerprints built by hand: each decision is a pure function of the fingerprint."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from lnm_auto.planning import planner
 from lnm_auto.plans.plans import Plans
-from lnm_auto.planning.splits import make_patient_splits
+from lnm_auto.planning.splits import keep_or_write_splits, make_patient_splits
 from lnm_auto.utils.errors import LNMError
 
 
@@ -159,6 +161,31 @@ def test_patient_level_splits_keep_patients_together_and_stratify():
         assert pos >= 1                                            # positives spread over all folds
     assert make_patient_splits(fp, 5, seed=1) == folds              # stable for a seed
     assert make_patient_splits(fp, 5, seed=2) != folds
+
+
+def test_folds_we_wrote_follow_the_cases_and_a_users_file_is_never_overwritten(tmp_path):
+    def fingerprint(n):
+        return make_fingerprint([(5, 0.8, 0.8)] * n, [(91, 512, 512)] * n, [(10, 10, 10)] * n,
+                                labels=[i % 3 == 0 for i in range(n)])
+    small, grown = fingerprint(12), fingerprint(15)
+    path = tmp_path / "splits_final.json"
+    assert keep_or_write_splits(path, small, None, 5, 7) is None                  # first run: written
+    assert json.loads(path.read_text()) == make_patient_splits(small, 5, 7)
+    assert keep_or_write_splits(path, small, small, 5, 7) is None                 # same cases: kept
+    said = keep_or_write_splits(path, grown, small, 5, 7)                         # ours, cases changed: replaced
+    assert "cases changed, so new folds were written" in said
+    assert json.loads(path.read_text()) == make_patient_splits(grown, 5, 7)
+    # a hand-written file (here: two folds over a subset) is kept byte for byte, and said so
+    users = [{"train": ["c000", "c001"], "val": ["c002"]}, {"train": ["c002"], "val": ["c000", "c001"]}]
+    path.write_text(json.dumps(users))
+    before = path.read_bytes()
+    said = keep_or_write_splits(path, grown, small, 5, 7)
+    assert path.read_bytes() == before
+    assert said.startswith(f"WARNING: {path} was not written by lnm_plan_and_preprocess and is kept as it is: "
+                           "12 case(s) in no validation fold, e.g. 'c003'")
+    # a file with another seed's folds is not ours either
+    path.write_text(json.dumps(make_patient_splits(small, 5, 8)))
+    assert "kept as it is" in keep_or_write_splits(path, grown, small, 5, 7)
 
 
 def test_splits_need_two_patients():

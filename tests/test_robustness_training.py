@@ -267,6 +267,30 @@ def nothing_planned(ds: Path) -> bool:
     return not (ds.parent.parent / "pre" / DS / "LNMPlans.json").exists()
 
 
+def test_a_hand_written_splits_file_survives_a_re_plan_with_clean(raw_ds):
+    """Folds over a subset of the cases (the user holds some out): a re-plan, even --clean, keeps them byte for
+    byte and says so; the folds a plan wrote itself follow the cases when a case is added."""
+    assert plan(raw_ds).returncode == 0
+    splits_file = raw_ds.parent.parent / "pre" / DS / "splits_final.json"
+    hand_written = json.dumps([{"train": ["case_000"], "val": ["case_001"]},
+                               {"train": ["case_001"], "val": ["case_000"]}], indent=2).encode()
+    splits_file.write_bytes(hand_written)
+    proc = plan(raw_ds, "--clean")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert splits_file.read_bytes() == hand_written
+    assert (f"WARNING: {splits_file} was not written by lnm_plan_and_preprocess and is kept as it is: 2 case(s) "
+            "in no validation fold, e.g. 'case_002'") in proc.stdout
+    splits_file.unlink()
+    assert plan(raw_ds).returncode == 0
+    written = json.loads(splits_file.read_text())
+    write_tiny_dataset(raw_ds.parent, n_cases=5)          # one more case: the folds a plan wrote follow it
+    proc = plan(raw_ds)
+    assert "the dataset's cases changed, so new folds were written" in proc.stdout, proc.stdout + proc.stderr
+    assert sorted(c for f in json.loads(splits_file.read_text()) for c in f["val"]) == [f"case_{i:03d}"
+                                                                                        for i in range(5)]
+    assert json.loads(splits_file.read_text()) != written
+
+
 def huge_id_mask(ds: Path) -> Path:
     """case_001's node 2 renumbered 1e12 in a float64 mask, and in nodes.csv."""
     path = ds / "nodesTr" / "case_001.nii.gz"

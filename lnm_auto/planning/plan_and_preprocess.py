@@ -20,13 +20,13 @@ from lnm_auto.datasets.verify import case_list_problems, check_tables, safety_pr
 from lnm_auto.planning.fingerprint import MaskScan, assemble_fingerprint, node_entries, scan_node_mask
 from lnm_auto.planning.planner import plan_crop_scales, plan_experiment
 from lnm_auto.plans.plans import CropScale, Plans
-from lnm_auto.planning.splits import load_splits, make_patient_splits
+from lnm_auto.planning.splits import keep_or_write_splits
 from lnm_auto.preprocessing.preprocessor import (ImageJob, NodeLabels, case_digest, case_labels,
                                                  crops_digest, crops_folder, scan_case_images, up_to_date_samples,
                                                  write_nodes_index)
 from lnm_auto.utils.dataclass_json import to_dict
 from lnm_auto.utils.errors import DatasetProblems, LNMError
-from lnm_auto.utils.io import atomic_copy, save_json
+from lnm_auto.utils.io import atomic_copy, load_json, save_json
 from lnm_auto.utils.paths import resolve_dataset_name
 from lnm_auto.utils.processes import map_in_workers
 
@@ -84,6 +84,7 @@ def plan_and_preprocess(dataset: str | int, raw_root: Path, preprocessed_root: P
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise LNMError(f"{out}: cannot be created ({e.strerror or e})") from None
+    previous_fingerprint = _previous_fingerprint(out / FINGERPRINT_FILE)
     save_json(fingerprint, out / FINGERPRINT_FILE)
     atomic_copy(ds.root / "dataset.json", out / "dataset.json")
     plans = plan_experiment(fingerprint, planner=planner, plans_name=plans_name, shape_head=shape_head,
@@ -92,11 +93,9 @@ def plan_and_preprocess(dataset: str | int, raw_root: Path, preprocessed_root: P
         raise RuntimeError("the plans' crop scales differ from those the crops were cut with (a planner bug)")
     plans_file = out / f"{plans_name}.json"
     plans.save(plans_file)
-    splits_file = out / SPLITS_FILE
-    if splits_file.is_file() and not clean and _same_cases(load_splits(splits_file), fingerprint):
-        pass  # keep existing folds: trained models depend on them (nnU-Net does the same)
-    else:
-        save_json(make_patient_splits(fingerprint, plans.n_folds, plans.split_seed), splits_file)
+    said = keep_or_write_splits(out / SPLITS_FILE, fingerprint, previous_fingerprint, plans.n_folds, plans.split_seed)
+    if said:
+        log(said)
     if crops_dir is not None:
         write_nodes_index(crops_dir, ds.case_ids("Tr"))
     return PlanAndPreprocessResult(out, plans_file, crops_dir, plans)
@@ -205,6 +204,9 @@ def refuse_non_finite_statistics(fingerprint: dict, ds: RawDataset) -> None:
                        "near the nodes); check the images and node masks")
 
 
-def _same_cases(splits: list[dict], fingerprint: dict) -> bool:
-    listed = {c for fold in splits for c in fold.get("val", [])}
-    return listed == set(fingerprint["cases"])
+def _previous_fingerprint(path: Path) -> dict | None:
+    """The fingerprint an earlier run wrote (None if none or unreadable): it tells the folds that run wrote."""
+    try:
+        return load_json(path) if path.is_file() else None
+    except (ValueError, UnicodeDecodeError, OSError):
+        return None

@@ -12,7 +12,7 @@ import numpy as np
 
 from lnm_auto.datasets.raw_dataset import UNKNOWN
 from lnm_auto.utils.errors import LNMError
-from lnm_auto.utils.io import load_json
+from lnm_auto.utils.io import load_json, save_json
 
 
 def case_strata(fingerprint: dict) -> dict[str, int]:
@@ -152,3 +152,32 @@ def split_file_problems(splits, case_ids=None, patients: dict[str, str] | None =
                 problems.append(f"case '{c}' is validated in folds {validated_in[c]} and {k}")
             validated_in.setdefault(c, k)
     return problems
+
+
+def keep_or_write_splits(path, fingerprint: dict, previous_fingerprint: dict | None, n_folds: int,
+                         seed: int) -> str | None:
+    """Write the folds unless ``path`` holds folds to keep; returns a line for the user, or None.
+
+    Existing folds over the same cases are kept: trained models depend on them (nnU-Net does the same). When the
+    cases changed, folds this job wrote for the previous fingerprint are replaced (the dataset grew or shrank); any
+    other file is the user's (hand-written or edited) and is kept as it is, with a warning naming the cases its
+    folds do not validate on: a command never overwrites what it did not write."""
+    if not path.is_file():
+        save_json(make_patient_splits(fingerprint, n_folds, seed), path)
+        return None
+    existing = load_splits(path)
+    listed = {c for fold in existing for c in fold.get("val", [])}
+    cases = set(fingerprint["cases"])
+    if listed == cases:
+        return None
+    ours = previous_fingerprint is not None and existing == make_patient_splits(previous_fingerprint, n_folds, seed)
+    if ours:
+        save_json(make_patient_splits(fingerprint, n_folds, seed), path)
+        return (f"{path}: the dataset's cases changed, so new folds were written (models trained on the old folds "
+                "no longer match them)")
+    missing, unknown = sorted(cases - listed), sorted(listed - cases)
+    what = "; ".join(p for p in (f"{len(missing)} case(s) in no validation fold, e.g. '{missing[0]}'"
+                                 if missing else "", f"{len(unknown)} unknown case(s), e.g. '{unknown[0]}'"
+                                 if unknown else "") if p)
+    return (f"WARNING: {path} was not written by lnm_plan_and_preprocess and is kept as it is: {what}. "
+            "Edit it, or move it away to have folds written")
