@@ -285,7 +285,7 @@ def summary_rows(rows: list[dict], sizes: list[int]) -> list[dict]:
     for dataset, g in frame[frame["method"] != SIZE_RULE].groupby("dataset", sort=False):
         per_size = g.drop_duplicates(["size", "seed"]).groupby("size")
         out.append({"dataset": dataset, "method": "(training nodes, positives: mean over seeds)",
-                    **{f"n~{s}": f"{h['n_train_nodes'].mean():.0f} ({h['n_train_positive'].mean():.0f})"
+                    **{f"n~{int(s)}": f"{h['n_train_nodes'].mean():.0f} ({h['n_train_positive'].mean():.0f})"
                        for s, h in per_size}})
     return out
 

@@ -89,3 +89,34 @@ def test_epochs_give_small_subsets_as_many_steps():
 def test_crossings_name_the_sizes_between_which_order_changes():
     curves = {"a": {30: 0.6, 60: 0.7, 120: 0.9}, "b": {30: 0.8, 60: 0.75, 120: 0.7}, "c": {30: 0.5, 60: 0.55, 120: 0.6}}
     assert crossings(curves) == ["a overtakes b between n=60 and 120"]
+
+
+def _part(name: str, dataset: str, sizes: list[int], rule_auroc: float, steps: int = 16) -> tuple[dict, dict]:
+    """A part as learning_curve.py writes it: (<name>_runs.json, <name>.json)."""
+    from learning_curve import SIZE_RULE, run_row
+    runs = [{"dataset": dataset, "method": SIZE_RULE, "size": None, "seed": -1, "n_train_nodes": 0,
+             "n_train_positive": 0, "epochs": None, "auroc": rule_auroc, "auroc_ci95": (0.7, 0.9), "n_nodes": 50,
+             "n_positive": 15, "train_s": 0.0}]
+    for size in sizes:
+        for seed in (0, 1):
+            runs.append({"dataset": dataset, "method": "radiomics", "size": size, "seed": seed, "n_train_nodes": size,
+                         "n_train_positive": size // 3, "epochs": None, "auroc": 0.5 + size / 1000 + seed / 100,
+                         "auroc_ci95": (0.4, 0.9), "n_nodes": 50, "n_positive": 15, "train_s": 1.0})
+    args = {"workdir": f"/tmp/{name}", "sizes": sizes, "datasets": [dataset], "name": name, "steps": steps}
+    return ({"rows": [run_row(r) for r in runs]},
+            {"benchmark": name, "machine": {}, "notes": [f"arguments: {args}", "wall time 1 s"]})
+
+
+def test_parts_merge_into_one_curve_and_different_data_is_refused():
+    from learning_curve import summary_rows
+    from learning_curve_merge import merge
+    rows, settings = merge([_part("small", "lidc", [30, 60], 0.8), _part("large", "lidc", [120], 0.8)])
+    assert settings == {"steps": 16}
+    assert sum(r["method"] == "size rule (short axis)" for r in rows) == 1       # one size-rule row per dataset
+    table = {r["method"]: r for r in summary_rows(rows, [30, 60, 120])}
+    assert table["radiomics"]["n~30"] == "53.5 [53.0, 54.0]"
+    assert table["radiomics"]["n~120"] == "62.5 [62.0, 63.0]"
+    with pytest.raises(SystemExit, match="size rule on lidc scores 0.750"):
+        merge([_part("small", "lidc", [30], 0.8), _part("large", "lidc", [120], 0.75)])
+    with pytest.raises(SystemExit, match="settings"):
+        merge([_part("small", "lidc", [30], 0.8), _part("large", "lidc", [120], 0.8, steps=120)])
