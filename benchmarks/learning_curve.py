@@ -332,6 +332,9 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.fill_between(n, per_size["auroc"].min(), per_size["auroc"].max(), alpha=0.15)
         ax.axhline(d[d["method"] == SIZE_RULE]["auroc"].iloc[0], color="k", ls="--", label=SIZE_RULE)
         ax.set(xscale="log", title=dataset, xlabel="node-labelled training nodes (mean over seeds)")
+        sizes = sorted(int(s) for s in d["size"].dropna().unique())
+        ax.set_xticks(sizes, [str(s) for s in sizes])          # the requested sizes, not 3x10^1 4x10^1 ...
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test AUROC (mean over seeds, min-max band)")
     axes[0][-1].legend(fontsize=8, loc="lower right")
