@@ -151,7 +151,7 @@ def prepare_dataset(name: str, make, dataset_id: int, args, root: Path) -> tuple
 
 
 def write_splits(pre_dataset: Path, folds: list[dict]) -> None:
-    """Our folds as splits_final.json (rewritten only when they differ: a re-plan may have replaced them)."""
+    """Our folds as splits_final.json (rewritten only when they differ; a re-plan keeps them, as a user's file)."""
     from lnm_auto.planning.splits import split_file_problems
     from lnm_auto.training.run import dataset_cases
     from lnm_auto.utils.io import load_json, save_json

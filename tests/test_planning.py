@@ -164,28 +164,35 @@ def test_patient_level_splits_keep_patients_together_and_stratify():
 
 
 def test_folds_we_wrote_follow_the_cases_and_a_users_file_is_never_overwritten(tmp_path):
-    def fingerprint(n):
+    def fingerprint(n, relabel=False):
         return make_fingerprint([(5, 0.8, 0.8)] * n, [(91, 512, 512)] * n, [(10, 10, 10)] * n,
-                                labels=[i % 3 == 0 for i in range(n)])
+                                labels=[(i % 3 == 0) != (relabel and i < 6) for i in range(n)])
     small, grown = fingerprint(12), fingerprint(15)
     path = tmp_path / "splits_final.json"
-    assert keep_or_write_splits(path, small, None, 5, 7) is None                  # first run: written
+    assert keep_or_write_splits(path, small, 5, 7) is None                        # first run: written
     assert json.loads(path.read_text()) == make_patient_splits(small, 5, 7)
-    assert keep_or_write_splits(path, small, small, 5, 7) is None                 # same cases: kept
-    said = keep_or_write_splits(path, grown, small, 5, 7)                         # ours, cases changed: replaced
+    first = path.read_bytes()
+    assert keep_or_write_splits(path, fingerprint(12, relabel=True), 5, 7) is None   # same cases: kept ...
+    assert path.read_bytes() == first                                              # ... though labels changed
+    said = keep_or_write_splits(path, grown, 5, 7)                                # ours, cases changed: replaced
     assert "cases changed, so new folds were written" in said
     assert json.loads(path.read_text()) == make_patient_splits(grown, 5, 7)
-    # a hand-written file (here: two folds over a subset) is kept byte for byte, and said so
+    assert keep_or_write_splits(path, small, 5, 8, redo=True) is None             # --clean redoes our own folds
+    assert json.loads(path.read_text()) == make_patient_splits(small, 5, 8)
+    # a hand-written file (two folds over a subset) is kept byte for byte, and said so; so is an edited one of ours
     users = [{"train": ["c000", "c001"], "val": ["c002"]}, {"train": ["c002"], "val": ["c000", "c001"]}]
     path.write_text(json.dumps(users))
     before = path.read_bytes()
-    said = keep_or_write_splits(path, grown, small, 5, 7)
-    assert path.read_bytes() == before
-    assert said.startswith(f"WARNING: {path} was not written by lnm_plan_and_preprocess and is kept as it is: "
-                           "12 case(s) in no validation fold, e.g. 'c003'")
-    # a file with another seed's folds is not ours either
-    path.write_text(json.dumps(make_patient_splits(small, 5, 8)))
-    assert "kept as it is" in keep_or_write_splits(path, grown, small, 5, 7)
+    for redo in (False, True):
+        said = keep_or_write_splits(path, grown, 5, 7, redo=redo)
+        assert path.read_bytes() == before
+        assert said.startswith(f"WARNING: {path} is not folds lnm_plan_and_preprocess wrote (or was edited since) "
+                               "and is kept as it is: 12 case(s) in no validation fold, e.g. 'c003'")
+    path.write_text(json.dumps(make_patient_splits(small, 5, 7), indent=3))      # our folds, re-indented by hand
+    assert "kept as it is" in keep_or_write_splits(path, grown, 5, 7)
+    path.write_text(json.dumps(make_patient_splits(grown, 5, 9), indent=3))      # a user's over the same cases
+    assert keep_or_write_splits(path, grown, 5, 7, redo=True) is None
+    assert json.loads(path.read_text()) == make_patient_splits(grown, 5, 9)
 
 
 def test_splits_need_two_patients():

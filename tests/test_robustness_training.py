@@ -278,8 +278,13 @@ def test_a_hand_written_splits_file_survives_a_re_plan_with_clean(raw_ds):
     proc = plan(raw_ds, "--clean")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert splits_file.read_bytes() == hand_written
-    assert (f"WARNING: {splits_file} was not written by lnm_plan_and_preprocess and is kept as it is: 2 case(s) "
-            "in no validation fold, e.g. 'case_002'") in proc.stdout
+    assert (f"WARNING: {splits_file} is not folds lnm_plan_and_preprocess wrote (or was edited since) and is kept "
+            "as it is: 2 case(s) in no validation fold, e.g. 'case_002'") in proc.stdout
+    splits_file.write_text("[{")                          # broken: said in one line before any work
+    crops_before = sorted((splits_file.parent / "LNMPlans_crops").rglob("*"))
+    assert crops_before
+    (line,) = refused(plan(raw_ds, "--clean"), str(splits_file), "not valid JSON")
+    assert sorted((splits_file.parent / "LNMPlans_crops").rglob("*")) == crops_before
     splits_file.unlink()
     assert plan(raw_ds).returncode == 0
     written = json.loads(splits_file.read_text())

@@ -85,7 +85,8 @@ def plan_and_preprocess_parser() -> argparse.ArgumentParser:
                         help="skip the checks that only report, never those that keep the output right "
                              "(default: check)")
     p.add_argument("--clean", action="store_true",
-                   help="redo every case and the folds, even if up to date (default: only what changed)")
+                   help="redo every case and the folds it wrote, even if up to date; a splits_final.json you wrote is "
+                        "kept (default: only what changed)")
     head = p.add_mutually_exclusive_group()
     head.add_argument("--shape_head", dest="shape_head", action="store_true", default=None,
                       help="hybrid head: the node's short/long axis, volume and sphericity join the final classifier "

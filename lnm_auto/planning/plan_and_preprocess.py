@@ -20,13 +20,13 @@ from lnm_auto.datasets.verify import case_list_problems, check_tables, safety_pr
 from lnm_auto.planning.fingerprint import MaskScan, assemble_fingerprint, node_entries, scan_node_mask
 from lnm_auto.planning.planner import plan_crop_scales, plan_experiment
 from lnm_auto.plans.plans import CropScale, Plans
-from lnm_auto.planning.splits import keep_or_write_splits
+from lnm_auto.planning.splits import check_users_splits, keep_or_write_splits
 from lnm_auto.preprocessing.preprocessor import (ImageJob, NodeLabels, case_digest, case_labels,
                                                  crops_digest, crops_folder, scan_case_images, up_to_date_samples,
                                                  write_nodes_index)
 from lnm_auto.utils.dataclass_json import to_dict
 from lnm_auto.utils.errors import DatasetProblems, LNMError
-from lnm_auto.utils.io import atomic_copy, load_json, save_json
+from lnm_auto.utils.io import atomic_copy, save_json
 from lnm_auto.utils.paths import resolve_dataset_name
 from lnm_auto.utils.processes import map_in_workers
 
@@ -69,6 +69,7 @@ def plan_and_preprocess(dataset: str | int, raw_root: Path, preprocessed_root: P
         if folder.exists() and not folder.is_dir():
             raise LNMError(f"{folder}: is a file, not a folder; give a folder for the preprocessed data")
     refuse_overlap(out, raw_root / name)
+    check_users_splits(out / SPLITS_FILE)      # a broken hand-written file is said before any work
     if split_components_min_mm3 is not None:
         from lnm_auto.conversion.split_dataset import split_dataset_components
         for line in split_dataset_components(ds, split_components_min_mm3):
@@ -84,7 +85,6 @@ def plan_and_preprocess(dataset: str | int, raw_root: Path, preprocessed_root: P
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise LNMError(f"{out}: cannot be created ({e.strerror or e})") from None
-    previous_fingerprint = _previous_fingerprint(out / FINGERPRINT_FILE)
     save_json(fingerprint, out / FINGERPRINT_FILE)
     atomic_copy(ds.root / "dataset.json", out / "dataset.json")
     plans = plan_experiment(fingerprint, planner=planner, plans_name=plans_name, shape_head=shape_head,
@@ -93,7 +93,7 @@ def plan_and_preprocess(dataset: str | int, raw_root: Path, preprocessed_root: P
         raise RuntimeError("the plans' crop scales differ from those the crops were cut with (a planner bug)")
     plans_file = out / f"{plans_name}.json"
     plans.save(plans_file)
-    said = keep_or_write_splits(out / SPLITS_FILE, fingerprint, previous_fingerprint, plans.n_folds, plans.split_seed)
+    said = keep_or_write_splits(out / SPLITS_FILE, fingerprint, plans.n_folds, plans.split_seed, redo=clean)
     if said:
         log(said)
     if crops_dir is not None:
@@ -203,10 +203,3 @@ def refuse_non_finite_statistics(fingerprint: dict, ds: RawDataset) -> None:
         raise LNMError(f"{ds.root}: the intensity statistics of channel(s) {bad} are not finite (no usable voxels "
                        "near the nodes); check the images and node masks")
 
-
-def _previous_fingerprint(path: Path) -> dict | None:
-    """The fingerprint an earlier run wrote (None if none or unreadable): it tells the folds that run wrote."""
-    try:
-        return load_json(path) if path.is_file() else None
-    except (ValueError, UnicodeDecodeError, OSError):
-        return None

@@ -5,14 +5,16 @@ validation (they are not independent), and the rare N+ patients are spread evenl
 """
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 
 from lnm_auto.datasets.raw_dataset import UNKNOWN
 from lnm_auto.utils.errors import LNMError
-from lnm_auto.utils.io import load_json, save_json
+from lnm_auto.utils.io import atomic_write_text, load_json, save_json
 
 
 def case_strata(fingerprint: dict) -> dict[str, int]:
@@ -154,30 +156,52 @@ def split_file_problems(splits, case_ids=None, patients: dict[str, str] | None =
     return problems
 
 
-def keep_or_write_splits(path, fingerprint: dict, previous_fingerprint: dict | None, n_folds: int,
-                         seed: int) -> str | None:
+def splits_record(path: Path) -> Path:
+    """Where the job notes the SHA-256 of the folds it wrote (``splits_final.json.sha256``): the file is the
+    job's own exactly while its bytes still match, so a hand-written or edited file is never taken for it."""
+    return path.with_name(path.name + ".sha256")
+
+
+def written_here(path: Path) -> bool:
+    record = splits_record(path)
+    try:
+        return record.read_text().strip() == hashlib.sha256(path.read_bytes()).hexdigest()
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def check_users_splits(path: Path) -> None:
+    """Refuse, before any work, a splits file the job did not write that is not valid folds (one line)."""
+    if path.is_file() and not written_here(path):
+        load_splits(path)
+
+
+def keep_or_write_splits(path: Path, fingerprint: dict, n_folds: int, seed: int, redo: bool = False) -> str | None:
     """Write the folds unless ``path`` holds folds to keep; returns a line for the user, or None.
 
-    Existing folds over the same cases are kept: trained models depend on them (nnU-Net does the same). When the
-    cases changed, folds this job wrote for the previous fingerprint are replaced (the dataset grew or shrank); any
-    other file is the user's (hand-written or edited) and is kept as it is, with a warning naming the cases its
-    folds do not validate on: a command never overwrites what it did not write."""
-    if not path.is_file():
-        save_json(make_patient_splits(fingerprint, n_folds, seed), path)
+    Folds the job wrote (``written_here``) are kept while they validate on exactly the dataset's cases (trained
+    models depend on them; nnU-Net does the same) and replaced when the cases changed or ``redo`` (--clean). Any
+    other file is the user's (hand-written or edited) and is kept byte for byte, with a warning when its folds
+    miss cases or name unknown ones: a command never overwrites what it did not write."""
+    path = Path(path)
+    ours = path.is_file() and written_here(path)
+    if path.is_file() and not ours:
+        existing = load_splits(path)
+        listed = {c for fold in existing for c in fold["val"]}
+        cases = set(fingerprint["cases"])
+        if listed == cases:
+            return None
+        missing, unknown = sorted(cases - listed), sorted(listed - cases)
+        what = "; ".join(p for p in (f"{len(missing)} case(s) in no validation fold, e.g. '{missing[0]}'"
+                                     if missing else "", f"{len(unknown)} unknown case(s), e.g. '{unknown[0]}'"
+                                     if unknown else "") if p)
+        return (f"WARNING: {path} is not folds lnm_plan_and_preprocess wrote (or was edited since) and is kept as "
+                f"it is: {what}. Edit it, or move it away to have folds written")
+    if ours and not redo and {c for fold in load_json(path) for c in fold["val"]} == set(fingerprint["cases"]):
         return None
-    existing = load_splits(path)
-    listed = {c for fold in existing for c in fold.get("val", [])}
-    cases = set(fingerprint["cases"])
-    if listed == cases:
-        return None
-    ours = previous_fingerprint is not None and existing == make_patient_splits(previous_fingerprint, n_folds, seed)
-    if ours:
-        save_json(make_patient_splits(fingerprint, n_folds, seed), path)
+    save_json(make_patient_splits(fingerprint, n_folds, seed), path)
+    atomic_write_text(splits_record(path), hashlib.sha256(path.read_bytes()).hexdigest() + "\n")
+    if ours and not redo:
         return (f"{path}: the dataset's cases changed, so new folds were written (models trained on the old folds "
                 "no longer match them)")
-    missing, unknown = sorted(cases - listed), sorted(listed - cases)
-    what = "; ".join(p for p in (f"{len(missing)} case(s) in no validation fold, e.g. '{missing[0]}'"
-                                 if missing else "", f"{len(unknown)} unknown case(s), e.g. '{unknown[0]}'"
-                                 if unknown else "") if p)
-    return (f"WARNING: {path} was not written by lnm_plan_and_preprocess and is kept as it is: {what}. "
-            "Edit it, or move it away to have folds written")
+    return None
