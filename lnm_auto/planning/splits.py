@@ -184,21 +184,19 @@ def keep_or_write_splits(path: Path, fingerprint: dict, n_folds: int, seed: int,
     other file is the user's (hand-written or edited) and is kept byte for byte, with a warning when its folds
     miss cases or name unknown ones: a command never overwrites what it did not write."""
     path = Path(path)
-    ours = path.is_file() and written_here(path)
-    if path.is_file() and not ours:
-        existing = load_splits(path)
-        listed = {c for fold in existing for c in fold["val"]}
+    ours = False
+    if path.is_file():
+        ours = written_here(path)
+        listed = {c for fold in (load_json(path) if ours else load_splits(path)) for c in fold["val"]}
         cases = set(fingerprint["cases"])
-        if listed == cases:
+        if not ours and listed != cases:
+            missing, unknown = sorted(cases - listed), sorted(listed - cases)
+            what = ([f"{len(missing)} case(s) in no validation fold, e.g. '{missing[0]}'"] if missing else []) + \
+                ([f"{len(unknown)} unknown case(s), e.g. '{unknown[0]}'"] if unknown else [])
+            return (f"WARNING: {path} is not folds lnm_plan_and_preprocess wrote (or was edited since) and is kept "
+                    f"as it is: {'; '.join(what)}. Edit it, or move it away to have folds written")
+        if not ours or (listed == cases and not redo):
             return None
-        missing, unknown = sorted(cases - listed), sorted(listed - cases)
-        what = "; ".join(p for p in (f"{len(missing)} case(s) in no validation fold, e.g. '{missing[0]}'"
-                                     if missing else "", f"{len(unknown)} unknown case(s), e.g. '{unknown[0]}'"
-                                     if unknown else "") if p)
-        return (f"WARNING: {path} is not folds lnm_plan_and_preprocess wrote (or was edited since) and is kept as "
-                f"it is: {what}. Edit it, or move it away to have folds written")
-    if ours and not redo and {c for fold in load_json(path) for c in fold["val"]} == set(fingerprint["cases"]):
-        return None
     save_json(make_patient_splits(fingerprint, n_folds, seed), path)
     atomic_write_text(splits_record(path), hashlib.sha256(path.read_bytes()).hexdigest() + "\n")
     if ours and not redo:
