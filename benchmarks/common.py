@@ -257,23 +257,25 @@ def dataset_dir(root: Path, dataset_id: int) -> Path:
     return found[0]
 
 
-_EPOCH_LINE = re.compile(r"epoch (\d+)/\d+:.*?([\d.]+) s,(?: ([\d.]+) nodes/s,)? waiting for data (\d+)%")
+# "crops/s": every crop a step's forward passes see (a mean-teacher step: labelled, unlabelled in two views and
+# pseudo-labelled); logs before it said "nodes/s" and counted only the plan's batch of labelled nodes per step
+_EPOCH_LINE = re.compile(r"epoch (\d+)/\d+:.*?([\d.]+) s,(?: ([\d.]+) (?:crops|nodes)/s,)? waiting for data (\d+)%")
 _START_LINE = re.compile(r"training .*?(\d+) training nodes.*?batch (\d+)")
 
 
 def parse_training_log(text: str) -> dict:
-    """Epoch times, data-wait fractions and training nodes/s of the last run in an lnm_train training log
-    (a log may hold several runs). Nodes/s: the log's own figure when it prints one,
+    """Epoch times, data-wait fractions and training crops/s of the last run in an lnm_train training log
+    (a log may hold several runs). Crops/s: the log's own figure when it prints one,
     else training nodes per epoch (whole batches) per epoch second, validation included."""
     starts = [m for m in _START_LINE.finditer(text)]
     last = text[starts[-1].start():] if starts else text
     epochs = [m.groups() for m in _EPOCH_LINE.finditer(last)]
     out = {"epoch_s": [float(e[1]) for e in epochs], "data_wait": [int(e[3]) / 100 for e in epochs],
-           "nodes_per_s": [float(e[2]) for e in epochs if e[2] is not None], "nodes_per_s_source": "log"}
-    if len(out["nodes_per_s"]) != len(epochs) and starts:
+           "crops_per_s": [float(e[2]) for e in epochs if e[2] is not None], "crops_per_s_source": "log"}
+    if len(out["crops_per_s"]) != len(epochs) and starts:
         n, batch = int(starts[-1].group(1)), int(starts[-1].group(2))
-        out["nodes_per_s"] = [math.ceil(n / batch) * batch / t for t in out["epoch_s"]]
-        out["nodes_per_s_source"] = "nodes per epoch / epoch time (incl. validation)"
+        out["crops_per_s"] = [math.ceil(n / batch) * batch / t for t in out["epoch_s"]]
+        out["crops_per_s_source"] = "nodes per epoch / epoch time (incl. validation)"
     if not epochs:
         raise RuntimeError("no epoch line in the training log: has its format changed? (benchmarks/common.py)")
     return out

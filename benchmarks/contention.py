@@ -109,14 +109,14 @@ def cli_rows(workdir: Path, cases: int, epochs: int, threads: int | None, repeat
         for busy in (False, True):
             with competing_process(busy):
                 _, fold_dir, log = train(workdir, DATASET_ID, configuration, epochs, env)
-                speeds[busy].append(statistics.median(log["nodes_per_s"]))
+                speeds[busy].append(statistics.median(log["crops_per_s"]))
                 out = workdir / f"pred_{'busy' if busy else 'alone'}"
                 _, predict_s = predict(test_dir, out, fold_dir.parent, env, ("-f", "0"))
                 predict_times[busy].append(predict_s / n_test)
     a, b = statistics.median(speeds[False]), statistics.median(speeds[True])
     rows.append({"part": f"lnm_train {configuration}", "setting": label, "alone nodes/s": a, "beside nodes/s": b,
                  "ratio": b / a, "target": f">= {TARGET_RATIO}", "met": b / a >= TARGET_RATIO,
-                 "nodes/s source": log["nodes_per_s_source"]})
+                 "nodes/s source": log["crops_per_s_source"]})
     a, b = statistics.median(predict_times[False]), statistics.median(predict_times[True])
     rows.append({"part": f"lnm_predict {configuration} (1 fold, TTA)", "setting": label, "alone s/case": a,
                  "beside s/case": b, "ratio": a / b, "target": f">= {TARGET_RATIO}", "met": a / b >= TARGET_RATIO})

@@ -64,12 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         lever = " ".join([*(f"{k}={v}" for k, v in extra_env.items() if k == "LNM_NUM_THREADS"), *extra_args]) or "defaults"
         wait = steady(log["data_wait"])
         rows.append({"configuration": configuration, "preset": preset, "lever": lever,
-                     "nodes/s": steady(log["nodes_per_s"]), "epoch s": steady(log["epoch_s"]),
+                     "nodes/s": steady(log["crops_per_s"]), "epoch s": steady(log["epoch_s"]),
                      "data wait": wait, "wait target": f"< {DATA_WAIT_TARGET:.0%}", "met": wait < DATA_WAIT_TARGET,
                      "peak RSS MB": r.peak_rss_mb, "all-process MB": r.peak_tree_rss_mb, "run s": r.wall_s})
         print(rows[-1], flush=True)
     notes = [f"{cases} phantom cases, fold 0, {epochs} epoch(s) per run; nodes/s from the training log "
-             f"({log['nodes_per_s_source']})",
+             f"({log['crops_per_s_source']})",
              "data wait = share of the epoch spent waiting for the next batch (training log)",
              "peak RSS MB: largest process; all-process MB: sampled sum over the tree (shared pages counted per process)",
              "lever: LNM_NUM_THREADS = torch threads of the trainer; -num_workers = augmentation processes"]

@@ -110,6 +110,47 @@ def test_batch_size_and_positive_fraction():
     assert planner.plan_positive_fraction(60, 40) == pytest.approx(0.5)
 
 
+def test_epochs_follow_a_planned_number_of_steps():
+    """plan_num_epochs: ceil(steps / steps per epoch) within the range, an epoch being one pass over a fold's
+    training nodes (4/5 of them with 5 folds)."""
+    assert planner.plan_num_epochs(100, 5, 16, 250, (10, 50)) == 50     # 80 per fold: 5 steps -> 50 epochs
+    assert planner.plan_num_epochs(100, 5, 16, 125, (10, 50)) == 25
+    assert planner.plan_num_epochs(1000, 5, 16, 250, (10, 50)) == 10    # 50 steps an epoch: 5, raised to 10
+    assert planner.plan_num_epochs(400, 5, 16, 250, (10, 50)) == 13     # 20 steps an epoch: ceil(12.5)
+    assert planner.plan_num_epochs(10, 5, 2, 250, (10, 50)) == 50       # 4 steps an epoch: 63, capped
+    assert planner.plan_num_epochs(5000, 5, 32, 3000, (300, 300)) == 300
+    assert [planner.plan_semi_supervised_epochs(n, 0.2) for n in (3, 10, 25, 26, 50)] == [3, 5, 5, 6, 10]
+    assert planner.plan_semi_supervised_epochs(300, 1.0) == 300
+
+
+def test_the_recipe_gets_its_epochs_from_the_labelled_nodes_and_the_plans_say_how():
+    """The same rule over a small and a large hand-made fingerprint: the small one trains more passes, a pretrained
+    2d25 half the steps with its depthwise filters fixed on the CPU, and the plans' note gives the numbers."""
+    def fingerprint(n_nodes: int) -> dict:
+        return make_fingerprint([(5.0, 0.8, 0.8)] * 10, [(91, 512, 512)] * 10, [(15, 25, 25)] * n_nodes)
+
+    small, large = planner.plan_experiment(fingerprint(100)), planner.plan_experiment(fingerprint(2000))
+    assert small.configurations["3d_resenc"].recipe.num_epochs == 50        # 80 nodes per fold, 5 steps an epoch
+    assert large.configurations["3d_resenc"].recipe.num_epochs == 10        # 100 steps an epoch
+    two_d = small.configurations["2d25"].recipe
+    assert two_d.num_epochs == 25 and two_d.freeze_depthwise and two_d.semi_supervised_epochs == 5
+    assert small.configurations["3d_resenc"].recipe.semi_supervised_epochs == 10
+    assert small.notes["epochs"].startswith("50 epochs: 250 optimizer steps over about 80 training nodes per fold")
+    assert "2d25's pretrained backbone: 25 epochs" in small.notes["epochs"]
+    scratch = planner.plan_experiment(fingerprint(100), pretrained_backbone=False).configurations["2d25"].recipe
+    assert scratch.num_epochs == 50 and not scratch.freeze_depthwise
+    gpu = planner.plan_experiment(fingerprint(100), "LNMPlanner").configurations["2d25"].recipe
+    assert gpu.num_epochs == 300 and gpu.semi_supervised_epochs == 300 and not gpu.freeze_depthwise
+    # only node-labelled nodes count; without any, every node (the weak trainers learn from all of them)
+    labels = [1 if i < 20 else -1 for i in range(2000)]
+    sparse = planner.plan_experiment(make_fingerprint([(5.0, 0.8, 0.8)] * 10, [(91, 512, 512)] * 10,
+                                                      [(15, 25, 25)] * 2000, labels=labels))
+    assert sparse.configurations["3d_resenc"].recipe.num_epochs == 50       # 16 labelled per fold
+    weak = planner.plan_experiment(make_fingerprint([(5.0, 0.8, 0.8)] * 10, [(91, 512, 512)] * 10,
+                                                    [(15, 25, 25)] * 2000, labels=[-1] * 2000))
+    assert weak.configurations["3d_resenc"].recipe.num_epochs == 10
+
+
 def test_bigger_budget_planner_never_gives_smaller_network():
     fp = make_fingerprint([(5.0, 0.8, 0.8)] * 5, [(91, 512, 512)] * 5, [(15, 25, 25)] * 20)
     cpu, gpu = planner.plan_experiment(fp, "LNMPlannerCPU"), planner.plan_experiment(fp, "LNMPlanner")

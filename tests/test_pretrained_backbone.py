@@ -280,7 +280,13 @@ def test_trainer_loads_imagenet_weights_and_tunes_the_backbone_slower(planned_ti
     torch.testing.assert_close(tr.network.local_stream.backbone.blocks[6][0].conv_pw.weight,
                                imagenet["blocks.6.0.conv_pw.weight"])
     head, backbone = tr.optimizer.param_groups
-    assert {id(p) for p in backbone["params"]} == {id(p) for p in pretrained_backbone_parameters(tr.network)}
+    depthwise = [m.weight for m in tr.network.modules()
+                 if isinstance(m, torch.nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels]
+    assert tr.config.recipe.freeze_depthwise and len(depthwise) == 2 * 16     # 16 per EfficientNet-Lite0
+    assert not any(w.requires_grad for w in depthwise)
+    tuned = [p for p in pretrained_backbone_parameters(tr.network) if p.requires_grad]
+    assert {id(p) for p in backbone["params"]} == {id(p) for p in tuned}
+    assert not {id(w) for w in depthwise} & {id(p) for g in tr.optimizer.param_groups for p in g["params"]}
     stems = [s.backbone.conv_stem for s in (tr.network.global_stream, tr.network.local_stream)]
     assert all(any(p is s.extra.weight for p in head["params"]) for s in stems)     # new filters: the head's lr
     assert all(any(p is s.pretrained.weight for p in backbone["params"]) for s in stems)
@@ -288,10 +294,25 @@ def test_trainer_loads_imagenet_weights_and_tunes_the_backbone_slower(planned_ti
     assert head["lr"] == pytest.approx(0.5 * tr.config.recipe.initial_lr)   # 2 epochs: one of warm-up at 1/2
     log = training_logs(tr.output_folder)[-1].read_text()
     assert "ImageNet weights efficientnet_lite0.imagenet (SHA-256 579344248a93...)" in log
+    assert "; 32 depthwise filters kept as loaded" in log
     # a network without a pretrained backbone keeps one group, exactly as before
     params = list(build_network(TwoStreamTopology("mobilenetv3_small_050", 32, 64, (0,)), 1).parameters())
     assert backbone_lr_groups(params, build_network(TwoStreamTopology("mobilenetv3_small_050", 32, 64, (0,)), 1),
                               0.01, 0.1) == params
+
+
+def test_training_keeps_the_depthwise_filters_and_tunes_the_rest(planned_tiny, tmp_path, imagenet):
+    """freeze_depthwise (the CPU plan of a pretrained 2d25): after training the depthwise filters are ImageNet's,
+    bit for bit, while the pointwise filters of the same block have moved; the GPU plan trains them all."""
+    tr = setup_trainer(42, "2d25", "0", planned_tiny(8) / "pre", tmp_path, "LNMTrainer_1epochs", num_workers=0)
+    block = tr.network.global_stream.backbone.blocks[6][0]
+    before_pw = block.conv_pw.weight.detach().clone()
+    tr.run_training()
+    torch.testing.assert_close(block.conv_dw.weight, imagenet["blocks.6.0.conv_dw.weight"], rtol=0, atol=0)
+    assert not torch.equal(block.conv_pw.weight, before_pw)
+    gpu = plan_experiment(json.loads((planned_tiny(8) / "pre" / "Dataset042_Tiny" / "dataset_fingerprint.json")
+                                     .read_text()), planner="LNMPlanner")
+    assert gpu.configurations["2d25"].recipe.freeze_depthwise is False
 
 
 def test_plans_naming_other_weights_bytes_stop_training_with_one_line(planned_tiny, tmp_path):

@@ -146,3 +146,21 @@ def test_missing_preprocessed_data_is_one_line(prepared, tmp_path):
     proc = run_train_cli("42", "3d_resenc", "0", preprocessed=copy, results=tmp_path / "res")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "nodes_index.csv: missing; run lnm_plan_and_preprocess" in proc.stderr
+
+
+def test_the_semi_supervised_stage_runs_the_recipes_own_epochs():
+    """PGLS and mean teacher default to the recipe's semi_supervised_epochs (their run keeps the plain name), and
+    to num_epochs in plans written before the field existed."""
+    import dataclasses
+
+    from test_contract import hand_plans
+    from lnm_auto.training.semi_supervised import LNMTrainerMeanTeacher, LNMTrainerPGLS
+    from lnm_auto.training.trainer import LNMTrainer
+    config = hand_plans().configuration("2d25")
+    planned = dataclasses.replace(config, recipe=dataclasses.replace(config.recipe, num_epochs=25,
+                                                                     semi_supervised_epochs=5))
+    assert LNMTrainer.default_num_epochs(planned) == 25
+    assert LNMTrainerPGLS.default_num_epochs(planned) == LNMTrainerMeanTeacher.default_num_epochs(planned) == 5
+    old = dataclasses.replace(config, recipe=dataclasses.replace(config.recipe, num_epochs=25,
+                                                                 semi_supervised_epochs=None))
+    assert LNMTrainerPGLS.default_num_epochs(old) == 25

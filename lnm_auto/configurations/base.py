@@ -39,6 +39,7 @@ class PlanningContext:
     recipe: TrainingRecipe
     augmentation: AugmentationPlan
     pretrained_backbone: bool             # 2d25 fine-tunes its ImageNet backbone (False: from scratch)
+    pretrained_recipe: TrainingRecipe     # the recipe for a pretrained backbone: fewer steps (planning.md, "Epochs")
 
 
 class ConfigurationKind:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 
 from lnm_auto.configurations.base import NetworkKind, PlanningContext
-from lnm_auto.plans.network_topology import (TwoStreamTopology, estimate_two_stream_gflops,
+from lnm_auto.plans.network_topology import (CPU_BUDGET, TwoStreamTopology, estimate_two_stream_gflops,
                                              plan_two_stream_topology, two_stream_cost)
 from lnm_auto.plans.plans import ConfigurationPlan
 from lnm_auto.plans.two_stream_topology import DEFAULT_PRETRAINED_WEIGHTS
 
 # Fine-tuning the ImageNet backbone: its parameters at a tenth of the head's learning rate after a 5 % warm-up,
-# so the first large gradients of the new head cannot wreck the pretrained features.
+# so the first large gradients of the new head cannot wreck the pretrained features; on a CPU its depthwise
+# filters stay as loaded (their weight gradient is most of a CPU step; documentation/planning.md, "Epochs").
 DEFAULT_PRETRAINED_BACKBONE = True
 BACKBONE_LR_FACTOR, WARMUP_FRACTION = 0.1, 0.05
 
@@ -31,7 +32,8 @@ class TwoStream25D(NetworkKind):
         topology = plan_two_stream_topology(g, loc, budget, in_channels=n_channels, pretrained_weights=weights)
         note = f"{topology.backbone} from scratch"
         if weights:
-            recipe = dataclasses.replace(recipe, backbone_lr_factor=BACKBONE_LR_FACTOR, warmup_fraction=WARMUP_FRACTION)
+            recipe = dataclasses.replace(context.pretrained_recipe, backbone_lr_factor=BACKBONE_LR_FACTOR,
+                                         warmup_fraction=WARMUP_FRACTION, freeze_depthwise=budget.name == CPU_BUDGET.name)
             cost = two_stream_cost(topology, g, loc, n_channels)
             note = (f"{topology.backbone} from ImageNet weights {weights}, FPN {topology.fpn_channels}, fused "
                     f"{topology.fused_channels}" + (f"; over the {budget.name} budget ({cost:.2f} GFLOPs) at its "

@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lnm_auto.networks.imagenet_weights import backbone_lr_groups, load_imagenet_backbones
+from lnm_auto.networks.imagenet_weights import backbone_lr_groups, freeze_depthwise_filters, load_imagenet_backbones
 from lnm_auto.networks.pretrained import _WRAPPER_KEYS, load_pretrained_weights
 from lnm_auto.networks.wega import WegaNet
 
 __all__ = ["load_pretrained_weights", "count_parameters", "global_branch_for", "load_imagenet_backbones",
-           "backbone_lr_groups"]
+           "backbone_lr_groups", "freeze_depthwise_filters"]
 
 
 def count_parameters(network: nn.Module) -> int:

@@ -43,13 +43,24 @@ MAX_POSITIVE_FRACTION = 0.5
 MIN_STEPS_PER_EPOCH = 4
 
 
-# Per planner: the compute budget that sizes the networks, and the recipe's batch / epochs / lr.
-# GPU: the paper's recipe (batch 32, 300 epochs). CPU: smaller batches and fewer epochs so a fold of a
-# few hundred nodes trains in minutes on a laptop-class CPU.
+# Per planner: the compute budget that sizes the networks, and the recipe's batch / lr / epoch rule.
+# Epochs (documentation/planning.md, "Epochs"): ``training_steps`` optimizer steps, spread over as many epochs
+# (passes over a fold's labelled training nodes) as that takes, kept within ``epochs`` (min, max). nnU-Net keeps
+# one count for all; here a fold of 70 labelled nodes (5 steps an epoch) and one of 3000 (190) would otherwise
+# get 40x different training. GPU: the paper's 300 epochs (no GPU measurement yet says otherwise). CPU: a
+# network from scratch gets 250 steps (the 50 epochs the 40-case phantom had before the rule); an ImageNet-
+# pretrained backbone converges in about half (PRETRAINED_STEP_FACTOR, benchmarks/README.md "The user's wait").
 PLANNERS = {
-    "LNMPlanner": (GPU_BUDGET, {"batch_size": 32, "num_epochs": 300, "initial_lr": 1e-2}),
-    "LNMPlannerCPU": (CPU_BUDGET, {"batch_size": 16, "num_epochs": 50, "initial_lr": 1e-2}),
+    "LNMPlanner": (GPU_BUDGET, {"batch_size": 32, "initial_lr": 1e-2, "training_steps": 3000, "epochs": (300, 300),
+                                "semi_supervised_fraction": 1.0}),
+    "LNMPlannerCPU": (CPU_BUDGET, {"batch_size": 16, "initial_lr": 1e-2, "training_steps": 250, "epochs": (10, 50),
+                                   "semi_supervised_fraction": 0.2}),
 }
+PRETRAINED_STEP_FACTOR = 0.5
+# The semi-supervised stage (PGLS, mean teacher) continues a trained model: ``semi_supervised_fraction`` of its
+# epochs, at least MIN_SEMI_SUPERVISED_EPOCHS (CPU: validation AUROC did not rise over 50 such epochs on the
+# 40-case phantom; GPU: the paper's full length).
+MIN_SEMI_SUPERVISED_EPOCHS = 5
 
 
 def budget_for_planner(planner: str) -> ComputeBudget:
@@ -180,20 +191,58 @@ def plan_positive_fraction(n_pos: int, n_neg: int) -> float:
     return float(min(MAX_POSITIVE_FRACTION, max(MIN_POSITIVE_FRACTION, prevalence)))
 
 
-def plan_recipe(fingerprint: dict, n_folds: int, planner: str) -> TrainingRecipe:
-    """Batch size, positive share, epochs and optimiser settings of the training recipe."""
+def plan_num_epochs(n_training_nodes: int, n_folds: int, batch_size: int, training_steps: int,
+                    epoch_range: tuple[int, int]) -> int:
+    """Epochs giving ``training_steps`` optimizer steps over a fold's training nodes (one epoch: one pass, in
+    ceil(nodes / batch) steps), within ``epoch_range``."""
+    per_fold_train = n_training_nodes * (n_folds - 1) / max(n_folds, 1)
+    steps_per_epoch = max(1, math.ceil(per_fold_train / max(batch_size, 1)))
+    low, high = epoch_range
+    return int(min(high, max(low, math.ceil(training_steps / steps_per_epoch))))
+
+
+def plan_semi_supervised_epochs(num_epochs: int, fraction: float) -> int:
+    """Epochs of the stage that continues a supervised model: a share of its epochs, at least a few (never more
+    than the supervised stage's)."""
+    return int(min(num_epochs, max(MIN_SEMI_SUPERVISED_EPOCHS, math.ceil(fraction * num_epochs))))
+
+
+def training_node_count(fingerprint: dict) -> int:
+    """Nodes the supervised trainer learns from: the node-labelled ones (every node when none has a node label:
+    the weak trainers learn from station / patient labels)."""
+    n_pos, n_neg = labelled_node_counts(fingerprint)
+    return n_pos + n_neg if n_pos + n_neg else len(fingerprint["nodes"])
+
+
+def plan_recipe(fingerprint: dict, n_folds: int, planner: str, step_factor: float = 1.0) -> TrainingRecipe:
+    """Batch size, positive share, epochs (the planner's steps x ``step_factor``) and optimiser settings."""
     preset = _planner(planner)[1]
     n_pos, n_neg = labelled_node_counts(fingerprint)
-    # without any node label (station/patient labels only) the weak trainers learn from every node
-    n_training_nodes = n_pos + n_neg if n_pos + n_neg else len(fingerprint["nodes"])
+    n_training_nodes = training_node_count(fingerprint)
+    batch_size = plan_batch_size(n_training_nodes, n_folds, preset["batch_size"])
+    num_epochs = plan_num_epochs(n_training_nodes, n_folds, batch_size,
+                                 round(preset["training_steps"] * step_factor), preset["epochs"])
     return TrainingRecipe(
-        batch_size=plan_batch_size(n_training_nodes, n_folds, preset["batch_size"]),
+        batch_size=batch_size,
         positive_fraction=plan_positive_fraction(n_pos, n_neg),
-        num_epochs=preset["num_epochs"],
+        num_epochs=num_epochs,
         initial_lr=preset["initial_lr"],
         momentum=0.9,
         weight_decay=3e-5,
+        semi_supervised_epochs=plan_semi_supervised_epochs(num_epochs, preset["semi_supervised_fraction"]),
     )
+
+
+def describe_epoch_rule(fingerprint: dict, n_folds: int, planner: str, recipe: TrainingRecipe,
+                        step_factor: float) -> str:
+    """The plans' note on how the recipe's epochs were reached."""
+    preset = _planner(planner)[1]
+    steps = round(preset["training_steps"] * step_factor)
+    low, high = preset["epochs"]
+    per_fold = training_node_count(fingerprint) * (n_folds - 1) / max(n_folds, 1)
+    return (f"{recipe.num_epochs} epochs: {steps} optimizer steps over about {per_fold:.0f} training nodes per fold "
+            f"at batch {recipe.batch_size}, within {low}-{high} epochs; a semi-supervised stage continuing it: "
+            f"{recipe.semi_supervised_epochs} epochs")
 
 
 # ---- augmentation ---------------------------------------------------------------------------------
@@ -320,8 +369,10 @@ def plan_experiment(fingerprint: dict, planner: str = "LNMPlannerCPU", plans_nam
     slice_extent, inplane_extent = crop.node_extent_mm
     n_channels = len(fingerprint["channel_names"]) + 1  # + node mask channel: the networks see both
     pretrained = DEFAULT_PRETRAINED_BACKBONE if pretrained_backbone is None else bool(pretrained_backbone)
-    context = PlanningContext(fingerprint, budget, target, crop.scales, n_channels,
-                              plan_recipe(fingerprint, n_folds, planner), plan_augmentation(anisotropic), pretrained)
+    recipe = plan_recipe(fingerprint, n_folds, planner)
+    context = PlanningContext(fingerprint, budget, target, crop.scales, n_channels, recipe,
+                              plan_augmentation(anisotropic), pretrained,
+                              plan_recipe(fingerprint, n_folds, planner, PRETRAINED_STEP_FACTOR))
     configurations, kind_notes = {}, {}
     for kind in KINDS:   # every registered configuration, planned by its own rule
         configurations[kind.name], kind_notes[kind.name] = kind.plan(context)
@@ -340,6 +391,9 @@ def plan_experiment(fingerprint: dict, planner: str = "LNMPlannerCPU", plans_nam
                f"({slice_extent:.1f} mm through-plane, {inplane_extent:.1f} mm in-plane)",
         "input_channels": f"{n_channels - 1} image channel(s) + the node mask",
         "learning_scheme": why_trainers,
+        "epochs": describe_epoch_rule(fingerprint, n_folds, planner, recipe, 1.0) + (
+            f"; 2d25's pretrained backbone: {configurations['2d25'].recipe.num_epochs} epochs "
+            f"({PRETRAINED_STEP_FACTOR:g} x the steps)" if pretrained else ""),
         "context": context_note,
         **{kind.note_key: kind_notes[kind.name] for kind in KINDS if kind.note_key},
     }

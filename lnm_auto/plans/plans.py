@@ -66,11 +66,16 @@ class TrainingRecipe:
     # the first warmup_fraction of the epochs ramp the lr up linearly (documentation/pretrained_weights.md)
     backbone_lr_factor: float = 1.0
     warmup_fraction: float = 0.0
+    # the pretrained backbone's depthwise filters stay fixed (a CPU speed choice: documentation/planning.md, "Epochs")
+    freeze_depthwise: bool = False
+    # epochs of the semi-supervised stage that continues the supervised model (PGLS, mean teacher); None: num_epochs
+    semi_supervised_epochs: int | None = None
 
 
 # Fields of a configuration's parts added after plans were first written, with the value that means "as before":
 # not written at that value, so such plans are the same file and Plans.identifier() as before (checkpoints load).
-ADDED_FIELD_DEFAULTS = {"recipe": {"backbone_lr_factor": 1.0, "warmup_fraction": 0.0},
+ADDED_FIELD_DEFAULTS = {"recipe": {"backbone_lr_factor": 1.0, "warmup_fraction": 0.0, "freeze_depthwise": False,
+                                   "semi_supervised_epochs": None},
                         "network": {"pretrained_weights": None, "pretrained_sha256": None, "input_window": None,
                                     "mask_use": "stem_channels"}}
 

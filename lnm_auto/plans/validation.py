@@ -77,6 +77,7 @@ RANGES: dict[str, Range] = {
     "TrainingRecipe.weight_decay": Range(0, 1),
     "TrainingRecipe.backbone_lr_factor": Range(0, 10),    # 0: a frozen backbone
     "TrainingRecipe.warmup_fraction": Range(0, 1, high_open=True),
+    "TrainingRecipe.semi_supervised_epochs": Range(1, 1_000_000),
     "AugmentationPlan.rotation_deg": Range(0, 180),
     "AugmentationPlan.p_rotation": PROBABILITY,
     "AugmentationPlan.scale_range": Range(0, 10, low_open=True),

@@ -102,6 +102,11 @@ class LNMTrainerMeanTeacher(LNMTrainer):
         self.global_step = 0
         self.pseudo_records = pd.DataFrame()
 
+    @classmethod
+    def default_num_epochs(cls, config) -> int:
+        """The recipe's epochs for the semi-supervised stage (it continues a trained model), else its num_epochs."""
+        return config.recipe.semi_supervised_epochs or config.recipe.num_epochs
+
     # -- data
     def unlabelled_records(self) -> pd.DataFrame:
         """Training-case nodes without a node label."""

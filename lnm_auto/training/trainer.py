@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from lnm_auto.configurations.networks import network_for
-from lnm_auto.networks import backbone_lr_groups, load_imagenet_backbones, load_pretrained_weights
+from lnm_auto.networks import (backbone_lr_groups, freeze_depthwise_filters, load_imagenet_backbones,
+                               load_pretrained_weights)
 from lnm_auto.networks.node_predictor import predict_node_crops
 from lnm_auto.plans.plans import Plans
 from lnm_auto.training.data import BatchGroup, NodeBatchLoader, batch_to_device, load_batch, training_batches
@@ -75,9 +76,12 @@ class LNMTrainer(FoldTrainer):
 
     # ---- hooks: what to learn from ------------------------------------------------------------------
     def build_network(self) -> nn.Module:
-        """The configuration's network, as the plans size it, with the plan's ImageNet backbone weights if any."""
+        """The configuration's network, as the plans size it, with the plan's ImageNet backbone weights if any (their
+        depthwise filters fixed where the recipe says so)."""
         network = network_for(self.plans, self.config)
         self.imagenet_weights = load_imagenet_backbones(network)   # "" without; prediction loads checkpoints instead
+        if self.imagenet_weights and self.config.recipe.freeze_depthwise:
+            self.imagenet_weights += f"; {freeze_depthwise_filters(network)} depthwise filters kept as loaded"
         return network.to(self.device)
 
     def configure_optimizers(self):
@@ -86,7 +90,8 @@ class LNMTrainer(FoldTrainer):
         ``backbone_lr_factor`` x that lr, and the recipe's ``warmup_fraction`` of the epochs ramping up first."""
         r = self.config.recipe
         if r.optimizer == "SGD":
-            params = backbone_lr_groups(self.network.parameters(), self.network, r.initial_lr, r.backbone_lr_factor)
+            trained = [p for p in self.network.parameters() if p.requires_grad]
+            params = backbone_lr_groups(trained, self.network, r.initial_lr, r.backbone_lr_factor)
             opt = torch.optim.SGD(params, lr=r.initial_lr, momentum=r.momentum,
                                   weight_decay=r.weight_decay, nesterov=True)
         elif r.optimizer == "AdamW":
@@ -194,13 +199,14 @@ class LNMTrainer(FoldTrainer):
         batches = training_batches(self.plans, self.config, self._rank_loader(records, epoch_seed), epoch_seed,
                                    self.num_workers)
         n_steps = self.steps_per_epoch(records)
-        t0, wait, losses = time.perf_counter(), 0.0, []
+        t0, wait, losses, crops = time.perf_counter(), 0.0, [], 0
         bar = progress_bar(n_steps, f"epoch {self.current_epoch + 1}/{self.num_epochs}")
         try:
             for _ in range(n_steps):
                 tw = time.perf_counter()
                 batch = batch_to_device(next(batches), self.device)
                 wait += time.perf_counter() - tw
+                crops += int(batch["label"].shape[0])   # every sample the step's forward passes see (teacher views too)
                 losses.append(self.train_step(batch))
                 bar.update()
                 bar.set_postfix(loss=f"{np.mean(losses):.4f}")
@@ -219,8 +225,8 @@ class LNMTrainer(FoldTrainer):
         self.current_epoch += 1
         self.log.print(f"epoch {self.current_epoch}/{self.num_epochs}: train loss {np.mean(losses):.4f}, val loss "
                        f"{val['loss']:.4f}, val AUROC {val['auroc']:.4f} (EMA {self.ema_auroc:.4f}, {val['level']} level)"
-                       f", lr {lr:.2e}, {elapsed:.1f} s, {len(losses) * self.config.recipe.batch_size / elapsed:.1f} "
-                       f"nodes/s, waiting for data {100 * wait / elapsed:.0f}%")
+                       f", lr {lr:.2e}, {elapsed:.1f} s, {crops / elapsed:.1f} crops/s, waiting for data "
+                       f"{100 * wait / elapsed:.0f}%")
         if not math.isnan(self.ema_auroc) and (self.best_ema is None or self.ema_auroc > self.best_ema):
             self.best_ema = self.ema_auroc
             self.save_checkpoint("checkpoint_best.pth")
