@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from lnm_auto.planning import planner
+from lnm_auto.planning import planner, recipe
 from lnm_auto.plans.plans import Plans
 from lnm_auto.planning.splits import keep_or_write_splits, make_patient_splits
 from lnm_auto.utils.errors import LNMError
@@ -103,24 +103,24 @@ def test_normalization_ct_vs_zscore():
 
 
 def test_batch_size_and_positive_fraction():
-    assert planner.plan_batch_size(1000, 5, 16) == 16
-    assert planner.plan_batch_size(40, 5, 16) == 8       # 32 training nodes per fold / 4 steps
-    assert planner.plan_batch_size(3, 5, 16) == 2
-    assert planner.plan_positive_fraction(188, 3447) == pytest.approx(0.33)
-    assert planner.plan_positive_fraction(60, 40) == pytest.approx(0.5)
+    assert recipe.plan_batch_size(1000, 5, 16) == 16
+    assert recipe.plan_batch_size(40, 5, 16) == 8       # 32 training nodes per fold / 4 steps
+    assert recipe.plan_batch_size(3, 5, 16) == 2
+    assert recipe.plan_positive_fraction(188, 3447) == pytest.approx(0.33)
+    assert recipe.plan_positive_fraction(60, 40) == pytest.approx(0.5)
 
 
 def test_epochs_follow_a_planned_number_of_steps():
     """plan_num_epochs: ceil(steps / steps per epoch) within the range, an epoch being one pass over a fold's
     training nodes (4/5 of them with 5 folds)."""
-    assert planner.plan_num_epochs(100, 5, 16, 250, (10, 50)) == 50     # 80 per fold: 5 steps -> 50 epochs
-    assert planner.plan_num_epochs(100, 5, 16, 125, (10, 50)) == 25
-    assert planner.plan_num_epochs(1000, 5, 16, 250, (10, 50)) == 10    # 50 steps an epoch: 5, raised to 10
-    assert planner.plan_num_epochs(400, 5, 16, 250, (10, 50)) == 13     # 20 steps an epoch: ceil(12.5)
-    assert planner.plan_num_epochs(10, 5, 2, 250, (10, 50)) == 50       # 4 steps an epoch: 63, capped
-    assert planner.plan_num_epochs(5000, 5, 32, 3000, (300, 300)) == 300
-    assert [planner.plan_semi_supervised_epochs(n, 0.2) for n in (3, 10, 25, 26, 50)] == [3, 5, 5, 6, 10]
-    assert planner.plan_semi_supervised_epochs(300, 1.0) == 300
+    assert recipe.plan_num_epochs(100, 5, 16, 250, (10, 50)) == 50     # 80 per fold: 5 steps -> 50 epochs
+    assert recipe.plan_num_epochs(100, 5, 16, 125, (10, 50)) == 25
+    assert recipe.plan_num_epochs(1000, 5, 16, 250, (10, 50)) == 10    # 50 steps an epoch: 5, raised to 10
+    assert recipe.plan_num_epochs(400, 5, 16, 250, (10, 50)) == 13     # 20 steps an epoch: ceil(12.5)
+    assert recipe.plan_num_epochs(10, 5, 2, 250, (10, 50)) == 50       # 4 steps an epoch: 63, capped
+    assert recipe.plan_num_epochs(5000, 5, 32, 3000, (300, 300)) == 300
+    assert [recipe.plan_semi_supervised_epochs(n, 0.2) for n in (3, 10, 25, 26, 50)] == [3, 5, 5, 6, 10]
+    assert recipe.plan_semi_supervised_epochs(300, 1.0) == 300
 
 
 def test_the_recipe_gets_its_epochs_from_the_labelled_nodes_and_the_plans_say_how():
