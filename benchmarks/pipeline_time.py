@@ -3,6 +3,7 @@ test AUROC and the arithmetic bound of its training.
 
     python benchmarks/pipeline_time.py                     # 40 + 16 cases, 30 % node-labelled; the plans' recipe
     python benchmarks/pipeline_time.py --folds-at-once 2   # the same, two lnm_train at once (-nt 1 -num_workers 0)
+    python benchmarks/pipeline_time.py --folds-at-once 2 --one-queue   # ... every configuration's folds in one queue
     python benchmarks/pipeline_time.py --quick             # 12 + 6 cases, 1 epoch: a check of this script
 
 Steps, each a public command as the README gives it (no -tr: the scheme the plans recommend for the label mix,
@@ -33,6 +34,7 @@ import argparse
 import json
 import shutil
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -64,6 +66,31 @@ def train_configuration(configuration: str, env: dict, folds_at_once: int, epoch
     with ThreadPoolExecutor(folds_at_once) as pool:
         list(pool.map(lambda c: timed(c, env), commands))
     return time.perf_counter() - t0
+
+
+def train_in_one_queue(configurations: list[str], env: dict, folds_at_once: int,
+                       epochs: int | None) -> tuple[float, dict[str, float]]:
+    """Every fold of every configuration through one queue of ``folds_at_once`` commands (-nt 1 -num_workers 0),
+    as lnm_demo trains: fold 0 of each classifier first (it fills the feature cache its other folds read), then the
+    network folds, longest first, then the rest, so no core waits for a configuration's last fold. Returns (the
+    wall time, each configuration's summed command seconds)."""
+    extra = [*(["--epochs", epochs] if epochs else []), "-nt", "1", "-num_workers", "0"]
+    networks = [c for c in configurations if c not in CLASSIFIERS]
+    classifiers = [c for c in configurations if c in CLASSIFIERS]
+    first = [(c, "0") for c in classifiers]
+    queue = [(c, f) for c in networks for f in FOLDS] + [(c, f) for c in classifiers for f in FOLDS[1:]]
+    seconds, lock = {c: 0.0 for c in configurations}, threading.Lock()
+
+    def run(job: tuple[str, str]) -> None:
+        wall = timed(lnm_command("train", DATASET_ID, job[0], job[1], *extra), env)
+        with lock:
+            seconds[job[0]] += wall
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(folds_at_once) as pool:
+        list(pool.map(run, first))
+        list(pool.map(run, queue))
+    return time.perf_counter() - t0, seconds
 
 
 def crops_trained(results: Path, configuration: str) -> tuple[float, float, list[str]]:
@@ -135,10 +162,14 @@ def main() -> None:
     ap.add_argument("--labeled-fraction", type=float, default=0.3)
     ap.add_argument("--folds-at-once", type=int, default=1, choices=(1, 2))
     ap.add_argument("--epochs", type=int, default=None, help="lnm_train --epochs (default: the plans' recipe)")
+    ap.add_argument("--one-queue", action="store_true",
+                    help="with --folds-at-once 2: every configuration's folds through one queue (as lnm_demo trains)")
     ap.add_argument("--with-3d", action="store_true", help="also 3d_resenc")
     ap.add_argument("--bound-steps", type=int, default=12, help="train_step calls timed for the bound")
     ap.add_argument("--name", default=None)
     args = ap.parse_args()
+    if args.one_queue and args.folds_at_once < 2:
+        ap.error("--one-queue needs --folds-at-once 2")
     if args.quick:
         args.cases, args.test_cases, args.epochs, args.bound_steps = 12, 6, args.epochs or 1, 3
     work = args.workdir
@@ -154,7 +185,13 @@ def main() -> None:
     print("plan", flush=True)
     stages.append({"stage": "plan and preprocess", "wall_s": timed(lnm_command("plan_and_preprocess", "-d", DATASET_ID),
                                                                    env)})
-    for configuration in configurations:
+    if args.one_queue:
+        print(f"train {', '.join(configurations)}: one queue, {args.folds_at_once} at once", flush=True)
+        wall, seconds = train_in_one_queue(configurations, env, args.folds_at_once, args.epochs)
+        stages.append({"stage": f"train {', '.join(configurations)} (5 folds each, one queue of "
+                                f"{args.folds_at_once})", "wall_s": wall,
+                       "command seconds": ", ".join(f"{c} {v:.0f}" for c, v in seconds.items())})
+    for configuration in ([] if args.one_queue else configurations):
         print(f"train {configuration}", flush=True)
         stages.append({"stage": f"train {configuration} (5 folds)",
                        "wall_s": train_configuration(configuration, env, args.folds_at_once, args.epochs)})
@@ -203,6 +240,7 @@ def main() -> None:
     shutil.rmtree(work / "candidates", ignore_errors=True)
     candidates = candidate_test_aurocs(work, raw, env)
     name = args.name or ("pipeline_time" + ("_2_at_once" if args.folds_at_once > 1 else "")
+                         + ("_one_queue" if args.one_queue else "")
                          + ("_quick" if args.quick else ""))
     notes = [f"chosen: {json.dumps(chosen)}",
              f"test AUROC [patient-bootstrap 95 % CI] of the choice beside the size rule on the same units: "
