@@ -24,7 +24,8 @@ already in memory (no data loading, no validation), measured here with the threa
 training would take if it did nothing but the network's arithmetic at the rate this machine reaches for it. The
 achieved fraction is that bound over the seconds the folds' epochs took, summed over folds (per process: with two
 folds at once, both count; target >= 40 %, issue 25). The rate is LNMTrainer's step; a PGLS step's crops include
-the teacher's views, which only go forward, so the bound is a little high for PGLS (conservative). GFLOP/s uses
+the teacher's views, which only go forward but are counted as trained, so the bound and the achieved fraction are
+a little high where PGLS runs (about 8 % with the CPU plan's 5 PGLS epochs after 25 supervised ones). GFLOP/s uses
 the configuration's planned forward GFLOPs per crop x 3 (forward + backward).
 Results: results/pipeline_time[_2_at_once][_quick].{json,md} (or --name).
 """

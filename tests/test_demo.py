@@ -3,12 +3,13 @@ the size rule."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from lnm_auto.demo import run_demo
+from lnm_auto.demo import FULL_RECIPE_MINUTES_40_CASES, run_demo
 
 pytestmark = pytest.mark.slow   # the whole pipeline
 
@@ -22,6 +23,12 @@ def test_demo_chooses_by_cross_validation_and_reports_beside_the_size_rule(tmp_p
     assert "| candidate |" in out and "size rule (short axis)" in out
     assert bool(instructions["chosen"]) != instructions["size_rule"]        # a model (or ensemble), or the size rule
     assert "A = the chosen model, B = the size rule" in out
+    # a quick recipe says how long the plans' own recipe takes on a 40-case dataset (the benchmark's measured minutes)
+    assert f"takes about {FULL_RECIPE_MINUTES_40_CASES} minutes on 2 CPU cores" in out
+    measured = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" /
+                           "pipeline_time_2_at_once_one_queue.json").read_text())
+    whole = next(r["wall_s"] for r in measured["rows"] if r["stage"] == "whole pipeline")
+    assert FULL_RECIPE_MINUTES_40_CASES == round(whole / 60)      # what the committed benchmark measured
     # the comparison really is the size rule on the same test nodes: recompute its node AUROC
     ref = pd.read_csv(tmp_path / "raw" / "Dataset999_Phantom" / "nodesTs.csv", dtype={"case": str},
                       keep_default_na=False)

@@ -20,7 +20,8 @@ MIN_STEPS_PER_EPOCH = 4
 # one count for all; here a fold of 70 labelled nodes (5 steps an epoch) and one of 3000 (190) would otherwise
 # get 40x different training. GPU: the paper's 300 epochs (no GPU measurement yet says otherwise). CPU: a
 # network from scratch gets 250 steps (the 50 epochs the 40-case phantom had before the rule); an ImageNet-
-# pretrained backbone converges in about half (PRETRAINED_STEP_FACTOR, benchmarks/README.md "The user's wait").
+# pretrained backbone half (PRETRAINED_STEP_FACTOR): on that phantom the same test AUROC with 25 epochs as with 50
+# (benchmarks/README.md, "The user's wait").
 PLANNERS = {
     "LNMPlanner": (GPU_BUDGET, {"batch_size": 32, "initial_lr": 1e-2, "training_steps": 3000, "epochs": (300, 300),
                                 "semi_supervised_fraction": 1.0}),
@@ -29,8 +30,8 @@ PLANNERS = {
 }
 PRETRAINED_STEP_FACTOR = 0.5
 # The semi-supervised stage (PGLS, mean teacher) continues a trained model: ``semi_supervised_fraction`` of its
-# epochs, at least MIN_SEMI_SUPERVISED_EPOCHS (CPU: validation AUROC did not rise over 50 such epochs on the
-# 40-case phantom; GPU: the paper's full length).
+# epochs, at least MIN_SEMI_SUPERVISED_EPOCHS (CPU: over 50 such epochs on the 40-case phantom the mean validation
+# AUROC fell, 0.727 -> 0.676; GPU: the paper's full length).
 MIN_SEMI_SUPERVISED_EPOCHS = 5
 
 
