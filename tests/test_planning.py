@@ -140,7 +140,7 @@ def test_the_recipe_gets_its_epochs_from_the_labelled_nodes_and_the_plans_say_ho
     scratch = planner.plan_experiment(fingerprint(100), pretrained_backbone=False).configurations["2d25"].recipe
     assert scratch.num_epochs == 50 and not scratch.freeze_depthwise
     gpu = planner.plan_experiment(fingerprint(100), "LNMPlanner").configurations["2d25"].recipe
-    assert gpu.num_epochs == 300 and gpu.semi_supervised_epochs == 300 and not gpu.freeze_depthwise
+    assert gpu.num_epochs == 300 and gpu.semi_supervised_epochs is None and not gpu.freeze_depthwise   # = num_epochs
     # only node-labelled nodes count; without any, every node (the weak trainers learn from all of them)
     labels = [1 if i < 20 else -1 for i in range(2000)]
     sparse = planner.plan_experiment(make_fingerprint([(5.0, 0.8, 0.8)] * 10, [(91, 512, 512)] * 10,

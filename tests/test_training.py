@@ -164,3 +164,28 @@ def test_the_semi_supervised_stage_runs_the_recipes_own_epochs():
     old = dataclasses.replace(config, recipe=dataclasses.replace(config.recipe, num_epochs=25,
                                                                  semi_supervised_epochs=None))
     assert LNMTrainerPGLS.default_num_epochs(old) == 25
+
+
+def test_given_epochs_name_both_stages_of_a_scheme_alike():
+    """--epochs N trains LNMTrainer_<N>epochs then LNMTrainerPGLS_<N>epochs from it, also where N is PGLS's own
+    default (which would otherwise store a PGLS started from another model under the default run's name); without
+    --epochs both keep their plain names."""
+    import dataclasses
+
+    from test_contract import hand_plans
+    from lnm_auto.training.registry import trainer_name
+    from lnm_auto.training.semi_supervised import LNMTrainerPGLS
+    from lnm_auto.training.trainer import LNMTrainer
+    config = hand_plans().configuration("2d25")
+    config = dataclasses.replace(config, recipe=dataclasses.replace(config.recipe, num_epochs=25,
+                                                                    semi_supervised_epochs=5))
+
+    def name(cls, given):
+        epochs = given or cls.default_num_epochs(config)
+        return trainer_name(cls.__name__, epochs, cls.default_num_epochs(config),
+                            cls.paired_default_epochs(config) if given else None)
+
+    assert (name(LNMTrainer, None), name(LNMTrainerPGLS, None)) == ("LNMTrainer", "LNMTrainerPGLS")
+    assert (name(LNMTrainer, 5), name(LNMTrainerPGLS, 5)) == ("LNMTrainer_5epochs", "LNMTrainerPGLS_5epochs")
+    assert (name(LNMTrainer, 25), name(LNMTrainerPGLS, 25)) == ("LNMTrainer", "LNMTrainerPGLS_25epochs")
+    assert (name(LNMTrainer, 3), name(LNMTrainerPGLS, 3)) == ("LNMTrainer_3epochs", "LNMTrainerPGLS_3epochs")

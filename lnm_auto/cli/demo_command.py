@@ -23,7 +23,7 @@ def demo_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=2,
                    help="epochs of every network stage (default: %(default)s, a quick demo: on this phantom the "
                         "pretrained 2d25's validation AUROC peaks in its first epochs, e.g. 0.874, 0.855, 0.852 after "
-                        "epochs 1-3 of one fold; the plans' own is 50)")
+                        "epochs 1-3 of one fold; the plans' own: 10-50 by the epoch rule, documentation/planning.md)")
     p.add_argument("--labeled_fraction", "--labeled-fraction", type=float, default=1.0,
                    help="fraction of training cases with node labels; below about 0.5 the plans recommend "
                         "supervised then PGLS (default: %(default)s)")

@@ -103,7 +103,9 @@ def plan_recipe(fingerprint: dict, n_folds: int, planner: str, step_factor: floa
         initial_lr=preset["initial_lr"],
         momentum=0.9,
         weight_decay=3e-5,
-        semi_supervised_epochs=plan_semi_supervised_epochs(num_epochs, preset["semi_supervised_fraction"]),
+        # None when it equals num_epochs (GPU): not written, so such plans stay the file they were before the field
+        semi_supervised_epochs=semi if (semi := plan_semi_supervised_epochs(
+            num_epochs, preset["semi_supervised_fraction"])) != num_epochs else None,
     )
 
 
@@ -116,4 +118,4 @@ def describe_epoch_rule(fingerprint: dict, n_folds: int, planner: str, recipe: T
     per_fold = training_node_count(fingerprint) * (n_folds - 1) / max(n_folds, 1)
     return (f"{recipe.num_epochs} epochs: {steps} optimizer steps over about {per_fold:.0f} training nodes per fold "
             f"at batch {recipe.batch_size}, within {low}-{high} epochs; a semi-supervised stage continuing it: "
-            f"{recipe.semi_supervised_epochs} epochs")
+            f"{recipe.semi_supervised_epochs or recipe.num_epochs} epochs")

@@ -46,6 +46,7 @@ class FoldTrainer:
         self.device = self.distributed.device(device)
         self.seed = seed
         self.num_epochs = int(num_epochs or self.default_num_epochs(self.config))
+        self.epochs_given = num_epochs is not None   # --epochs / -tr NAME_<N>epochs: part of the run's name
         self.num_workers = num_workers if num_workers is not None else \
             default_num_workers(self.distributed.local_world_size)   # its share of the machine's cores
         self.splits = splits
@@ -71,11 +72,17 @@ class FoldTrainer:
     @property
     def trainer_name(self) -> str:
         """The name this run is stored under (class + ``_<N>epochs`` for non-default epoch counts)."""
-        return registry.trainer_name(type(self).__name__, self.num_epochs, self.default_num_epochs(self.config))
+        return registry.trainer_name(type(self).__name__, self.num_epochs, self.default_num_epochs(self.config),
+                                     self.paired_default_epochs(self.config) if self.epochs_given else None)
     @classmethod
     def default_num_epochs(cls, config: ConfigurationPlan) -> int:
         """The default number of epochs (the plan's)."""
         return config.recipe.num_epochs
+
+    @classmethod
+    def paired_default_epochs(cls, config: ConfigurationPlan) -> int | None:
+        """The default epochs of the run this one continues (None: it continues none); see registry.trainer_name."""
+        return None
     # ---- what a subclass implements -------------------------------------------------------------------
     def run_training(self, stop_after_epoch: int | None = None) -> None:
         """Fit the fold's model, save it into the fold folder and export the fold's validation."""

@@ -70,9 +70,12 @@ def exact_trainer_hint(trainer: str, model_folder_names, plans_name: str, config
             f"{', '.join(runs)}: pass {' or '.join(f'-tr {r}' for r in runs)}")
 
 
-def trainer_name(cls_name: str, num_epochs: int, default_epochs: int) -> str:
-    """The name a run is stored under: the class, plus ``_<N>epochs`` when N is not the default."""
-    return cls_name if num_epochs == default_epochs else f"{cls_name}_{num_epochs}epochs"
+def trainer_name(cls_name: str, num_epochs: int, default_epochs: int, paired_default: int | None = None) -> str:
+    """The name a run is stored under: the class, plus ``_<N>epochs`` when N is not the default, or (epochs given
+    to a stage that continues another, ``paired_default`` = the other stage's default) when N is not that one's:
+    ``--epochs 5`` trains LNMTrainer_5epochs, then LNMTrainerPGLS_5epochs from it, even where 5 is PGLS's default."""
+    plain = num_epochs == default_epochs and (paired_default is None or num_epochs == paired_default)
+    return cls_name if plain else f"{cls_name}_{num_epochs}epochs"
 
 
 def trainer_class(name: str) -> tuple[type, int | None]:

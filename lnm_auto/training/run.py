@@ -88,7 +88,8 @@ def setup_trainer(dataset: str | int, configuration: str, fold: str, preprocesse
     if fold_value != "all" and splits is None:
         raise LNMError(f"{splits_file}: missing; re-run lnm_plan_and_preprocess -d {name}")
     epochs = num_epochs or trainer_cls.default_num_epochs(config)
-    run_name = trainer_name_for(trainer_cls.__name__, epochs, trainer_cls.default_num_epochs(config))
+    run_name = trainer_name_for(trainer_cls.__name__, epochs, trainer_cls.default_num_epochs(config),
+                                trainer_cls.paired_default_epochs(config) if num_epochs is not None else None)
     out = model_folder(results_root, name, run_name, plans_name, configuration)
     if before_writing is not None:
         before_writing(run_name, epochs, out / f"fold_{fold_value}")

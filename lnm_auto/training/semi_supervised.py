@@ -107,6 +107,11 @@ class LNMTrainerMeanTeacher(LNMTrainer):
         """The recipe's epochs for the semi-supervised stage (it continues a trained model), else its num_epochs."""
         return config.recipe.semi_supervised_epochs or config.recipe.num_epochs
 
+    @classmethod
+    def paired_default_epochs(cls, config) -> int:
+        """The supervised stage's default epochs: given epochs name both stages alike (registry.trainer_name)."""
+        return LNMTrainer.default_num_epochs(config)
+
     # -- data
     def unlabelled_records(self) -> pd.DataFrame:
         """Training-case nodes without a node label."""
