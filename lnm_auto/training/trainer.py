@@ -207,7 +207,8 @@ class LNMTrainer(FoldTrainer):
                 tw = time.perf_counter()
                 batch = batch_to_device(next(batches), self.device)
                 wait += time.perf_counter() - tw
-                crops += int(batch["label"].shape[0])   # every sample the step's forward passes see (teacher views too)
+                # every sample the step's forward passes see (teacher views too); x world size below: all ranks'
+                crops += int(batch["label"].shape[0])
                 losses.append(self.train_step(batch))
                 bar.update()
                 bar.set_postfix(loss=f"{np.mean(losses):.4f}")
@@ -226,8 +227,8 @@ class LNMTrainer(FoldTrainer):
         self.current_epoch += 1
         self.log.print(f"epoch {self.current_epoch}/{self.num_epochs}: train loss {np.mean(losses):.4f}, val loss "
                        f"{val['loss']:.4f}, val AUROC {val['auroc']:.4f} (EMA {self.ema_auroc:.4f}, {val['level']} level)"
-                       f", lr {lr:.2e}, {elapsed:.1f} s, {crops / elapsed:.1f} crops/s, waiting for data "
-                       f"{100 * wait / elapsed:.0f}%")
+                       f", lr {lr:.2e}, {elapsed:.1f} s, {crops * self.distributed.world_size / elapsed:.1f} crops/s, "
+                       f"waiting for data {100 * wait / elapsed:.0f}%")
         if not math.isnan(self.ema_auroc) and (self.best_ema is None or self.ema_auroc > self.best_ema):
             self.best_ema = self.ema_auroc
             self.save_checkpoint("checkpoint_best.pth")
