@@ -243,7 +243,9 @@ def test_2d_convolutions_are_channels_last_and_compute_the_same():
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
     outs[0].sum().backward(), outs[1].sum().backward()
     reference = next(m for m in contiguous.modules() if isinstance(m, torch.nn.Conv2d)).weight.grad
-    assert torch.allclose(convs[0].weight.grad, reference, atol=1e-3 * reference.abs().max())   # float32 summation order
+    # float32 summation order through the whole backward chain: 1e-4 of the largest gradient on two threads, 2.3e-3
+    # on one (oneDNN picks other kernels); a layout bug would differ by the gradient's own size
+    assert torch.allclose(convs[0].weight.grad, reference, atol=1e-2 * reference.abs().max())
     fresh = network_for(plans, config)
     fresh.load_state_dict(contiguous.state_dict())     # a checkpoint of either layout loads, values exact
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), contiguous.state_dict().values()))
