@@ -52,10 +52,14 @@ def labelled_node_counts(fingerprint: dict) -> tuple[int, int]:
     return sum(1 for v in labels if v == 1), sum(1 for v in labels if v == 0)
 
 
+def per_fold_training_nodes(n_nodes: int, n_folds: int) -> float:
+    """The nodes one fold trains on: all but its validation share."""
+    return n_nodes * (n_folds - 1) / max(n_folds, 1)
+
+
 def plan_batch_size(n_labelled_nodes: int, n_folds: int, preferred: int) -> int:
     """The planner's batch, capped so one epoch of a fold's training nodes has several steps."""
-    per_fold_train = n_labelled_nodes * (n_folds - 1) / max(n_folds, 1)
-    cap = int(per_fold_train // MIN_STEPS_PER_EPOCH)
+    cap = int(per_fold_training_nodes(n_labelled_nodes, n_folds) // MIN_STEPS_PER_EPOCH)
     return int(max(2, min(preferred, cap)))
 
 
@@ -69,8 +73,7 @@ def plan_num_epochs(n_training_nodes: int, n_folds: int, batch_size: int, traini
                     epoch_range: tuple[int, int]) -> int:
     """Epochs giving ``training_steps`` optimizer steps over a fold's training nodes (one epoch: one pass, in
     ceil(nodes / batch) steps), within ``epoch_range``."""
-    per_fold_train = n_training_nodes * (n_folds - 1) / max(n_folds, 1)
-    steps_per_epoch = max(1, math.ceil(per_fold_train / max(batch_size, 1)))
+    steps_per_epoch = max(1, math.ceil(per_fold_training_nodes(n_training_nodes, n_folds) / max(batch_size, 1)))
     low, high = epoch_range
     return int(min(high, max(low, math.ceil(training_steps / steps_per_epoch))))
 
@@ -115,7 +118,7 @@ def describe_epoch_rule(fingerprint: dict, n_folds: int, planner: str, recipe: T
     preset = _planner(planner)[1]
     steps = round(preset["training_steps"] * step_factor)
     low, high = preset["epochs"]
-    per_fold = training_node_count(fingerprint) * (n_folds - 1) / max(n_folds, 1)
+    per_fold = per_fold_training_nodes(training_node_count(fingerprint), n_folds)
     return (f"{recipe.num_epochs} epochs: {steps} optimizer steps over about {per_fold:.0f} training nodes per fold "
             f"at batch {recipe.batch_size}, within {low}-{high} epochs; a semi-supervised stage continuing it: "
             f"{recipe.semi_supervised_epochs or recipe.num_epochs} epochs")
