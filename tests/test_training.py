@@ -173,17 +173,14 @@ def test_given_epochs_name_both_stages_of_a_scheme_alike():
     import dataclasses
 
     from test_contract import hand_plans
-    from lnm_auto.training.registry import trainer_name
     from lnm_auto.training.semi_supervised import LNMTrainerPGLS
     from lnm_auto.training.trainer import LNMTrainer
     config = hand_plans().configuration("2d25")
     config = dataclasses.replace(config, recipe=dataclasses.replace(config.recipe, num_epochs=25,
                                                                     semi_supervised_epochs=5))
 
-    def name(cls, given):
-        epochs = given or cls.default_num_epochs(config)
-        return trainer_name(cls.__name__, epochs, cls.default_num_epochs(config),
-                            cls.paired_default_epochs(config) if given else None)
+    def name(cls, given):   # the model folder's name, as lnm_train's setup_trainer and the run's checkpoints use it
+        return cls.run_name(config, given)
 
     assert (name(LNMTrainer, None), name(LNMTrainerPGLS, None)) == ("LNMTrainer", "LNMTrainerPGLS")
     assert (name(LNMTrainer, 5), name(LNMTrainerPGLS, 5)) == ("LNMTrainer_5epochs", "LNMTrainerPGLS_5epochs")

@@ -72,8 +72,16 @@ class FoldTrainer:
     @property
     def trainer_name(self) -> str:
         """The name this run is stored under (class + ``_<N>epochs`` for non-default epoch counts)."""
-        return registry.trainer_name(type(self).__name__, self.num_epochs, self.default_num_epochs(self.config),
-                                     self.paired_default_epochs(self.config) if self.epochs_given else None)
+        return self.run_name(self.config, self.num_epochs if self.epochs_given else None)
+
+    @classmethod
+    def run_name(cls, config: ConfigurationPlan, num_epochs: int | None) -> str:
+        """The model folder's trainer part for ``num_epochs`` given (--epochs, -tr NAME_<N>epochs) or None (the
+        default): the one naming rule, for lnm_train's folder and the run's own checkpoints."""
+        epochs = num_epochs or cls.default_num_epochs(config)
+        return registry.trainer_name(cls.__name__, epochs, cls.default_num_epochs(config),
+                                     cls.paired_default_epochs(config) if num_epochs is not None else None)
+
     @classmethod
     def default_num_epochs(cls, config: ConfigurationPlan) -> int:
         """The default number of epochs (the plan's)."""

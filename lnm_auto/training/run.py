@@ -19,7 +19,6 @@ from lnm_auto.planning.splits import load_splits
 from lnm_auto.training.distributed import DistributedRun, destroy_process_group, init_process_group, is_main_process
 from lnm_auto.training.pretraining import WSPPretrainer
 from lnm_auto.training.registry import split_trainer_name, trainer_class
-from lnm_auto.training.registry import trainer_name as trainer_name_for
 from lnm_auto.training.trainer import LNMTrainer
 from lnm_auto.utils.devices import DEVICE_CHOICES, default_device, resolve_device  # noqa: F401  (lnm_train)
 from lnm_auto.utils.errors import LNMError
@@ -88,8 +87,7 @@ def setup_trainer(dataset: str | int, configuration: str, fold: str, preprocesse
     if fold_value != "all" and splits is None:
         raise LNMError(f"{splits_file}: missing; re-run lnm_plan_and_preprocess -d {name}")
     epochs = num_epochs or trainer_cls.default_num_epochs(config)
-    run_name = trainer_name_for(trainer_cls.__name__, epochs, trainer_cls.default_num_epochs(config),
-                                trainer_cls.paired_default_epochs(config) if num_epochs is not None else None)
+    run_name = trainer_cls.run_name(config, num_epochs)
     out = model_folder(results_root, name, run_name, plans_name, configuration)
     if before_writing is not None:
         before_writing(run_name, epochs, out / f"fold_{fold_value}")

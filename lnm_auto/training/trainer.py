@@ -8,9 +8,8 @@ level, see training/validation.py), ``checkpoint_best`` by an EMA (0.9 old + 0.1
 
 The fold's cases, log and validation export are FoldTrainer's (training/fold_trainer.py), shared with the
 classifier trainers. Hooks a variant overrides (nothing else; see ``TRAINER_HOOKS``): ``default_num_epochs``,
-``paired_default_epochs``,
-``build_network``, ``configure_optimizers``, ``training_records``, ``validation_records``, ``batch_groups``,
-``make_loader``, ``steps_per_epoch``, ``network_outputs``, ``compute_loss``, ``after_optimizer_step``,
+``paired_default_epochs``, ``build_network``, ``configure_optimizers``, ``training_records``, ``validation_records``,
+``batch_groups``, ``make_loader``, ``steps_per_epoch``, ``network_outputs``, ``compute_loss``, ``after_optimizer_step``,
 ``on_train_start``, ``on_epoch_start``, ``on_epoch_end``, ``on_train_end``, ``checkpoint_state`` /
 ``restore_state``, ``validate`` (WSP pre-training has nothing to validate).
 
